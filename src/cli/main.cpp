@@ -1,0 +1,39 @@
+// The muse command line: one binary, subcommands added as capabilities land.
+#include <CLI/CLI.hpp>
+
+#include <cstdio>
+#include <string>
+
+#include <omp.h>
+
+#ifdef MUSE_HAVE_CUDA
+#include "common/device.h"
+#endif
+
+namespace {
+
+std::string version_text() {
+  std::string text = std::string("muse ") + MUSE_VERSION + "\nCPU: " + std::to_string(omp_get_max_threads()) +
+                     " OpenMP threads, OpenBLAS";
+#ifdef MUSE_HAVE_CUDA
+  text += "\nCUDA backend: built (sm_90); " + muse::cuda::device_summary();
+#else
+  text += "\nCUDA backend: not built (configure with nvcc on PATH)";
+#endif
+  return text;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "muse: train, evaluate, benchmark and serve the ResNet-BK Phase 7 / Phase 8 language models.\n"
+      "O(N) models built from a tridiagonal Green-function core (BK-Core), hyperbolic windowed attention,\n"
+      "an adaptive-rank state-space layer and tangent-space linear attention.",
+      "muse"};
+  app.set_version_flag("-V,--version", version_text(), "Print the version, threads and CUDA devices, then exit");
+  app.require_subcommand(0, 1);
+  CLI11_PARSE(app, argc, argv);
+  if (argc == 1) std::printf("%s", app.help().c_str());
+  return 0;
+}
