@@ -1,11 +1,13 @@
-// The muse command line: one binary, subcommands added as capabilities land.
+// The muse command line: one binary, one subcommand per capability (cli/*_command.cpp).
 #include <CLI/CLI.hpp>
 
 #include <cstdio>
+#include <exception>
 #include <string>
 
 #include <omp.h>
 
+#include "cli/commands.h"
 #ifdef MUSE_HAVE_CUDA
 #include "common/device.h"
 #endif
@@ -33,7 +35,16 @@ int main(int argc, char** argv) {
       "muse"};
   app.set_version_flag("-V,--version", version_text(), "Print the version, threads and CUDA devices, then exit");
   app.require_subcommand(0, 1);
-  CLI11_PARSE(app, argc, argv);
-  if (argc == 1) std::printf("%s", app.help().c_str());
+  muse::cli::add_prepare_command(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const std::exception& e) {
+    const std::string command = app.get_subcommands().empty() ? "muse" : "muse " + app.get_subcommands()[0]->get_name();
+    std::fprintf(stderr, "%s: error: %s\n", command.c_str(), e.what());
+    return 1;
+  }
+  if (app.get_subcommands().empty()) std::printf("%s", app.help().c_str());
   return 0;
 }

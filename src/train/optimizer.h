@@ -30,8 +30,10 @@ class AdamW {
   void step(float* params, const float* grads, double lr);
 
   int64_t steps_taken() const { return t_; }
-  std::vector<float>& first_moment() { return m_; }
-  std::vector<float>& second_moment() { return v_; }
+  const float* first_moment_data() const { return m_.data(); }
+  const float* second_moment_data() const { return v_.data(); }
+  float* first_moment_data() { return m_.data(); }
+  float* second_moment_data() { return v_.data(); }
   void set_steps_taken(int64_t t) { t_ = t; }
   const AdamWConfig& config() const { return config_; }
 

@@ -1,0 +1,10 @@
+// Each subcommand registers itself on the root app; its callback does the work and throws
+// std::exception with a user-facing message on bad input (main prints it and exits with status 1).
+#pragma once
+#include <CLI/CLI.hpp>
+
+namespace muse::cli {
+
+void add_prepare_command(CLI::App& app);
+
+}  // namespace muse::cli

@@ -1,0 +1,21 @@
+#include "model/params.h"
+
+#include <stdexcept>
+
+namespace muse {
+
+size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape, bool decay) {
+  size_t size = 1;
+  for (int64_t d : shape) size *= size_t(d);
+  entries_.push_back({name, std::move(shape), total_, size, decay});
+  total_ += size;
+  return entries_.back().offset;
+}
+
+const ParamInfo& ParamTable::find(const std::string& name) const {
+  for (const ParamInfo& p : entries_)
+    if (p.name == name) return p;
+  throw std::out_of_range("no parameter named '" + name + "'");
+}
+
+}  // namespace muse

@@ -1,0 +1,33 @@
+// The parameter table: every parameter tensor of a model as a named, shaped range of one flat array
+// (so the optimizer, clipping, checkpoints and gradient checks treat them uniformly).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace muse {
+
+struct ParamInfo {
+  std::string name;             // e.g. "blocks.3.attn.w_q"
+  std::vector<int64_t> shape;
+  size_t offset = 0;
+  size_t size = 0;
+  bool decay = false;           // AdamW weight decay applies (2-D weight matrices, dense E and P)
+};
+
+class ParamTable {
+ public:
+  // Appends a tensor and returns its offset in the flat array.
+  size_t add(const std::string& name, std::vector<int64_t> shape, bool decay);
+  const std::vector<ParamInfo>& entries() const { return entries_; }
+  size_t total() const { return total_; }
+  // Throws std::out_of_range naming the tensor.
+  const ParamInfo& find(const std::string& name) const;
+
+ private:
+  std::vector<ParamInfo> entries_;
+  size_t total_ = 0;
+};
+
+}  // namespace muse

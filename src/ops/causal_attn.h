@@ -1,0 +1,22 @@
+// Causal scaled-dot-product softmax attention: the attention of the `arch = gpt` baseline block
+// (SPEC §2.8). Same layout as the hyperbolic attention: q, k, v, o are [B, N, D] with H heads of
+// d_h = D/H packed in D.
+//   s_ij = q_i·k_j/√d_h [− m_h·(i − j) with alibi, m_h = 2^{−8(h+1)/H}],  j ≤ i
+//   o_i  = Σ_j softmax_j(s_ij)·v_j
+// The forward saves the per-(b, h, i) log-sum-exp lse [B, H, N]; the backward recomputes scores from it.
+#pragma once
+
+namespace muse {
+
+template <typename T>
+void causal_attn_forward(T* o, T* lse, const T* q, const T* k, const T* v, int B, int N, int H, int D, bool alibi);
+
+// Accumulates dq, dk, dv (each may be null) from do_ [B, N, D].
+template <typename T>
+void causal_attn_backward(T* dq, T* dk, T* dv, const T* do_, const T* q, const T* k, const T* v, const T* o,
+                          const T* lse, int B, int N, int H, int D, bool alibi);
+
+// ALiBi slope of head h of H: 2^{−8(h+1)/H}.
+double alibi_slope(int h, int H);
+
+}  // namespace muse
