@@ -4,9 +4,9 @@
 #include <limits>
 #include <vector>
 
-namespace muse {
+#include "ops/local_attn.h"
 
-double alibi_slope(int h, int H) { return std::exp2(-8.0 * (h + 1) / H); }
+namespace muse {
 
 template <typename T>
 void causal_attn_forward(T* o, T* lse, const T* q, const T* k, const T* v, int B, int N, int H, int D, bool alibi) {
@@ -15,7 +15,7 @@ void causal_attn_forward(T* o, T* lse, const T* q, const T* k, const T* v, int B
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
-      const T slope = alibi ? T(alibi_slope(h, H)) : T(0);
+      const T slope = alibi ? T(local_attn_alibi_slope(h, H)) : T(0);
       std::vector<T> s(N);
       for (int i = 0; i < N; ++i) {
         const T* qi = q + ((long)b * N + i) * D + h * dh;
@@ -50,7 +50,7 @@ void causal_attn_backward(T* dq, T* dk, T* dv, const T* do_, const T* q, const T
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < H; ++h) {
-      const T slope = alibi ? T(alibi_slope(h, H)) : T(0);
+      const T slope = alibi ? T(local_attn_alibi_slope(h, H)) : T(0);
       for (int i = 0; i < N; ++i) {
         const long row = (long)b * N + i;
         const T* qi = q + row * D + h * dh;

@@ -16,7 +16,4 @@ template <typename T>
 void causal_attn_backward(T* dq, T* dk, T* dv, const T* do_, const T* q, const T* k, const T* v, const T* o,
                           const T* lse, int B, int N, int H, int D, bool alibi);
 
-// ALiBi slope of head h of H: 2^{−8(h+1)/H}.
-double alibi_slope(int h, int H);
-
 }  // namespace muse
