@@ -36,6 +36,11 @@ int main(int argc, char** argv) {
   app.set_version_flag("-V,--version", version_text(), "Print the version, threads and CUDA devices, then exit");
   app.require_subcommand(0, 1);
   muse::cli::add_prepare_command(app);
+  muse::cli::add_train_command(app);
+  muse::cli::add_eval_command(app);
+  muse::cli::add_generate_command(app);
+  muse::cli::add_bench_command(app);
+  muse::cli::add_inspect_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -95,6 +95,14 @@ Shard::Shard(const std::string& path) : path_(path) {
   tokens_ = p + kShardHeaderBytes;
 }
 
+Shard::Shard(std::string label, std::vector<int32_t> tokens, uint64_t tokenizer_fingerprint)
+    : path_(std::move(label)), owned_(std::move(tokens)) {
+  header_.bytes_per_token = 4;
+  header_.token_count = owned_.size();
+  header_.tokenizer_fingerprint = tokenizer_fingerprint;
+  tokens_ = reinterpret_cast<const unsigned char*>(owned_.data());
+}
+
 Shard::~Shard() {
   if (map_) ::munmap(map_, map_bytes_);
 }

@@ -34,6 +34,8 @@ void write_shard(const std::string& path, const std::vector<int32_t>& ids, uint3
 class Shard {
  public:
   explicit Shard(const std::string& path);
+  // An in-memory shard over tokens already in hand (e.g. `muse eval --text`); label names it in errors.
+  Shard(std::string label, std::vector<int32_t> tokens, uint64_t tokenizer_fingerprint);
   ~Shard();
   Shard(const Shard&) = delete;
   Shard& operator=(const Shard&) = delete;
@@ -42,7 +44,7 @@ class Shard {
   uint64_t size() const { return header_.token_count; }
   int32_t operator[](uint64_t i) const {
     return header_.bytes_per_token == 2 ? int32_t(reinterpret_cast<const uint16_t*>(tokens_)[i])
-                                        : int32_t(reinterpret_cast<const uint32_t*>(tokens_)[i]);
+                                        : reinterpret_cast<const int32_t*>(tokens_)[i];
   }
   const std::string& path() const { return path_; }
 
@@ -52,6 +54,7 @@ class Shard {
   void* map_ = nullptr;
   size_t map_bytes_ = 0;
   const unsigned char* tokens_ = nullptr;
+  std::vector<int32_t> owned_;
 };
 
 }  // namespace muse

@@ -5,6 +5,8 @@
 #include <functional>
 #include <stdexcept>
 
+#include "ops/ssm.h"
+
 namespace muse {
 
 using nlohmann::json;
@@ -93,7 +95,6 @@ const std::vector<Field>& fields() {
       enum_field("embedding", &ModelConfig::embedding, kEmbedding),
       int_field("htt_rank", &ModelConfig::htt_rank),
       int_field("ssm_rank", &ModelConfig::ssm_rank),
-      int_field("ssm_rank_min", &ModelConfig::ssm_rank_min),
       int_field("window", &ModelConfig::window),
       enum_field("attn_mode", &ModelConfig::attn_mode, kAttnMode),
       enum_field("pos_embedding", &ModelConfig::pos_embedding, kPos),
@@ -193,8 +194,8 @@ void validate(const ModelConfig& c) {
   }
   if (c.d_model < 4) fail("d_model", "must be at least 4 (the SSM gate MLP has d_model/4 hidden units)");
   positive("ssm_rank", c.ssm_rank);
-  if (c.ssm_rank_min < 0 || c.ssm_rank_min > c.ssm_rank)
-    fail("ssm_rank_min", "must be in [0, ssm_rank = " + std::to_string(c.ssm_rank) + "]");
+  if (c.arch == Arch::phase8 && c.rank_mask && c.ssm_rank <= kSsmRankMin)
+    fail("ssm_rank", "must exceed r_min = " + std::to_string(kSsmRankMin) + " for the rank mask (or set rank_mask=false)");
   if (c.ffn == FfnKind::dense) fail("ffn", "phase7/phase8 blocks use ffn=lowrank or ffn=none");
   if (c.ffn == FfnKind::lowrank) positive("ffn_rank", c.ffn_rank);
 }

@@ -23,7 +23,6 @@ struct ModelConfig {
   EmbeddingKind embedding = EmbeddingKind::dense;
   int htt_rank = 8;
   int ssm_rank = 8;
-  int ssm_rank_min = 4;
   int window = 16;
   AttnMode attn_mode = AttnMode::sliding;
   PosEmbedding pos_embedding = PosEmbedding::alibi;

@@ -57,7 +57,8 @@ ModelLayout build_layout(const ModelConfig& c, ParamTable& t) {
       b.bk_b_J = t.add(p + "bk.b_J", {1}, false);
     }
     b.bk_eps_p = t.add(p + "bk.eps_p", {1}, false);
-    if (phase8) b.bk_E0 = t.add(p + "bk.E0", {1}, false);
+    // Without hopping E0 only shifts a_t, which b_v already does: it exists only with hopping.
+    if (hopping) b.bk_E0 = t.add(p + "bk.E0", {1}, false);
 
     b.w_q = t.add(p + "attn.w_q", {D, D}, true);
     b.w_k = t.add(p + "attn.w_k", {D, D}, true);
@@ -82,9 +83,9 @@ ModelLayout build_layout(const ModelConfig& c, ParamTable& t) {
     if (phase8) {
       b.ssm_ell = t.add(p + "ssm.decay_logit", {R}, false);
       if (c.rank_mask) {
-        b.rank_w1 = t.add(p + "ssm.rank_w1", {kRankMlpHidden}, false);
-        b.rank_b1 = t.add(p + "ssm.rank_b1", {kRankMlpHidden}, false);
-        b.rank_w2 = t.add(p + "ssm.rank_w2", {kRankMlpHidden}, false);
+        b.rank_w1 = t.add(p + "ssm.rank_w1", {kSsmRankHidden}, false);
+        b.rank_b1 = t.add(p + "ssm.rank_b1", {kSsmRankHidden}, false);
+        b.rank_w2 = t.add(p + "ssm.rank_w2", {kSsmRankHidden}, false);
         b.rank_b2 = t.add(p + "ssm.rank_b2", {1}, false);
         b.pi_w = t.add(p + "ssm.physics_gate_w", {3}, false);
         b.pi_b = t.add(p + "ssm.physics_gate_b", {1}, false);

@@ -6,6 +6,7 @@
 
 #include "model/config.h"
 #include "model/params.h"
+#include "ops/ssm.h"
 
 namespace muse {
 
@@ -44,9 +45,6 @@ struct ModelLayout {
   std::vector<BlockLayout> blocks;
   size_t final_gain = kAbsent, final_bias = kAbsent;
 };
-
-// Hidden width of the rank-mask MLP (SPEC §2.6).
-inline constexpr int kRankMlpHidden = 32;
 
 // Registers every tensor of `config` in `table` (names like "blocks.3.attn.w_q") and returns the offsets.
 ModelLayout build_layout(const ModelConfig& config, ParamTable& table);

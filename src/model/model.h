@@ -14,6 +14,9 @@
 
 namespace muse {
 
+// Target id that the loss skips.
+inline constexpr int32_t kXentIgnore = -1;
+
 template <typename T>
 struct ModelState;  // activations and parameter offsets (model/model_state.h)
 

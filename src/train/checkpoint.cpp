@@ -161,6 +161,15 @@ void load_params(const std::string& dir, const ParamTable& table, float* params)
   copy_tensors(file, contents, table, "", params);
 }
 
+LoadedModel load_model(const std::string& path) {
+  const std::string dir = resolve_checkpoint_dir(path);
+  CheckpointInfo info = read_checkpoint_info(dir);
+  LoadedModel loaded{Model<float>(info.config), load_tokenizer(dir + "/tokenizer"), info, dir, json::object()};
+  load_params(dir, loaded.model.table(), loaded.model.params().data());
+  if (fs::exists(dir + "/trainer.json")) loaded.trainer_state = read_json_file(dir + "/trainer.json");
+  return loaded;
+}
+
 json load_training_state(const std::string& dir, const ParamTable& table, AdamW& optimizer) {
   const std::string file = dir + "/optimizer.safetensors";
   SafetensorsContents contents = read_safetensors(file);

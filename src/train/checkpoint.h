@@ -11,6 +11,7 @@
 #include <string>
 
 #include "model/config.h"
+#include "model/model.h"
 #include "model/params.h"
 #include "tokenizer/tokenizer.h"
 #include "train/optimizer.h"
@@ -49,6 +50,17 @@ CheckpointInfo read_checkpoint_info(const std::string& dir);
 void load_params(const std::string& dir, const ParamTable& table, float* params);
 // Loads optimizer moments and step count; returns trainer.json.
 nlohmann::json load_training_state(const std::string& dir, const ParamTable& table, AdamW& optimizer);
+
+// Loads a checkpoint (or a run directory's latest) for inference: the model with its parameters, its
+// tokenizer, and what config.json says.
+struct LoadedModel {
+  Model<float> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+  CheckpointInfo info;
+  std::string dir;
+  nlohmann::json trainer_state;  // empty object when the checkpoint has no trainer.json
+};
+LoadedModel load_model(const std::string& path);
 
 // Writes a small file atomically (temp file, fsync, rename).
 void write_file_atomic(const std::string& path, const std::string& contents);

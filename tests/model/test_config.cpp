@@ -76,8 +76,8 @@ TEST(config_validate, names_the_bad_field) {
   bad.arch = Arch::gpt;
   EXPECT_NE(message(bad).find("ffn"), std::string::npos);
   bad = c;
-  bad.ssm_rank_min = 99;
-  EXPECT_NE(message(bad).find("ssm_rank_min"), std::string::npos);
+  bad.ssm_rank = 3;
+  EXPECT_NE(message(bad).find("ssm_rank"), std::string::npos);
 }
 
 TEST(config_json, refuses_unknown_keys_and_wrong_types) {

@@ -1,0 +1,107 @@
+#include "bench/bench.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "common/rng.h"
+#include "model/model.h"
+#include "train/optimizer.h"
+#include "train/trainer.h"
+
+namespace muse {
+
+double peak_resident_mb() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line))
+    if (line.rfind("VmHWM:", 0) == 0) {
+      std::istringstream in(line.substr(6));
+      double kb = 0;
+      in >> kb;
+      return kb / 1024.0;
+    }
+  return 0;
+}
+
+double forward_flops(const ModelConfig& c, int B, int N) {
+  const double D = c.d_model, H = c.n_heads, dh = D / H, R = c.ssm_rank, rows = double(B) * N;
+  const double Vp = c.padded_vocab();
+  // Query-key pairs actually inside the window.
+  double pairs = 0;
+  for (int i = 0; i < N; ++i) {
+    const int W = c.window;
+    const int start = c.arch == Arch::gpt ? 0 : (c.attn_mode == AttnMode::sliding ? std::max(0, i - W + 1) : i - i % W);
+    pairs += i - start + 1;
+  }
+  pairs *= B;
+  double per_layer = 2 * rows * 4 * D * D + 4 * dh * pairs * H;  // q, k, v, o projections + scores and values
+  if (c.arch == Arch::gpt) {
+    per_layer += 2 * rows * 8 * D * D;
+  } else {
+    per_layer += 2 * rows * (D * (D / 4) + (D / 4) * R + 3 * R * D);  // SSM gate MLP, W_U, W_V, W_O
+    if (c.arch == Arch::phase8 && c.linear_attn) per_layer += rows * H * 4 * dh * dh;
+    if (c.ffn == FfnKind::lowrank) per_layer += 2 * rows * (c.ffn_rank * D * 2 + c.ffn_rank * 4 * D * 2);
+  }
+  double head = 2 * rows * D * Vp;
+  if (c.embedding == EmbeddingKind::htt) head += 2 * Vp * D * c.htt_rank;  // materialising E
+  return c.n_layers * per_layer + head;
+}
+
+BenchRecord run_bench(const BenchOptions& o) {
+  if (o.device != "cpu") throw std::invalid_argument("--device " + o.device + ": only cpu is available in this build");
+  if (o.mode != "forward" && o.mode != "train")
+    throw std::invalid_argument("--mode " + o.mode + ": expected forward or train");
+  if (o.batch < 1 || o.seq < 1 || o.iters < 1) throw std::invalid_argument("--batch, --seq and --iters must be positive");
+  const ModelConfig config = resolve_model_config(o.preset, "", o.overrides);
+  Model<float> model(config);
+  model.init(1);
+  Rng rng(2);
+  std::vector<int32_t> ids(size_t(o.batch) * o.seq), targets(ids.size());
+  for (auto& id : ids) id = int32_t(rng.below(config.vocab_size));
+  for (auto& id : targets) id = int32_t(rng.below(config.vocab_size));
+
+  std::vector<ParamRange> ranges;
+  for (const ParamInfo& p : model.table().entries()) ranges.push_back({p.offset, p.size, p.decay});
+  AdamW optimizer(ranges, model.table().total(), AdamWConfig{});
+  auto iteration = [&] {
+    model.forward(ids.data(), o.batch, o.seq);
+    if (o.mode == "train") {
+      model.loss(targets.data());
+      model.zero_grads();
+      model.backward();
+      clip_grad_norm(model.grads().data(), model.grads().size(), 1.0);
+      optimizer.step(model.params().data(), model.grads().data(), 1e-4);
+    }
+  };
+  for (int i = 0; i < o.warmup; ++i) iteration();
+  std::vector<double> seconds;
+  for (int i = 0; i < o.iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    iteration();
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(seconds.begin(), seconds.end());
+  const double median = seconds.size() % 2 ? seconds[seconds.size() / 2]
+                                           : 0.5 * (seconds[seconds.size() / 2 - 1] + seconds[seconds.size() / 2]);
+  BenchRecord r;
+  r.preset = o.preset;
+  r.mode = o.mode;
+  r.device = o.device;
+  r.batch = o.batch;
+  r.seq = o.seq;
+  r.threads = omp_get_max_threads();
+  r.iters = o.iters;
+  r.median_ms = median * 1e3;
+  r.tokens_per_s = double(o.batch) * o.seq / median;
+  r.peak_mem_mb = peak_resident_mb();
+  r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
+  r.parameters = (long long)model.table().total();
+  return r;
+}
+
+}  // namespace muse

@@ -1,0 +1,57 @@
+#include <nlohmann/json.hpp>
+
+#include <cstdio>
+#include <memory>
+
+#include "cli/commands.h"
+#include "data/prepare.h"
+#include "train/checkpoint.h"
+#include "train/evaluate.h"
+
+namespace muse::cli {
+
+namespace {
+
+struct EvalOptions {
+  std::string model_dir, data_dir, text_file;
+  int seq = 0, batch = 8;
+  int64_t max_windows = 0;
+};
+
+}  // namespace
+
+void add_eval_command(CLI::App& app) {
+  auto o = std::make_shared<EvalOptions>();
+  CLI::App* cmd = app.add_subcommand("eval", "Validation loss, perplexity and bits per byte of a checkpoint (JSON)");
+  cmd->add_option("--model,-m", o->model_dir, "Checkpoint or run directory")->required()->check(CLI::ExistingDirectory);
+  auto* data = cmd->add_option("--data,-d", o->data_dir, "Prepared data directory (its val.bin is evaluated)")
+                   ->check(CLI::ExistingDirectory);
+  auto* text = cmd->add_option("--text,-t", o->text_file, "A text file, tokenized with the model's tokenizer")
+                   ->check(CLI::ExistingFile);
+  data->excludes(text);
+  cmd->add_option("--seq,-n", o->seq, "Window length (default: the training sequence length)");
+  cmd->add_option("--batch,-b", o->batch, "Windows per forward")->capture_default_str();
+  cmd->add_option("--max-windows", o->max_windows, "Evaluate at most this many windows (0: all)");
+  cmd->callback([o] {
+    if (o->data_dir.empty() == o->text_file.empty()) throw std::invalid_argument("give exactly one of --data and --text");
+    LoadedModel m = load_model(o->model_dir);
+    const int seq = o->seq > 0 ? o->seq : m.trainer_state.value("seq", 256);
+    std::unique_ptr<Shard> shard;
+    if (!o->text_file.empty()) {
+      shard = std::make_unique<Shard>(o->text_file, m.tokenizer->encode(read_corpus_file(o->text_file)),
+                                      m.tokenizer->fingerprint());
+    } else {
+      shard = std::make_unique<Shard>(o->data_dir + "/val.bin");
+      if (shard->header().tokenizer_fingerprint != m.tokenizer->fingerprint())
+        throw std::runtime_error(shard->path() + ": tokenized with a different tokenizer than the model's (" +
+                                 m.tokenizer->kind() + ")");
+    }
+    const EvalResult r = evaluate(m.model, *shard, *m.tokenizer, seq, o->batch, o->max_windows);
+    nlohmann::json out = {{"val_loss", r.loss},   {"perplexity", r.perplexity}, {"bits_per_byte", r.bits_per_byte},
+                          {"tokens", r.tokens},   {"bytes", r.bytes},           {"seq", seq},
+                          {"model", m.dir}};
+    std::printf("%s\n", out.dump().c_str());
+  });
+}
+
+}  // namespace muse::cli

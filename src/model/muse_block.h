@@ -1,0 +1,20 @@
+// One block of the model (SPEC §2.8): the Phase 7 / Phase 8 MUSE block or the `arch = gpt` baseline,
+// forward and backward, and the embedding/head pieces the model wraps around the blocks. Internal to
+// model/*.cpp: these work on the model's activations (model_state.h).
+#pragma once
+#include "model/config.h"
+#include "model/model_state.h"
+
+namespace muse {
+
+// h_out [B·N, D] = block(acts.h_in), keeping the activations in acts.
+template <typename T>
+void block_forward(T* h_out, BlockActs<T>& acts, const BlockLayout& layout, const T* params, const ModelConfig& c,
+                   int B, int N);
+
+// dh [B·N, D] holds ∂L/∂h_out on entry and ∂L/∂h_in on return; parameter gradients accumulate in grads.
+template <typename T>
+void block_backward(T* dh, ModelState<T>& state, BlockActs<T>& acts, const BlockLayout& layout, const T* params,
+                    T* grads, const ModelConfig& c);
+
+}  // namespace muse

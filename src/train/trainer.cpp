@@ -1,0 +1,295 @@
+#include "train/trainer.h"
+
+#include <omp.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <stdexcept>
+
+#include "common/progress.h"
+#include "data/shards.h"
+#include "model/model.h"
+#include "train/batches.h"
+#include "train/checkpoint.h"
+#include "train/evaluate.h"
+#include "train/optimizer.h"
+
+namespace muse {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// Parameter group of a tensor name, for the per-group gradient norms: "blocks.3.attn.w_q" → "attn",
+// "embed.htt_a" → "embed", "final_ln.gain" → "final_ln".
+std::string param_group(const std::string& name) {
+  if (name.rfind("blocks.", 0) == 0) {
+    const size_t a = name.find('.', 7), b = name.find('.', a + 1);
+    return name.substr(a + 1, b - a - 1);
+  }
+  return name.substr(0, name.find('.'));
+}
+
+json group_grad_norms(const ParamTable& table, const std::vector<float>& grads) {
+  std::map<std::string, double> sq;
+  for (const ParamInfo& p : table.entries()) {
+    double s = 0;
+    for (size_t i = 0; i < p.size; ++i) s += double(grads[p.offset + i]) * grads[p.offset + i];
+    sq[param_group(p.name)] += s;
+  }
+  json j = json::object();
+  for (auto& [group, s] : sq) j[group] = std::sqrt(s);
+  return j;
+}
+
+json rng_to_json(const Rng& rng) {
+  json j = json::array();
+  for (uint64_t w : rng.state()) j.push_back(std::to_string(w));
+  return j;
+}
+
+Rng rng_from_json(const json& j) {
+  std::array<uint64_t, 4> s{};
+  for (size_t i = 0; i < 4; ++i) s[i] = std::stoull(j.at(i).get<std::string>());
+  Rng rng;
+  rng.set_state(s);
+  return rng;
+}
+
+// Writes what the run saw at a non-finite step, so the failure can be reproduced, and returns the
+// message for the error.
+std::string dump_nonfinite(const std::string& out_dir, int64_t step, double loss, double grad_norm,
+                           const ParamTable& table, const std::vector<float>& grads, const std::vector<int32_t>& ids) {
+  json bad = json::array();
+  for (const ParamInfo& p : table.entries())
+    for (size_t i = 0; i < p.size; ++i)
+      if (!std::isfinite(grads[p.offset + i])) {
+        bad.push_back(p.name);
+        break;
+      }
+  const std::string path = out_dir + "/nonfinite-step-" + std::to_string(step) + ".json";
+  json dump = {{"step", step}, {"loss", std::isfinite(loss) ? json(loss) : json(std::to_string(loss))},
+               {"grad_norm", std::isfinite(grad_norm) ? json(grad_norm) : json(std::to_string(grad_norm))},
+               {"tensors_with_nonfinite_grad", bad}, {"input_ids", ids}};
+  std::ofstream(path) << dump.dump(1) << "\n";
+  return "non-finite " + std::string(std::isfinite(loss) ? "gradient" : "loss") + " at step " + std::to_string(step) +
+         " (loss " + std::to_string(loss) + ", grad norm " + std::to_string(grad_norm) +
+         "); stopped without updating the weights. Offending batch and tensors written to " + path +
+         ". Try a lower --lr or a smaller --clip.";
+}
+
+}  // namespace
+
+ModelConfig resolve_model_config(const std::string& preset, const std::string& config_file,
+                                 const std::vector<std::string>& overrides) {
+  if (preset.empty() == config_file.empty()) throw std::invalid_argument("give exactly one of --preset and --config");
+  ModelConfig c;
+  if (!preset.empty()) {
+    c = find_preset(preset).model;
+  } else {
+    std::ifstream in(config_file);
+    if (!in) throw std::runtime_error(config_file + ": cannot open config file");
+    json j = json::parse(in, nullptr, false);
+    if (j.is_discarded()) throw std::runtime_error(config_file + ": not valid JSON");
+    try {
+      c = model_config_from_json(j.contains("model") ? j["model"] : j);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(config_file + ": " + e.what());
+    }
+  }
+  for (const std::string& o : overrides) apply_override(c, o);
+  validate(c);
+  return c;
+}
+
+TrainSummary train(const TrainOptions& o, const LogSink& log) {
+  if (o.out_dir.empty()) throw std::invalid_argument("--out is required");
+  fs::create_directories(o.out_dir);
+  const Shard train_shard(o.data_dir + "/train.bin"), val_shard(o.data_dir + "/val.bin");
+  const auto tokenizer = load_tokenizer(o.data_dir + "/tokenizer");
+  for (const Shard* s : {&train_shard, &val_shard})
+    if (s->header().tokenizer_fingerprint != tokenizer->fingerprint())
+      throw std::runtime_error(s->path() + ": tokenized with a different tokenizer than " + o.data_dir +
+                               "/tokenizer (fingerprint mismatch); re-run `muse prepare`");
+
+  // Model config: from the checkpoint when resuming, else the preset/config plus overrides.
+  std::string resume_dir;
+  ModelConfig config;
+  std::string preset = o.preset;
+  if (o.resume && fs::exists(fs::path(o.out_dir) / "latest")) {
+    resume_dir = resolve_checkpoint_dir(o.out_dir);
+    const CheckpointInfo info = read_checkpoint_info(resume_dir);
+    config = info.config;
+    preset = info.preset;
+  } else {
+    config = resolve_model_config(o.preset, o.config_file, o.overrides);
+    bool vocab_set = false;
+    for (const std::string& s : o.overrides) vocab_set |= s.rfind("vocab_size=", 0) == 0;
+    if (!vocab_set && config.vocab_size != tokenizer->vocab_size()) {
+      if (preset == "tiny") {
+        config.vocab_size = tokenizer->vocab_size();  // tiny takes any vocabulary (SPEC §2.11)
+      } else {
+        throw std::invalid_argument("the model's vocab_size is " + std::to_string(config.vocab_size) +
+                                    " but the data's tokenizer (" + tokenizer->kind() + ") has " +
+                                    std::to_string(tokenizer->vocab_size()) +
+                                    " tokens: prepare the data with the matching tokenizer or --set vocab_size=" +
+                                    std::to_string(tokenizer->vocab_size()));
+      }
+    }
+  }
+  if (config.vocab_size < tokenizer->vocab_size())
+    throw std::invalid_argument("vocab_size " + std::to_string(config.vocab_size) + " is smaller than the tokenizer's " +
+                                std::to_string(tokenizer->vocab_size()));
+  check_token_ids(train_shard, config.vocab_size);
+  check_token_ids(val_shard, config.vocab_size);
+
+  const TrainDefaults defaults = preset.empty() ? TrainDefaults{} : find_preset(preset).train;
+  const int B = o.batch > 0 ? o.batch : defaults.batch;
+  const int N = o.seq > 0 ? o.seq : defaults.seq_len;
+  if (o.grad_accum < 1) throw std::invalid_argument("--grad-accum must be at least 1");
+  if (config.pos_embedding == PosEmbedding::learned && N > config.max_seq)
+    throw std::invalid_argument("--seq " + std::to_string(N) + " exceeds max_seq = " + std::to_string(config.max_seq) +
+                                " of the learned positions");
+  const double lr = o.lr > 0 ? o.lr : defaults.lr;
+
+  Model<float> model(config);
+  model.init(o.seed);
+  std::vector<ParamRange> ranges;
+  for (const ParamInfo& p : model.table().entries()) ranges.push_back({p.offset, p.size, p.decay});
+  AdamWConfig adam;
+  adam.weight_decay = o.weight_decay;
+  AdamW optimizer(ranges, model.table().total(), adam);
+  Rng data_rng(o.seed ^ 0x6d7573652d646174ULL);
+
+  int64_t step = 0, tokens_seen = 0;
+  int64_t total_steps = o.steps > 0 ? o.steps : (o.time_budget_s > 0 ? 0 : 1000);
+  if (!resume_dir.empty()) {
+    load_params(resume_dir, model.table(), model.params().data());
+    const json state = load_training_state(resume_dir, model.table(), optimizer);
+    step = state.at("step").get<int64_t>();
+    total_steps = o.steps > 0 ? o.steps : state.at("total_steps").get<int64_t>();
+    tokens_seen = state.at("tokens_seen").get<int64_t>();
+    data_rng = rng_from_json(state.at("data_rng"));
+    if (state.value("threads", 0) != omp_get_max_threads())
+      std::fprintf(stderr,
+                   "muse train: warning: the run was started with %d threads and resumes with %d; losses will not "
+                   "match an uninterrupted run bit for bit\n",
+                   state.value("threads", 0), omp_get_max_threads());
+  }
+  LrSchedule schedule{lr, o.warmup, std::max<int64_t>(total_steps, 1), o.final_lr_fraction};
+
+  const int64_t tokens_per_step = int64_t(B) * N * o.grad_accum;
+  const int64_t eval_windows = o.eval_windows;
+  TrainSummary summary;
+  auto run_eval = [&] { return evaluate(model, val_shard, *tokenizer, N, B, eval_windows); };
+  auto save = [&](int64_t at_step) {
+    json state = {{"step", at_step},          {"total_steps", total_steps}, {"tokens_seen", tokens_seen},
+                  {"data_rng", rng_to_json(data_rng)}, {"threads", omp_get_max_threads()},
+                  {"seed", o.seed},          {"batch", B},                 {"seq", N},
+                  {"grad_accum", o.grad_accum}, {"lr", lr},                {"warmup", o.warmup},
+                  {"data_dir", fs::absolute(o.data_dir).string()}};
+    CheckpointWrite w;
+    w.config = &config;
+    w.preset = preset;
+    w.table = &model.table();
+    w.params = model.params().data();
+    w.tokenizer = tokenizer.get();
+    w.optimizer = &optimizer;
+    w.trainer_state = &state;
+    summary.checkpoint_dir = write_run_checkpoint(o.out_dir, at_step, w, o.keep_last);
+  };
+
+  if (step == 0) {
+    const EvalResult e = run_eval();
+    summary.first_val_loss = e.loss;
+    summary.first_val_bpb = e.bits_per_byte;
+    log(json{{"step", 0}, {"val_loss", e.loss}, {"val_bpb", e.bits_per_byte}, {"val_tokens", e.tokens}}.dump());
+  }
+
+  const Clock::time_point start = Clock::now();
+  double train_seconds = 0, window_seconds = 0;
+  int64_t window_tokens = 0;
+  const int64_t calibrate_at = std::max<int64_t>(3, std::min<int64_t>(20, o.warmup));
+  ProgressBar bar("train", total_steps > 0 ? total_steps : 1, " steps");
+  std::vector<float>& grads = model.grads();
+  while (true) {
+    if (total_steps > 0 && step >= total_steps) break;
+    if (o.time_budget_s > 0 && train_seconds >= o.time_budget_s) break;
+    const Clock::time_point t0 = Clock::now();
+    model.zero_grads();
+    double loss = 0;
+    std::vector<int32_t> last_inputs;
+    for (int a = 0; a < o.grad_accum; ++a) {
+      Batch batch = sample_batch(train_shard, B, N, data_rng);
+      model.forward(batch.inputs.data(), B, N);
+      loss += model.loss(batch.targets.data(), o.label_smoothing) / o.grad_accum;
+      model.backward(1.0 / o.grad_accum);
+      last_inputs = std::move(batch.inputs);
+    }
+    const bool log_now = (step + 1) % o.log_every == 0 || step + 1 == total_steps;
+    json groups = log_now ? group_grad_norms(model.table(), grads) : json();
+    const double grad_norm = clip_grad_norm(grads.data(), grads.size(), o.clip);
+    if (!std::isfinite(loss) || !std::isfinite(grad_norm))
+      throw std::runtime_error(
+          dump_nonfinite(o.out_dir, step + 1, loss, grad_norm, model.table(), grads, last_inputs));
+    const double step_lr = schedule.at(step);
+    optimizer.step(model.params().data(), grads.data(), step_lr);
+    ++step;
+    tokens_seen += tokens_per_step;
+    const double dt = seconds_since(t0);
+    train_seconds += dt;
+    window_seconds += dt;
+    window_tokens += tokens_per_step;
+
+    // A time budget fixes the schedule's length once the step time is known (before the cosine starts).
+    if (total_steps == 0 && step == calibrate_at) {
+      total_steps = std::max<int64_t>(step + 1, int64_t(o.time_budget_s / (train_seconds / double(step))));
+      schedule.total_steps = total_steps;
+      bar = ProgressBar("train", total_steps, " steps");
+    }
+    bar.update(step, "loss " + std::to_string(loss).substr(0, 6));
+
+    const bool last = (total_steps > 0 && step >= total_steps) ||
+                      (o.time_budget_s > 0 && train_seconds >= o.time_budget_s);
+    const bool eval_now = step % o.eval_every == 0 || last;
+    if (log_now || eval_now || last) {
+      json line = {{"step", step},
+                   {"loss", loss},
+                   {"lr", step_lr},
+                   {"grad_norm", grad_norm},
+                   {"tokens_per_s", window_seconds > 0 ? double(window_tokens) / window_seconds : 0.0},
+                   {"tokens", tokens_seen},
+                   {"elapsed_s", seconds_since(start)}};
+      if (!groups.is_null()) line["grad_norm_groups"] = groups;
+      if (eval_now) {
+        const EvalResult e = run_eval();
+        line["val_loss"] = e.loss;
+        line["val_bpb"] = e.bits_per_byte;
+        summary.last_val_loss = e.loss;
+        summary.last_val_bpb = e.bits_per_byte;
+      }
+      log(line.dump());
+      window_seconds = 0;
+      window_tokens = 0;
+    }
+    if (step % o.checkpoint_every == 0 || last) save(step);
+    if (last) break;
+  }
+  bar.finish();
+  if (summary.checkpoint_dir.empty()) save(step);
+  summary.steps = step;
+  summary.tokens_per_s = train_seconds > 0 ? double(tokens_seen) / train_seconds : 0;
+  return summary;
+}
+
+}  // namespace muse
