@@ -13,20 +13,11 @@ namespace muse::cli {
 
 namespace {
 
-// Module of a parameter for the per-module counts: "blocks.3.attn.w_q" → "attn".
-std::string module_of(const std::string& name) {
-  if (name.rfind("blocks.", 0) == 0) {
-    const size_t a = name.find('.', 7), b = name.find('.', a + 1);
-    return name.substr(a + 1, b - a - 1);
-  }
-  return name.substr(0, name.find('.'));
-}
-
 nlohmann::json describe(const ModelConfig& config, const std::string& source) {
   ParamTable table;
   build_layout(config, table);
   std::map<std::string, int64_t> modules;
-  for (const ParamInfo& p : table.entries()) modules[module_of(p.name)] += int64_t(p.size);
+  for (const ParamInfo& p : table.entries()) modules[param_module(p.name)] += int64_t(p.size);
   return {{"source", source},
           {"config", to_json(config)},
           {"parameters", {{"total", int64_t(table.total())}, {"per_module", modules}, {"tensors", table.entries().size()}}}};

@@ -4,6 +4,14 @@
 
 namespace muse {
 
+std::string param_module(const std::string& name) {
+  if (name.rfind("blocks.", 0) == 0) {
+    const size_t a = name.find('.', 7), b = name.find('.', a + 1);
+    return name.substr(a + 1, b - a - 1);
+  }
+  return name.substr(0, name.find('.'));
+}
+
 size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape, bool decay) {
   size_t size = 1;
   for (int64_t d : shape) size *= size_t(d);

@@ -16,6 +16,10 @@ struct ParamInfo {
   bool decay = false;           // AdamW weight decay applies (2-D weight matrices, dense E and P)
 };
 
+// The module a tensor belongs to, for per-module counts and gradient norms:
+// "blocks.3.attn.w_q" → "attn", "embed.htt_a" → "embed", "final_ln.gain" → "final_ln".
+std::string param_module(const std::string& name);
+
 class ParamTable {
  public:
   // Appends a tensor and returns its offset in the flat array.

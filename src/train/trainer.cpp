@@ -30,22 +30,12 @@ namespace {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
 
-// Parameter group of a tensor name, for the per-group gradient norms: "blocks.3.attn.w_q" → "attn",
-// "embed.htt_a" → "embed", "final_ln.gain" → "final_ln".
-std::string param_group(const std::string& name) {
-  if (name.rfind("blocks.", 0) == 0) {
-    const size_t a = name.find('.', 7), b = name.find('.', a + 1);
-    return name.substr(a + 1, b - a - 1);
-  }
-  return name.substr(0, name.find('.'));
-}
-
 json group_grad_norms(const ParamTable& table, const std::vector<float>& grads) {
   std::map<std::string, double> sq;
   for (const ParamInfo& p : table.entries()) {
     double s = 0;
     for (size_t i = 0; i < p.size; ++i) s += double(grads[p.offset + i]) * grads[p.offset + i];
-    sq[param_group(p.name)] += s;
+    sq[param_module(p.name)] += s;
   }
   json j = json::object();
   for (auto& [group, s] : sq) j[group] = std::sqrt(s);
