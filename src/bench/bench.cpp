@@ -65,9 +65,7 @@ BenchRecord run_bench(const BenchOptions& o) {
   for (auto& id : ids) id = int32_t(rng.below(config.vocab_size));
   for (auto& id : targets) id = int32_t(rng.below(config.vocab_size));
 
-  std::vector<ParamRange> ranges;
-  for (const ParamInfo& p : model.table().entries()) ranges.push_back({p.offset, p.size, p.decay});
-  AdamW optimizer(ranges, model.table().total(), AdamWConfig{});
+  AdamW optimizer(model.table(), AdamWConfig{});
   auto iteration = [&] {
     model.forward(ids.data(), o.batch, o.seq);
     if (o.mode == "train") {

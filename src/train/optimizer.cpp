@@ -8,6 +8,18 @@ namespace muse {
 AdamW::AdamW(std::vector<ParamRange> ranges, size_t total, AdamWConfig config)
     : ranges_(std::move(ranges)), config_(config), m_(total, 0.f), v_(total, 0.f) {}
 
+namespace {
+
+std::vector<ParamRange> ranges_of(const ParamTable& table) {
+  std::vector<ParamRange> ranges;
+  for (const ParamInfo& p : table.entries()) ranges.push_back({p.offset, p.size, p.decay});
+  return ranges;
+}
+
+}  // namespace
+
+AdamW::AdamW(const ParamTable& table, AdamWConfig config) : AdamW(ranges_of(table), table.total(), config) {}
+
 void AdamW::step(float* params, const float* grads, double lr) {
   ++t_;
   const double b1 = config_.beta1, b2 = config_.beta2;

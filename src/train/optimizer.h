@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/params.h"
+
 namespace muse {
 
 struct AdamWConfig {
@@ -24,6 +26,8 @@ struct ParamRange {
 class AdamW {
  public:
   AdamW(std::vector<ParamRange> ranges, size_t total, AdamWConfig config);
+  // One range per tensor of the table, with its weight-decay flag.
+  AdamW(const ParamTable& table, AdamWConfig config);
 
   // One update of params from grads at learning rate lr (the step counter advances first, so the first
   // call uses bias corrections for t = 1).

@@ -154,11 +154,9 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
 
   Model<float> model(config);
   model.init(o.seed);
-  std::vector<ParamRange> ranges;
-  for (const ParamInfo& p : model.table().entries()) ranges.push_back({p.offset, p.size, p.decay});
   AdamWConfig adam;
   adam.weight_decay = o.weight_decay;
-  AdamW optimizer(ranges, model.table().total(), adam);
+  AdamW optimizer(model.table(), adam);
   Rng data_rng(o.seed ^ 0x6d7573652d646174ULL);
 
   int64_t step = 0, tokens_seen = 0;

@@ -149,9 +149,7 @@ TEST(model_grad, every_parameter_tensor_receives_gradient) {
     auto ids = random_ids(B * N, c.vocab_size, rng), targets = random_ids(B * N, c.vocab_size, rng);
     // SPEC §2.10 zeroes the weights of F in every gate (w_G, w_ξ, w_π), so at the exact init the BK core
     // has no path to the loss; one AdamW step moves them, after which every tensor must get a gradient.
-    std::vector<ParamRange> ranges;
-    for (const ParamInfo& info : m.table().entries()) ranges.push_back({info.offset, info.size, info.decay});
-    AdamW opt(ranges, m.table().total(), AdamWConfig{});
+    AdamW opt(m.table(), AdamWConfig{});
     for (int step = 0; step < 2; ++step) {
       m.forward(ids.data(), B, N);
       m.loss(targets.data());
