@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run on the H200 machine over a build made on the development machine:
-#   here:   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release && cmake --build build-gpu
-#           (cd .deb && apt-get download libopenblas0-openmp libgfortran5)   # runtime libraries it lacks
-#   there:  scripts/gpu-check.sh          (carry build-gpu and .deb)
+#   here:   scripts/gpu-bundle.sh         # builds, copies the binaries to .gpu/, fetches runtime .debs
+#   there:  scripts/gpu-check.sh          (carry .gpu and .deb)
 # Runs every GPU test (each CUDA op against its CPU reference) and writes the logs under $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,8 +12,8 @@ for deb in .deb/*.deb; do dpkg -x "$deb" "$prefix"; done
 export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu/openblas-openmp:$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv > "$out/gpu.txt" 2>&1
-build-gpu/src/muse --version | tee "$out/version.txt"
-build-gpu/tests/muse_gpu_tests --gtest_output="json:$out/gpu_tests.json" > "$out/gpu_tests.log" 2>&1
+.gpu/muse --version | tee "$out/version.txt"
+.gpu/muse_gpu_tests --gtest_output="json:$out/gpu_tests.json" > "$out/gpu_tests.log" 2>&1
 status=$?
 grep -E "^\[  (FAILED|PASSED|SKIPPED) |^\[==========\]|Failure|error" "$out/gpu_tests.log" | head -60
 echo "gpu tests exit status: $status"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Prepares what scripts/gpu-check.sh needs on the GPU machine (which has CUDA but no Debian packages and
+# no network): a Release build's binaries in .gpu/ and the runtime libraries it lacks as .debs in .deb/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$PATH:/usr/local/cuda/bin"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build --target muse muse_gpu_tests muse_tests
+mkdir -p .gpu .deb
+cp build/src/muse build/tests/muse_gpu_tests build/tests/muse_tests .gpu/
+(cd .deb && for p in libopenblas0-openmp libgfortran5; do ls ${p}_*.deb >/dev/null 2>&1 || apt-get download "$p"; done)
+du -sh .gpu .deb
