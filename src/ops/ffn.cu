@@ -1,0 +1,118 @@
+#include "common/cuda_check.cuh"
+#include "ops/ffn.cuh"
+#include "ops/linear.cuh"
+
+namespace muse::cuda {
+
+namespace {
+
+constexpr int kBlock = 256;
+constexpr float kCap = float(kFfnCap);
+
+// The float forms of common/math.h (same constants, same operation order; erff/expf/tanhf differ from the
+// host libm by at most 2 ulp).
+__device__ __forceinline__ float gelu(float x) { return 0.5f * x * (1.f + erff(x / 1.41421356237f)); }
+__device__ __forceinline__ float gelu_grad(float x) {
+  const float cdf = 0.5f * (1.f + erff(x / 1.41421356237f));
+  const float pdf = expf(-0.5f * x * x) / 2.50662827463f;  // √(2π)
+  return cdf + x * pdf;
+}
+
+int grid_for(long n) {
+  const long blocks = (n + kBlock - 1) / kBlock;
+  return int(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+// hidden = cap10(GELU(pre)) (capped) or GELU(pre).
+template <bool kCapped>
+__global__ void gelu_forward_kernel(float* hidden, const float* pre, long n) {
+  for (long i = blockIdx.x * long(blockDim.x) + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    const float g = gelu(pre[i]);
+    hidden[i] = kCapped ? kCap * tanhf(g / kCap) : g;
+  }
+}
+
+// d = ∂L/∂hidden on entry, ∂L/∂pre on exit: d·(1 − tanh²)·GELU′(pre) with tanh = hidden/10 (capped), or
+// d·GELU′(pre).
+template <bool kCapped>
+__global__ void gelu_backward_kernel(float* d, const float* pre, const float* hidden, long n) {
+  for (long i = blockIdx.x * long(blockDim.x) + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
+    float scale = gelu_grad(pre[i]);
+    if (kCapped) {
+      const float t = hidden[i] / kCap;
+      scale = (1.f - t * t) * scale;
+    }
+    d[i] *= scale;
+  }
+}
+
+size_t round_up_64(size_t n) { return (n + 63) / 64 * 64; }
+
+}  // namespace
+
+size_t lowrank_ffn_backward_scratch_floats(int rows, int D, int rank) {
+  return 2 * round_up_64(size_t(rows) * rank) + round_up_64(size_t(rows) * ffn_hidden(D));
+}
+
+size_t dense_mlp_backward_scratch_floats(int rows, int D) { return size_t(rows) * ffn_hidden(D); }
+
+void lowrank_ffn_forward(float* y, const LowRankFfnSaved<float>& saved, const float* x,
+                         const LowRankFfnParams<float>& params, int rows, int D, int rank, cudaStream_t stream) {
+  if (rows <= 0) return;
+  const int F = ffn_hidden(D);
+  const long n = long(rows) * F;
+  linear_forward(saved.low1, x, params.V1, nullptr, rows, D, rank, stream);
+  linear_forward(saved.pre, saved.low1, params.U1, params.b1, rows, rank, F, stream);
+  gelu_forward_kernel<true><<<grid_for(n), kBlock, 0, stream>>>(saved.hidden, saved.pre, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  linear_forward(saved.low2, saved.hidden, params.V2, nullptr, rows, F, rank, stream);
+  linear_forward(y, saved.low2, params.U2, params.b2, rows, rank, D, stream);
+}
+
+void lowrank_ffn_backward(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,
+                          const LowRankFfnSaved<float>& saved, const float* x, const LowRankFfnParams<float>& params,
+                          int rows, int D, int rank, float* scratch, cudaStream_t stream) {
+  if (rows <= 0) return;
+  const int F = ffn_hidden(D);
+  const long n = long(rows) * F;
+  float* dlow2 = scratch;
+  float* dlow1 = dlow2 + round_up_64(size_t(rows) * rank);
+  float* dpre = dlow1 + round_up_64(size_t(rows) * rank);
+  // The intermediate gradients are written (beta = 0), the parameter gradients and dx accumulated.
+  gemm(false, false, rows, rank, D, 1.f, dy, D, params.U2, rank, 0.f, dlow2, rank, stream);  // dlow2 = dy·U₂
+  linear_backward(nullptr, grads.U2, grads.b2, dy, saved.low2, params.U2, rows, rank, D, stream);
+  gemm(false, false, rows, F, rank, 1.f, dlow2, rank, params.V2, F, 0.f, dpre, F, stream);  // ∂L/∂hidden
+  linear_backward(nullptr, grads.V2, nullptr, dlow2, saved.hidden, params.V2, rows, F, rank, stream);
+  gelu_backward_kernel<true><<<grid_for(n), kBlock, 0, stream>>>(dpre, saved.pre, saved.hidden, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  gemm(false, false, rows, rank, F, 1.f, dpre, F, params.U1, rank, 0.f, dlow1, rank, stream);  // dlow1 = dpre·U₁
+  linear_backward(nullptr, grads.U1, grads.b1, dpre, saved.low1, params.U1, rows, rank, F, stream);
+  linear_backward(dx, grads.V1, nullptr, dlow1, x, params.V1, rows, D, rank, stream);
+}
+
+void dense_mlp_forward(float* y, const DenseMlpSaved<float>& saved, const float* x, const DenseMlpParams<float>& params,
+                       int rows, int D, cudaStream_t stream) {
+  if (rows <= 0) return;
+  const int F = ffn_hidden(D);
+  const long n = long(rows) * F;
+  linear_forward(saved.pre, x, params.W1, params.b1, rows, D, F, stream);
+  gelu_forward_kernel<false><<<grid_for(n), kBlock, 0, stream>>>(saved.hidden, saved.pre, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  linear_forward(y, saved.hidden, params.W2, params.b2, rows, F, D, stream);
+}
+
+void dense_mlp_backward(float* dx, const DenseMlpGrads<float>& grads, const float* dy, const DenseMlpSaved<float>& saved,
+                        const float* x, const DenseMlpParams<float>& params, int rows, int D, float* scratch,
+                        cudaStream_t stream) {
+  if (rows <= 0) return;
+  const int F = ffn_hidden(D);
+  const long n = long(rows) * F;
+  float* dpre = scratch;
+  gemm(false, false, rows, F, D, 1.f, dy, D, params.W2, F, 0.f, dpre, F, stream);  // ∂L/∂hidden = dy·W₂
+  linear_backward(nullptr, grads.W2, grads.b2, dy, saved.hidden, params.W2, rows, F, D, stream);
+  gelu_backward_kernel<false><<<grid_for(n), kBlock, 0, stream>>>(dpre, saved.pre, nullptr, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  linear_backward(dx, grads.W1, grads.b1, dpre, x, params.W1, rows, D, F, stream);
+}
+
+}  // namespace muse::cuda

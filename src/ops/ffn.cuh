@@ -1,0 +1,41 @@
+// CUDA feed-forward branches (SPEC §2.9 low-rank FFN, §2.8 dense GELU MLP): the same contract and the same
+// parameter/gradient/saved structs as ops/ffn.h (instantiated for float, device pointers). Every matrix
+// product is a cuBLASLt GEMM of ops/linear.cuh (fp32, no TF32); GELU (exact erf form), the cap10 and their
+// derivatives are elementwise kernels.
+//
+// Backward scratch: the intermediate gradients (∂L/∂low2, ∂L/∂pre, ∂L/∂low1) need device memory the caller
+// provides (`scratch`, at least *_backward_scratch_floats(...) floats, 256-byte aligned like any
+// cudaMalloc pointer). It need not be initialised (the intermediates are written with beta = 0 GEMMs),
+// and its contents are garbage afterwards.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "ops/ffn.h"
+
+namespace muse::cuda {
+
+// rows·(2·rank + 4D) floats, each part rounded up to 64 floats.
+size_t lowrank_ffn_backward_scratch_floats(int rows, int D, int rank);
+// rows·4D floats.
+size_t dense_mlp_backward_scratch_floats(int rows, int D);
+
+// y[rows, D] = U₂ V₂ cap10(GELU(U₁ V₁ x + b₁)) + b₂; writes saved.low1, pre, hidden, low2.
+void lowrank_ffn_forward(float* y, const LowRankFfnSaved<float>& saved, const float* x,
+                         const LowRankFfnParams<float>& params, int rows, int D, int rank, cudaStream_t stream = 0);
+
+// dx += ∂L/∂x and every non-null member of grads += its gradient, from dy[rows, D]. dx may be null.
+void lowrank_ffn_backward(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,
+                          const LowRankFfnSaved<float>& saved, const float* x, const LowRankFfnParams<float>& params,
+                          int rows, int D, int rank, float* scratch, cudaStream_t stream = 0);
+
+// y[rows, D] = W₂ GELU(W₁ x + b₁) + b₂; writes saved.pre, hidden.
+void dense_mlp_forward(float* y, const DenseMlpSaved<float>& saved, const float* x, const DenseMlpParams<float>& params,
+                       int rows, int D, cudaStream_t stream = 0);
+
+void dense_mlp_backward(float* dx, const DenseMlpGrads<float>& grads, const float* dy, const DenseMlpSaved<float>& saved,
+                        const float* x, const DenseMlpParams<float>& params, int rows, int D, float* scratch,
+                        cudaStream_t stream = 0);
+
+}  // namespace muse::cuda

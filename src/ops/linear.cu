@@ -1,0 +1,268 @@
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common/cuda_check.cuh"
+#include "ops/linear.cuh"
+
+#define MUSE_CUBLAS_CHECK(call)                                                                                \
+  do {                                                                                                         \
+    cublasStatus_t muse_status_ = (call);                                                                      \
+    if (muse_status_ != CUBLAS_STATUS_SUCCESS)                                                                 \
+      throw std::runtime_error(std::string("cuBLASLt error: ") + cublasLtGetStatusString(muse_status_) + " in " + \
+                               #call + " at " + __FILE__ + ":" + std::to_string(__LINE__));                    \
+  } while (0)
+
+namespace muse::cuda {
+
+// ---------------------------------------------------------------------------------------------------------
+// BlasLt
+
+BlasLt::BlasLt(int device) : device_(device) {
+  int previous = 0;
+  MUSE_CUDA_CHECK(cudaGetDevice(&previous));
+  MUSE_CUDA_CHECK(cudaSetDevice(device));
+  MUSE_CUBLAS_CHECK(cublasLtCreate(&handle_));
+  MUSE_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
+  MUSE_CUDA_CHECK(cudaSetDevice(previous));
+}
+
+BlasLt::~BlasLt() {
+  // Errors are ignored: a destructor must not throw, and at process exit the runtime may be gone already.
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(handle_);
+}
+
+BlasLt& BlasLt::current() {
+  int device = 0;
+  MUSE_CUDA_CHECK(cudaGetDevice(&device));
+  static std::mutex mutex;
+  static std::vector<BlasLt*> instances;  // leaked on purpose: see the class comment
+  std::lock_guard<std::mutex> lock(mutex);
+  if (instances.size() <= size_t(device)) instances.resize(size_t(device) + 1, nullptr);
+  if (!instances[device]) instances[device] = new BlasLt(device);
+  return *instances[device];
+}
+
+bool BlasLt::lookup(const Key& key, cublasLtMatmulAlgo_t* algo, bool* available) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto it = algos_.find(key);
+  if (it == algos_.end()) return false;
+  *algo = it->second.first;
+  *available = it->second.second;
+  return true;
+}
+
+void BlasLt::remember(const Key& key, const cublasLtMatmulAlgo_t& algo, bool available) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  algos_[key] = {algo, available};
+}
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------------------
+// Small kernels
+
+// C[M×N] (row stride ldc) = beta·C, or 0 when beta == 0 (never reads C then): the K = 0 GEMM.
+__global__ void scale_matrix_kernel(float* C, int M, int N, int ldc, float beta) {
+  const long total = long(M) * N;
+  for (long idx = blockIdx.x * long(blockDim.x) + threadIdx.x; idx < total; idx += long(gridDim.x) * blockDim.x) {
+    float* c = C + (idx / N) * long(ldc) + idx % N;
+    *c = beta == 0.f ? 0.f : beta * *c;
+  }
+}
+
+// y[r, o] = b[o]: the bias broadcast used when no BIAS-epilogue algorithm exists (the GEMM then runs with
+// beta = 1, exactly like the CPU op).
+__global__ void broadcast_rows_kernel(float* y, const float* b, int rows, int cols) {
+  const long total = long(rows) * cols;
+  for (long idx = blockIdx.x * long(blockDim.x) + threadIdx.x; idx < total; idx += long(gridDim.x) * blockDim.x)
+    y[idx] = b[idx % cols];
+}
+
+// db[c] += Σ_r dy[r, c]. Block (32, 16): a warp-wide slice of 32 columns, 16 row lanes each summing rows
+// ty, ty+16, … in order, then lane 0 of the column adds the 16 partials in order: fixed order, no atomics.
+constexpr int kColSumWidth = 32, kColSumLanes = 16;
+
+__global__ void column_sum_kernel(float* db, const float* dy, int rows, int cols) {
+  __shared__ float partial[kColSumLanes][kColSumWidth + 1];
+  const int col = blockIdx.x * kColSumWidth + threadIdx.x;
+  float sum = 0.f;
+  if (col < cols)
+    for (int r = threadIdx.y; r < rows; r += kColSumLanes) sum += dy[long(r) * cols + col];
+  partial[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < cols) {
+    float total = 0.f;
+    for (int k = 0; k < kColSumLanes; ++k) total += partial[k][threadIdx.x];
+    db[col] += total;
+  }
+}
+
+int grid_for(long total, int block) {
+  const long blocks = (total + block - 1) / block;
+  return int(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+// Largest power of two ≤ 256 dividing the address: what cuBLASLt may assume about a pointer. (Its default
+// assumption is 256 bytes, wrong for sub-buffers such as one tensor inside a flat gradient array.)
+int alignment_of(const void* p) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  int align = 256;
+  while (align > 1 && a % align != 0) align /= 2;
+  return align;
+}
+
+// RAII holders for the cuBLASLt descriptors.
+struct MatmulDesc {
+  cublasLtMatmulDesc_t desc = nullptr;
+  MatmulDesc() { MUSE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)); }
+  ~MatmulDesc() { cublasLtMatmulDescDestroy(desc); }
+};
+struct Layout {
+  cublasLtMatrixLayout_t layout = nullptr;
+  Layout(uint64_t rows, uint64_t cols, int64_t ld) {
+    MUSE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_32F, rows, cols, ld));
+  }
+  ~Layout() { cublasLtMatrixLayoutDestroy(layout); }
+};
+struct Preference {
+  cublasLtMatmulPreference_t pref = nullptr;
+  Preference() { MUSE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref)); }
+  ~Preference() { cublasLtMatmulPreferenceDestroy(pref); }
+};
+
+// Row-major C = alpha·op(A)·op(B) + beta·C (+ bias[N] broadcast over rows when bias is non-null), with
+// M, N, K > 0. Returns false (and does nothing) only when a bias was asked for and cuBLASLt has no
+// algorithm with the BIAS epilogue for this problem; throws when it has none without one.
+//
+// Row-major C[M×N] is column-major Cᵀ[N×M] with the same stride, so the call is Cᵀ = op(B)ᵀ·op(A)ᵀ:
+// cuBLASLt's "A" is our B and its "B" is our A, each with its own transpose flag. The bias of the BIAS
+// epilogue runs along cuBLASLt's m = N dimension, i.e. one value per column of our row-major C.
+bool matmul(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+            const float* B, int ldb, float beta, float* C, int ldc, const float* bias, cudaStream_t stream) {
+  MatmulDesc op;
+  const cublasOperation_t op_lt_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our B
+  const cublasOperation_t op_lt_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our A
+  MUSE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_lt_a, sizeof(op_lt_a)));
+  MUSE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_lt_b, sizeof(op_lt_b)));
+  if (bias) {
+    const cublasLtEpilogue_t epilogue = CUBLASLT_EPILOGUE_BIAS;
+    MUSE_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(op.desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    const void* bias_ptr = bias;
+    MUSE_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(op.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias_ptr, sizeof(bias_ptr)));
+  }
+  // Column-major shapes as stored (before the op): our B is [K×N] (or [N×K] when transposed) row-major,
+  // i.e. column-major [N×K] (or [K×N]).
+  Layout lt_a(trans_b ? K : N, trans_b ? N : K, ldb);
+  Layout lt_b(trans_a ? M : K, trans_a ? K : M, lda);
+  Layout lt_c(N, M, ldc);
+
+  const int align_a = alignment_of(A), align_b = alignment_of(B), align_c = alignment_of(C);
+  const int align_bias = bias ? alignment_of(bias) : 0;
+  const BlasLt::Key key{M, N, K, lda, ldb, ldc, int(trans_a), int(trans_b), bias ? 1 : 0,
+                        align_a, align_b, align_c, align_bias, 0};
+  cublasLtMatmulAlgo_t algo{};
+  bool available = false;
+  if (!blas.lookup(key, &algo, &available)) {
+    Preference pref;
+    const uint64_t workspace = BlasLt::kWorkspaceBytes;
+    MUSE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                           &workspace, sizeof(workspace)));
+    // cuBLASLt's A is our B and vice versa; C and D are the same buffer.
+    const uint32_t lt_align_a = uint32_t(align_b), lt_align_b = uint32_t(align_a), lt_align_c = uint32_t(align_c);
+    MUSE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                           &lt_align_a, sizeof(lt_align_a)));
+    MUSE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                           &lt_align_b, sizeof(lt_align_b)));
+    MUSE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                           &lt_align_c, sizeof(lt_align_c)));
+    MUSE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                           &lt_align_c, sizeof(lt_align_c)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int returned = 0;
+    const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(blas.handle(), op.desc, lt_a.layout, lt_b.layout,
+                                                                 lt_c.layout, lt_c.layout, pref.pref, 1, &result,
+                                                                 &returned);
+    // NOT_SUPPORTED (or zero results) means "no algorithm for this configuration", not a failure.
+    if (status != CUBLAS_STATUS_NOT_SUPPORTED) MUSE_CUBLAS_CHECK(status);
+    available = status == CUBLAS_STATUS_SUCCESS && returned > 0 && result.state == CUBLAS_STATUS_SUCCESS;
+    if (available) algo = result.algo;
+    blas.remember(key, algo, available);
+  }
+  if (!available) {
+    if (bias) return false;
+    throw std::runtime_error("cuBLASLt has no fp32 algorithm for a " + std::to_string(M) + "x" + std::to_string(N) +
+                             "x" + std::to_string(K) + " GEMM");
+  }
+  // cuBLASLt's A = our B, B = our A; C = D = our C (in place).
+  MUSE_CUBLAS_CHECK(cublasLtMatmul(blas.handle(), op.desc, &alpha, B, lt_a.layout, A, lt_b.layout, &beta, C,
+                                   lt_c.layout, C, lt_c.layout, &algo, blas.workspace(), BlasLt::kWorkspaceBytes,
+                                   stream));
+  return true;
+}
+
+}  // namespace
+
+void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    if (beta == 1.f) return;
+    scale_matrix_kernel<<<grid_for(long(M) * N, 256), 256, 0, stream>>>(C, M, N, ldc, beta);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
+  matmul(blas, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr, stream);
+}
+
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
+          int ldb, float beta, float* C, int ldc, cudaStream_t stream) {
+  gemm(BlasLt::current(), trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, stream);
+}
+
+void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return;
+  const dim3 block(kColSumWidth, kColSumLanes);
+  const dim3 grid((cols + kColSumWidth - 1) / kColSumWidth);
+  column_sum_kernel<<<grid, block, 0, stream>>>(db, dy, rows, cols);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
+                    cudaStream_t stream) {
+  if (rows <= 0 || out <= 0) return;
+  BlasLt& blas = BlasLt::current();
+  if (in <= 0) {  // y = b (or 0): no GEMM
+    if (b) {
+      broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, rows, out);
+      MUSE_CUDA_CHECK(cudaGetLastError());
+    } else {
+      MUSE_CUDA_CHECK(cudaMemsetAsync(y, 0, size_t(rows) * out * sizeof(float), stream));
+    }
+    return;
+  }
+  // The BIAS epilogue only for a 16-byte aligned bias: cuBLASLt's alignment preferences do not cover the
+  // bias pointer, and kernels assuming 16 bytes have been reported to fault on a less aligned one.
+  if (b && alignment_of(b) >= 16 &&
+      matmul(blas, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
+    return;
+  if (b) {
+    broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, rows, out);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+  matmul(blas, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out, nullptr, stream);
+}
+
+void linear_backward(float* dx, float* dW, float* db, const float* dy, const float* x, const float* W, int rows,
+                     int in, int out, cudaStream_t stream) {
+  BlasLt& blas = BlasLt::current();
+  if (dx) gemm(blas, false, false, rows, in, out, 1.f, dy, out, W, in, 1.f, dx, in, stream);  // dx += dy·W
+  if (dW) gemm(blas, true, false, out, in, rows, 1.f, dy, out, x, in, 1.f, dW, in, stream);   // dW += dyᵀ·x
+  if (db) column_sum_accumulate(db, dy, rows, out, stream);
+}
+
+}  // namespace muse::cuda

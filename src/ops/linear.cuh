@@ -1,0 +1,82 @@
+// CUDA linear layer and GEMM on cuBLASLt: the same contract as ops/linear.h and common/blas.h, on device
+// pointers (fp32 storage).
+//
+// Precision: every GEMM runs with CUBLAS_COMPUTE_32F and fp32 scale type — plain fp32 FMA, no TF32 (that
+// would need CUBLAS_COMPUTE_32F_FAST_TF32, which we never request; cuBLASLt ignores the legacy handle
+// math mode, and NVIDIA_TF32_OVERRIDE can only disable TF32) and no BF16x9 emulation (not on sm_90, and
+// no emulation descriptor is set). This is the fp32 reference mode of SPEC §6: results match the CPU
+// GEMM to summation-order rounding (~1e-6 relative for K up to a few thousand).
+//
+// Determinism: cuBLASLt gives bit-identical results run to run for the same problem, algorithm, workspace
+// size and GPU model. The algorithm for a problem is chosen once (heuristic, cached in BlasLt) and reused.
+#pragma once
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <array>
+#include <map>
+#include <mutex>
+#include <utility>
+
+namespace muse::cuda {
+
+// One cuBLASLt handle, one workspace and a cache of chosen algorithms, for one device. for_device() hands
+// out a process-wide instance per device (created on first use, never destroyed: its lifetime is the
+// process, which avoids tearing cuBLASLt down after the CUDA runtime at exit). Host-side use is
+// thread-safe (the algorithm cache is locked). The workspace is shared by every GEMM on the device: GEMMs
+// issued on two different streams that run concurrently would race on it, so keep the GEMMs of one device
+// on one stream (or construct a separate BlasLt per stream and call gemm() with it).
+class BlasLt {
+ public:
+  static constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // NVIDIA's recommendation for Hopper
+
+  explicit BlasLt(int device);
+  ~BlasLt();
+  BlasLt(const BlasLt&) = delete;
+  BlasLt& operator=(const BlasLt&) = delete;
+
+  // The shared instance for the current device (cudaGetDevice).
+  static BlasLt& current();
+
+  cublasLtHandle_t handle() const { return handle_; }
+  void* workspace() const { return workspace_; }
+  int device() const { return device_; }
+
+  // Cache of heuristic choices: a problem key (shape, strides, transposes, epilogue, pointer alignments;
+  // built in linear.cu) → (algorithm, whether cuBLASLt offered one).
+  using Key = std::array<int, 14>;
+  bool lookup(const Key& key, cublasLtMatmulAlgo_t* algo, bool* available);
+  void remember(const Key& key, const cublasLtMatmulAlgo_t& algo, bool available);
+
+ private:
+  int device_;
+  cublasLtHandle_t handle_ = nullptr;
+  void* workspace_ = nullptr;
+  std::mutex mutex_;
+  std::map<Key, std::pair<cublasLtMatmulAlgo_t, bool>> algos_;
+};
+
+// Row-major C[M×N] = alpha·op(A)[M×K]·op(B)[K×N] + beta·C, op(X) = Xᵀ when trans_X; lda/ldb/ldc are the
+// row strides as stored (exactly common/blas.h's gemm). M, N or K may be 0 (K = 0 scales C by beta).
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
+          int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
+void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
+
+// y[rows, out] = x[rows, in]·Wᵀ + b   (b may be null). W is [out, in] row-major. The bias is fused into the
+// GEMM as a cuBLASLt BIAS epilogue when b is 16-byte aligned (otherwise, or when cuBLASLt has no epilogue
+// algorithm for the shape, a broadcast kernel writes b into y and the GEMM runs with beta = 1).
+void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
+                    cudaStream_t stream = 0);
+
+// dx += dy·W,  dW += dyᵀ·x,  db += Σ_rows dy   (each may be null; accumulated: GEMMs with beta = 1, the
+// bias gradient by a deterministic column reduction).
+void linear_backward(float* dx, float* dW, float* db, const float* dy, const float* x, const float* W, int rows,
+                     int in, int out, cudaStream_t stream = 0);
+
+// db[cols] += Σ_r dy[r, cols] over a row-major [rows, cols] matrix, in a fixed order (deterministic).
+void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream = 0);
+
+}  // namespace muse::cuda

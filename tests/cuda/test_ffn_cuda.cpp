@@ -1,0 +1,157 @@
+#include "ops/ffn.cuh"
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "cuda/gpu_support.h"
+#include "ops/ffn.h"
+#include "support/test_util.h"
+
+namespace muse::test {
+
+namespace {
+
+// fp32 on both sides: four chained GEMMs (cuBLASLt fp32, no TF32, vs OpenBLAS) and GELU/cap10 (erff,
+// expf, tanhf within 2 ulp of the host libm). Errors are summation-order rounding carried through the
+// chain, ~1e-6 of the largest entries; every tensor is compared with kRel·max|cpu| absolute plus kRel
+// relative, kRel = 3e-5 (the parameter gradients sum over up to 256 rows and 2048 hidden units).
+constexpr double kRel = 3e-5;
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, double(std::abs(x)));
+  return m;
+}
+
+void expect_close_scaled(const std::vector<float>& gpu, const std::vector<float>& cpu, const std::string& what) {
+  expect_close_to_reference(gpu, cpu, kRel * max_abs(cpu), kRel, what);
+}
+
+std::vector<float> nan_vector(size_t n) { return std::vector<float>(n, std::nanf("")); }
+
+// Rank per width: below, at and above D for the odd widths.
+void check_lowrank(int rows, int D, int rank) {
+  SCOPED_TRACE("lowrank rows " + std::to_string(rows) + ", D " + std::to_string(D) + ", rank " + std::to_string(rank));
+  const int F = ffn_hidden(D);
+  Rng rng(rows * 1009 + D * 17 + rank);
+  // Scales as in the CPU test: GELU inputs over roughly ±15, part of the hidden units deep in the cap.
+  auto x = random_normal<float>(size_t(rows) * D, rng);
+  auto V1 = random_normal<float>(size_t(rank) * D, rng, 1.0 / std::sqrt(double(D)));
+  auto U1 = random_normal<float>(size_t(F) * rank, rng, 2.5 / std::sqrt(double(rank)));
+  auto b1 = random_normal<float>(F, rng, 0.5);
+  auto V2 = random_normal<float>(size_t(rank) * F, rng, 1.0 / std::sqrt(double(F)));
+  auto U2 = random_normal<float>(size_t(D) * rank, rng, 1.0 / std::sqrt(double(rank)));
+  auto b2 = random_normal<float>(D, rng, 0.5);
+  auto dy = random_normal<float>(size_t(rows) * D, rng);
+
+  std::vector<float> y(size_t(rows) * D), low1(size_t(rows) * rank), pre(size_t(rows) * F), hidden(pre.size()),
+      low2(low1.size());
+  const LowRankFfnParams<float> p{V1.data(), U1.data(), b1.data(), V2.data(), U2.data(), b2.data()};
+  const LowRankFfnSaved<float> saved{low1.data(), pre.data(), hidden.data(), low2.data()};
+  lowrank_ffn_forward<float>(y.data(), saved, x.data(), p, rows, D, rank);
+
+  // Gradients start non-zero (accumulation).
+  auto dx0 = random_normal<float>(x.size(), rng, 0.1);
+  auto dV10 = random_normal<float>(V1.size(), rng, 0.1), dU10 = random_normal<float>(U1.size(), rng, 0.1),
+       db10 = random_normal<float>(b1.size(), rng, 0.1), dV20 = random_normal<float>(V2.size(), rng, 0.1),
+       dU20 = random_normal<float>(U2.size(), rng, 0.1), db20 = random_normal<float>(b2.size(), rng, 0.1);
+  std::vector<float> dx = dx0, dV1 = dV10, dU1 = dU10, db1 = db10, dV2 = dV20, dU2 = dU20, db2 = db20;
+  lowrank_ffn_backward<float>(dx.data(), {dV1.data(), dU1.data(), db1.data(), dV2.data(), dU2.data(), db2.data()},
+                              dy.data(), saved, x.data(), p, rows, D, rank);
+
+  DeviceBuffer<float> gx(x), gV1(V1), gU1(U1), gb1(b1), gV2(V2), gU2(U2), gb2(b2), gdy(dy);
+  DeviceBuffer<float> gy(nan_vector(y.size())), glow1(nan_vector(low1.size())), gpre(nan_vector(pre.size())),
+      ghidden(nan_vector(hidden.size())), glow2(nan_vector(low2.size()));
+  const LowRankFfnParams<float> gp{gV1.get(), gU1.get(), gb1.get(), gV2.get(), gU2.get(), gb2.get()};
+  const LowRankFfnSaved<float> gsaved{glow1.get(), gpre.get(), ghidden.get(), glow2.get()};
+  cuda::lowrank_ffn_forward(gy.get(), gsaved, gx.get(), gp, rows, D, rank);
+  expect_close_scaled(gy.download(), y, "y");
+  expect_close_scaled(glow1.download(), low1, "low1");
+  expect_close_scaled(gpre.download(), pre, "pre");
+  expect_close_scaled(ghidden.download(), hidden, "hidden");
+  expect_close_scaled(glow2.download(), low2, "low2");
+
+  // The scratch is poisoned: the intermediate gradients must be written before they are read.
+  DeviceBuffer<float> scratch(nan_vector(cuda::lowrank_ffn_backward_scratch_floats(rows, D, rank)));
+  DeviceBuffer<float> gdx(dx0), gdV1(dV10), gdU1(dU10), gdb1(db10), gdV2(dV20), gdU2(dU20), gdb2(db20);
+  cuda::lowrank_ffn_backward(gdx.get(), {gdV1.get(), gdU1.get(), gdb1.get(), gdV2.get(), gdU2.get(), gdb2.get()},
+                             gdy.get(), gsaved, gx.get(), gp, rows, D, rank, scratch.get());
+  expect_close_scaled(gdx.download(), dx, "dx");
+  expect_close_scaled(gdV1.download(), dV1, "dV1");
+  expect_close_scaled(gdU1.download(), dU1, "dU1");
+  expect_close_scaled(gdb1.download(), db1, "db1");
+  expect_close_scaled(gdV2.download(), dV2, "dV2");
+  expect_close_scaled(gdU2.download(), dU2, "dU2");
+  expect_close_scaled(gdb2.download(), db2, "db2");
+
+  // Null gradients are skipped (dx alone; and only one parameter gradient).
+  DeviceBuffer<float> gdx_only(dx0), gdU1_only(dU10);
+  cuda::lowrank_ffn_backward(gdx_only.get(), {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, gdy.get(),
+                             gsaved, gx.get(), gp, rows, D, rank, scratch.get());
+  expect_close_scaled(gdx_only.download(), dx, "dx alone");
+  cuda::lowrank_ffn_backward(nullptr, {nullptr, gdU1_only.get(), nullptr, nullptr, nullptr, nullptr}, gdy.get(),
+                             gsaved, gx.get(), gp, rows, D, rank, scratch.get());
+  expect_close_scaled(gdU1_only.download(), dU1, "dU1 alone");
+}
+
+void check_dense(int rows, int D) {
+  SCOPED_TRACE("dense rows " + std::to_string(rows) + ", D " + std::to_string(D));
+  const int F = ffn_hidden(D);
+  Rng rng(rows * 2003 + D);
+  auto x = random_normal<float>(size_t(rows) * D, rng);
+  auto W1 = random_normal<float>(size_t(F) * D, rng, 1.5 / std::sqrt(double(D)));
+  auto b1 = random_normal<float>(F, rng, 0.5);
+  auto W2 = random_normal<float>(size_t(D) * F, rng, 1.0 / std::sqrt(double(F)));
+  auto b2 = random_normal<float>(D, rng, 0.5);
+  auto dy = random_normal<float>(size_t(rows) * D, rng);
+
+  std::vector<float> y(size_t(rows) * D), pre(size_t(rows) * F), hidden(pre.size());
+  const DenseMlpParams<float> p{W1.data(), b1.data(), W2.data(), b2.data()};
+  const DenseMlpSaved<float> saved{pre.data(), hidden.data()};
+  dense_mlp_forward<float>(y.data(), saved, x.data(), p, rows, D);
+  auto dx0 = random_normal<float>(x.size(), rng, 0.1);
+  auto dW10 = random_normal<float>(W1.size(), rng, 0.1), db10 = random_normal<float>(b1.size(), rng, 0.1),
+       dW20 = random_normal<float>(W2.size(), rng, 0.1), db20 = random_normal<float>(b2.size(), rng, 0.1);
+  std::vector<float> dx = dx0, dW1 = dW10, db1 = db10, dW2 = dW20, db2 = db20;
+  dense_mlp_backward<float>(dx.data(), {dW1.data(), db1.data(), dW2.data(), db2.data()}, dy.data(), saved, x.data(),
+                            p, rows, D);
+
+  DeviceBuffer<float> gx(x), gW1(W1), gb1(b1), gW2(W2), gb2(b2), gdy(dy);
+  DeviceBuffer<float> gy(nan_vector(y.size())), gpre(nan_vector(pre.size())), ghidden(nan_vector(hidden.size()));
+  const DenseMlpParams<float> gp{gW1.get(), gb1.get(), gW2.get(), gb2.get()};
+  const DenseMlpSaved<float> gsaved{gpre.get(), ghidden.get()};
+  cuda::dense_mlp_forward(gy.get(), gsaved, gx.get(), gp, rows, D);
+  expect_close_scaled(gy.download(), y, "y");
+  expect_close_scaled(gpre.download(), pre, "pre");
+  expect_close_scaled(ghidden.download(), hidden, "hidden");
+
+  DeviceBuffer<float> scratch(nan_vector(cuda::dense_mlp_backward_scratch_floats(rows, D)));
+  DeviceBuffer<float> gdx(dx0), gdW1(dW10), gdb1(db10), gdW2(dW20), gdb2(db20);
+  cuda::dense_mlp_backward(gdx.get(), {gdW1.get(), gdb1.get(), gdW2.get(), gdb2.get()}, gdy.get(), gsaved, gx.get(),
+                           gp, rows, D, scratch.get());
+  expect_close_scaled(gdx.download(), dx, "dx");
+  expect_close_scaled(gdW1.download(), dW1, "dW1");
+  expect_close_scaled(gdb1.download(), db1, "db1");
+  expect_close_scaled(gdW2.download(), dW2, "dW2");
+  expect_close_scaled(gdb2.download(), db2, "db2");
+}
+
+}  // namespace
+
+TEST(ffn_cuda, lowrank_forward_backward_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (int rows : {1, 37, 256})
+    for (auto [D, rank] : {std::pair{10, 7}, std::pair{64, 33}, std::pair{512, 64}}) check_lowrank(rows, D, rank);
+  check_lowrank(37, 10, 13);  // rank above D
+}
+
+TEST(ffn_cuda, dense_forward_backward_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (int rows : {1, 37, 256})
+    for (int D : {10, 64, 512}) check_dense(rows, D);
+}
+
+}  // namespace muse::test

@@ -1,0 +1,134 @@
+#include "ops/linear.cuh"
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "common/blas.h"
+#include "cuda/gpu_support.h"
+#include "ops/linear.h"
+#include "support/test_util.h"
+
+namespace muse::test {
+
+namespace {
+
+// fp32 GEMMs on both sides (OpenBLAS on the CPU, cuBLASLt with CUBLAS_COMPUTE_32F — no TF32 — on the GPU);
+// they differ only in summation order. A dot product of K O(1) terms carries a rounding error of order
+// eps·√K·|partial sums| ≈ 1e-6 of the largest entries for K ≤ 512, so every comparison allows
+// kRel·max|cpu| absolute plus kRel relative, kRel = 1e-5 (10× margin; an indexing bug gives O(1) errors).
+// TF32 would miss this by ~100× (its 10-bit mantissa gives ~1e-3 relative errors), so the test also
+// proves TF32 is off.
+constexpr double kRel = 1e-5;
+
+double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, double(std::abs(x)));
+  return m;
+}
+
+void expect_close_scaled(const std::vector<float>& gpu, const std::vector<float>& cpu, const std::string& what) {
+  expect_close_to_reference(gpu, cpu, kRel * max_abs(cpu), kRel, what);
+}
+
+std::vector<float> nan_vector(size_t n) { return std::vector<float>(n, std::nanf("")); }
+
+// Forward (with and without bias) and backward (every gradient, accumulated onto non-zero values). With
+// offset = 1 every device pointer is shifted by one float (4-byte alignment), which cuBLASLt must be told
+// about (the default algorithm choice assumes 256-byte alignment).
+void check_linear(int rows, int in, int out, int offset) {
+  SCOPED_TRACE("rows " + std::to_string(rows) + ", in " + std::to_string(in) + ", out " + std::to_string(out) +
+               ", offset " + std::to_string(offset));
+  Rng rng(rows * 7919 + in * 131 + out + offset);
+  const size_t nx = size_t(rows) * in, nw = size_t(out) * in, ny = size_t(rows) * out;
+  auto x = random_normal<float>(nx, rng), W = random_normal<float>(nw, rng, 1.0 / std::sqrt(in));
+  auto b = random_normal<float>(out, rng), dy = random_normal<float>(ny, rng);
+  auto dx0 = random_normal<float>(nx, rng, 0.5), dW0 = random_normal<float>(nw, rng, 0.5),
+       db0 = random_normal<float>(out, rng, 0.5);  // non-zero: checks accumulation
+
+  // Device copies at the requested offset inside a larger allocation.
+  auto shifted = [&](const std::vector<float>& host) {
+    std::vector<float> padded(host.size() + offset, 0.f);
+    std::copy(host.begin(), host.end(), padded.begin() + offset);
+    return padded;
+  };
+  auto unshift = [&](const std::vector<float>& dev) { return std::vector<float>(dev.begin() + offset, dev.end()); };
+
+  for (bool with_bias : {true, false}) {
+    SCOPED_TRACE(with_bias ? "with bias" : "without bias");
+    std::vector<float> y(ny);
+    linear_forward(y.data(), x.data(), W.data(), with_bias ? b.data() : nullptr, rows, in, out);
+    DeviceBuffer<float> gx(shifted(x)), gW(shifted(W)), gb(shifted(b)), gy(shifted(nan_vector(ny)));
+    cuda::linear_forward(gy.get() + offset, gx.get() + offset, gW.get() + offset,
+                         with_bias ? gb.get() + offset : nullptr, rows, in, out);
+    expect_close_scaled(unshift(gy.download()), y, "y");
+  }
+
+  std::vector<float> dx = dx0, dW = dW0, db = db0;
+  linear_backward(dx.data(), dW.data(), db.data(), dy.data(), x.data(), W.data(), rows, in, out);
+  DeviceBuffer<float> gx(shifted(x)), gW(shifted(W)), gdy(shifted(dy)), gdx(shifted(dx0)), gdW(shifted(dW0)),
+      gdb(shifted(db0));
+  cuda::linear_backward(gdx.get() + offset, gdW.get() + offset, gdb.get() + offset, gdy.get() + offset,
+                        gx.get() + offset, gW.get() + offset, rows, in, out);
+  expect_close_scaled(unshift(gdx.download()), dx, "dx");
+  expect_close_scaled(unshift(gdW.download()), dW, "dW");
+  expect_close_scaled(unshift(gdb.download()), db, "db");
+
+  // Null gradients are skipped: only db requested.
+  DeviceBuffer<float> gdb_only(shifted(db0));
+  cuda::linear_backward(nullptr, nullptr, gdb_only.get() + offset, gdy.get() + offset, gx.get() + offset,
+                        gW.get() + offset, rows, in, out);
+  expect_close_scaled(unshift(gdb_only.download()), db, "db alone");
+}
+
+}  // namespace
+
+TEST(linear_cuda, forward_backward_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (int rows : {1, 37, 256})
+    for (auto [in, out] : {std::pair{10, 37}, std::pair{64, 64}, std::pair{512, 10}, std::pair{37, 512}})
+      check_linear(rows, in, out, 0);
+}
+
+TEST(linear_cuda, misaligned_pointers_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (auto [rows, in, out] : {std::tuple{37, 64, 64}, std::tuple{256, 512, 37}, std::tuple{1, 10, 10}})
+    check_linear(rows, in, out, 1);
+}
+
+// The head shape of the tied HTT embedding: logits [rows, Vp] = h·Eᵀ with Vp = 50304, and its backward.
+TEST(linear_cuda, vocabulary_head_matches_cpu) {
+  MUSE_REQUIRE_GPU();
+  check_linear(37, 64, 50304, 0);
+}
+
+// The general GEMM: all transpose combinations, row strides wider than the matrices, alpha/beta, K = 0.
+TEST(linear_cuda, gemm_matches_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (auto [M, N, K] : {std::tuple{1, 37, 10}, std::tuple{37, 10, 64}, std::tuple{64, 33, 257}, std::tuple{5, 7, 0}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        SCOPED_TRACE("M " + std::to_string(M) + " N " + std::to_string(N) + " K " + std::to_string(K) + " ta " +
+                     std::to_string(ta) + " tb " + std::to_string(tb));
+        Rng rng(M * 1000 + N * 10 + K + ta * 2 + tb);
+        const int a_rows = ta ? K : M, a_cols = ta ? M : K, b_rows = tb ? N : K, b_cols = tb ? K : N;
+        const int lda = a_cols + 3, ldb = b_cols + 1, ldc = N + 5;
+        auto A = random_normal<float>(size_t(std::max(a_rows, 1)) * lda, rng);
+        auto B = random_normal<float>(size_t(std::max(b_rows, 1)) * ldb, rng);
+        auto C = random_normal<float>(size_t(M) * ldc, rng);
+        std::vector<float> C_cpu = C;
+        const float alpha = 0.75f, beta = -0.5f;
+        gemm<float>(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, C_cpu.data(), ldc);
+        if (K == 0)  // OpenBLAS may skip K = 0 entirely; the contract is C = beta·C
+          for (int m = 0; m < M; ++m)
+            for (int n = 0; n < N; ++n) C_cpu[size_t(m) * ldc + n] = beta * C[size_t(m) * ldc + n];
+        DeviceBuffer<float> gA(A), gB(B), gC(C);
+        cuda::gemm(ta, tb, M, N, K, alpha, gA.get(), lda, gB.get(), ldb, beta, gC.get(), ldc);
+        // The padding columns of C (n ≥ N) must be left as they were (the CPU side leaves them too).
+        expect_close_scaled(gC.download(), C_cpu, "C");
+      }
+}
+
+}  // namespace muse::test

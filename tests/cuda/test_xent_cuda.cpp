@@ -1,0 +1,98 @@
+#include "ops/xent.cuh"
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cuda/gpu_support.h"
+#include "ops/htt.h"
+#include "ops/xent.h"
+#include "support/test_util.h"
+
+namespace muse::test {
+
+namespace {
+
+// Tolerances. The GPU keeps fp32 softmax statistics (online max / Σexp over ≤ 98 columns per thread, then
+// a fixed tree) where the CPU sums exp in double: Σexp is within ~1e-6 relative, so lse and the row losses
+// (≈ log V ≈ 11) are within ~2e-6 absolute; kLossAtol = 2e-5 (10× margin). The mean adds ≤ 256 such rows.
+// The gradient entries are scale·(p − ε/V) (+ the target term) added onto the initial values; p carries
+// the lse error (~1e-6 relative): compared with 1e-5 of the largest |gradient| absolute plus 1e-5 relative.
+constexpr double kLossAtol = 2e-5, kLossRtol = 1e-6, kGradRel = 1e-5;
+
+double max_abs_difference(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (size_t i = 0; i < a.size(); ++i) m = std::max(m, std::abs(double(a[i]) - double(b[i])));
+  return m;
+}
+
+// ignore_mode: 0 none ignored, 1 every 5th row ignored, 2 every row ignored (count = 0).
+void check_xent(int rows, int V, float smoothing, int ignore_mode, int32_t ignore_index = -1) {
+  const int Vp = padded_vocab(V);
+  SCOPED_TRACE("rows " + std::to_string(rows) + ", V " + std::to_string(V) + ", smoothing " +
+               std::to_string(smoothing) + ", ignore mode " + std::to_string(ignore_mode) + ", ignore index " +
+               std::to_string(ignore_index));
+  Rng rng(uint64_t(rows) * 7 + V + ignore_mode * 3 + int(smoothing * 10));
+  std::vector<float> logits(size_t(rows) * Vp);
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < Vp; ++v)
+      // Spread logits (std 3, a few large) so the softmax is far from uniform; NaN in the padded columns,
+      // which must never be read.
+      logits[size_t(r) * Vp + v] = v < V ? float(3.0 * rng.normal() + (v % 97 == 0 ? 8.0 : 0.0)) : std::nanf("");
+  std::vector<int32_t> targets(rows);
+  for (int r = 0; r < rows; ++r) {
+    do targets[r] = int32_t(rng.below(V));
+    while (targets[r] == ignore_index);
+    if (ignore_mode == 2 || (ignore_mode == 1 && r % 5 == 1)) targets[r] = ignore_index;
+  }
+  if (rows > 1 && ignore_mode != 2) targets[rows - 1] = V - 1;  // the last real column
+
+  std::vector<float> row_loss(rows), row_lse(rows);
+  const XentResult cpu = xent_forward(row_loss.data(), row_lse.data(), logits.data(), targets.data(), rows, V, Vp,
+                                      smoothing, ignore_index);
+
+  DeviceBuffer<float> glogits(logits), gloss(std::vector<float>(rows, std::nanf(""))),
+      glse(std::vector<float>(rows, std::nanf(""))), gresult(std::vector<float>(2, std::nanf("")));
+  DeviceBuffer<int32_t> gtargets(targets);
+  cuda::xent_forward(gloss.get(), glse.get(), gresult.get(), glogits.get(), gtargets.get(), rows, V, Vp, smoothing,
+                     ignore_index);
+  expect_close_to_reference(gloss.download(), row_loss, kLossAtol, kLossRtol, "row_loss");
+  expect_close_to_reference(glse.download(), row_lse, kLossAtol, kLossRtol, "row_lse");
+  const auto result = gresult.download();
+  EXPECT_NEAR(result[0], cpu.mean_loss, kLossAtol + kLossRtol * std::abs(cpu.mean_loss)) << "mean_loss";
+  EXPECT_EQ(result[1], float(cpu.count)) << "count";
+
+  // Backward: initial values everywhere; the padded columns and ignored rows must keep theirs exactly.
+  const float dloss = 0.7f;
+  std::vector<float> dlogits0(logits.size());
+  for (int r = 0; r < rows; ++r)
+    for (int v = 0; v < Vp; ++v) dlogits0[size_t(r) * Vp + v] = v < V ? float(1e-3 * rng.normal()) : 7.f;
+  std::vector<float> dlogits = dlogits0;
+  xent_backward(dlogits.data(), dloss, logits.data(), row_lse.data(), targets.data(), rows, V, Vp, smoothing,
+                cpu.count, ignore_index);
+  DeviceBuffer<float> gdlogits(dlogits0);
+  cuda::xent_backward(gdlogits.get(), dloss, glogits.get(), glse.get(), gtargets.get(), rows, V, Vp, smoothing,
+                      gresult.get(), ignore_index);
+  const double scale = max_abs_difference(dlogits, dlogits0);  // largest |gradient| (0 when count = 0)
+  expect_close_to_reference(gdlogits.download(), dlogits, kGradRel * scale, kGradRel, "dlogits");
+}
+
+}  // namespace
+
+TEST(xent_cuda, forward_backward_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (int V : {37, 50257})
+    for (int rows : {1, 37, 256})
+      for (float smoothing : {0.f, 0.1f}) check_xent(rows, V, smoothing, rows > 1 ? 1 : 0);
+}
+
+TEST(xent_cuda, ignored_rows_and_custom_ignore_index) {
+  MUSE_REQUIRE_GPU();
+  check_xent(37, 37, 0.1f, 2);            // every row ignored: mean 0, count 0, no gradient
+  check_xent(1, 50257, 0.f, 2);           // the single row ignored
+  check_xent(37, 37, 0.1f, 1, 3);         // ignore index inside the vocabulary
+  check_xent(37, 50257, 0.f, 1, 50256);   // ignore index = the last real column
+}
+
+}  // namespace muse::test
