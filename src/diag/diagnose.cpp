@@ -298,6 +298,7 @@ void pair_points(Model<T>& model, const std::vector<TokenPair>& pairs, int layer
 DiagReport diagnose(Model<float>& model, const std::vector<std::vector<int32_t>>& windows,
                     const std::vector<TokenPair>& pairs, const DiagOptions& o) {
   const int D = model.config().d_model;
+  if (!(o.cone.K > 0)) throw std::invalid_argument("--cone-k must be positive");
   DiagReport r;
   r.layer = resolve_layer(model.config(), o.layer);
   r.curvature = diag_curvature(model, r.layer);
