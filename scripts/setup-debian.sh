@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev
   bible-kjv
+  libgudhi-dev wordnet-base  # persistent homology (header-only; pulls in Boost), WordNet noun pairs
 )
 
 missing=()

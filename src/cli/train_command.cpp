@@ -33,6 +33,25 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--log-every", o->log_every, "Log a JSON line every K steps")->capture_default_str();
   cmd->add_option("--seed", o->seed, "Seed for initialisation and data order")->capture_default_str();
   cmd->add_flag("--resume", o->resume, "Continue the run in --out from its latest checkpoint");
+  cmd->add_option("--diagnostics-every", o->diagnostics_every,
+                  "Log entailment-cone and persistent-homology diagnostics of the first validation window every K "
+                  "steps (0: never; see muse diagnose)")
+      ->capture_default_str();
+  cmd->add_option("--diagnostics-layer", o->diagnostics_layer,
+                  "Block whose residual the diagnostics and their losses read (-1: the last)")
+      ->capture_default_str();
+  cmd->add_option("--pairs", o->pairs,
+                  "Phrase pairs for the diagnostics and the order loss: a file of \"premise<TAB>hypothesis[<TAB>label]\" "
+                  "lines, or \"wordnet\"");
+  cmd->add_option("--entail-weight", o->entail_weight,
+                  "Weight of the entailment-cone max-margin order loss on --pairs (logged as entail_loss)")
+      ->capture_default_str();
+  cmd->add_option("--topology-weight", o->topology_weight,
+                  "Weight of the H0 regulariser sum(relu(MST edge - margin)) on each training row (logged as "
+                  "topology_loss)")
+      ->capture_default_str();
+  cmd->add_option("--topology-margin", o->topology_margin, "Margin of the H0 regulariser (Poincare distance)")
+      ->capture_default_str();
   cmd->add_option("--device", "Device: cpu (the CUDA backend arrives with its issue)")
       ->default_str("cpu")
       ->check(CLI::IsMember({"cpu"}));

@@ -249,7 +249,27 @@ double Model<T>::loss(const int32_t* targets, double label_smoothing, double* to
 }
 
 template <typename T>
-void Model<T>::backward(double scale) {
+const T* Model<T>::residual(int layer) const {
+  const ModelState<T>& s = *state_;
+  if (layer < 0 || layer >= int(s.layout.blocks.size()))
+    throw std::invalid_argument("layer " + std::to_string(layer) + " is outside [0, " +
+                                std::to_string(s.layout.blocks.size()) + ")");
+  if (s.B == 0) throw std::logic_error("residual(): no forward has run");
+  return size_t(layer) + 1 < s.blocks.size() ? s.blocks[layer + 1].h_in.data() : s.h_final.data();
+}
+
+template <typename T>
+double Model<T>::curvature(int layer) const {
+  const ModelLayout& m = state_->layout;
+  if (layer < 0 || layer >= int(m.blocks.size()))
+    throw std::invalid_argument("layer " + std::to_string(layer) + " is outside [0, " +
+                                std::to_string(m.blocks.size()) + ")");
+  const size_t c_raw = m.blocks[layer].c_raw;
+  return c_raw == kAbsent ? 0.0 : double(muse::curvature(params_[c_raw]));
+}
+
+template <typename T>
+void Model<T>::backward(double scale, const ResidualGrad<T>* extra) {
   const ModelConfig& c = config_;
   ModelState<T>& s = *state_;
   const ModelLayout& m = s.layout;
@@ -257,22 +277,35 @@ void Model<T>::backward(double scale) {
   const size_t rows = size_t(s.B) * s.N;
   const T* p = params_.data();
   T* g = grads_.data();
+  if (extra && (extra->layer < 0 || extra->layer >= int(m.blocks.size())))
+    throw std::invalid_argument("backward: auxiliary gradient at layer " + std::to_string(extra->layer) +
+                                " is outside the model");
 
-  std::vector<T>& dlogits = s.dlogits;
-  cross_entropy_backward(s, c, scale);
   const T* E = embedding_matrix(s, p);
   T* dE = embedding_matrix_grad(s, g, c);
-
-  // Head: logits = x_final·Eᵀ.
-  std::vector<T>& dx = s.du;
-  dx.assign(rows * D, T(0));
-  linear_backward<T>(dx.data(), dE, nullptr, dlogits.data(), s.x_final.data(), E, int(rows), D, Vp);
   std::vector<T>& dh = s.dh;
   dh.assign(rows * D, T(0));
-  layernorm_backward<T>(dh.data(), g + m.final_gain, g + m.final_bias, dx.data(), nullptr, s.h_final.data(),
-                        p + m.final_gain, s.final_mean.data(), s.final_rstd.data(), int(rows), D);
+  size_t top = m.blocks.size();  // blocks [0, top) are back-propagated
+  if (scale != 0) {
+    std::vector<T>& dlogits = s.dlogits;
+    cross_entropy_backward(s, c, scale);
+    // Head: logits = x_final·Eᵀ.
+    std::vector<T>& dx = s.du;
+    dx.assign(rows * D, T(0));
+    linear_backward<T>(dx.data(), dE, nullptr, dlogits.data(), s.x_final.data(), E, int(rows), D, Vp);
+    layernorm_backward<T>(dh.data(), g + m.final_gain, g + m.final_bias, dx.data(), nullptr, s.h_final.data(),
+                          p + m.final_gain, s.final_mean.data(), s.final_rstd.data(), int(rows), D);
+  } else if (extra) {
+    top = size_t(extra->layer) + 1;  // nothing above the auxiliary loss's layer receives a gradient
+  }
 
-  for (size_t l = m.blocks.size(); l-- > 0;) block_backward(dh.data(), s, s.blocks[l], m.blocks[l], p, g, c);
+  for (size_t l = top; l-- > 0;) {
+    if (extra && size_t(extra->layer) == l) {
+      for (size_t i = 0; i < rows * D; ++i) dh[i] += extra->dh[i];
+      if (m.blocks[l].c_raw != kAbsent) g[m.blocks[l].c_raw] += T(extra->dc) * curvature_grad(p[m.blocks[l].c_raw]);
+    }
+    block_backward(dh.data(), s, s.blocks[l], m.blocks[l], p, g, c);
+  }
 
   if (m.positions != kAbsent)
     for (size_t r = 0; r < rows; ++r)

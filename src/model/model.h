@@ -20,6 +20,16 @@ inline constexpr int32_t kXentIgnore = -1;
 template <typename T>
 struct ModelState;  // activations and parameter offsets (model/model_state.h)
 
+// The gradient of an auxiliary loss that reads the residual stream after block `layer` and that block's
+// curvature (the diagnostics' losses, SPEC §5): backward() adds dh [B·N, D] to ∂L/∂h when it reaches
+// that point of the stack, and dc·∂c/∂c_raw to the block's c_raw.
+template <typename T>
+struct ResidualGrad {
+  int layer = 0;
+  const T* dh = nullptr;
+  double dc = 0;
+};
+
 template <typename T>
 class Model {
  public:
@@ -48,9 +58,16 @@ class Model {
   // sum, count the number of counted targets.
   double loss(const int32_t* targets, double label_smoothing = 0.0, double* total_nats = nullptr,
               int64_t* count = nullptr);
-  // Backward of `scale ·` the last loss() (scale 1/accumulation steps for accumulation): accumulates
-  // into grads().
-  void backward(double scale = 1.0);
+  // Backward of `scale ·` the last loss() (scale 1/accumulation steps for accumulation) plus the
+  // auxiliary gradient `extra`, if any: accumulates into grads(). With scale 0 the head is skipped (no
+  // loss() call is needed) and the pass starts at extra->layer.
+  void backward(double scale = 1.0, const ResidualGrad<T>* extra = nullptr);
+
+  // Residual stream after block `layer` (0 ≤ layer < n_layers) of the last forward, [B·N, D]; the last
+  // block's output is the input of LN_final.
+  const T* residual(int layer) const;
+  // Curvature c of block `layer` (SPEC §2.1); 0 for arch = gpt, whose blocks have none.
+  double curvature(int layer) const;
 
  private:
   ModelConfig config_;

@@ -18,18 +18,6 @@ namespace muse {
 
 namespace {
 
-constexpr double kCurvatureMin = 0.01, kCurvatureMax = 10.0;
-
-// c = 0.01 + softplus(c_raw), capped at 10 (SPEC §2.1); no hard clamp at the low end.
-template <typename T>
-T curvature(T c_raw) {
-  return std::min(T(kCurvatureMin) + softplus(c_raw), T(kCurvatureMax));
-}
-template <typename T>
-T curvature_grad(T c_raw) {
-  return T(kCurvatureMin) + softplus(c_raw) < T(kCurvatureMax) ? sigmoid(c_raw) : T(0);
-}
-
 template <typename T>
 void resize(std::vector<T>& v, size_t n) {
   if (v.size() != n) v.resize(n);

@@ -2,10 +2,25 @@
 // forward and backward, and the embedding/head pieces the model wraps around the blocks. Internal to
 // model/*.cpp: these work on the model's activations (model_state.h).
 #pragma once
+#include <algorithm>
+
+#include "common/math.h"
 #include "model/config.h"
 #include "model/model_state.h"
 
 namespace muse {
+
+inline constexpr double kCurvatureMin = 0.01, kCurvatureMax = 10.0;
+
+// c = 0.01 + softplus(c_raw), capped at 10 (SPEC §2.1); no hard clamp at the low end.
+template <typename T>
+T curvature(T c_raw) {
+  return std::min(T(kCurvatureMin) + softplus(c_raw), T(kCurvatureMax));
+}
+template <typename T>
+T curvature_grad(T c_raw) {
+  return T(kCurvatureMin) + softplus(c_raw) < T(kCurvatureMax) ? sigmoid(c_raw) : T(0);
+}
 
 // h_out [B·N, D] = block(acts.h_in), keeping the activations in acts.
 template <typename T>

@@ -14,6 +14,7 @@
 
 #include "common/progress.h"
 #include "data/shards.h"
+#include "diag/diagnose.h"
 #include "model/model.h"
 #include "train/batches.h"
 #include "train/checkpoint.h"
@@ -29,6 +30,15 @@ using Clock = std::chrono::steady_clock;
 namespace {
 
 double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+constexpr int kTrainWordnetPairs = 1000;  // WordNet pairs drawn for a run (--pairs wordnet)
+constexpr size_t kDiagnosticPairs = 256;  // of the run's pairs, the first these many are measured
+constexpr int kOrderPairsPerStep = 16;    // positives per step of the order loss (as many negatives)
+
+// A seed for step `step`'s auxiliary samples that needs no saved state, so resumed runs draw the same.
+uint64_t step_seed(uint64_t seed, int64_t step, uint64_t salt) {
+  return seed ^ (uint64_t(step) * 0x9e3779b97f4a7c15ULL) ^ salt;
+}
 
 json group_grad_norms(const ParamTable& table, const std::vector<float>& grads) {
   std::map<std::string, double> sq;
@@ -176,6 +186,20 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
   }
   LrSchedule schedule{lr, o.warmup, std::max<int64_t>(total_steps, 1), o.final_lr_fraction};
 
+  // Diagnostics (SPEC §5): the first validation window, the run's pairs, and the auxiliary losses.
+  const int diag_layer = resolve_layer(config, o.diagnostics_layer);
+  std::vector<TokenPair> pairs;
+  if (!o.pairs.empty()) pairs = tokenize_pairs(load_pairs(o.pairs, kTrainWordnetPairs, o.seed), *tokenizer);
+  if (o.entail_weight > 0 && pairs.empty()) throw std::invalid_argument("--entail-weight needs --pairs");
+  if (o.entail_weight < 0 || o.topology_weight < 0) throw std::invalid_argument("loss weights must be non-negative");
+  const std::vector<TokenPair> diag_pairs(pairs.begin(), pairs.begin() + std::min(pairs.size(), kDiagnosticPairs));
+  DiagOptions diag_options;
+  diag_options.layer = diag_layer;
+  diag_options.topology.margin = o.topology_margin;
+  const std::vector<int32_t> diag_window = o.diagnostics_every > 0 ? window_batch(val_shard, 0, 1, N).inputs
+                                                                   : std::vector<int32_t>();
+  std::vector<float> aux_dh;
+
   const int64_t tokens_per_step = int64_t(B) * N * o.grad_accum;
   const int64_t eval_windows = o.eval_windows;
   TrainSummary summary;
@@ -215,21 +239,37 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
     if (o.time_budget_s > 0 && train_seconds >= o.time_budget_s) break;
     const Clock::time_point t0 = Clock::now();
     model.zero_grads();
-    double loss = 0;
+    double loss = 0, topology_loss_value = 0, entail_loss_value = 0;
     std::vector<int32_t> last_inputs;
     for (int a = 0; a < o.grad_accum; ++a) {
       Batch batch = sample_batch(train_shard, B, N, data_rng);
       model.forward(batch.inputs.data(), B, N);
       loss += model.loss(batch.targets.data(), o.label_smoothing) / o.grad_accum;
-      model.backward(1.0 / o.grad_accum);
+      if (o.topology_weight > 0) {
+        TopologyOptions t = diag_options.topology;
+        t.seed = step_seed(o.seed, step * o.grad_accum + a, 0x746f706fULL);
+        double dc = 0;
+        topology_loss_value +=
+            topology_loss(model, B, N, diag_layer, t, o.topology_weight / o.grad_accum, &aux_dh, &dc) / o.grad_accum;
+        const ResidualGrad<float> extra{diag_layer, aux_dh.data(), dc};
+        model.backward(1.0 / o.grad_accum, &extra);
+      } else {
+        model.backward(1.0 / o.grad_accum);
+      }
       last_inputs = std::move(batch.inputs);
     }
+    if (o.entail_weight > 0) {
+      Rng pair_rng(step_seed(o.seed, step, 0x656e7461ULL));
+      entail_loss_value = entail_loss_step(model, sample_order_pairs(pairs, kOrderPairsPerStep, pair_rng), diag_layer,
+                                           diag_options.cone, o.entail_weight);
+    }
+    const double total_loss = loss + o.topology_weight * topology_loss_value + o.entail_weight * entail_loss_value;
     const bool log_now = (step + 1) % o.log_every == 0 || step + 1 == total_steps;
     json groups = log_now ? group_grad_norms(model.table(), grads) : json();
     const double grad_norm = clip_grad_norm(grads.data(), grads.size(), o.clip);
-    if (!std::isfinite(loss) || !std::isfinite(grad_norm))
+    if (!std::isfinite(total_loss) || !std::isfinite(grad_norm))
       throw std::runtime_error(
-          dump_nonfinite(o.out_dir, step + 1, loss, grad_norm, model.table(), grads, last_inputs));
+          dump_nonfinite(o.out_dir, step + 1, total_loss, grad_norm, model.table(), grads, last_inputs));
     const double step_lr = schedule.at(step);
     optimizer.step(model.params().data(), grads.data(), step_lr);
     ++step;
@@ -250,7 +290,8 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
     const bool last = (total_steps > 0 && step >= total_steps) ||
                       (o.time_budget_s > 0 && train_seconds >= o.time_budget_s);
     const bool eval_now = step % o.eval_every == 0 || last;
-    if (log_now || eval_now || last) {
+    const bool diag_now = o.diagnostics_every > 0 && (step % o.diagnostics_every == 0 || last);
+    if (log_now || eval_now || diag_now || last) {
       json line = {{"step", step},
                    {"loss", loss},
                    {"lr", step_lr},
@@ -259,6 +300,17 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
                    {"tokens", tokens_seen},
                    {"elapsed_s", seconds_since(start)}};
       if (!groups.is_null()) line["grad_norm_groups"] = groups;
+      if (o.topology_weight > 0) line["topology_loss"] = topology_loss_value;
+      if (o.entail_weight > 0) line["entail_loss"] = entail_loss_value;
+      if (diag_now) {
+        // Measured with the weights just updated, outside the step timing; the forward it runs only
+        // replaces activations, which the next step recomputes.
+        const Clock::time_point d0 = Clock::now();
+        DiagReport report = diagnose(model, {diag_window}, diag_pairs, diag_options);
+        if (!diag_pairs.empty()) report.pair_source = o.pairs;
+        line["diagnostics"] = to_json(report);
+        line["diagnostics"]["seconds"] = seconds_since(d0);
+      }
       if (eval_now) {
         const EvalResult e = run_eval();
         line["val_loss"] = e.loss;

@@ -35,6 +35,13 @@ struct TrainOptions {
   int64_t log_every = 10;
   uint64_t seed = 1337;
   bool resume = false;
+  // Phase 8 diagnostics and their optional losses (SPEC §5, diag/diagnose.h).
+  int64_t diagnostics_every = 0;  // measure the first validation window every K steps (0: never)
+  int diagnostics_layer = -1;     // block whose residual is measured and regularised (−1: the last)
+  std::string pairs;              // phrase pairs: a pair file or "wordnet" (measured; the order loss's data)
+  double entail_weight = 0;       // weight of the cone order loss on `pairs` (0: off)
+  double topology_weight = 0;     // weight of the H0 regulariser on each training row (0: off)
+  double topology_margin = 0.5;   // the regulariser's ph_margin (Poincaré distance)
 };
 
 // One JSON object per line of the training log (also printed on stdout).
