@@ -1,0 +1,327 @@
+// CUDA mixing epilogue: curvature mix, Phase 7 hybrid gate, gated residual update with cap30 + LN_h fused in
+// one row pass (see hybrid.cuh and docs/kernels/bk_ssm_hybrid.md). fp32 storage and arithmetic.
+#include <algorithm>
+
+#include "common/cuda_check.cuh"
+#include "common/math.h"
+#include "ops/hybrid.cuh"
+#include "ops/layernorm.h"
+
+namespace muse::cuda {
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr int kRowWarps = 8;            // warps per block for one-warp-per-row kernels
+constexpr int kReduceThreads = 256;     // block size of the first stage of the scalar reductions
+constexpr int kReduceMaxBlocks = 1024;  // fixed upper bound of its grid (the grid depends on the size only)
+constexpr int kColTile = 32;            // column reductions: 32 columns × kColRowsPerChunk rows per block
+constexpr int kColLanesY = 8;
+constexpr int kColRowsPerChunk = 256;
+
+int ceil_div(long a, long b) { return int((a + b - 1) / b); }
+int reduce_blocks(long n) { return std::max(1, std::min(ceil_div(n, kReduceThreads), kReduceMaxBlocks)); }
+int column_chunks(long rows) { return std::max(1, ceil_div(rows, kColRowsPerChunk)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFull, v, offset);
+  return v;
+}
+
+// Sum over a block of kReduceThreads threads in a fixed order; valid in thread 0. Every thread must call it.
+__device__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float s = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kReduceThreads / kWarp; ++w) s += scratch[w];
+  return s;
+}
+
+// Σ partial[0..count) in a fixed order by one warp.
+__device__ float warp_sum_partials(const float* partial, int count) {
+  float s = 0.f;
+  for (int i = threadIdx.x; i < count; i += kWarp) s += partial[i];
+  return warp_sum(s);
+}
+
+__device__ __forceinline__ float mix_alpha(float c) {
+  return sigmoid(float(kCurvatureMixSlope) * (c - float(kCurvatureMixCentre)));
+}
+
+// ---- curvature mix ---------------------------------------------------------------------------------------
+
+__global__ void curvature_mix_forward_kernel(float* y_att, const float* y_loc, const float* y_lin, const float* c,
+                                             long n) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float alpha = mix_alpha(c[0]);
+  const float beta = 1.f - alpha;
+  y_att[i] = alpha * y_loc[i] + beta * y_lin[i];
+}
+
+// Grid-stride over the n elements with a grid fixed by n; partial[block] = Σ dy_att⊙(y_loc − y_lin).
+__global__ void curvature_mix_backward_kernel(float* dy_loc, float* dy_lin, float* partial, const float* dy_att,
+                                              const float* y_loc, const float* y_lin, const float* c, long n) {
+  __shared__ float scratch[kReduceThreads / kWarp];
+  const float alpha = mix_alpha(c[0]);
+  const float beta = 1.f - alpha;
+  float dot = 0.f;
+  for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+    const float d = dy_att[i];
+    if (dy_loc) dy_loc[i] += alpha * d;
+    if (dy_lin) dy_lin[i] += beta * d;
+    if (partial) dot += d * (y_loc[i] - y_lin[i]);
+  }
+  if (partial) {
+    const float s = block_sum(dot, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+  }
+}
+
+__global__ void curvature_mix_finish_kernel(float* dc, const float* partial, int blocks, const float* c) {
+  const float s = warp_sum_partials(partial, blocks);
+  if (threadIdx.x == 0) {
+    const float alpha = mix_alpha(c[0]);
+    dc[0] += float(kCurvatureMixSlope) * alpha * (1.f - alpha) * s;
+  }
+}
+
+// ---- Phase 7 gate ----------------------------------------------------------------------------------------
+
+__global__ void phase7_gate_forward_kernel(float* xi, const float* g, const float* s, int rows) {
+  const long r = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (r < rows) xi[r] = sigmoid(s[0] * fabsf(g[2 * r + 1]));
+}
+
+__global__ void phase7_gate_backward_kernel(float* dg, float* partial, const float* dxi, const float* xi,
+                                            const float* g, const float* s, int rows) {
+  __shared__ float scratch[kReduceThreads / kWarp];
+  const float slope = s[0];
+  float acc = 0.f;
+  for (long r = (long)blockIdx.x * blockDim.x + threadIdx.x; r < rows; r += (long)gridDim.x * blockDim.x) {
+    const float im = g[2 * r + 1];
+    const float dpre = dxi[r] * xi[r] * (1.f - xi[r]);
+    if (dg) dg[2 * r + 1] += dpre * slope * (im < 0.f ? -1.f : 1.f);
+    acc += dpre * fabsf(im);
+  }
+  if (partial) {
+    const float total = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = total;
+  }
+}
+
+__global__ void sum_partials_kernel(float* out, const float* partial, int blocks) {
+  const float s = warp_sum_partials(partial, blocks);
+  if (threadIdx.x == 0) out[0] += s;
+}
+
+// ---- gated residual update -------------------------------------------------------------------------------
+
+// One warp per row: mix, cap30, LayerNorm statistics (two passes, as ops/layernorm) and the residual add.
+// Every lane re-reads only the elements of `capped` it wrote itself.
+__global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* mean, float* rstd, const float* h,
+                                            const float* y_att, const float* y_glob, const float* xi,
+                                            const float* gain, const float* bias, int rows, int D) {
+  const long row = (long)blockIdx.x * kRowWarps + threadIdx.y;
+  if (row >= rows) return;  // warp-uniform
+  const int lane = threadIdx.x;
+  const long o = row * D;
+  const float gate = xi[row], rest = 1.f - xi[row];
+  const float limit = float(kResidualCap);
+  float sum = 0.f;
+  for (int i = lane; i < D; i += kWarp) {
+    const float x = cap(gate * y_att[o + i] + rest * y_glob[o + i], limit);
+    capped[o + i] = x;
+    sum += x;
+  }
+  const float mu = warp_sum(sum) / float(D);
+  float var = 0.f;
+  for (int i = lane; i < D; i += kWarp) {
+    const float d = capped[o + i] - mu;
+    var += d * d;
+  }
+  const float rs = 1.f / sqrtf(warp_sum(var) / float(D) + float(kLayerNormEps));
+  for (int i = lane; i < D; i += kWarp) h_out[o + i] = h[o + i] + ((capped[o + i] - mu) * rs * gain[i] + bias[i]);
+  if (lane == 0) {
+    mean[row] = mu;
+    rstd[row] = rs;
+  }
+}
+
+// One warp per row: dh += dh_out, LN_h backward to dcapped, through cap30 to dz, then the branch gradients.
+__global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, float* dy_glob, float* dxi,
+                                                  const float* dh_out, const float* capped, const float* mean,
+                                                  const float* rstd, const float* y_att, const float* y_glob,
+                                                  const float* xi, const float* gain, bool branch, int rows, int D) {
+  const long row = (long)blockIdx.x * kRowWarps + threadIdx.y;
+  if (row >= rows) return;  // warp-uniform
+  const int lane = threadIdx.x;
+  const long o = row * D;
+  const float mu = mean[row], rs = rstd[row];
+  float mean_g = 0.f, mean_gx = 0.f;
+  if (branch) {
+    // dy·gain is rounded the same way here and below (__fmul_rn is never fused into an FMA), so the
+    // difference dy·gain − mean(dy·gain) is exact where it should vanish (D = 1, constant rows), as on the CPU.
+    for (int i = lane; i < D; i += kWarp) {
+      const float g = __fmul_rn(dh_out[o + i], gain[i]);
+      mean_g += g;
+      mean_gx += g * (capped[o + i] - mu) * rs;
+    }
+    mean_g = warp_sum(mean_g) / float(D);
+    mean_gx = warp_sum(mean_gx) / float(D);
+  }
+  const float gate = xi[row], rest = 1.f - xi[row];
+  const float limit = float(kResidualCap);
+  float dgate = 0.f;
+  for (int i = lane; i < D; i += kWarp) {
+    const float dy = dh_out[o + i];
+    if (dh) dh[o + i] += dy;
+    if (branch) {
+      const float x = capped[o + i];
+      const float xhat = (x - mu) * rs;
+      const float dcapped = rs * (__fmul_rn(dy, gain[i]) - mean_g - xhat * mean_gx);
+      const float t = x / limit;
+      const float dz = dcapped * (1.f - t * t);
+      if (dy_att) dy_att[o + i] += gate * dz;
+      if (dy_glob) dy_glob[o + i] += rest * dz;
+      dgate += dz * (y_att[o + i] - y_glob[o + i]);
+    }
+  }
+  if (branch && dxi) {
+    dgate = warp_sum(dgate);
+    if (lane == 0) dxi[row] += dgate;
+  }
+}
+
+// First stage of dgain, dbias: block (32 columns × 8 row lanes) over one chunk of rows;
+// partial[(chunk·2 + k)·D + d], k = 0: Σ dh_out·x̂, k = 1: Σ dh_out.
+__global__ void residual_mix_params_partial_kernel(float* partial, const float* dh_out, const float* capped,
+                                                   const float* mean, const float* rstd, long rows, int D) {
+  __shared__ float acc_shared[2][kColLanesY][kColTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int d = blockIdx.x * kColTile + tx;
+  const int chunk = blockIdx.y;
+  const long r0 = (long)chunk * kColRowsPerChunk;
+  const long r1 = r0 + kColRowsPerChunk < rows ? r0 + kColRowsPerChunk : rows;
+  float a0 = 0.f, a1 = 0.f;
+  if (d < D) {
+    for (long r = r0 + ty; r < r1; r += kColLanesY) {
+      const float dy = dh_out[r * D + d];
+      a0 += dy * (capped[r * D + d] - mean[r]) * rstd[r];
+      a1 += dy;
+    }
+  }
+  acc_shared[0][ty][tx] = a0;
+  acc_shared[1][ty][tx] = a1;
+  __syncthreads();
+  if (ty < 2 && d < D) {
+    float s = 0.f;
+    for (int y = 0; y < kColLanesY; ++y) s += acc_shared[ty][y][tx];
+    partial[((long)chunk * 2 + ty) * D + d] = s;
+  }
+}
+
+__global__ void residual_mix_params_finish_kernel(float* dgain, float* dbias, const float* partial, int chunks, int D) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= 2 * D) return;
+  const int k = i / D, d = i % D;
+  float s = 0.f;
+  for (int c = 0; c < chunks; ++c) s += partial[((long)c * 2 + k) * D + d];
+  float* out = k == 0 ? dgain : dbias;
+  if (out) out[d] += s;
+}
+
+}  // namespace
+
+// ---- launchers -------------------------------------------------------------------------------------------
+
+void curvature_mix_forward(float* y_att, const float* y_loc, const float* y_lin, const float* c, int rows, int width,
+                           cudaStream_t stream) {
+  const long n = (long)rows * width;
+  if (n <= 0) return;
+  curvature_mix_forward_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(y_att, y_loc, y_lin, c, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t curvature_mix_backward_workspace_floats(int rows, int width) {
+  return size_t(reduce_blocks((long)std::max(rows, 0) * std::max(width, 0)));
+}
+
+void curvature_mix_backward(float* dy_loc, float* dy_lin, float* dc, const float* dy_att, const float* y_loc,
+                            const float* y_lin, const float* c, int rows, int width, float* workspace,
+                            cudaStream_t stream) {
+  const long n = (long)rows * width;
+  if (n <= 0 || !(dy_loc || dy_lin || dc)) return;
+  const int blocks = reduce_blocks(n);
+  float* partial = dc ? workspace : nullptr;
+  curvature_mix_backward_kernel<<<blocks, kReduceThreads, 0, stream>>>(dy_loc, dy_lin, partial, dy_att, y_loc, y_lin,
+                                                                       c, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  if (dc) {
+    curvature_mix_finish_kernel<<<1, kWarp, 0, stream>>>(dc, partial, blocks, c);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void phase7_gate_forward(float* xi, const float* g, const float* s, int rows, cudaStream_t stream) {
+  if (rows <= 0) return;
+  phase7_gate_forward_kernel<<<ceil_div(rows, 256), 256, 0, stream>>>(xi, g, s, rows);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t phase7_gate_backward_workspace_floats(int rows) { return size_t(reduce_blocks(rows)); }
+
+void phase7_gate_backward(float* dg, float* ds, const float* dxi, const float* xi, const float* g, const float* s,
+                          int rows, float* workspace, cudaStream_t stream) {
+  if (rows <= 0 || !(dg || ds)) return;
+  const int blocks = reduce_blocks(rows);
+  float* partial = ds ? workspace : nullptr;
+  phase7_gate_backward_kernel<<<blocks, kReduceThreads, 0, stream>>>(dg, partial, dxi, xi, g, s, rows);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  if (ds) {
+    sum_partials_kernel<<<1, kWarp, 0, stream>>>(ds, partial, blocks);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void residual_mix_forward(float* h_out, const ResidualMixSaved<float>& saved, const float* h, const float* y_att,
+                          const float* y_glob, const float* xi, const float* gain, const float* bias, int rows, int D,
+                          cudaStream_t stream) {
+  if (rows <= 0 || D <= 0) return;
+  residual_mix_forward_kernel<<<ceil_div(rows, kRowWarps), dim3(kWarp, kRowWarps), 0, stream>>>(
+      h_out, saved.capped, saved.mean, saved.rstd, h, y_att, y_glob, xi, gain, bias, rows, D);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t residual_mix_backward_workspace_floats(int rows, int D) {
+  return size_t(column_chunks(std::max(rows, 0))) * 2 * size_t(std::max(D, 0));
+}
+
+void residual_mix_backward(float* dh, float* dy_att, float* dy_glob, float* dxi, float* dgain, float* dbias,
+                           const float* dh_out, const ResidualMixSaved<float>& saved, const float* y_att,
+                           const float* y_glob, const float* xi, const float* gain, int rows, int D, float* workspace,
+                           cudaStream_t stream) {
+  if (rows <= 0 || D <= 0) return;
+  const bool branch = dy_att || dy_glob || dxi;
+  if (dh || branch) {
+    residual_mix_backward_rows_kernel<<<ceil_div(rows, kRowWarps), dim3(kWarp, kRowWarps), 0, stream>>>(
+        dh, dy_att, dy_glob, dxi, dh_out, saved.capped, saved.mean, saved.rstd, y_att, y_glob, xi, gain, branch,
+        rows, D);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+  if (dgain || dbias) {
+    const int chunks = column_chunks(rows);
+    residual_mix_params_partial_kernel<<<dim3(ceil_div(D, kColTile), chunks), dim3(kColTile, kColLanesY), 0,
+                                         stream>>>(workspace, dh_out, saved.capped, saved.mean, saved.rstd, rows, D);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+    residual_mix_params_finish_kernel<<<ceil_div(2L * D, 256), 256, 0, stream>>>(dgain, dbias, workspace, chunks, D);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace muse::cuda

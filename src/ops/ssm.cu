@@ -1,0 +1,469 @@
+// CUDA AR-SSM pieces: causal conv, decayed/prefix scan, rank mask and the elementwise gate/readout steps
+// (see ssm.cuh and docs/kernels/bk_ssm_hybrid.md). fp32 storage and arithmetic.
+#include <algorithm>
+
+#include "common/cuda_check.cuh"
+#include "common/math.h"
+#include "ops/ssm.cuh"
+
+namespace muse::cuda {
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFull = 0xffffffffu;
+constexpr float kMaskSlope = 4.0f;  // as ops/ssm.cpp
+constexpr int kRowWarps = 8;        // warps per block for one-warp-per-row kernels
+constexpr int kMaskMaxBlocks = 256;
+constexpr int kColTile = 32;        // column reductions: 32 columns × kColRowsPerChunk rows per block
+constexpr int kColLanesY = 8;
+constexpr int kColRowsPerChunk = 256;
+constexpr int kScanThreads = 128;
+constexpr int kScanUnroll = 8;
+static_assert(kSsmRankHidden == kWarp, "the rank-mask kernels map MLP_r's hidden units onto the lanes of a warp");
+
+// Rank-mask parameter gradients, in this order: r_w2 [32], r_w1 [32], r_b1 [32], r_b2, w_pi [3], b_pi.
+constexpr int kMaskParams = 3 * kSsmRankHidden + 5;
+
+int ceil_div(long a, long b) { return int((a + b - 1) / b); }
+int column_chunks(long rows) { return std::max(1, ceil_div(rows, kColRowsPerChunk)); }
+int mask_blocks(long rows) { return std::max(1, std::min(ceil_div(rows, kRowWarps * 4), kMaskMaxBlocks)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFull, v, offset);
+  return v;
+}
+
+// ---- causal conv -----------------------------------------------------------------------------------------
+
+__global__ void conv_forward_kernel(float* y, const float* u, const float* taps, int N, int D, long total) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const long row = i / D;
+  const int d = int(i - row * D);
+  const int t = int(row % N);
+  const float w0 = taps[d], w1 = taps[D + d], w2 = taps[2 * D + d];
+  float s;
+  if (t >= 2)
+    s = (w0 * u[i - 2L * D] + w1 * u[i - D]) + w2 * u[i];
+  else if (t == 1)
+    s = w1 * u[i - D] + w2 * u[i];
+  else
+    s = w2 * u[i];
+  y[i] = s;
+}
+
+__global__ void conv_backward_input_kernel(float* du, const float* dy, const float* taps, int N, int D, long total) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const long row = i / D;
+  const int d = int(i - row * D);
+  const int t = int(row % N);
+  float s = taps[2 * D + d] * dy[i];
+  if (t + 1 < N) s += taps[D + d] * dy[i + D];
+  if (t + 2 < N) s += taps[d] * dy[i + 2L * D];
+  du[i] += s;
+}
+
+// First stage of dtaps: block (32 columns × 8 row lanes) over one chunk of rows; partial[(chunk·3 + k)·D + d].
+__global__ void conv_dtaps_partial_kernel(float* partial, const float* dy, const float* u, long rows, int N, int D) {
+  __shared__ float acc_shared[3][kColLanesY][kColTile + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int d = blockIdx.x * kColTile + tx;
+  const int chunk = blockIdx.y;
+  const long r0 = (long)chunk * kColRowsPerChunk;
+  const long r1 = r0 + kColRowsPerChunk < rows ? r0 + kColRowsPerChunk : rows;
+  float a0 = 0.f, a1 = 0.f, a2 = 0.f;
+  if (d < D) {
+    for (long r = r0 + ty; r < r1; r += kColLanesY) {
+      const int t = int(r % N);
+      const long i = r * D + d;
+      const float g = dy[i];
+      a2 += g * u[i];
+      if (t >= 1) a1 += g * u[i - D];
+      if (t >= 2) a0 += g * u[i - 2L * D];
+    }
+  }
+  acc_shared[0][ty][tx] = a0;
+  acc_shared[1][ty][tx] = a1;
+  acc_shared[2][ty][tx] = a2;
+  __syncthreads();
+  if (ty < 3 && d < D) {
+    float s = 0.f;
+    for (int y = 0; y < kColLanesY; ++y) s += acc_shared[ty][y][tx];
+    partial[((long)chunk * 3 + ty) * D + d] = s;
+  }
+}
+
+// Second stage: thread per (k, d) sums the chunks in order.
+__global__ void conv_dtaps_finish_kernel(float* dtaps, const float* partial, int chunks, int D) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= 3 * D) return;
+  const int k = i / D, d = i % D;
+  float s = 0.f;
+  for (int c = 0; c < chunks; ++c) s += partial[((long)c * 3 + k) * D + d];
+  dtaps[i] += s;
+}
+
+// ---- scan ------------------------------------------------------------------------------------------------
+
+// One thread per (b, r), sequential in t; loads are issued kScanUnroll steps ahead of the recurrence.
+__global__ void scan_forward_kernel(float* S, const float* p, const float* ell, int B, int N, int R) {
+  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (long)B * R) return;
+  const long b = idx / R;
+  const int r = int(idx - b * R);
+  const float* pb = p + b * N * R + r;
+  float* Sb = S + b * N * R + r;
+  const float lambda = ell ? sigmoid(ell[r]) : 1.f;
+  const float one_minus = ell ? sigmoid(-ell[r]) : 1.f;
+  float state = 0.f;
+  for (int t0 = 0; t0 < N; t0 += kScanUnroll) {
+    float in[kScanUnroll];
+#pragma unroll
+    for (int j = 0; j < kScanUnroll; ++j) in[j] = t0 + j < N ? pb[(long)(t0 + j) * R] : 0.f;
+#pragma unroll
+    for (int j = 0; j < kScanUnroll; ++j) {
+      const int t = t0 + j;
+      if (t < N) {
+        if (t == 0)
+          state = ell ? one_minus * in[j] : in[j];
+        else if (ell)
+          state = lambda * state + one_minus * in[j];
+        else
+          state = state + in[j];
+        Sb[(long)t * R] = state;
+      }
+    }
+  }
+}
+
+// One thread per (b, r), reverse in t. partial[b·R + r] = Σ_t G_t·(S_{t−1} − p_t) when partial is non-null.
+__global__ void scan_backward_kernel(float* dp, float* partial, const float* dS, const float* S, const float* p,
+                                     const float* ell, int B, int N, int R) {
+  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= (long)B * R) return;
+  const long b = idx / R;
+  const int r = int(idx - b * R);
+  const long base = b * N * R + r;
+  const float lambda = ell ? sigmoid(ell[r]) : 1.f;
+  const float one_minus = ell ? sigmoid(-ell[r]) : 1.f;
+  float G = 0.f, acc = 0.f;
+  // Blocks of kScanUnroll steps, from the end: the loads of a block are issued before its recurrence.
+  for (int t1 = N - 1; t1 >= 0; t1 -= kScanUnroll) {
+    float ds[kScanUnroll], diff[kScanUnroll];
+#pragma unroll
+    for (int j = 0; j < kScanUnroll; ++j) {
+      const int t = t1 - j;
+      const long o = base + (long)t * R;
+      ds[j] = t >= 0 ? dS[o] : 0.f;
+      diff[j] = (partial && t >= 0) ? (t > 0 ? S[o - R] : 0.f) - p[o] : 0.f;  // S_{t−1} − p_t
+    }
+#pragma unroll
+    for (int j = 0; j < kScanUnroll; ++j) {
+      const int t = t1 - j;
+      if (t >= 0) {
+        G = ds[j] + (ell ? lambda * G : G);
+        if (dp) dp[base + (long)t * R] += ell ? one_minus * G : G;
+        acc += G * diff[j];
+      }
+    }
+  }
+  if (partial) partial[idx] = acc;
+}
+
+// dell[r] += λ(1−λ)·Σ_b partial[b·R + r], batches in order.
+__global__ void scan_dell_finish_kernel(float* dell, const float* partial, const float* ell, int B, int R) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= R) return;
+  float s = 0.f;
+  for (int b = 0; b < B; ++b) s += partial[(long)b * R + r];
+  dell[r] += s * sigmoid(ell[r]) * sigmoid(-ell[r]);
+}
+
+// ---- rank mask -------------------------------------------------------------------------------------------
+
+struct MaskParams {
+  const float *r_w1, *r_b1, *r_w2, *r_b2, *w_pi, *b_pi;
+};
+
+MaskParams mask_params(const SsmParams<float>& p) { return {p.r_w1, p.r_b1, p.r_w2, p.r_b2, p.w_pi, p.b_pi}; }
+
+__device__ __forceinline__ float green_factor(const float* F_row, const MaskParams& p) {
+  return sigmoid(p.w_pi[0] * F_row[0] + p.w_pi[1] * F_row[1] + p.w_pi[2] * F_row[2] + p.b_pi[0]);
+}
+
+__global__ void rank_mask_forward_kernel(float* m, const float* delta, const float* F, MaskParams p, int rows,
+                                         int R) {
+  const long row = (long)blockIdx.x * kRowWarps + threadIdx.y;
+  if (row >= rows) return;  // warp-uniform
+  const int k = threadIdx.x;
+  const float h = p.r_w1[k] * delta[row] + p.r_b1[k];
+  const float s = p.r_b2[0] + warp_sum(p.r_w2[k] * gelu(h));
+  const float omega = sigmoid(s) * green_factor(F + 3 * row, p);
+  for (int r = k; r < R; r += kWarp)
+    m[row * R + r] =
+        sigmoid(kMaskSlope * (float(kSsmRankMin) + omega * float(R - kSsmRankMin) - float(r) - 0.5f));
+}
+
+// Warp per row, grid-stride over rows with a grid fixed by rows; the parameter gradients are summed per warp,
+// then over the block's warps in order, into partial[block·kMaskParams + i] (when partial is non-null).
+__global__ void rank_mask_backward_kernel(float* ddelta, float* dF, float* partial, const float* dm, const float* m,
+                                          const float* delta, const float* F, MaskParams p, int rows, int R) {
+  __shared__ float warp_part[kRowWarps][kMaskParams];
+  const int k = threadIdx.x, warp = threadIdx.y;
+  const float w1 = p.r_w1[k], b1 = p.r_b1[k], w2 = p.r_w2[k];
+  float acc_w2 = 0.f, acc_w1 = 0.f, acc_b1 = 0.f, acc_b2 = 0.f, acc_wpi[3] = {0.f, 0.f, 0.f}, acc_bpi = 0.f;
+  for (long row = (long)blockIdx.x * kRowWarps + warp; row < rows; row += (long)gridDim.x * kRowWarps) {
+    float domega = 0.f;
+    for (int r = k; r < R; r += kWarp) {
+      const float mr = m[row * R + r];
+      domega += dm[row * R + r] * mr * (1.f - mr);
+    }
+    domega = warp_sum(domega) * kMaskSlope * float(R - kSsmRankMin);
+    const float d = delta[row];
+    const float h = w1 * d + b1;
+    const float act = gelu(h);
+    const float slope = w2 * gelu_grad(h);
+    const float a = sigmoid(p.r_b2[0] + warp_sum(w2 * act));
+    const float* F_row = F + 3 * row;
+    const float pi = green_factor(F_row, p);
+    const float ds = domega * pi * a * (1.f - a);
+    const float dz = domega * a * pi * (1.f - pi);
+    const float dd = warp_sum(slope * w1);  // every lane must take part
+    if (k == 0) {
+      if (ddelta) ddelta[row] += ds * dd;
+      if (dF)
+        for (int c = 0; c < 3; ++c) dF[3 * row + c] += dz * p.w_pi[c];
+    }
+    const float dh = ds * slope;
+    acc_w2 += ds * act;
+    acc_w1 += dh * d;
+    acc_b1 += dh;
+    acc_b2 += ds;
+    for (int c = 0; c < 3; ++c) acc_wpi[c] += dz * F_row[c];
+    acc_bpi += dz;
+  }
+  if (!partial) return;  // grid-uniform: no thread reaches the barrier below
+  warp_part[warp][k] = acc_w2;
+  warp_part[warp][kSsmRankHidden + k] = acc_w1;
+  warp_part[warp][2 * kSsmRankHidden + k] = acc_b1;
+  if (k == 0) {
+    warp_part[warp][3 * kSsmRankHidden] = acc_b2;
+    for (int c = 0; c < 3; ++c) warp_part[warp][3 * kSsmRankHidden + 1 + c] = acc_wpi[c];
+    warp_part[warp][3 * kSsmRankHidden + 4] = acc_bpi;
+  }
+  __syncthreads();
+  for (int i = warp * kWarp + k; i < kMaskParams; i += kRowWarps * kWarp) {
+    float s = 0.f;
+    for (int w = 0; w < kRowWarps; ++w) s += warp_part[w][i];
+    partial[(long)blockIdx.x * kMaskParams + i] = s;
+  }
+}
+
+// Second stage: thread i sums parameter i over the blocks in order and adds it to its gradient.
+__global__ void rank_mask_finish_kernel(SsmGrads<float> g, const float* partial, int blocks) {
+  const int i = threadIdx.x;
+  if (i >= kMaskParams) return;
+  float s = 0.f;
+  for (int blk = 0; blk < blocks; ++blk) s += partial[(long)blk * kMaskParams + i];
+  constexpr int H = kSsmRankHidden;
+  if (i < H) {
+    if (g.r_w2) g.r_w2[i] += s;
+  } else if (i < 2 * H) {
+    if (g.r_w1) g.r_w1[i - H] += s;
+  } else if (i < 3 * H) {
+    if (g.r_b1) g.r_b1[i - 2 * H] += s;
+  } else if (i == 3 * H) {
+    if (g.r_b2) g.r_b2[0] += s;
+  } else if (i < 3 * H + 4) {
+    if (g.w_pi) g.w_pi[i - 3 * H - 1] += s;
+  } else if (g.b_pi) {
+    g.b_pi[0] += s;
+  }
+}
+
+// ---- elementwise steps -----------------------------------------------------------------------------------
+
+__global__ void relu_forward_kernel(float* x, long n) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) x[i] = x[i] > 0.f ? x[i] : 0.f;
+}
+
+__global__ void relu_backward_kernel(float* d, const float* hidden, long n) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n && !(hidden[i] > 0.f)) d[i] = 0.f;
+}
+
+__device__ __forceinline__ float channel_gate(const float* chi, const float* mask, long i) {
+  return mask ? chi[i] * mask[i] : chi[i];
+}
+
+__global__ void gate_forward_kernel(float* chi, float* scan_in, const float* chi_pre, const float* mask,
+                                    const float* proj_u, long n) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float c = sigmoid(chi_pre[i]);
+  chi[i] = c;
+  scan_in[i] = proj_u[i] * (mask ? c * mask[i] : c);
+}
+
+__global__ void readout_forward_kernel(float* readout, const float* S, const float* proj_v, const float* chi,
+                                       const float* mask, long n) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) readout[i] = S[i] * (proj_v[i] * channel_gate(chi, mask, i));
+}
+
+__global__ void readout_backward_kernel(float* dS, const float* dreadout, const float* proj_v, const float* chi,
+                                        const float* mask, long n) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) dS[i] += dreadout[i] * (proj_v[i] * channel_gate(chi, mask, i));
+}
+
+__global__ void gate_backward_kernel(float* dproj_u, float* dproj_v, float* dchi_pre, float* dm, const float* dscan_in,
+                                     const float* dreadout, const float* S, const float* proj_u, const float* proj_v,
+                                     const float* chi, const float* mask, long n) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const float gate = channel_gate(chi, mask, i);
+  const float dq = dreadout[i] * S[i];
+  const float dgate = dscan_in[i] * proj_u[i] + dq * proj_v[i];
+  if (dproj_u) dproj_u[i] += dscan_in[i] * gate;
+  if (dproj_v) dproj_v[i] += dq * gate;
+  if (dchi_pre) dchi_pre[i] += (mask ? dgate * mask[i] : dgate) * chi[i] * (1.f - chi[i]);
+  if (dm && mask) dm[i] += dgate * chi[i];
+}
+
+int elementwise_blocks(long n) { return ceil_div(n, 256); }
+
+}  // namespace
+
+// ---- launchers -------------------------------------------------------------------------------------------
+
+void ssm_conv_forward(float* y, const float* u, const float* taps, int B, int N, int D, cudaStream_t stream) {
+  const long total = (long)B * N * D;
+  if (total <= 0) return;
+  conv_forward_kernel<<<elementwise_blocks(total), 256, 0, stream>>>(y, u, taps, N, D, total);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t ssm_conv_backward_workspace_floats(int B, int N, int D) {
+  return size_t(column_chunks((long)std::max(B, 0) * std::max(N, 0))) * 3 * size_t(std::max(D, 0));
+}
+
+void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u, const float* taps, int B, int N,
+                       int D, float* workspace, cudaStream_t stream) {
+  const long rows = (long)B * N, total = rows * D;
+  if (total <= 0) return;
+  if (du) {
+    conv_backward_input_kernel<<<elementwise_blocks(total), 256, 0, stream>>>(du, dy, taps, N, D, total);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+  if (dtaps) {
+    const int chunks = column_chunks(rows);
+    conv_dtaps_partial_kernel<<<dim3(ceil_div(D, kColTile), chunks), dim3(kColTile, kColLanesY), 0, stream>>>(
+        workspace, dy, u, rows, N, D);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+    conv_dtaps_finish_kernel<<<ceil_div(3L * D, 256), 256, 0, stream>>>(dtaps, workspace, chunks, D);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void ssm_scan_forward(float* S, const float* p, const float* ell, int B, int N, int R, cudaStream_t stream) {
+  const long lanes = (long)B * R;
+  if (lanes <= 0 || N <= 0) return;
+  scan_forward_kernel<<<ceil_div(lanes, kScanThreads), kScanThreads, 0, stream>>>(S, p, ell, B, N, R);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t ssm_scan_backward_workspace_floats(int B, int R) { return size_t(std::max(B, 0)) * size_t(std::max(R, 0)); }
+
+void ssm_scan_backward(float* dp, float* dell, const float* dS, const float* S, const float* p, const float* ell,
+                       int B, int N, int R, float* workspace, cudaStream_t stream) {
+  const long lanes = (long)B * R;
+  if (lanes <= 0 || N <= 0) return;
+  float* partial = (ell && dell) ? workspace : nullptr;
+  if (!dp && !partial) return;
+  scan_backward_kernel<<<ceil_div(lanes, kScanThreads), kScanThreads, 0, stream>>>(dp, partial, dS, S, p, ell, B, N,
+                                                                                    R);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  if (partial) {
+    scan_dell_finish_kernel<<<ceil_div(R, 128), 128, 0, stream>>>(dell, partial, ell, B, R);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void ssm_rank_mask_forward(float* m, const float* delta, const float* F, const SsmParams<float>& params, int rows,
+                           int R, cudaStream_t stream) {
+  if (rows <= 0 || R <= 0) return;
+  rank_mask_forward_kernel<<<ceil_div(rows, kRowWarps), dim3(kWarp, kRowWarps), 0, stream>>>(
+      m, delta, F, mask_params(params), rows, R);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+size_t ssm_rank_mask_backward_workspace_floats(int rows) { return size_t(mask_blocks(rows)) * kMaskParams; }
+
+void ssm_rank_mask_backward(float* ddelta, float* dF, const SsmGrads<float>& g, const float* dm, const float* m,
+                            const float* delta, const float* F, const SsmParams<float>& params, int rows, int R,
+                            float* workspace, cudaStream_t stream) {
+  if (rows <= 0 || R <= 0) return;
+  const bool want_params = g.r_w1 || g.r_b1 || g.r_w2 || g.r_b2 || g.w_pi || g.b_pi;
+  if (!want_params && !ddelta && !dF) return;
+  const int blocks = mask_blocks(rows);
+  float* partial = want_params ? workspace : nullptr;
+  rank_mask_backward_kernel<<<blocks, dim3(kWarp, kRowWarps), 0, stream>>>(ddelta, dF, partial, dm, m, delta, F,
+                                                                          mask_params(params), rows, R);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  if (want_params) {
+    rank_mask_finish_kernel<<<1, 128, 0, stream>>>(g, partial, blocks);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void ssm_relu_forward(float* x, long n, cudaStream_t stream) {
+  if (n <= 0) return;
+  relu_forward_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(x, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ssm_relu_backward(float* dhidden, const float* hidden, long n, cudaStream_t stream) {
+  if (n <= 0) return;
+  relu_backward_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(dhidden, hidden, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ssm_gate_forward(float* chi, float* scan_in, const float* chi_pre, const float* mask, const float* proj_u,
+                      int rows, int R, cudaStream_t stream) {
+  const long n = (long)rows * R;
+  if (n <= 0) return;
+  gate_forward_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(chi, scan_in, chi_pre, mask, proj_u, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ssm_readout_forward(float* readout, const float* S, const float* proj_v, const float* chi, const float* mask,
+                         int rows, int R, cudaStream_t stream) {
+  const long n = (long)rows * R;
+  if (n <= 0) return;
+  readout_forward_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(readout, S, proj_v, chi, mask, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ssm_readout_backward(float* dS, const float* dreadout, const float* proj_v, const float* chi,
+                          const float* mask, int rows, int R, cudaStream_t stream) {
+  const long n = (long)rows * R;
+  if (n <= 0) return;
+  readout_backward_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(dS, dreadout, proj_v, chi, mask, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void ssm_gate_backward(float* dproj_u, float* dproj_v, float* dchi_pre, float* dm, const float* dscan_in,
+                       const float* dreadout, const float* S, const float* proj_u, const float* proj_v,
+                       const float* chi, const float* mask, int rows, int R, cudaStream_t stream) {
+  const long n = (long)rows * R;
+  if (n <= 0 || !(dproj_u || dproj_v || dchi_pre || dm)) return;
+  gate_backward_kernel<<<elementwise_blocks(n), 256, 0, stream>>>(dproj_u, dproj_v, dchi_pre, dm, dscan_in,
+                                                                  dreadout, S, proj_u, proj_v, chi, mask, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace muse::cuda
