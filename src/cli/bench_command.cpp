@@ -5,14 +5,23 @@
 
 #include "bench/bench.h"
 #include "cli/commands.h"
+#include "data/prepare.h"
+#include "tokenizer/tokenizer_bench.h"
 
 namespace muse::cli {
 
 void add_bench_command(CLI::App& app) {
   auto o = std::make_shared<BenchOptions>();
   auto as_json = std::make_shared<bool>(false);
-  CLI::App* cmd = app.add_subcommand("bench", "Throughput (median tokens/s) and peak memory of forward or train steps");
-  cmd->add_option("--preset,-p", o->preset, "Preset to benchmark")->required();
+  auto tokenizer_spec = std::make_shared<std::string>();
+  auto text_file = std::make_shared<std::string>();
+  CLI::App* cmd = app.add_subcommand("bench", "Throughput (median tokens/s) and peak memory of forward or train steps, "
+                                              "or a tokenizer's encoding speed (--tokenizer)");
+  cmd->add_option("--preset,-p", o->preset, "Preset to benchmark (required unless --tokenizer is given)");
+  cmd->add_option("--tokenizer", *tokenizer_spec,
+                  "Benchmark this tokenizer instead (byte, gpt2, spm:PATH): single-thread encode/decode MB/s on --text");
+  cmd->add_option("--text", *text_file, "Text file for --tokenizer (e.g. the KJV: bible -f Gen1:1-Rev22:21 > kjv.txt)")
+      ->check(CLI::ExistingFile);
   cmd->add_option("--set", o->overrides, "Override a config field (repeatable), e.g. --set arch=gpt --set ffn=dense");
   cmd->add_option("--mode", o->mode, "forward or train")->capture_default_str()->check(CLI::IsMember({"forward", "train"}));
   cmd->add_option("--batch,-b", o->batch, "Batch size")->capture_default_str();
@@ -21,7 +30,25 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--iters", o->iters, "Timed iterations (the median is reported)")->capture_default_str();
   cmd->add_option("--device", o->device, "cpu")->capture_default_str()->check(CLI::IsMember({"cpu"}));
   cmd->add_flag("--json", *as_json, "Print one JSON record");
-  cmd->callback([o, as_json] {
+  cmd->callback([o, as_json, tokenizer_spec, text_file] {
+    if (!tokenizer_spec->empty()) {
+      if (text_file->empty()) throw std::invalid_argument("--tokenizer needs --text FILE to encode");
+      const TokenizerBenchRecord t =
+          bench_tokenizer(*make_tokenizer(*tokenizer_spec), read_corpus_file(*text_file), o->warmup, o->iters);
+      if (*as_json)
+        std::printf("%s\n", nlohmann::json{{"tokenizer", t.tokenizer}, {"text", *text_file}, {"bytes", t.bytes},
+                                           {"tokens", t.tokens}, {"threads", 1}, {"iters", t.iters},
+                                           {"encode_mb_per_s", t.encode_mb_per_s}, {"decode_mb_per_s", t.decode_mb_per_s}}
+                                 .dump()
+                                 .c_str());
+      else
+        std::printf("%s tokenizer on %s (%lld bytes -> %lld tokens, %.2f bytes/token), 1 thread: encode %.2f MB/s, "
+                    "decode %.1f MB/s (median of %d)\n",
+                    t.tokenizer.c_str(), text_file->c_str(), (long long)t.bytes, (long long)t.tokens,
+                    double(t.bytes) / double(t.tokens), t.encode_mb_per_s, t.decode_mb_per_s, t.iters);
+      return;
+    }
+    if (o->preset.empty()) throw std::invalid_argument("--preset is required (or --tokenizer to benchmark a tokenizer)");
     const BenchRecord r = run_bench(*o);
     if (*as_json) {
       nlohmann::json j = {{"preset", r.preset},       {"mode", r.mode},         {"batch", r.batch},

@@ -12,5 +12,6 @@ void add_inspect_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 void add_diagnose_command(CLI::App& app);
+void add_tokenizer_command(CLI::App& app);
 
 }  // namespace muse::cli

@@ -42,6 +42,7 @@ int main(int argc, char** argv) {
   muse::cli::add_bench_command(app);
   muse::cli::add_inspect_command(app);
   muse::cli::add_diagnose_command(app);
+  muse::cli::add_tokenizer_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -15,7 +15,7 @@ void add_prepare_command(CLI::App& app) {
       ->check(CLI::ExistingFile);
   cmd->add_option("--out,-o", options->out_dir, "Output directory (train.bin, val.bin, tokenizer/, meta.json)")
       ->required();
-  cmd->add_option("--tokenizer,-t", *tokenizer_spec, "Tokenizer: byte")->capture_default_str();
+  cmd->add_option("--tokenizer,-t", *tokenizer_spec, "Tokenizer: byte, gpt2 (GPT-2 BPE), gpt2:DIR, spm:MODEL_PATH (SentencePiece), or a saved tokenizer/ folder")->capture_default_str();
   cmd->add_option("--val-fraction", options->val_fraction, "Share of the tokens held out for validation")
       ->capture_default_str();
   cmd->callback([options, tokenizer_spec] {

@@ -1,8 +1,5 @@
 #include "tokenizer/byte_tokenizer.h"
 
-#include <nlohmann/json.hpp>
-
-#include <fstream>
 #include <stdexcept>
 
 namespace muse {
@@ -27,10 +24,6 @@ std::string ByteTokenizer::decode(const std::vector<int32_t>& ids) const {
 
 uint64_t ByteTokenizer::fingerprint() const { return fnv1a64("muse-tokenizer:byte:v1"); }
 
-void ByteTokenizer::save(const std::string& dir) const {
-  std::ofstream out(dir + "/tokenizer.json");
-  out << nlohmann::json{{"kind", "byte"}, {"vocab_size", 256}}.dump(2) << "\n";
-  if (!out) throw std::runtime_error(dir + "/tokenizer.json: write failed");
-}
+void ByteTokenizer::save(const std::string& dir) const { write_tokenizer_json(dir, *this); }
 
 }  // namespace muse
