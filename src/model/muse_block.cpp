@@ -20,11 +20,6 @@ namespace {
 
 constexpr double kCurvatureMin = 0.01, kCurvatureMax = 10.0;
 
-// c = 0.01 + softplus(c_raw), capped at 10 (SPEC §2.1); no hard clamp at the low end.
-template <typename T>
-T curvature(T c_raw) {
-  return std::min(T(kCurvatureMin) + softplus(c_raw), T(kCurvatureMax));
-}
 template <typename T>
 T curvature_grad(T c_raw) {
   return T(kCurvatureMin) + softplus(c_raw) < T(kCurvatureMax) ? sigmoid(c_raw) : T(0);
@@ -47,6 +42,13 @@ const T* at(const T* base, size_t offset) {
 template <typename T>
 T* at(T* base, size_t offset) {
   return offset == kAbsent ? nullptr : base + offset;
+}
+
+}  // namespace
+
+template <typename T>
+T curvature(T c_raw) {
+  return std::min(T(kCurvatureMin) + softplus(c_raw), T(kCurvatureMax));
 }
 
 LocalAttnConfig attn_config(const ModelConfig& c, int B, int N) {
@@ -96,6 +98,8 @@ SsmParams<T> ssm_params(const BlockLayout& b, const T* p) {
   return sp;
 }
 
+namespace {
+
 template <typename T>
 SsmGrads<T> ssm_grads(const BlockLayout& b, T* g) {
   SsmGrads<T> sg;
@@ -118,6 +122,8 @@ SsmGrads<T> ssm_grads(const BlockLayout& b, T* g) {
   return sg;
 }
 
+}  // namespace
+
 SsmConfig ssm_config(const ModelConfig& c, int B, int N) {
   SsmConfig sc;
   sc.B = B;
@@ -133,6 +139,8 @@ template <typename T>
 LowRankFfnParams<T> ffn_params(const BlockLayout& b, const T* p) {
   return {p + b.ffn_v1, p + b.ffn_u1, p + b.ffn_b1, p + b.ffn_v2, p + b.ffn_u2, p + b.ffn_b2};
 }
+
+namespace {
 
 // ---- the gpt baseline block: h += W_o·attn(LN(h)); h += MLP(LN(h)) ---------------------------------
 
@@ -226,8 +234,9 @@ void muse_block_forward(T* h_out, BlockActs<T>& a, const BlockLayout& b, const T
   const T* mixed = a.o_loc.data();
   if (use_linear) {
     resize(a.o_lin, RD), resize(a.zeta, rows * H), resize(a.mixed, RD);
-    linear_attn_forward<T>(a.o_lin.data(), a.zeta.data(), nullptr, nullptr, a.q.data(), a.k.data(), a.v.data(),
-                           gate ? a.mu.data() : nullptr, B, N, D, H);
+    resize(a.lin_S, size_t(B) * H * (D / H) * (D / H)), resize(a.lin_z, size_t(B) * D);
+    linear_attn_forward<T>(a.o_lin.data(), a.zeta.data(), a.lin_S.data(), a.lin_z.data(), a.q.data(), a.k.data(),
+                           a.v.data(), gate ? a.mu.data() : nullptr, B, N, D, H);
     // Without the curvature mix the paths are averaged: α(0.55) = 1/2 exactly.
     const T mix_c = c.curvature_mix ? c_val : T(kCurvatureMixCentre);
     curvature_mix_forward<T>(a.mixed.data(), a.o_loc.data(), a.o_lin.data(), mix_c, int(rows), D);
@@ -371,6 +380,15 @@ void block_backward(T* dh, ModelState<T>& state, BlockActs<T>& acts, const Block
   else
     muse_block_backward(dh, state, acts, layout, params, grads, c);
 }
+
+#define MUSE_BLOCK_PARTS_INSTANTIATE(T)                                                   \
+  template T curvature<T>(T);                                                           \
+  template BkParams<T> bk_params<T>(const BlockLayout&, const T*, const ModelConfig&);  \
+  template SsmParams<T> ssm_params<T>(const BlockLayout&, const T*);                    \
+  template LowRankFfnParams<T> ffn_params<T>(const BlockLayout&, const T*);
+MUSE_BLOCK_PARTS_INSTANTIATE(float)
+MUSE_BLOCK_PARTS_INSTANTIATE(double)
+#undef MUSE_BLOCK_PARTS_INSTANTIATE
 
 template void block_forward<float>(float*, BlockActs<float>&, const BlockLayout&, const float*, const ModelConfig&,
                                    int, int);
