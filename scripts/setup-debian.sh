@@ -8,6 +8,7 @@ packages=(
   libopenblas-openmp-dev libomp-dev
   libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev
+  tmux
   bible-kjv
 )
 
