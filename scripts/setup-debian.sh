@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev
   libcli11-dev nlohmann-json3-dev
   libpcre2-dev libsentencepiece-dev
+  tmux
   bible-kjv
   libgudhi-dev wordnet-base  # persistent homology (header-only; pulls in Boost), WordNet noun pairs
 )

@@ -9,7 +9,10 @@
 #include <stdexcept>
 
 #include "common/rng.h"
+#include "infer/decoder.h"
+#include "infer/generation.h"
 #include "model/model.h"
+#include "ops/htt.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
 
@@ -52,12 +55,89 @@ double forward_flops(const ModelConfig& c, int B, int N) {
   return c.n_layers * per_layer + head;
 }
 
+double decode_flops(const ModelConfig& c, int B, int context) {
+  const double D = c.d_model, H = c.n_heads, dh = D / H, R = c.ssm_rank, W = c.window;
+  double pairs = context + 1;  // keys the new token's query sees
+  if (c.arch != Arch::gpt) pairs = c.attn_mode == AttnMode::sliding ? std::min(pairs, W) : context % c.window + 1;
+  double per_layer = 2 * 4 * D * D + 4 * dh * pairs * H;
+  if (c.arch == Arch::gpt) {
+    per_layer += 2 * 8 * D * D;
+  } else {
+    per_layer += 2 * (D * (D / 4) + (D / 4) * R + 3 * R * D);
+    if (c.arch == Arch::phase8 && c.linear_attn) per_layer += H * 4 * dh * dh;
+    if (c.ffn == FfnKind::lowrank) per_layer += 2 * (c.ffn_rank * D * 2 + c.ffn_rank * 4 * D * 2);
+  }
+  double head = 2 * D * c.padded_vocab();
+  if (c.embedding == EmbeddingKind::htt) {
+    const HttShape s = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
+    head = 2.0 * s.d1 * s.d2 * s.v2 * s.r + 2.0 * s.v1 * s.v2 * s.r * s.d1;
+  }
+  return B * (c.n_layers * per_layer + head);
+}
+
+namespace {
+
+double median_of(std::vector<double> seconds) {
+  std::sort(seconds.begin(), seconds.end());
+  return seconds.size() % 2 ? seconds[seconds.size() / 2]
+                            : 0.5 * (seconds[seconds.size() / 2 - 1] + seconds[seconds.size() / 2]);
+}
+
+// Prefills `batch` streams with random prompts of `context` tokens, then times single decode steps of all
+// streams together.
+BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
+  if (o.context < 1) throw std::invalid_argument("--context must be at least 1");
+  check_generation_length(config, o.context, o.warmup + o.iters);
+  Model<float> model(config);
+  model.init(1);
+  Decoder<float> decoder(model, o.batch);
+  Rng rng(2);
+  std::vector<int32_t> prompt(o.context);
+  for (int s = 0; s < o.batch; ++s) {
+    for (auto& id : prompt) id = int32_t(rng.below(config.vocab_size));
+    decoder.prefill(s, prompt.data(), o.context);
+  }
+  std::vector<int32_t> tokens(o.batch);
+  auto step = [&] {
+    for (auto& id : tokens) id = int32_t(rng.below(config.vocab_size));
+    decoder.step(tokens.data());
+  };
+  for (int i = 0; i < o.warmup; ++i) step();
+  std::vector<double> seconds;
+  for (int i = 0; i < o.iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  const double median = median_of(seconds);
+  BenchRecord r;
+  r.preset = o.preset;
+  r.mode = o.mode;
+  r.device = o.device;
+  r.batch = o.batch;
+  r.seq = o.context;
+  r.context = o.context;
+  r.threads = omp_get_max_threads();
+  r.iters = o.iters;
+  r.median_ms = median * 1e3;
+  r.tokens_per_s = o.batch / median;
+  r.tokens_per_s_per_stream = 1 / median;
+  r.peak_mem_mb = peak_resident_mb();
+  r.gflop_per_iter = decode_flops(config, o.batch, o.context) / 1e9;
+  r.parameters = (long long)model.table().total();
+  return r;
+}
+
+}  // namespace
+
 BenchRecord run_bench(const BenchOptions& o) {
   if (o.device != "cpu") throw std::invalid_argument("--device " + o.device + ": only cpu is available in this build");
-  if (o.mode != "forward" && o.mode != "train")
-    throw std::invalid_argument("--mode " + o.mode + ": expected forward or train");
-  if (o.batch < 1 || o.seq < 1 || o.iters < 1) throw std::invalid_argument("--batch, --seq and --iters must be positive");
+  if (o.mode != "forward" && o.mode != "train" && o.mode != "decode")
+    throw std::invalid_argument("--mode " + o.mode + ": expected forward, train or decode");
+  if (o.batch < 1 || o.seq < 1 || o.iters < 1)
+    throw std::invalid_argument("--batch, --seq and --iters must be positive");
   const ModelConfig config = resolve_model_config(o.preset, "", o.overrides);
+  if (o.mode == "decode") return run_decode_bench(o, config);
   Model<float> model(config);
   model.init(1);
   Rng rng(2);
@@ -83,9 +163,7 @@ BenchRecord run_bench(const BenchOptions& o) {
     iteration();
     seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
   }
-  std::sort(seconds.begin(), seconds.end());
-  const double median = seconds.size() % 2 ? seconds[seconds.size() / 2]
-                                           : 0.5 * (seconds[seconds.size() / 2 - 1] + seconds[seconds.size() / 2]);
+  const double median = median_of(seconds);
   BenchRecord r;
   r.preset = o.preset;
   r.mode = o.mode;

@@ -15,17 +15,25 @@ void add_bench_command(CLI::App& app) {
   auto as_json = std::make_shared<bool>(false);
   auto tokenizer_spec = std::make_shared<std::string>();
   auto text_file = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("bench", "Throughput (median tokens/s) and peak memory of forward or train steps, "
-                                              "or a tokenizer's encoding speed (--tokenizer)");
+  CLI::App* cmd = app.add_subcommand(
+      "bench",
+      "Throughput (median tokens/s) and peak memory of forward passes, train steps or decode steps, or a\n"
+      "tokenizer's encoding speed (--tokenizer). --mode decode prefills --batch streams with --context random\n"
+      "tokens each, then times single recurrent decode steps of all streams together: tokens/s in total and\n"
+      "per stream.");
   cmd->add_option("--preset,-p", o->preset, "Preset to benchmark (required unless --tokenizer is given)");
   cmd->add_option("--tokenizer", *tokenizer_spec,
                   "Benchmark this tokenizer instead (byte, gpt2, spm:PATH): single-thread encode/decode MB/s on --text");
   cmd->add_option("--text", *text_file, "Text file for --tokenizer (e.g. the KJV: bible -f Gen1:1-Rev22:21 > kjv.txt)")
       ->check(CLI::ExistingFile);
   cmd->add_option("--set", o->overrides, "Override a config field (repeatable), e.g. --set arch=gpt --set ffn=dense");
-  cmd->add_option("--mode", o->mode, "forward or train")->capture_default_str()->check(CLI::IsMember({"forward", "train"}));
-  cmd->add_option("--batch,-b", o->batch, "Batch size")->capture_default_str();
-  cmd->add_option("--seq,-n", o->seq, "Sequence length")->capture_default_str();
+  cmd->add_option("--mode", o->mode, "forward, train or decode")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"forward", "train", "decode"}));
+  cmd->add_option("--batch,-b", o->batch, "Batch size (decode: streams decoded together)")->capture_default_str();
+  cmd->add_option("--seq,-n", o->seq, "Sequence length (forward, train)")->capture_default_str();
+  cmd->add_option("--context", o->context, "Decode: prompt tokens per stream before the timed steps")
+      ->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "Untimed iterations first")->capture_default_str();
   cmd->add_option("--iters", o->iters, "Timed iterations (the median is reported)")->capture_default_str();
   cmd->add_option("--device", o->device, "cpu")->capture_default_str()->check(CLI::IsMember({"cpu"}));
@@ -56,7 +64,17 @@ void add_bench_command(CLI::App& app) {
                           {"tokens_per_s", r.tokens_per_s}, {"median_ms", r.median_ms}, {"peak_mem_mb", r.peak_mem_mb},
                           {"gflop_per_iter", r.gflop_per_iter}, {"gflop_per_s", r.gflop_per_iter / (r.median_ms / 1e3)},
                           {"parameters", r.parameters}, {"iters", r.iters}};
+      if (r.mode == "decode") {
+        j["tokens_per_s_per_stream"] = r.tokens_per_s_per_stream;
+        j["context"] = r.context;
+      }
       std::printf("%s\n", j.dump().c_str());
+    } else if (r.mode == "decode") {
+      std::printf("%s decode B=%d context=%d on %s (%d threads): %.1f tokens/s total, %.1f tokens/s per stream, "
+                  "%.2f ms/step (median of %d), peak %.0f MiB, %.2f GFLOP/s\n",
+                  r.preset.c_str(), r.batch, r.context, r.device.c_str(), r.threads, r.tokens_per_s,
+                  r.tokens_per_s_per_stream, r.median_ms, r.iters, r.peak_mem_mb,
+                  r.gflop_per_iter / (r.median_ms / 1e3));
     } else {
       std::printf("%s %s B=%d N=%d on %s (%d threads): %.0f tokens/s, %.2f ms/iter (median of %d), peak %.0f MiB, "
                   "%.2f GFLOP/s\n",

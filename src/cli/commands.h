@@ -10,6 +10,7 @@ void add_train_command(CLI::App& app);
 void add_eval_command(CLI::App& app);
 void add_inspect_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
+void add_chat_command(CLI::App& app);
 void add_bench_command(CLI::App& app);
 void add_diagnose_command(CLI::App& app);
 void add_tokenizer_command(CLI::App& app);

@@ -39,6 +39,7 @@ int main(int argc, char** argv) {
   muse::cli::add_train_command(app);
   muse::cli::add_eval_command(app);
   muse::cli::add_generate_command(app);
+  muse::cli::add_chat_command(app);
   muse::cli::add_bench_command(app);
   muse::cli::add_inspect_command(app);
   muse::cli::add_diagnose_command(app);

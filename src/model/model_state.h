@@ -17,6 +17,7 @@ struct BlockActs {
   std::vector<T> mu, log_mu;                  // key gate [rows, H]
   std::vector<T> o_loc, lse;                  // local (or gpt causal) attention output, softmax statistics
   std::vector<T> o_lin, zeta;                 // linear attention output and denominators
+  std::vector<T> lin_S, lin_z;                // linear attention state after the last position (decode hand-over)
   std::vector<T> mixed;                       // attention output before W_o
   std::vector<T> y_att, y_glob;               // the two branches [rows, D]
   SsmSaved<T> ssm_saved;                      // AR-SSM activations

@@ -37,6 +37,8 @@ T* at(T* base, size_t offset) {
   return offset == kAbsent ? nullptr : base + offset;
 }
 
+}  // namespace
+
 LocalAttnConfig attn_config(const ModelConfig& c, int B, int N) {
   LocalAttnConfig cfg;
   cfg.B = B;
@@ -84,6 +86,8 @@ SsmParams<T> ssm_params(const BlockLayout& b, const T* p) {
   return sp;
 }
 
+namespace {
+
 template <typename T>
 SsmGrads<T> ssm_grads(const BlockLayout& b, T* g) {
   SsmGrads<T> sg;
@@ -106,6 +110,8 @@ SsmGrads<T> ssm_grads(const BlockLayout& b, T* g) {
   return sg;
 }
 
+}  // namespace
+
 SsmConfig ssm_config(const ModelConfig& c, int B, int N) {
   SsmConfig sc;
   sc.B = B;
@@ -121,6 +127,8 @@ template <typename T>
 LowRankFfnParams<T> ffn_params(const BlockLayout& b, const T* p) {
   return {p + b.ffn_v1, p + b.ffn_u1, p + b.ffn_b1, p + b.ffn_v2, p + b.ffn_u2, p + b.ffn_b2};
 }
+
+namespace {
 
 // ---- the gpt baseline block: h += W_o·attn(LN(h)); h += MLP(LN(h)) ---------------------------------
 
@@ -214,8 +222,9 @@ void muse_block_forward(T* h_out, BlockActs<T>& a, const BlockLayout& b, const T
   const T* mixed = a.o_loc.data();
   if (use_linear) {
     resize(a.o_lin, RD), resize(a.zeta, rows * H), resize(a.mixed, RD);
-    linear_attn_forward<T>(a.o_lin.data(), a.zeta.data(), nullptr, nullptr, a.q.data(), a.k.data(), a.v.data(),
-                           gate ? a.mu.data() : nullptr, B, N, D, H);
+    resize(a.lin_S, size_t(B) * H * (D / H) * (D / H)), resize(a.lin_z, size_t(B) * D);
+    linear_attn_forward<T>(a.o_lin.data(), a.zeta.data(), a.lin_S.data(), a.lin_z.data(), a.q.data(), a.k.data(),
+                           a.v.data(), gate ? a.mu.data() : nullptr, B, N, D, H);
     // Without the curvature mix the paths are averaged: α(0.55) = 1/2 exactly.
     const T mix_c = c.curvature_mix ? c_val : T(kCurvatureMixCentre);
     curvature_mix_forward<T>(a.mixed.data(), a.o_loc.data(), a.o_lin.data(), mix_c, int(rows), D);
@@ -359,6 +368,14 @@ void block_backward(T* dh, ModelState<T>& state, BlockActs<T>& acts, const Block
   else
     muse_block_backward(dh, state, acts, layout, params, grads, c);
 }
+
+#define MUSE_BLOCK_PARTS_INSTANTIATE(T)                                                   \
+  template BkParams<T> bk_params<T>(const BlockLayout&, const T*, const ModelConfig&);  \
+  template SsmParams<T> ssm_params<T>(const BlockLayout&, const T*);                    \
+  template LowRankFfnParams<T> ffn_params<T>(const BlockLayout&, const T*);
+MUSE_BLOCK_PARTS_INSTANTIATE(float)
+MUSE_BLOCK_PARTS_INSTANTIATE(double)
+#undef MUSE_BLOCK_PARTS_INSTANTIATE
 
 template void block_forward<float>(float*, BlockActs<float>&, const BlockLayout&, const float*, const ModelConfig&,
                                    int, int);

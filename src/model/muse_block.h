@@ -1,12 +1,16 @@
 // One block of the model (SPEC §2.8): the Phase 7 / Phase 8 MUSE block or the `arch = gpt` baseline,
 // forward and backward, and the embedding/head pieces the model wraps around the blocks. Internal to
-// model/*.cpp: these work on the model's activations (model_state.h).
+// model/*.cpp and the decoder: these work on the model's activations (model_state.h).
 #pragma once
 #include <algorithm>
 
 #include "common/math.h"
 #include "model/config.h"
 #include "model/model_state.h"
+#include "ops/bk.h"
+#include "ops/ffn.h"
+#include "ops/local_attn.h"
+#include "ops/ssm.h"
 
 namespace muse {
 
@@ -21,6 +25,16 @@ template <typename T>
 T curvature_grad(T c_raw) {
   return T(kCurvatureMin) + softplus(c_raw) < T(kCurvatureMax) ? sigmoid(c_raw) : T(0);
 }
+// The pieces of a block's configuration that the forward and the recurrent decoder (infer/decoder.h)
+// share, so both read the parameters the same way.
+LocalAttnConfig attn_config(const ModelConfig& c, int B, int N);
+SsmConfig ssm_config(const ModelConfig& c, int B, int N);
+template <typename T>
+BkParams<T> bk_params(const BlockLayout& b, const T* p, const ModelConfig& c);
+template <typename T>
+SsmParams<T> ssm_params(const BlockLayout& b, const T* p);
+template <typename T>
+LowRankFfnParams<T> ffn_params(const BlockLayout& b, const T* p);
 
 // h_out [B·N, D] = block(acts.h_in), keeping the activations in acts.
 template <typename T>

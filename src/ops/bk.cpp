@@ -283,6 +283,39 @@ void bk_layer_backward(T* du, const BkGrads<T>& grads, const T* dg, const T* dF,
 
 // ---------------------------------------------------------------------------------------------
 template <typename T>
+void bk_decode_prefill(T* g_prev, T* prev_half, const T* u, const T* g, const BkParams<T>& params, bool hopping, int N,
+                       int D) {
+  const long last = N - 1;
+  g_prev[0] = g[2 * last];
+  g_prev[1] = g[2 * last + 1];
+  // w_J viewed as [2, D]: its first row is w_J,prev.
+  if (hopping) linear_forward(prev_half, u + last * D, params.w_J, static_cast<const T*>(nullptr), 1, D, 1);
+}
+
+template <typename T>
+void bk_decode_step(T* g, T* F, T* g_prev, T* prev_half, const T* u, const BkParams<T>& params, bool hopping, int B,
+                    int D) {
+  std::vector<T> v(B), halves(hopping ? 2L * B : 0);
+  linear_forward(v.data(), u, params.w_v, params.b_v, B, D, 1);
+  if (hopping) linear_forward(halves.data(), u, params.w_J, static_cast<const T*>(nullptr), B, D, 2);
+  const T eta = eta_of(*params.eps_p);
+  const Complex<T> z(hopping ? *params.E0 : T(0), eta);
+  for (int b = 0; b < B; ++b) {
+    Complex<T> denominator = (T(1) + cap(v[b], T(kPotentialCap))) - z;
+    if (hopping) {
+      const T J = params.j_max * std::tanh(halves[2L * b + 1] + *params.b_J + prev_half[b]);
+      denominator -= (J * J) * load(g_prev, b);
+      prev_half[b] = halves[2L * b];
+    }
+    const Complex<T> gb = reciprocal(denominator);
+    store(g, b, gb);
+    store(g_prev, b, gb);
+  }
+  bk_features_forward(F, g, eta, B);
+}
+
+// ---------------------------------------------------------------------------------------------
+template <typename T>
 void bk_gate_forward(T* out, const T* F, const T* W, const T* b, int rows, int k) {
 #pragma omp parallel for schedule(static)
   for (int r = 0; r < rows; ++r) {
@@ -327,6 +360,8 @@ void bk_gate_backward(T* dF, T* dW, T* db, const T* dout, const T* out, const T*
                                     int);                                                                        \
   template void bk_layer_backward<T>(T*, const BkGrads<T>&, const T*, const T*, const T*, const T*,             \
                                      const BkSaved<T>&, const BkParams<T>&, bool, int, int, int);               \
+  template void bk_decode_prefill<T>(T*, T*, const T*, const T*, const BkParams<T>&, bool, int, int);            \
+  template void bk_decode_step<T>(T*, T*, T*, T*, const T*, const BkParams<T>&, bool, int, int);                 \
   template void bk_gate_forward<T>(T*, const T*, const T*, const T*, int, int);                                  \
   template void bk_gate_backward<T>(T*, T*, T*, const T*, const T*, const T*, const T*, int, int);
 

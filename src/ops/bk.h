@@ -118,6 +118,23 @@ void bk_layer_backward(T* du, const BkGrads<T>& grads, const T* dg, const T* dF,
                        const BkSaved<T>& saved, const BkParams<T>& params, bool hopping, int B, int N, int D);
 
 // ---------------------------------------------------------------------------------------------
+// Recurrent decode (SPEC §4). Per sequence the layer carries g_prev = g_{t−1} [2] and, with hopping,
+// prev_half = w_J,prev·u_{t−1} (the half of J_t's pre-activation that belongs to the previous row); both
+// are zero before the first token, which reproduces the forward's t = 0 case exactly.
+
+// The state after a parallel bk_layer_forward over one sequence u [N, D] with output g [N, 2] (N ≥ 1):
+// g_prev [2] and prev_half [1] (prev_half may be null without hopping).
+template <typename T>
+void bk_decode_prefill(T* g_prev, T* prev_half, const T* u, const T* g, const BkParams<T>& params, bool hopping, int N,
+                       int D);
+
+// One token for each of B sequences: g [B, 2] and F [B, 3] from u [B, D], with the same arithmetic as a
+// row of bk_layer_forward; advances g_prev [B, 2] and prev_half [B] (null without hopping) in place.
+template <typename T>
+void bk_decode_step(T* g, T* F, T* g_prev, T* prev_half, const T* u, const BkParams<T>& params, bool hopping, int B,
+                    int D);
+
+// ---------------------------------------------------------------------------------------------
 // Feature gate: out[r, j] = σ(W_j·F_r + b_j), F [rows, 3], W [k, 3], b [k], out [rows, k].
 // The key gate μ (k = H), the hybrid gate ξ (k = 1) and the SSM physics gate (k = 1) of §2.6–§2.8.
 template <typename T>

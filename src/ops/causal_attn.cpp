@@ -87,6 +87,34 @@ void causal_attn_backward(T* dq, T* dk, T* dv, const T* do_, const T* q, const T
     }
 }
 
+template <typename T>
+void causal_attn_decode_step(T* o, const T* q, const T* keys, const T* values, int n, int H, int D, bool alibi) {
+  const int dh = D / H;
+  const T scale = T(1) / std::sqrt(T(dh));
+  std::vector<T> s(n);
+  for (int h = 0; h < H; ++h) {
+    const T slope = alibi ? T(local_attn_alibi_slope(h, H)) : T(0);
+    const T* qh = q + h * dh;
+    T max = -std::numeric_limits<T>::infinity();
+    for (int j = 0; j < n; ++j) {
+      const T* kj = keys + (long)j * D + h * dh;
+      T dot = 0;
+      for (int d = 0; d < dh; ++d) dot += qh[d] * kj[d];
+      s[j] = dot * scale - slope * T(n - 1 - j);
+      if (s[j] > max) max = s[j];
+    }
+    T sum = 0;
+    for (int j = 0; j < n; ++j) sum += std::exp(s[j] - max);
+    T* oh = o + h * dh;
+    for (int d = 0; d < dh; ++d) oh[d] = 0;
+    for (int j = 0; j < n; ++j) {
+      const T p = std::exp(s[j] - max) / sum;
+      const T* vj = values + (long)j * D + h * dh;
+      for (int d = 0; d < dh; ++d) oh[d] += p * vj[d];
+    }
+  }
+}
+
 template void causal_attn_forward<float>(float*, float*, const float*, const float*, const float*, int, int, int, int,
                                          bool);
 template void causal_attn_forward<double>(double*, double*, const double*, const double*, const double*, int, int, int,
@@ -95,5 +123,8 @@ template void causal_attn_backward<float>(float*, float*, float*, const float*, 
                                           const float*, const float*, const float*, int, int, int, int, bool);
 template void causal_attn_backward<double>(double*, double*, double*, const double*, const double*, const double*,
                                            const double*, const double*, const double*, int, int, int, int, bool);
+template void causal_attn_decode_step<float>(float*, const float*, const float*, const float*, int, int, int, bool);
+template void causal_attn_decode_step<double>(double*, const double*, const double*, const double*, int, int, int,
+                                              bool);
 
 }  // namespace muse

@@ -16,4 +16,10 @@ template <typename T>
 void causal_attn_backward(T* dq, T* dk, T* dv, const T* do_, const T* q, const T* k, const T* v, const T* o,
                           const T* lse, int B, int N, int H, int D, bool alibi);
 
+// Recurrent decode (SPEC §4) of one sequence: o [D] for the query q [D] of position n − 1 against the
+// KV cache keys, values [n, D] of positions 0 … n − 1 (its own key included), with the forward's
+// arithmetic. The cache grows with the context: this is the baseline's cost, not an O(1) step.
+template <typename T>
+void causal_attn_decode_step(T* o, const T* q, const T* keys, const T* values, int n, int H, int D, bool alibi);
+
 }  // namespace muse

@@ -65,6 +65,23 @@ void normalize_rows_backward(T* dx, const T* dhat, const T* hat, const T* norm, 
   }
 }
 
+// E[v] into row [D], through tile [d1·d2], the outer-product sum before the crop to D.
+template <typename T>
+void embedding_row(T* row, T* tile, int v, const T* A_hat, const T* B_hat, const T* c, const HttShape& s) {
+  const int i = v / s.v2, u = v % s.v2;
+  std::fill(tile, tile + long(s.d1) * s.d2, T(0));
+  for (int rank = 0; rank < s.r; ++rank) {
+    const T* a = A_hat + (long(i) * s.r + rank) * s.d1;
+    const T* b = B_hat + (long(u) * s.r + rank) * s.d2;
+    for (int p = 0; p < s.d1; ++p) {
+      const T ca = c[rank] * a[p];
+      T* t = tile + p * s.d2;
+      for (int q = 0; q < s.d2; ++q) t[q] += ca * b[q];
+    }
+  }
+  std::copy(tile, tile + s.D, row);
+}
+
 }  // namespace
 
 HttShape htt_shape(int V, int D, int r) {
@@ -98,22 +115,9 @@ void htt_materialize_forward(T* E, T* A_hat, T* A_norm, T* B_hat, T* B_norm, con
   const bool parallel = long(s.V) * s.D * s.r >= kParallelWork;
 #pragma omp parallel if (parallel)
   {
-    std::vector<T> tile(size_t(s.d1) * s.d2);  // the d1×d2 outer-product sum before the crop to D
+    std::vector<T> tile(size_t(s.d1) * s.d2);
 #pragma omp for schedule(static)
-    for (int v = 0; v < s.V; ++v) {
-      const int i = v / s.v2, u = v % s.v2;
-      std::fill(tile.begin(), tile.end(), T(0));
-      for (int rank = 0; rank < s.r; ++rank) {
-        const T* a = A_hat + (long(i) * s.r + rank) * s.d1;
-        const T* b = B_hat + (long(u) * s.r + rank) * s.d2;
-        for (int p = 0; p < s.d1; ++p) {
-          const T ca = c[rank] * a[p];
-          T* t = tile.data() + p * s.d2;
-          for (int q = 0; q < s.d2; ++q) t[q] += ca * b[q];
-        }
-      }
-      std::copy(tile.begin(), tile.begin() + s.D, E + long(v) * s.D);
-    }
+    for (int v = 0; v < s.V; ++v) embedding_row(E + long(v) * s.D, tile.data(), v, A_hat, B_hat, c.data(), s);
   }
   std::fill(E + long(s.V) * s.D, E + long(s.Vp) * s.D, T(0));
 }
@@ -193,6 +197,18 @@ void htt_materialize_backward(T* dA, T* dB, T* dtheta, const T* dE, const T* A_h
 }
 
 template <typename T>
+void htt_embedding_rows(T* x, const int32_t* ids, int n, const T* A_hat, const T* B_hat, const T* theta,
+                        const HttShape& s) {
+  const std::vector<T> c = phase_gains(theta, s.r);
+#pragma omp parallel if (long(n) * s.D * s.r >= kParallelWork)
+  {
+    std::vector<T> tile(size_t(s.d1) * s.d2);
+#pragma omp for schedule(static)
+    for (int t = 0; t < n; ++t) embedding_row(x + long(t) * s.D, tile.data(), ids[t], A_hat, B_hat, c.data(), s);
+  }
+}
+
+template <typename T>
 void embedding_lookup_forward(T* x, const T* E, const int32_t* ids, int n, int D) {
 #pragma omp parallel for schedule(static) if (long(n) * D >= kParallelWork)
   for (int t = 0; t < n; ++t) std::copy(E + long(ids[t]) * D, E + long(ids[t]) * D + D, x + long(t) * D);
@@ -252,6 +268,10 @@ template void htt_materialize_backward<float>(float*, float*, float*, const floa
 template void htt_materialize_backward<double>(double*, double*, double*, const double*, const double*,
                                                const double*, const double*, const double*, const double*,
                                                const HttShape&);
+template void htt_embedding_rows<float>(float*, const int32_t*, int, const float*, const float*, const float*,
+                                        const HttShape&);
+template void htt_embedding_rows<double>(double*, const int32_t*, int, const double*, const double*, const double*,
+                                         const HttShape&);
 template void embedding_lookup_forward<float>(float*, const float*, const int32_t*, int, int);
 template void embedding_lookup_forward<double>(double*, const double*, const int32_t*, int, int);
 template void embedding_lookup_backward<float>(float*, const float*, const int32_t*, int, int);

@@ -54,6 +54,13 @@ template <typename T>
 void htt_materialize_backward(T* dA, T* dB, T* dtheta, const T* dE, const T* A_hat, const T* A_norm,
                               const T* B_hat, const T* B_norm, const T* theta, const HttShape& shape);
 
+// x[n, D] = E[ids[n]] computed from the normalised cores (htt_normalize_cores) without materialising E:
+// r·d1·d2 multiply-adds per token, with the same arithmetic as htt_materialize_forward's rows. Decode and
+// prefill use it so E never needs to be held. ids must lie in [0, V).
+template <typename T>
+void htt_embedding_rows(T* x, const int32_t* ids, int n, const T* A_hat, const T* B_hat, const T* theta,
+                        const HttShape& shape);
+
 // x[n, D] = E[ids[n]]. Serves the dense embedding table as well. ids must lie in [0, V) (the model checks).
 template <typename T>
 void embedding_lookup_forward(T* x, const T* E, const int32_t* ids, int n, int D);

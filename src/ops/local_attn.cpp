@@ -166,6 +166,95 @@ void local_attn_backward(T* dq, T* dk, T* dv, T* dc, T* dbeta, T* dlog_mu, const
   }
 }
 
+// ---- recurrent decode ---------------------------------------------------------------------------------
+
+template <typename T>
+void local_attn_decode_reset(LocalAttnDecodeState<T>& state, const LocalAttnConfig& cfg, bool gated) {
+  validate(cfg);
+  state.count = 0;
+  state.start = 0;
+  state.keys.assign((size_t)cfg.window * cfg.D, T(0));
+  state.values.assign((size_t)cfg.window * cfg.D, T(0));
+  state.key_norms.assign((size_t)cfg.window * cfg.H, TangentNorm<T>{});
+  state.log_mu.assign(gated ? (size_t)cfg.window * cfg.H : 0, T(0));
+}
+
+template <typename T>
+void local_attn_decode_push(LocalAttnDecodeState<T>& state, const T* k, const T* v, const T* log_mu, T c,
+                            int position, const LocalAttnConfig& cfg) {
+  const int W = cfg.window, D = cfg.D, H = cfg.H, dh = D / H;
+  if (!cfg.sliding && position % W == 0) state.count = state.start = 0;
+  int slot;
+  if (state.count == W) {
+    slot = state.start;
+    state.start = (state.start + 1) % W;
+  } else {
+    slot = (state.start + state.count) % W;
+    ++state.count;
+  }
+  std::copy(k, k + D, state.keys.begin() + (long)slot * D);
+  std::copy(v, v + D, state.values.begin() + (long)slot * D);
+  const T sqrt_c = std::sqrt(c);
+  for (int h = 0; h < H; ++h) state.key_norms[(long)slot * H + h] = tangent_norm(k + h * dh, dh, sqrt_c);
+  if (!state.log_mu.empty()) std::copy(log_mu, log_mu + H, state.log_mu.begin() + (long)slot * H);
+}
+
+template <typename T>
+void local_attn_decode_prefill(LocalAttnDecodeState<T>& state, const T* k, const T* v, const T* log_mu, T c, int N,
+                               const LocalAttnConfig& cfg) {
+  for (int t = std::max(0, N - cfg.window); t < N; ++t)
+    local_attn_decode_push(state, k + (long)t * cfg.D, v + (long)t * cfg.D, log_mu ? log_mu + (long)t * cfg.H : nullptr,
+                           c, t, cfg);
+}
+
+template <typename T>
+void local_attn_decode_step(T* o, const LocalAttnDecodeState<T>& state, const T* q, T c, const T* beta,
+                            const LocalAttnConfig& cfg) {
+  const int D = cfg.D, H = cfg.H, dh = D / H, W = cfg.window, n = state.count;
+  const T sqrt_c = std::sqrt(c);
+  std::vector<T> scores(n);
+  for (int h = 0; h < H; ++h) {
+    const T* qh = q + h * dh;
+    const TangentNorm<T> q_norm = tangent_norm(qh, dh, sqrt_c);
+    const T temperature = softplus(beta[h]);
+    const T slope = cfg.alibi ? T(local_attn_alibi_slope(h, H)) : T(0);
+    // Key m (0 = oldest) sits n − 1 − m positions before the query; visiting the keys oldest first keeps
+    // the forward's summation order.
+    T max_score = -std::numeric_limits<T>::infinity();
+    for (int m = 0; m < n; ++m) {
+      const int slot = (state.start + m) % W;
+      const T* kh = state.keys.data() + (long)slot * D + h * dh;
+      const T rho = scaled_distance(q_norm, state.key_norms[(long)slot * H + h], dot_product(qh, kh, dh));
+      T s = -temperature * rho / sqrt_c - slope * T(n - 1 - m);
+      if (!state.log_mu.empty()) s += state.log_mu[(long)slot * H + h];
+      scores[m] = s;
+      max_score = std::max(max_score, s);
+    }
+    T* oh = o + h * dh;
+    std::fill(oh, oh + dh, T(0));
+    T sum = 0;
+    for (int m = 0; m < n; ++m) {
+      const T p = std::exp(scores[m] - max_score);
+      sum += p;
+      const T* vh = state.values.data() + (long)((state.start + m) % W) * D + h * dh;
+      for (int e = 0; e < dh; ++e) oh[e] += p * vh[e];
+    }
+    for (int e = 0; e < dh; ++e) oh[e] /= sum;
+  }
+}
+
+#define MUSE_LOCAL_ATTN_DECODE_INSTANTIATE(T)                                                                   \
+  template void local_attn_decode_reset<T>(LocalAttnDecodeState<T>&, const LocalAttnConfig&, bool);             \
+  template void local_attn_decode_push<T>(LocalAttnDecodeState<T>&, const T*, const T*, const T*, T, int,      \
+                                          const LocalAttnConfig&);                                             \
+  template void local_attn_decode_prefill<T>(LocalAttnDecodeState<T>&, const T*, const T*, const T*, T, int,   \
+                                             const LocalAttnConfig&);                                          \
+  template void local_attn_decode_step<T>(T*, const LocalAttnDecodeState<T>&, const T*, T, const T*,           \
+                                          const LocalAttnConfig&);
+MUSE_LOCAL_ATTN_DECODE_INSTANTIATE(float)
+MUSE_LOCAL_ATTN_DECODE_INSTANTIATE(double)
+#undef MUSE_LOCAL_ATTN_DECODE_INSTANTIATE
+
 template void local_attn_forward<float>(float*, float*, const float*, const float*, const float*, float,
                                         const float*, const float*, const LocalAttnConfig&);
 template void local_attn_forward<double>(double*, double*, const double*, const double*, const double*, double,

@@ -15,6 +15,9 @@
 // The forward saves the log-sum-exp of each query's scores; the backward recomputes scores and
 // probabilities from it instead of storing N×W matrices. Work is O(B·N·W·D), parallel over (b, h).
 #pragma once
+#include <vector>
+
+#include "ops/poincare.h"
 
 namespace muse {
 
@@ -48,5 +51,42 @@ template <typename T>
 void local_attn_backward(T* dq, T* dk, T* dv, T* dc, T* dbeta, T* dlog_mu, const T* d_o, const T* o, const T* lse,
                          const T* q, const T* k, const T* v, T c, const T* beta, const T* log_mu,
                          const LocalAttnConfig& cfg);
+
+// ---- recurrent decode (SPEC §4) ----------------------------------------------------------------------
+// The keys the next query of one sequence can see: a ring buffer of the last W tangent keys and values
+// with, per cached key and head, its TangentNorm (√c‖k‖, ln sinh 2a, …) and log μ, so a decode step
+// costs one dot product and the pair terms of the distance per key. In block mode the buffer holds the
+// current block only and is emptied at each block boundary. cfg.B and cfg.N are ignored by the decode
+// functions; c must be the curvature the keys were pushed with.
+template <typename T>
+struct LocalAttnDecodeState {
+  int count = 0;                          // keys held (≤ W)
+  int start = 0;                          // slot of the oldest key
+  std::vector<T> keys, values;            // [W, D]
+  std::vector<TangentNorm<T>> key_norms;  // [W, H]
+  std::vector<T> log_mu;                  // [W, H]; empty without the key gate
+};
+
+// An empty buffer for cfg.window keys of width cfg.D (with room for log μ when gated).
+template <typename T>
+void local_attn_decode_reset(LocalAttnDecodeState<T>& state, const LocalAttnConfig& cfg, bool gated);
+
+// Adds the key and value [D] of `position` (and its log μ [H] when gated; null otherwise). In block mode a
+// position on a block boundary empties the buffer first; a full buffer drops its oldest key.
+template <typename T>
+void local_attn_decode_push(LocalAttnDecodeState<T>& state, const T* k, const T* v, const T* log_mu, T c,
+                            int position, const LocalAttnConfig& cfg);
+
+// The prefill hand-over: pushes the keys of positions max(0, N − W) … N − 1 of one sequence's k, v [N, D]
+// and log_mu [N, H] (null: no gate), the only ones position N and later can attend to.
+template <typename T>
+void local_attn_decode_prefill(LocalAttnDecodeState<T>& state, const T* k, const T* v, const T* log_mu, T c, int N,
+                               const LocalAttnConfig& cfg);
+
+// o [D] for the query q [D] of the newest pushed position against every key in the buffer: the same
+// scores, softmax and value sum, in the same key order, as local_attn_forward's row for that position.
+template <typename T>
+void local_attn_decode_step(T* o, const LocalAttnDecodeState<T>& state, const T* q, T c, const T* beta,
+                            const LocalAttnConfig& cfg);
 
 }  // namespace muse

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "infer/chat_template.h"
 #include "io/safetensors.h"
 
 namespace muse {
@@ -83,7 +84,7 @@ void write_checkpoint(const std::string& dir, const CheckpointWrite& c) {
   write_safetensors((tmp / "model.safetensors").string(), tensor_refs(*c.table, c.params, ""),
                     {{"format", "muse"}, {"muse_version", MUSE_VERSION}});
   json config = {{"model", to_json(*c.config)}, {"preset", c.preset}, {"muse_version", MUSE_VERSION},
-                 {"tokenizer", c.tokenizer->kind()}};
+                 {"tokenizer", c.tokenizer->kind()}, {"chat_template", to_json(default_chat_template())}};
   std::ofstream(tmp / "config.json") << config.dump(2) << "\n";
   c.tokenizer->save((tmp / "tokenizer").string());
   if (c.optimizer) {
@@ -152,6 +153,7 @@ CheckpointInfo read_checkpoint_info(const std::string& dir) {
   }
   info.preset = j.value("preset", "");
   info.muse_version = j.value("muse_version", "");
+  if (j.contains("chat_template")) info.chat_template = j["chat_template"];
   return info;
 }
 

@@ -42,6 +42,7 @@ struct CheckpointInfo {
   ModelConfig config;
   std::string preset;
   std::string muse_version;
+  nlohmann::json chat_template;  // null when config.json has none (infer/chat_template.h)
 };
 CheckpointInfo read_checkpoint_info(const std::string& dir);
 
