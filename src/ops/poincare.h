@@ -21,6 +21,17 @@
 #include <algorithm>
 #include <cmath>
 
+// The per-token and per-pair functions of the log-domain distance (log_sinh, coth, tangent_norm,
+// scaled_distance) are shared with the CUDA kernels (ops/local_attn.cu): under nvcc they are also device
+// functions; the host code is unchanged.
+#ifndef MUSE_HOST_DEVICE
+#ifdef __CUDACC__
+#define MUSE_HOST_DEVICE __host__ __device__
+#else
+#define MUSE_HOST_DEVICE
+#endif
+#endif
+
 namespace muse {
 
 inline constexpr double kPoincareNormFloor = 1e-6;   // floor on ‖q‖, ‖k‖ in the log-domain distance
@@ -33,10 +44,12 @@ inline constexpr double kPoincareSeriesRadius = 1e-2;
 
 // ln sinh(y) for y > 0, never overflowing: y − ln2 + ln(1 − e^{−2y}). SPEC writes the last term as
 // log1p(−e^{−2y}); ln(−expm1(−2y)) is the same number without cancellation at small y (a, b ≥ 1e-6·√c).
-template <typename T> inline T log_sinh(T y) { return y - T(M_LN2) + std::log(-std::expm1(T(-2) * y)); }
+template <typename T> MUSE_HOST_DEVICE inline T log_sinh(T y) {
+  return y - T(M_LN2) + std::log(-std::expm1(T(-2) * y));
+}
 
 // coth y = d/dy ln sinh y.
-template <typename T> inline T coth(T y) { return T(1) / std::tanh(y); }
+template <typename T> MUSE_HOST_DEVICE inline T coth(T y) { return T(1) / std::tanh(y); }
 
 // Radial factor of exp_c at r = √c‖v‖: f(r) = tanh(r)/r, and f′(r)/r, which the gradients need
 // (∂exp_c(v)/∂v = f·I + c·(f′/r)·v vᵀ, ∂exp_c(v)/∂c = (f′/r)·‖v‖²/2 · v).
@@ -75,9 +88,8 @@ template <typename T> struct TangentNorm {
   bool floored;  // the 1e-6 floor is active, so the norm carries no gradient
 };
 
-template <typename T> inline TangentNorm<T> tangent_norm(const T* q, int d, T sqrt_c) {
-  T sq = 0;
-  for (int e = 0; e < d; ++e) sq += q[e] * q[e];
+// From the squared norm sq = ‖q‖² (the CUDA kernels reduce it across a warp).
+template <typename T> MUSE_HOST_DEVICE inline TangentNorm<T> tangent_norm_from_squared(T sq, T sqrt_c) {
   const T raw = std::sqrt(sq);
   TangentNorm<T> t;
   t.floored = raw < T(kPoincareNormFloor);
@@ -86,6 +98,12 @@ template <typename T> inline TangentNorm<T> tangent_norm(const T* q, int d, T sq
   t.ls2a = log_sinh(T(2) * t.a);
   t.coth2a = coth(T(2) * t.a);
   return t;
+}
+
+template <typename T> MUSE_HOST_DEVICE inline TangentNorm<T> tangent_norm(const T* q, int d, T sqrt_c) {
+  T sq = 0;
+  for (int e = 0; e < d; ++e) sq += q[e] * q[e];
+  return tangent_norm_from_squared(sq, sqrt_c);
 }
 
 // Partial derivatives of ρ with respect to the primitive quantities it depends on. Chain rule to the
@@ -100,8 +118,8 @@ template <typename T> struct ScaledDistanceGrad {
 // ρ = √c·d_c(exp_c q, exp_c k) from the two tokens' TangentNorm and dot = q·k; fills *grad when non-null.
 // Clamped or floored quantities get zero derivative.
 template <typename T>
-inline T scaled_distance(const TangentNorm<T>& q, const TangentNorm<T>& k, T dot,
-                         ScaledDistanceGrad<T>* grad = nullptr) {
+MUSE_HOST_DEVICE inline T scaled_distance(const TangentNorm<T>& q, const TangentNorm<T>& k, T dot,
+                                          ScaledDistanceGrad<T>* grad = nullptr) {
   const T cos_angle = dot / (q.norm * k.norm);
   const T kappa_raw = T(1) - cos_angle;
   const bool kappa_clamped = kappa_raw < T(kPoincareKappaMin) || kappa_raw > T(kPoincareKappaMax);

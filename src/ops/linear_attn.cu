@@ -1,0 +1,469 @@
+// Causal linear attention with the key gate on the GPU (contract: ops/linear_attn.h; design:
+// docs/kernels/attention.md).
+//
+// One block per (b, h), threads (x, y) = (column c ∈ [0, CX), row group g ∈ [0, 4)), CX = d_h + 1 rounded
+// up to a warp. Thread (c, g) keeps the state entries [S | z][r][c] for rows r = g, g + 4, … in
+// registers; column c = d_h is z (the value vector is augmented with a constant 1, so z_i = z_{i−1} + φ̃(k_i)
+// is the same update as S). Tokens are staged 8 at a time in shared memory (features computed once per
+// token), the scan over the 8 tokens runs without barriers, each thread writing its partial sums per
+// token; reductions over the partials follow after one barrier.
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_check.cuh"
+#include "ops/linear_attn.cuh"
+#include "ops/linear_attn.h"
+
+namespace muse::cuda {
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kGroups = 4;      // row groups (blockDim.y)
+constexpr int kTokens = 8;      // tokens staged per chunk
+constexpr int kMaxHeadDim = 128;
+constexpr int kMaxThreads = 160 * kGroups;  // CX ≤ 160 for d_h ≤ 128
+constexpr float kFloor = float(kLinearAttnDenominatorFloor);
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// φ(x) = ELU(x·s) + 1 and its derivative, as in ops/linear_attn.cpp.
+__device__ __forceinline__ float feature(float x, float scale) {
+  const float u = x * scale;
+  return u > 0.f ? u + 1.f : expf(u);
+}
+__device__ __forceinline__ float feature_grad(float x, float scale) {
+  const float u = x * scale;
+  return u > 0.f ? scale : scale * expf(u);
+}
+
+struct Layout {
+  int dh, C, CX, XW;  // head width, state columns (d_h + 1), threads along x, warps along x
+};
+
+Layout layout(int D, int H) {
+  Layout l;
+  l.dh = D / H;
+  l.C = l.dh + 1;
+  l.CX = (l.C + kWarp - 1) / kWarp * kWarp;
+  l.XW = l.CX / kWarp;
+  return l;
+}
+
+size_t forward_smem_bytes(const Layout& l) {
+  return sizeof(float) * (size_t(2) * kTokens * l.dh + size_t(kTokens) * l.C + size_t(kTokens) * kGroups * l.C);
+}
+size_t replay_smem_bytes(const Layout& l) {
+  return sizeof(float) * (size_t(4) * kTokens * l.dh + size_t(kTokens) * l.C + size_t(kTokens) * kGroups * l.dh +
+                          size_t(kTokens) * l.XW * l.dh + 3 * kTokens);
+}
+size_t reverse_smem_bytes(const Layout& l) {
+  return sizeof(float) * (size_t(6) * kTokens * l.dh + size_t(kTokens) * l.C + size_t(kTokens) * kGroups * l.dh +
+                          size_t(kTokens) * l.XW * l.dh + 2 * kTokens);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward scan. RA = rows per thread (a power of two ≥ d_h/4).
+template <int RA>
+__global__ void __launch_bounds__(kMaxThreads)
+    linear_attn_forward_kernel(float* o, float* zeta, float* final_S, float* final_z, const float* q,
+                               const float* k, const float* v, const float* mu, int N, int D, int H) {
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int dh = D / H, C = dh + 1;
+  const float scale = 1.f / sqrtf(float(dh));
+  const int c = threadIdx.x, g = threadIdx.y;
+  const int tid = g * blockDim.x + c, nthreads = blockDim.x * blockDim.y;
+  const bool active = c < C;
+
+  extern __shared__ float smem[];
+  float* FQ = smem;                    // [kTokens][dh]  φ(q)
+  float* FK = FQ + kTokens * dh;       // [kTokens][dh]  μ·φ(k)
+  float* VA = FK + kTokens * dh;       // [kTokens][C]   (v, 1)
+  float* CP = VA + kTokens * C;        // [kTokens][kGroups][C] column partials Σ_r φ(q)_r·[S|z]_rc
+
+  float S[RA];
+#pragma unroll
+  for (int a = 0; a < RA; ++a) S[a] = 0.f;
+
+  for (int t0 = 0; t0 < N; t0 += kTokens) {
+    const int tn = min(kTokens, N - t0);
+    for (int idx = tid; idx < tn * C; idx += nthreads) {
+      const int t = idx / C, e = idx - t * C;
+      const long row = (long)b * N + t0 + t;
+      const long at = row * D + (long)h * dh;
+      if (e < dh) {
+        const float gate = mu ? mu[row * H + h] : 1.f;
+        FQ[t * dh + e] = feature(q[at + e], scale);
+        FK[t * dh + e] = gate * feature(k[at + e], scale);
+        VA[t * C + e] = v[at + e];
+      } else {
+        VA[t * C + e] = 1.f;
+      }
+    }
+    __syncthreads();
+    if (active) {
+      for (int t = 0; t < tn; ++t) {
+        const float vc = VA[t * C + c];
+        float part = 0.f;
+#pragma unroll
+        for (int a = 0; a < RA; ++a) {
+          const int r = g + kGroups * a;
+          if (r < dh) {
+            S[a] += FK[t * dh + r] * vc;
+            part += FQ[t * dh + r] * S[a];
+          }
+        }
+        CP[(t * kGroups + g) * C + c] = part;
+      }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < tn * C; idx += nthreads) {
+      const int t = idx / C, e = idx - t * C;
+      const long row = (long)b * N + t0 + t;
+      float z = 0.f;
+      for (int gg = 0; gg < kGroups; ++gg) z += CP[(t * kGroups + gg) * C + dh];
+      if (e < dh) {
+        float num = 0.f;
+        for (int gg = 0; gg < kGroups; ++gg) num += CP[(t * kGroups + gg) * C + e];
+        o[row * D + (long)h * dh + e] = num * (1.f / fmaxf(z, kFloor));
+      } else {
+        zeta[row * H + h] = z;
+      }
+    }
+    // No barrier needed here: the next load writes FQ/FK/VA (last read before the barrier above) and
+    // the next scan writes CP only after the next load's barrier.
+  }
+
+  if (active) {
+    const long state = (long)b * H + h;
+#pragma unroll
+    for (int a = 0; a < RA; ++a) {
+      const int r = g + kGroups * a;
+      if (r >= dh) continue;
+      if (c < dh) {
+        if (final_S) final_S[(state * dh + r) * dh + c] = S[a];
+      } else if (final_z) {
+        final_z[state * dh + r] = S[a];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, forward in time: replays S_i, z_i and writes dζ_i (to dzeta_out [B, H, N]) and, when dq is
+// non-null, dq_i = φ′(q_i)·(S_i·do_i/n_i + dζ_i·z_i).
+template <int RA>
+__global__ void __launch_bounds__(kMaxThreads)
+    linear_attn_backward_replay_kernel(float* dq, float* dzeta_out, const float* d_o, const float* zeta,
+                                       const float* q, const float* k, const float* v, const float* mu, int N,
+                                       int D, int H) {
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int dh = D / H, C = dh + 1, XW = blockDim.x / kWarp;
+  const float scale = 1.f / sqrtf(float(dh));
+  const int c = threadIdx.x, g = threadIdx.y;
+  const int tid = g * blockDim.x + c, nthreads = blockDim.x * blockDim.y;
+  const int lane = tid % kWarp, warp = tid / kWarp, nwarps = nthreads / kWarp, xw = c / kWarp;
+  const bool active = c < C, want_dq = dq != nullptr;
+
+  extern __shared__ float smem[];
+  float* FQ = smem;                          // [kTokens][dh]
+  float* FK = FQ + kTokens * dh;             // [kTokens][dh]
+  float* DO = FK + kTokens * dh;             // [kTokens][dh]
+  float* ZB = DO + kTokens * dh;             // [kTokens][dh]  z_i after token i
+  float* VA = ZB + kTokens * dh;             // [kTokens][C]
+  float* CP = VA + kTokens * C;              // [kTokens][kGroups][dh] numerator partials
+  float* RP = CP + kTokens * kGroups * dh;   // [kTokens][XW][dh] partials of (S·do)_r per warp along x
+  float* ZR = RP + kTokens * XW * dh;        // [kTokens] saved ζ (before the clamp)
+  float* DZ = ZR + kTokens;                  // [kTokens] dζ
+  float* NS = DZ + kTokens;                  // [kTokens] n = max(ζ, floor)
+
+  float S[RA];
+#pragma unroll
+  for (int a = 0; a < RA; ++a) S[a] = 0.f;
+
+  for (int t0 = 0; t0 < N; t0 += kTokens) {
+    const int tn = min(kTokens, N - t0);
+    for (int idx = tid; idx < tn * C; idx += nthreads) {
+      const int t = idx / C, e = idx - t * C;
+      const long row = (long)b * N + t0 + t;
+      const long at = row * D + (long)h * dh;
+      if (e < dh) {
+        const float gate = mu ? mu[row * H + h] : 1.f;
+        FQ[t * dh + e] = feature(q[at + e], scale);
+        FK[t * dh + e] = gate * feature(k[at + e], scale);
+        DO[t * dh + e] = d_o[at + e];
+        VA[t * C + e] = v[at + e];
+      } else {
+        VA[t * C + e] = 1.f;
+        ZR[t] = zeta[row * H + h];
+      }
+    }
+    __syncthreads();
+    for (int t = 0; t < tn; ++t) {
+      // Threads past column d_h carry S = 0 and contribute zeros to the warp sums.
+      const float vc = active ? VA[t * C + c] : 0.f;
+      const float doc = c < dh ? DO[t * dh + c] : 0.f;
+      float part = 0.f;
+#pragma unroll
+      for (int a = 0; a < RA; ++a) {
+        const int r = g + kGroups * a;  // uniform across the warp (one g per warp)
+        if (r < dh) {
+          if (active) {
+            S[a] += FK[t * dh + r] * vc;
+            part += FQ[t * dh + r] * S[a];
+          }
+          if (want_dq) {
+            const float row_sum = warp_sum(S[a] * doc);
+            if (lane == 0) RP[(t * XW + xw) * dh + r] = row_sum;
+            if (c == dh) ZB[t * dh + r] = S[a];
+          }
+        }
+      }
+      if (c < dh) CP[(t * kGroups + g) * dh + c] = part;
+    }
+    __syncthreads();
+    // dζ_i = −do_i·numerator_i / n_i² where ζ_i > floor (else 0): one warp per token.
+    for (int t = warp; t < tn; t += nwarps) {
+      float acc = 0.f;
+      for (int cc = lane; cc < dh; cc += kWarp) {
+        float num = 0.f;
+        for (int gg = 0; gg < kGroups; ++gg) num += CP[(t * kGroups + gg) * dh + cc];
+        acc += DO[t * dh + cc] * num;
+      }
+      acc = warp_sum(acc);
+      if (lane == 0) {
+        const float z = ZR[t], n = fmaxf(z, kFloor);
+        const float dz = z > kFloor ? -acc / (n * n) : 0.f;
+        DZ[t] = dz;
+        NS[t] = n;
+        if (dzeta_out) dzeta_out[((long)b * H + h) * N + t0 + t] = dz;
+      }
+    }
+    __syncthreads();
+    if (want_dq) {
+      for (int idx = tid; idx < tn * dh; idx += nthreads) {
+        const int t = idx / dh, r = idx - t * dh;
+        float s = 0.f;
+        for (int w = 0; w < XW; ++w) s += RP[(t * XW + w) * dh + r];
+        const float dphi_q = s / NS[t] + DZ[t] * ZB[t * dh + r];
+        const long at = ((long)b * N + t0 + t) * D + (long)h * dh + r;
+        dq[at] += dphi_q * feature_grad(q[at], scale);
+      }
+    }
+    // No barrier needed: the next load writes FQ/FK/DO/VA/ZR (not read above); RP, ZB, CP, DZ, NS are
+    // rewritten only after the next load's barrier.
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, reverse in time, with the adjoint state [dS | dz] in registers:
+//   dS_i = dS_{i+1} + (φ(q_i)/n_i)·do_iᵀ,  dz_i = dz_{i+1} + dζ_i·φ(q_i),
+//   dφ̃(k_i) = dS_i·v_i + dz_i,  dv_i = dS_iᵀ·φ̃(k_i),  dk_i = μ_i·dφ̃(k_i)·φ′(k_i),  dμ_i = φ(k_i)·dφ̃(k_i).
+template <int RA>
+__global__ void __launch_bounds__(kMaxThreads)
+    linear_attn_backward_reverse_kernel(float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
+                                        const float* dzeta_in, const float* q, const float* k, const float* v,
+                                        const float* mu, int N, int D, int H) {
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int dh = D / H, C = dh + 1, XW = blockDim.x / kWarp;
+  const float scale = 1.f / sqrtf(float(dh));
+  const int c = threadIdx.x, g = threadIdx.y;
+  const int tid = g * blockDim.x + c, nthreads = blockDim.x * blockDim.y;
+  const int lane = tid % kWarp, warp = tid / kWarp, nwarps = nthreads / kWarp, xw = c / kWarp;
+  const bool active = c < C;
+
+  extern __shared__ float smem[];
+  float* FQ = smem;                          // [kTokens][dh]  φ(q)
+  float* FQN = FQ + kTokens * dh;            // [kTokens][dh]  φ(q)/n
+  float* FK = FQN + kTokens * dh;            // [kTokens][dh]  μ·φ(k)
+  float* PK = FK + kTokens * dh;             // [kTokens][dh]  φ(k)
+  float* FGK = PK + kTokens * dh;            // [kTokens][dh]  φ′(k)
+  float* DO = FGK + kTokens * dh;            // [kTokens][dh]
+  float* VA = DO + kTokens * dh;             // [kTokens][C]   (v, 1)
+  float* CP = VA + kTokens * C;              // [kTokens][kGroups][dh] dv partials
+  float* RP = CP + kTokens * kGroups * dh;   // [kTokens][XW][dh] dφ̃(k) partials
+  float* DZ = RP + kTokens * XW * dh;        // [kTokens] dζ
+  float* GT = DZ + kTokens;                  // [kTokens] μ
+
+  float dS[RA];
+#pragma unroll
+  for (int a = 0; a < RA; ++a) dS[a] = 0.f;
+
+  const int chunks = (N + kTokens - 1) / kTokens;
+  for (int ch = chunks - 1; ch >= 0; --ch) {
+    const int t0 = ch * kTokens, tn = min(kTokens, N - t0);
+    for (int idx = tid; idx < tn * C; idx += nthreads) {
+      const int t = idx / C, e = idx - t * C;
+      const long row = (long)b * N + t0 + t;
+      const long at = row * D + (long)h * dh;
+      const float gate = mu ? mu[row * H + h] : 1.f;
+      if (e < dh) {
+        const float fq = feature(q[at + e], scale);
+        const float inv_n = 1.f / fmaxf(zeta[row * H + h], kFloor);
+        const float kx = k[at + e], pk = feature(kx, scale);
+        FQ[t * dh + e] = fq;
+        FQN[t * dh + e] = fq * inv_n;
+        FK[t * dh + e] = gate * pk;
+        PK[t * dh + e] = pk;
+        FGK[t * dh + e] = feature_grad(kx, scale);
+        DO[t * dh + e] = d_o[at + e];
+        VA[t * C + e] = v[at + e];
+      } else {
+        VA[t * C + e] = 1.f;
+        DZ[t] = dzeta_in[((long)b * H + h) * N + t0 + t];
+        GT[t] = gate;
+      }
+    }
+    __syncthreads();
+    for (int t = tn - 1; t >= 0; --t) {
+      const float vc = active ? VA[t * C + c] : 0.f;
+      const float doc = c < dh ? DO[t * dh + c] : 0.f;
+      const float dzt = DZ[t];
+      float part = 0.f;
+#pragma unroll
+      for (int a = 0; a < RA; ++a) {
+        const int r = g + kGroups * a;  // uniform across the warp
+        if (r < dh) {
+          if (c < dh)
+            dS[a] += FQN[t * dh + r] * doc;
+          else if (c == dh)
+            dS[a] += dzt * FQ[t * dh + r];
+          part += FK[t * dh + r] * dS[a];
+          const float row_sum = warp_sum(dS[a] * vc);  // threads past column d_h hold dS = 0
+          if (lane == 0) RP[(t * XW + xw) * dh + r] = row_sum;
+        }
+      }
+      if (c < dh) CP[(t * kGroups + g) * dh + c] = part;
+    }
+    __syncthreads();
+    for (int t = warp; t < tn; t += nwarps) {
+      const long row = (long)b * N + t0 + t;
+      const long at = row * D + (long)h * dh;
+      float dgate = 0.f;
+      for (int r = lane; r < dh; r += kWarp) {
+        float dphi_k = 0.f;
+        for (int w = 0; w < XW; ++w) dphi_k += RP[(t * XW + w) * dh + r];
+        if (dk) dk[at + r] += GT[t] * dphi_k * FGK[t * dh + r];
+        dgate += PK[t * dh + r] * dphi_k;
+      }
+      dgate = warp_sum(dgate);
+      if (dmu && lane == 0) dmu[row * H + h] += dgate;
+      if (dv) {
+        for (int cc = lane; cc < dh; cc += kWarp) {
+          float s = 0.f;
+          for (int gg = 0; gg < kGroups; ++gg) s += CP[(t * kGroups + gg) * dh + cc];
+          dv[at + cc] += s;
+        }
+      }
+    }
+    __syncthreads();  // GT, PK, FGK, RP, CP are read above and rewritten by the next chunk
+  }
+}
+
+template <class Kernel> void prepare_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    MUSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+void validate(int B, int N, int D, int H) {
+  if (B < 0 || N < 0 || H < 1 || D < 1 || D % H != 0)
+    throw std::invalid_argument("linear_attn (cuda): D (" + std::to_string(D) + ") must be a positive multiple of H (" +
+                                std::to_string(H) + ")");
+  if (D / H > kMaxHeadDim)
+    throw std::invalid_argument("linear_attn (cuda): d_h = " + std::to_string(D / H) + " exceeds the supported maximum " +
+                                std::to_string(kMaxHeadDim));
+}
+
+// Rows per thread: the smallest power of two ≥ d_h/4.
+int rows_per_thread(int dh) {
+  int ra = 1;
+  while (ra * kGroups < dh) ra *= 2;
+  return ra;
+}
+
+template <int RA>
+void forward_impl(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
+                  const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream) {
+  const Layout l = layout(D, H);
+  const size_t smem = forward_smem_bytes(l);
+  prepare_smem(linear_attn_forward_kernel<RA>, smem);
+  linear_attn_forward_kernel<RA><<<dim3(H, B), dim3(l.CX, kGroups), smem, stream>>>(o, zeta, final_S, final_z, q,
+                                                                                     k, v, mu, N, D, H);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <int RA>
+void backward_impl(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta, const float* q,
+                   const float* k, const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
+                   cudaStream_t stream) {
+  const Layout l = layout(D, H);
+  const dim3 grid(H, B), block(l.CX, kGroups);
+  const bool reverse = dk || dv || dmu;
+  {
+    const size_t smem = replay_smem_bytes(l);
+    prepare_smem(linear_attn_backward_replay_kernel<RA>, smem);
+    linear_attn_backward_replay_kernel<RA><<<grid, block, smem, stream>>>(dq, reverse ? workspace : nullptr, d_o,
+                                                                          zeta, q, k, v, mu, N, D, H);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+  if (reverse) {
+    const size_t smem = reverse_smem_bytes(l);
+    prepare_smem(linear_attn_backward_reverse_kernel<RA>, smem);
+    linear_attn_backward_reverse_kernel<RA><<<grid, block, smem, stream>>>(dk, dv, dmu, d_o, zeta, workspace, q, k,
+                                                                           v, mu, N, D, H);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace
+
+void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
+                         const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream) {
+  validate(B, N, D, H);
+  if (B == 0) return;
+  if (N == 0) {
+    // The CPU op still writes the (zero) final state.
+    const size_t dh = D / H;
+    if (final_S) MUSE_CUDA_CHECK(cudaMemsetAsync(final_S, 0, sizeof(float) * B * H * dh * dh, stream));
+    if (final_z) MUSE_CUDA_CHECK(cudaMemsetAsync(final_z, 0, sizeof(float) * B * H * dh, stream));
+    return;
+  }
+  switch (rows_per_thread(D / H)) {
+    case 1: forward_impl<1>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
+    case 2: forward_impl<2>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
+    case 4: forward_impl<4>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
+    case 8: forward_impl<8>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
+    case 16: forward_impl<16>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
+    default: forward_impl<32>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
+  }
+}
+
+size_t linear_attn_backward_workspace_floats(int B, int N, int H) {
+  if (B <= 0 || N <= 0 || H <= 0) return 0;
+  return size_t(B) * N * H;
+}
+
+void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
+                          const float* q, const float* k, const float* v, const float* mu, int B, int N, int D, int H,
+                          float* workspace, cudaStream_t stream) {
+  validate(B, N, D, H);
+  if (!mu) dmu = nullptr;
+  if (!dq && !dk && !dv && !dmu) return;
+  if (B == 0 || N == 0) return;
+  if ((dk || dv || dmu) && !workspace)
+    throw std::invalid_argument("linear_attn_backward (cuda): dk/dv/dmu need a workspace");
+  switch (rows_per_thread(D / H)) {
+    case 1: backward_impl<1>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 2: backward_impl<2>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 4: backward_impl<4>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 8: backward_impl<8>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 16: backward_impl<16>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    default: backward_impl<32>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
+  }
+}
+
+}  // namespace muse::cuda

@@ -1,0 +1,29 @@
+// CUDA causal tangent-space linear attention with the key gate (SPEC §2.7, §6 item 4): the same contract
+// as ops/linear_attn.h on device pointers, fp32. One block per (b, h) scans the sequence with the
+// d_h × (d_h + 1) state [S | z] in registers; the backward replays the states exactly like the CPU op
+// (a forward pass for dq and dζ, a reverse pass with the adjoint states for dk, dv, dμ). See
+// docs/kernels/attention.md.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+namespace muse::cuda {
+
+// o [B, N, D]; zeta [B, N, H] (z_iᵀφ(q_i) before the clamp); final_S [B, H, d_h, d_h] and final_z
+// [B, H, d_h] receive the state after the last position (each may be null). Requires d_h = D/H ≤ 128.
+void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
+                         const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream = 0);
+
+// Floats of device workspace linear_attn_backward needs (dζ of every (b, i, h): B·N·H).
+size_t linear_attn_backward_workspace_floats(int B, int N, int H);
+
+// Accumulates (+=) into dq, dk, dv [B, N, D] and dmu [B, N, H] (each may be null; dmu is ignored when mu
+// is null) from d_o, given the forward's inputs and its zeta. workspace: linear_attn_backward_workspace_
+// floats(B, N, H) floats of device memory (required unless all gradients are null). Every gradient
+// element is written by one thread in a fixed order: deterministic, no atomics.
+void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
+                          const float* q, const float* k, const float* v, const float* mu, int B, int N, int D, int H,
+                          float* workspace, cudaStream_t stream = 0);
+
+}  // namespace muse::cuda

@@ -1,0 +1,792 @@
+// Windowed attention engine (local_attn: hyperbolic score; causal_attn: dot-product score) and the
+// local_attn launchers. Layout and design: docs/kernels/attention.md.
+//
+// Mapping (all three kernels): 256 threads = 8 warps per block; a block owns one (b, h) and a tile of
+// queries (forward, backward dq pass) or keys (backward dk/dv pass). The other side is streamed through
+// shared memory in chunks of 32 tokens; within a chunk lane l of a warp owns pair (row, chunk start + l):
+// it computes the two dot products of the pair from shared memory and the score (and its gradient), then
+// the warp accumulates its row's d_h-vector with lanes over the d_h columns. Per-row accumulators live in
+// shared memory, so d_h is a runtime value (≤ 256) and the code has no per-d_h template.
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_check.cuh"
+#include "ops/local_attn.cuh"
+#include "ops/poincare.h"
+
+namespace muse::cuda {
+
+namespace detail {
+
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarp * kWarps;
+constexpr int kChunk = 32;                 // streamed tokens per shared-memory chunk (one per lane)
+constexpr int kFwdQueriesPerWarp = 8;      // forward tile: 64 queries
+constexpr int kBwdQueriesPerWarp = 4;      // backward dq tile: 32 queries
+constexpr int kBwdKeysPerWarp = 4;         // backward dk/dv tile: 32 keys
+constexpr int kFwdTile = kWarps * kFwdQueriesPerWarp;
+constexpr int kBwdQueryTile = kWarps * kBwdQueriesPerWarp;
+constexpr int kBwdKeyTile = kWarps * kBwdKeysPerWarp;
+constexpr int kMaxHeadDim = 256;
+constexpr int kReduceThreads = 256;
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+// common/math.h's sigmoid and softplus, same formulas.
+__device__ __forceinline__ float device_sigmoid(float x) {
+  if (x >= 0.f) return 1.f / (1.f + expf(-x));
+  const float e = expf(x);
+  return e / (1.f + e);
+}
+__device__ __forceinline__ float device_softplus(float x) { return x > 0.f ? x + log1pf(expf(-x)) : log1pf(expf(x)); }
+
+// Sizes and index maps of one launch.
+struct Geometry {
+  int N, H, D, dh, window;
+  bool sliding, lse_bnh;
+
+  // First key of query i's window (the last is i).
+  __device__ int window_start(int i) const {
+    if (sliding) return i - window + 1 > 0 ? i - window + 1 : 0;
+    return i - i % window;
+  }
+  // Last query whose window contains key j (the first is j).
+  __device__ int last_query(int j) const {
+    const long long end = sliding ? (long long)j + window - 1 : (long long)(j / window) * window + window - 1;
+    return end < N - 1 ? (int)end : N - 1;
+  }
+  __device__ long row(int b, int t, int h) const { return ((long)b * N + t) * D + (long)h * dh; }
+  __device__ long lse_index(int b, int i, int h) const {
+    return lse_bnh ? ((long)b * N + i) * H + h : ((long)b * H + h) * N + i;
+  }
+};
+
+// What one pair contributes to the backward.
+struct PairGrad {
+  float p;        // softmax probability
+  float dscore;   // ∂L/∂s_ij (the key-gate bias gradient)
+  float cross;    // coefficient of k_j in dq_i and of q_i in dk_j
+  float self_q;   // coefficient of q_i in dq_i
+  float self_k;   // coefficient of k_j in dk_j
+  float dbeta;    // subtracted from dβ_h
+  float dc;       // subtracted from dc
+};
+
+// s_ij = −softplus(β_h)·ρ_ij/√c − m_h·(i − j) + log μ_j, ρ by the log-domain kernel of ops/poincare.h.
+struct HyperbolicScore {
+  using Token = TangentNorm<float>;
+  static constexpr bool kNeedsNorm = true;
+  float sqrt_c, c, temperature, dtemperature, slope;
+  const float* log_mu;  // element (b, 0, h), stride H; null: no gate
+  int H;
+
+  __device__ Token token(float squared_norm) const { return tangent_norm_from_squared(squared_norm, sqrt_c); }
+
+  __device__ float score_from_rho(int i, int j, float rho) const {
+    float s = -temperature * rho / sqrt_c - slope * float(i - j);
+    if (log_mu) s += log_mu[(long)j * H];
+    return s;
+  }
+
+  __device__ float score(int i, int j, const Token& qt, const Token& kt, float dot) const {
+    return score_from_rho(i, j, scaled_distance(qt, kt, dot));
+  }
+
+  // Mirrors the pair loop of local_attn_backward in ops/local_attn.cpp.
+  __device__ PairGrad pair_grad(int i, int j, const Token& qt, const Token& kt, float dot_qk, float dot_gv,
+                                float lse, float go) const {
+    ScaledDistanceGrad<float> grad;
+    const float rho = scaled_distance(qt, kt, dot_qk, &grad);
+    PairGrad r;
+    r.p = expf(score_from_rho(i, j, rho) - lse);
+    r.dscore = r.p * (dot_gv - go);
+    r.dbeta = r.dscore * dtemperature * rho / sqrt_c;
+    r.dc = r.dscore * temperature * (grad.sqrt_c - rho / sqrt_c) / (2.f * c);
+    const float g = -r.dscore * temperature / sqrt_c;
+    r.cross = g * grad.dot;
+    r.self_q = g * grad.norm_q / qt.norm;
+    r.self_k = g * grad.norm_k / kt.norm;
+    return r;
+  }
+};
+
+struct HyperbolicParams {
+  using Score = HyperbolicScore;
+  static constexpr bool kHasParamGrads = true;
+  float sqrt_c, c;
+  const float* beta;
+  const float* log_mu;
+  bool alibi;
+  int N, H;
+
+  __device__ Score at(int b, int h) const {
+    Score s;
+    s.sqrt_c = sqrt_c;
+    s.c = c;
+    s.temperature = device_softplus(beta[h]);
+    s.dtemperature = device_sigmoid(beta[h]);
+    s.slope = alibi ? float(exp2(-8.0 * (h + 1) / H)) : 0.f;
+    s.log_mu = log_mu ? log_mu + (long)b * N * H + h : nullptr;
+    s.H = H;
+    return s;
+  }
+};
+
+// s_ij = q_i·k_j/√d_h − m_h·(i − j) (ops/causal_attn.cpp).
+struct DotScore {
+  struct Token {};
+  static constexpr bool kNeedsNorm = false;
+  float scale, slope;
+
+  __device__ Token token(float) const { return Token{}; }
+  __device__ float score(int i, int j, const Token&, const Token&, float dot) const {
+    return dot * scale - slope * float(i - j);
+  }
+  __device__ PairGrad pair_grad(int i, int j, const Token& qt, const Token& kt, float dot_qk, float dot_gv,
+                                float lse, float go) const {
+    PairGrad r;
+    r.p = expf(score(i, j, qt, kt, dot_qk) - lse);
+    r.dscore = r.p * (dot_gv - go);
+    r.cross = r.p * (dot_gv - go) * scale;
+    r.self_q = r.self_k = r.dbeta = r.dc = 0.f;
+    return r;
+  }
+};
+
+struct DotParams {
+  using Score = DotScore;
+  static constexpr bool kHasParamGrads = false;
+  float scale;
+  bool alibi;
+  int H;
+
+  __device__ Score at(int, int h) const {
+    Score s;
+    s.scale = scale;
+    s.slope = alibi ? float(exp2(-8.0 * (h + 1) / H)) : 0.f;
+    return s;
+  }
+};
+
+// Shared-memory carve-up: consecutive float arrays, then the per-token score data (4-byte aligned).
+struct SmemCursor {
+  float* at;
+  __device__ float* take(long n) {
+    float* p = at;
+    at += n;
+    return p;
+  }
+};
+
+// Odd row stride for arrays read with lane = row (bank-conflict free for any d_h).
+__host__ __device__ inline int odd_stride(int dh) { return dh | 1; }
+
+template <class Token> size_t forward_smem_bytes(int dh) {
+  const int ks = odd_stride(dh);
+  const size_t floats = size_t(2) * kFwdTile * dh + size_t(kChunk) * ks + size_t(kChunk) * dh + 2 * kFwdTile +
+                        kWarps * kChunk;
+  return floats * sizeof(float) + (kFwdTile + kChunk) * sizeof(Token);
+}
+
+template <class Token> size_t backward_query_smem_bytes(int dh) {
+  const int ks = odd_stride(dh);
+  const size_t floats = size_t(3) * kBwdQueryTile * dh + size_t(2) * kChunk * ks + kWarps * kChunk +
+                        3 * kBwdQueryTile + 2 * kWarps;
+  return floats * sizeof(float) + (kBwdQueryTile + kChunk) * sizeof(Token);
+}
+
+template <class Token> size_t backward_key_smem_bytes(int dh) {
+  const int ks = odd_stride(dh);
+  const size_t floats = size_t(4) * kBwdKeyTile * dh + size_t(2) * kChunk * ks + 2 * kWarps * kChunk + 2 * kChunk +
+                        2 * kBwdKeyTile;
+  return floats * sizeof(float) + (kBwdKeyTile + kChunk) * sizeof(Token);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: block (query tile, h, b). Warp w owns queries w, w + 8, … of the tile; their running max,
+// sum and output accumulator live in shared memory.
+template <class Params>
+__global__ void __launch_bounds__(kThreads)
+    attn_forward_kernel(float* o, float* lse, const float* q, const float* k, const float* v, Geometry geo,
+                        Params params) {
+  using Score = typename Params::Score;
+  using Token = typename Score::Token;
+  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kFwdTile;
+  const int dh = geo.dh, ks = odd_stride(dh);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int i_last = min(i0 + kFwdTile, geo.N) - 1;
+  const Score pol = params.at(b, h);
+
+  extern __shared__ float smem[];
+  SmemCursor cur{smem};
+  float* Qs = cur.take((long)kFwdTile * dh);   // queries of the tile
+  float* Os = cur.take((long)kFwdTile * dh);   // unnormalised output accumulators
+  float* Ks = cur.take((long)kChunk * ks);     // key chunk (odd stride: lane = key)
+  float* Vs = cur.take((long)kChunk * dh);     // value chunk
+  float* Ms = cur.take(kFwdTile);              // running max
+  float* Ls = cur.take(kFwdTile);              // running Σ e^{s − max}
+  float* Ps = cur.take(kWarps * kChunk);       // per-warp probabilities of the current chunk
+  Token* Qt = reinterpret_cast<Token*>(cur.at);
+  Token* Kt = Qt + kFwdTile;
+
+  for (int t = warp; t < kFwdTile; t += kWarps) {
+    const int i = i0 + t;
+    if (i > i_last) break;
+    const float* qi = q + geo.row(b, i, h);
+    float sq = 0.f;
+    for (int e = lane; e < dh; e += kWarp) {
+      const float x = qi[e];
+      Qs[t * dh + e] = x;
+      Os[t * dh + e] = 0.f;
+      sq += x * x;
+    }
+    if (Score::kNeedsNorm) sq = warp_sum(sq);
+    if (lane == 0) {
+      Qt[t] = pol.token(sq);
+      Ms[t] = -INFINITY;
+      Ls[t] = 0.f;
+    }
+  }
+
+  const int key_lo = geo.window_start(i0), key_hi = i_last;
+  for (int cs = key_lo; cs <= key_hi; cs += kChunk) {
+    __syncthreads();  // the previous chunk is no longer read
+    for (int t = warp; t < kChunk; t += kWarps) {
+      const int j = cs + t;
+      if (j > key_hi) break;
+      const float* kj = k + geo.row(b, j, h);
+      const float* vj = v + geo.row(b, j, h);
+      float sq = 0.f;
+      for (int e = lane; e < dh; e += kWarp) {
+        const float x = kj[e];
+        Ks[t * ks + e] = x;
+        Vs[t * dh + e] = vj[e];
+        sq += x * x;
+      }
+      if (Score::kNeedsNorm) sq = warp_sum(sq);
+      if (lane == 0) Kt[t] = pol.token(sq);
+    }
+    __syncthreads();
+
+    for (int qq = 0; qq < kFwdQueriesPerWarp; ++qq) {
+      const int t = warp + kWarps * qq, i = i0 + t;
+      if (i > i_last) break;
+      const int lo = max(geo.window_start(i), cs), hi = min(i, cs + kChunk - 1);
+      if (lo > hi) continue;  // warp-uniform
+      const int j = cs + lane;
+      const bool valid = j >= lo && j <= hi;
+      float s = -INFINITY;
+      if (valid) {
+        const float* qrow = Qs + t * dh;
+        const float* krow = Ks + lane * ks;
+        float dot = 0.f;
+        for (int e = 0; e < dh; ++e) dot += qrow[e] * krow[e];
+        s = pol.score(i, j, Qt[t], Kt[lane], dot);
+      }
+      const float m_old = Ms[t];
+      const float m_new = fmaxf(m_old, warp_max(s));
+      const float alpha = expf(m_old - m_new);  // 0 on the first chunk (m_old = −∞)
+      const float p = valid ? expf(s - m_new) : 0.f;
+      const float l_new = Ls[t] * alpha + warp_sum(p);
+      Ps[warp * kChunk + lane] = p;
+      __syncwarp();
+      for (int e = lane; e < dh; e += kWarp) {
+        float acc = Os[t * dh + e] * alpha;
+        for (int jj = lo - cs; jj <= hi - cs; ++jj) acc += Ps[warp * kChunk + jj] * Vs[jj * dh + e];
+        Os[t * dh + e] = acc;
+      }
+      __syncwarp();  // Ps and Ms[t] read by every lane before they change
+      if (lane == 0) {
+        Ms[t] = m_new;
+        Ls[t] = l_new;
+      }
+    }
+  }
+
+  __syncwarp();
+  for (int qq = 0; qq < kFwdQueriesPerWarp; ++qq) {
+    const int t = warp + kWarps * qq, i = i0 + t;
+    if (i > i_last) break;
+    float* oi = o + geo.row(b, i, h);
+    const float sum = Ls[t];
+    for (int e = lane; e < dh; e += kWarp) oi[e] = Os[t * dh + e] / sum;
+    if (lane == 0) lse[geo.lse_index(b, i, h)] = Ms[t] + logf(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, query side: block (query tile, h, b) → dq, and per-block partials of dc and dβ_h
+// (partials[block] and partials[blocks + block]).
+template <class Params>
+__global__ void __launch_bounds__(kThreads)
+    attn_backward_query_kernel(float* dq, float* partials, const float* d_o, const float* o, const float* lse,
+                               const float* q, const float* k, const float* v, Geometry geo, Params params) {
+  using Score = typename Params::Score;
+  using Token = typename Score::Token;
+  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kBwdQueryTile;
+  const int dh = geo.dh, ks = odd_stride(dh);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int i_last = min(i0 + kBwdQueryTile, geo.N) - 1;
+  const Score pol = params.at(b, h);
+  const bool want_dq = dq != nullptr;
+
+  extern __shared__ float smem[];
+  SmemCursor cur{smem};
+  float* Qs = cur.take((long)kBwdQueryTile * dh);
+  float* Gs = cur.take((long)kBwdQueryTile * dh);   // dO rows
+  float* DQs = cur.take((long)kBwdQueryTile * dh);  // Σ_j cross_ij·k_j
+  float* Ks = cur.take((long)kChunk * ks);
+  float* Vs = cur.take((long)kChunk * ks);
+  float* Xs = cur.take(kWarps * kChunk);            // per-warp cross coefficients of the chunk
+  float* LSEs = cur.take(kBwdQueryTile);
+  float* GOs = cur.take(kBwdQueryTile);             // dO_i·o_i
+  float* DQself = cur.take(kBwdQueryTile);          // Σ_j self_q,ij
+  float* Red = cur.take(2 * kWarps);
+  Token* Qt = reinterpret_cast<Token*>(cur.at);
+  Token* Kt = Qt + kBwdQueryTile;
+
+  for (int t = warp; t < kBwdQueryTile; t += kWarps) {
+    const int i = i0 + t;
+    if (i > i_last) break;
+    const long at = geo.row(b, i, h);
+    float sq = 0.f, go = 0.f;
+    for (int e = lane; e < dh; e += kWarp) {
+      const float x = q[at + e], g = d_o[at + e];
+      Qs[t * dh + e] = x;
+      Gs[t * dh + e] = g;
+      DQs[t * dh + e] = 0.f;
+      sq += x * x;
+      go += g * o[at + e];
+    }
+    if (Score::kNeedsNorm) sq = warp_sum(sq);
+    go = warp_sum(go);
+    if (lane == 0) {
+      Qt[t] = pol.token(sq);
+      LSEs[t] = lse[geo.lse_index(b, i, h)];
+      GOs[t] = go;
+      DQself[t] = 0.f;
+    }
+  }
+
+  float dc_acc = 0.f, dbeta_acc = 0.f;  // this lane's share of the block's partials
+  const int key_lo = geo.window_start(i0), key_hi = i_last;
+  for (int cs = key_lo; cs <= key_hi; cs += kChunk) {
+    __syncthreads();
+    for (int t = warp; t < kChunk; t += kWarps) {
+      const int j = cs + t;
+      if (j > key_hi) break;
+      const long at = geo.row(b, j, h);
+      float sq = 0.f;
+      for (int e = lane; e < dh; e += kWarp) {
+        const float x = k[at + e];
+        Ks[t * ks + e] = x;
+        Vs[t * ks + e] = v[at + e];
+        sq += x * x;
+      }
+      if (Score::kNeedsNorm) sq = warp_sum(sq);
+      if (lane == 0) Kt[t] = pol.token(sq);
+    }
+    __syncthreads();
+
+    for (int qq = 0; qq < kBwdQueriesPerWarp; ++qq) {
+      const int t = warp + kWarps * qq, i = i0 + t;
+      if (i > i_last) break;
+      const int lo = max(geo.window_start(i), cs), hi = min(i, cs + kChunk - 1);
+      if (lo > hi) continue;
+      const int j = cs + lane;
+      const bool valid = j >= lo && j <= hi;
+      float cross = 0.f, self_q = 0.f;
+      if (valid) {
+        const float* qrow = Qs + t * dh;
+        const float* grow = Gs + t * dh;
+        const float* krow = Ks + lane * ks;
+        const float* vrow = Vs + lane * ks;
+        float dot_qk = 0.f, dot_gv = 0.f;
+        for (int e = 0; e < dh; ++e) {
+          dot_qk += qrow[e] * krow[e];
+          dot_gv += grow[e] * vrow[e];
+        }
+        const PairGrad pg = pol.pair_grad(i, j, Qt[t], Kt[lane], dot_qk, dot_gv, LSEs[t], GOs[t]);
+        dbeta_acc -= pg.dbeta;
+        dc_acc -= pg.dc;
+        cross = pg.cross;
+        self_q = pg.self_q;
+      }
+      if (want_dq) {
+        Xs[warp * kChunk + lane] = cross;
+        const float self_sum = warp_sum(self_q);
+        __syncwarp();
+        for (int e = lane; e < dh; e += kWarp) {
+          float acc = DQs[t * dh + e];
+          for (int jj = lo - cs; jj <= hi - cs; ++jj) acc += Xs[warp * kChunk + jj] * Ks[jj * ks + e];
+          DQs[t * dh + e] = acc;
+        }
+        if (lane == 0) DQself[t] += self_sum;
+        __syncwarp();  // Xs read by every lane before the next query overwrites it
+      }
+    }
+  }
+
+  __syncwarp();
+  if (want_dq) {
+    for (int qq = 0; qq < kBwdQueriesPerWarp; ++qq) {
+      const int t = warp + kWarps * qq, i = i0 + t;
+      if (i > i_last) break;
+      float* dqi = dq + geo.row(b, i, h);
+      const float self = DQself[t];
+      for (int e = lane; e < dh; e += kWarp) dqi[e] += DQs[t * dh + e] + self * Qs[t * dh + e];
+    }
+  }
+  if (Params::kHasParamGrads && partials) {
+    dc_acc = warp_sum(dc_acc);
+    dbeta_acc = warp_sum(dbeta_acc);
+    if (lane == 0) {
+      Red[warp] = dc_acc;
+      Red[kWarps + warp] = dbeta_acc;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float dc_sum = 0.f, dbeta_sum = 0.f;
+      for (int w = 0; w < kWarps; ++w) {
+        dc_sum += Red[w];
+        dbeta_sum += Red[kWarps + w];
+      }
+      const long blocks = (long)gridDim.x * gridDim.y * gridDim.z;
+      const long block = ((long)b * gridDim.y + h) * gridDim.x + blockIdx.x;
+      partials[block] = dc_sum;
+      partials[blocks + block] = dbeta_sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, key side: block (key tile, h, b) → dk, dv, dlog μ. Warp w owns keys w, w + 8, … of the
+// tile; queries i ∈ [j, last_query(j)] stream through shared memory.
+template <class Params>
+__global__ void __launch_bounds__(kThreads)
+    attn_backward_key_kernel(float* dk, float* dv, float* dlog_mu, const float* d_o, const float* o,
+                             const float* lse, const float* q, const float* k, const float* v, Geometry geo,
+                             Params params) {
+  using Score = typename Params::Score;
+  using Token = typename Score::Token;
+  const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kBwdKeyTile;
+  const int dh = geo.dh, ks = odd_stride(dh);
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int j_last = min(j0 + kBwdKeyTile, geo.N) - 1;
+  const Score pol = params.at(b, h);
+
+  extern __shared__ float smem[];
+  SmemCursor cur{smem};
+  float* Ks = cur.take((long)kBwdKeyTile * dh);
+  float* Vs = cur.take((long)kBwdKeyTile * dh);
+  float* DKs = cur.take((long)kBwdKeyTile * dh);  // Σ_i cross_ij·q_i
+  float* DVs = cur.take((long)kBwdKeyTile * dh);  // Σ_i p_ij·dO_i
+  float* Qc = cur.take((long)kChunk * ks);        // query chunk (odd stride: lane = query)
+  float* Gc = cur.take((long)kChunk * ks);        // dO chunk
+  float* Ps = cur.take(kWarps * kChunk);
+  float* Xs = cur.take(kWarps * kChunk);
+  float* LSEc = cur.take(kChunk);
+  float* GOc = cur.take(kChunk);
+  float* DKself = cur.take(kBwdKeyTile);
+  float* DMU = cur.take(kBwdKeyTile);
+  Token* Kt = reinterpret_cast<Token*>(cur.at);
+  Token* Qt = Kt + kBwdKeyTile;
+
+  for (int t = warp; t < kBwdKeyTile; t += kWarps) {
+    const int j = j0 + t;
+    if (j > j_last) break;
+    const long at = geo.row(b, j, h);
+    float sq = 0.f;
+    for (int e = lane; e < dh; e += kWarp) {
+      const float x = k[at + e];
+      Ks[t * dh + e] = x;
+      Vs[t * dh + e] = v[at + e];
+      DKs[t * dh + e] = 0.f;
+      DVs[t * dh + e] = 0.f;
+      sq += x * x;
+    }
+    if (Score::kNeedsNorm) sq = warp_sum(sq);
+    if (lane == 0) {
+      Kt[t] = pol.token(sq);
+      DKself[t] = 0.f;
+      DMU[t] = 0.f;
+    }
+  }
+
+  const int query_lo = j0, query_hi = geo.last_query(j_last);
+  for (int cs = query_lo; cs <= query_hi; cs += kChunk) {
+    __syncthreads();
+    for (int t = warp; t < kChunk; t += kWarps) {
+      const int i = cs + t;
+      if (i > query_hi) break;
+      const long at = geo.row(b, i, h);
+      float sq = 0.f, go = 0.f;
+      for (int e = lane; e < dh; e += kWarp) {
+        const float x = q[at + e], g = d_o[at + e];
+        Qc[t * ks + e] = x;
+        Gc[t * ks + e] = g;
+        sq += x * x;
+        go += g * o[at + e];
+      }
+      if (Score::kNeedsNorm) sq = warp_sum(sq);
+      go = warp_sum(go);
+      if (lane == 0) {
+        Qt[t] = pol.token(sq);
+        LSEc[t] = lse[geo.lse_index(b, i, h)];
+        GOc[t] = go;
+      }
+    }
+    __syncthreads();
+
+    for (int kk = 0; kk < kBwdKeysPerWarp; ++kk) {
+      const int t = warp + kWarps * kk, j = j0 + t;
+      if (j > j_last) break;
+      const int lo = max(j, cs), hi = min(geo.last_query(j), cs + kChunk - 1);
+      if (lo > hi) continue;
+      const int i = cs + lane;
+      const bool valid = i >= lo && i <= hi;
+      float p = 0.f, cross = 0.f, self_k = 0.f, dscore = 0.f;
+      if (valid) {
+        const float* qrow = Qc + lane * ks;
+        const float* grow = Gc + lane * ks;
+        const float* krow = Ks + t * dh;
+        const float* vrow = Vs + t * dh;
+        float dot_qk = 0.f, dot_gv = 0.f;
+        for (int e = 0; e < dh; ++e) {
+          dot_qk += qrow[e] * krow[e];
+          dot_gv += grow[e] * vrow[e];
+        }
+        const PairGrad pg = pol.pair_grad(i, j, Qt[lane], Kt[t], dot_qk, dot_gv, LSEc[lane], GOc[lane]);
+        p = pg.p;
+        cross = pg.cross;
+        self_k = pg.self_k;
+        dscore = pg.dscore;
+      }
+      Ps[warp * kChunk + lane] = p;
+      Xs[warp * kChunk + lane] = cross;
+      const float self_sum = warp_sum(self_k), dscore_sum = warp_sum(dscore);
+      __syncwarp();
+      for (int e = lane; e < dh; e += kWarp) {
+        float dv_acc = DVs[t * dh + e], dk_acc = DKs[t * dh + e];
+        for (int ii = lo - cs; ii <= hi - cs; ++ii) {
+          dv_acc += Ps[warp * kChunk + ii] * Gc[ii * ks + e];
+          dk_acc += Xs[warp * kChunk + ii] * Qc[ii * ks + e];
+        }
+        DVs[t * dh + e] = dv_acc;
+        DKs[t * dh + e] = dk_acc;
+      }
+      if (lane == 0) {
+        DKself[t] += self_sum;
+        DMU[t] += dscore_sum;
+      }
+      __syncwarp();
+    }
+  }
+
+  __syncwarp();
+  for (int kk = 0; kk < kBwdKeysPerWarp; ++kk) {
+    const int t = warp + kWarps * kk, j = j0 + t;
+    if (j > j_last) break;
+    const long at = geo.row(b, j, h);
+    if (dk) {
+      const float self = DKself[t];
+      for (int e = lane; e < dh; e += kWarp) dk[at + e] += DKs[t * dh + e] + self * Ks[t * dh + e];
+    }
+    if (dv)
+      for (int e = lane; e < dh; e += kWarp) dv[at + e] += DVs[t * dh + e];
+    if (dlog_mu && lane == 0) dlog_mu[((long)b * geo.N + j) * geo.H + h] += DMU[t];
+  }
+}
+
+// dc += Σ_blocks partials[block]; dβ_h += Σ_{blocks of head h} partials[blocks + block]. Block x < H
+// reduces dβ_x, block H reduces dc; fixed strided assignment and a fixed tree: deterministic.
+__global__ void __launch_bounds__(kReduceThreads)
+    reduce_param_partials_kernel(float* dc, float* dbeta, const float* partials, int B, int H, int tiles) {
+  __shared__ float red[kReduceThreads];
+  const int out = blockIdx.x, tid = threadIdx.x;
+  const long blocks = (long)B * H * tiles;
+  float acc = 0.f;
+  if (out == H) {
+    for (long idx = tid; idx < blocks; idx += kReduceThreads) acc += partials[idx];
+  } else {
+    const long n = (long)B * tiles;
+    for (long idx = tid; idx < n; idx += kReduceThreads) {
+      const long bb = idx / tiles, tile = idx % tiles;
+      acc += partials[blocks + (bb * H + out) * tiles + tile];
+    }
+  }
+  red[tid] = acc;
+  __syncthreads();
+  for (int s = kReduceThreads / 2; s > 0; s /= 2) {
+    if (tid < s) red[tid] += red[tid + s];
+    __syncthreads();
+  }
+  if (tid == 0) {
+    if (out == H) {
+      if (dc) *dc += red[0];
+    } else if (dbeta) {
+      dbeta[out] += red[0];
+    }
+  }
+}
+
+// Dynamic shared memory above the 48 KiB default needs an opt-in per kernel.
+template <class Kernel> void prepare_smem(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    MUSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+void validate(const WindowedAttnArgs& a) {
+  if (a.B < 0 || a.N < 0 || a.H < 1 || a.D < 1 || a.D % a.H != 0)
+    throw std::invalid_argument("windowed attention (cuda): D (" + std::to_string(a.D) +
+                                ") must be a positive multiple of H (" + std::to_string(a.H) + ")");
+  if (a.D / a.H > kMaxHeadDim)
+    throw std::invalid_argument("windowed attention (cuda): d_h = " + std::to_string(a.D / a.H) +
+                                " exceeds the supported maximum " + std::to_string(kMaxHeadDim));
+  if (a.window < 1) throw std::invalid_argument("windowed attention (cuda): window must be at least 1");
+}
+
+Geometry geometry(const WindowedAttnArgs& a) {
+  return Geometry{a.N, a.H, a.D, a.D / a.H, a.window, a.sliding, a.lse_bnh};
+}
+
+HyperbolicParams hyperbolic_params(const WindowedAttnArgs& a) {
+  if (!a.beta) throw std::invalid_argument("local_attn (cuda): beta is required");
+  return HyperbolicParams{std::sqrt(a.c), a.c, a.beta, a.log_mu, a.alibi, a.N, a.H};
+}
+
+DotParams dot_params(const WindowedAttnArgs& a) {
+  return DotParams{1.f / std::sqrt(float(a.D / a.H)), a.alibi, a.H};
+}
+
+int tiles(int N, int tile) { return (N + tile - 1) / tile; }
+
+template <class Params>
+void launch_forward(float* o, float* lse, const float* q, const float* k, const float* v, const Geometry& geo,
+                    const Params& params, int B, cudaStream_t stream) {
+  using Token = typename Params::Score::Token;
+  const size_t smem = forward_smem_bytes<Token>(geo.dh);
+  prepare_smem(attn_forward_kernel<Params>, smem);
+  const dim3 grid(tiles(geo.N, kFwdTile), geo.H, B);
+  attn_forward_kernel<Params><<<grid, kThreads, smem, stream>>>(o, lse, q, k, v, geo, params);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <class Params>
+void launch_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu, const float* d_o,
+                     const float* o, const float* lse, const float* q, const float* k, const float* v,
+                     const Geometry& geo, const Params& params, int B, float* workspace, cudaStream_t stream) {
+  using Token = typename Params::Score::Token;
+  const bool want_params = Params::kHasParamGrads && (dc || dbeta);
+  if (want_params && !workspace)
+    throw std::invalid_argument("local_attn_backward (cuda): dc/dbeta need a workspace");
+  if (dq || want_params) {
+    const size_t smem = backward_query_smem_bytes<Token>(geo.dh);
+    prepare_smem(attn_backward_query_kernel<Params>, smem);
+    const dim3 grid(tiles(geo.N, kBwdQueryTile), geo.H, B);
+    attn_backward_query_kernel<Params><<<grid, kThreads, smem, stream>>>(
+        dq, want_params ? workspace : nullptr, d_o, o, lse, q, k, v, geo, params);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+    if (want_params) {
+      reduce_param_partials_kernel<<<geo.H + 1, kReduceThreads, 0, stream>>>(dc, dbeta, workspace, B, geo.H,
+                                                                              (int)grid.x);
+      MUSE_CUDA_CHECK(cudaGetLastError());
+    }
+  }
+  if (dk || dv || dlog_mu) {
+    const size_t smem = backward_key_smem_bytes<Token>(geo.dh);
+    prepare_smem(attn_backward_key_kernel<Params>, smem);
+    const dim3 grid(tiles(geo.N, kBwdKeyTile), geo.H, B);
+    attn_backward_key_kernel<Params><<<grid, kThreads, smem, stream>>>(dk, dv, dlog_mu, d_o, o, lse, q, k, v, geo,
+                                                                       params);
+    MUSE_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace
+
+void windowed_attn_forward(float* o, float* lse, const float* q, const float* k, const float* v,
+                           const WindowedAttnArgs& args, cudaStream_t stream) {
+  validate(args);
+  if (args.B == 0 || args.N == 0) return;
+  const Geometry geo = geometry(args);
+  if (args.score == AttnScore::hyperbolic)
+    launch_forward(o, lse, q, k, v, geo, hyperbolic_params(args), args.B, stream);
+  else
+    launch_forward(o, lse, q, k, v, geo, dot_params(args), args.B, stream);
+}
+
+size_t windowed_attn_workspace_floats(const WindowedAttnArgs& args) {
+  if (args.B <= 0 || args.N <= 0 || args.H <= 0) return 0;
+  return size_t(2) * args.B * args.H * tiles(args.N, kBwdQueryTile);
+}
+
+void windowed_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu,
+                            const float* d_o, const float* o, const float* lse, const float* q, const float* k,
+                            const float* v, const WindowedAttnArgs& args, float* workspace, cudaStream_t stream) {
+  validate(args);
+  if (args.B == 0 || args.N == 0) return;
+  const Geometry geo = geometry(args);
+  if (args.score == AttnScore::hyperbolic) {
+    if (!args.log_mu) dlog_mu = nullptr;
+    launch_backward(dq, dk, dv, dc, dbeta, dlog_mu, d_o, o, lse, q, k, v, geo, hyperbolic_params(args), args.B,
+                    workspace, stream);
+  } else {
+    launch_backward(dq, dk, dv, nullptr, nullptr, nullptr, d_o, o, lse, q, k, v, geo, dot_params(args), args.B,
+                    nullptr, stream);
+  }
+}
+
+}  // namespace detail
+
+namespace {
+
+detail::WindowedAttnArgs local_args(float c, const float* beta, const float* log_mu, const LocalAttnConfig& cfg) {
+  detail::WindowedAttnArgs a;
+  a.score = detail::AttnScore::hyperbolic;
+  a.B = cfg.B;
+  a.N = cfg.N;
+  a.H = cfg.H;
+  a.D = cfg.D;
+  a.window = cfg.window;
+  a.sliding = cfg.sliding;
+  a.alibi = cfg.alibi;
+  a.lse_bnh = true;
+  a.c = c;
+  a.beta = beta;
+  a.log_mu = log_mu;
+  return a;
+}
+
+}  // namespace
+
+void local_attn_forward(float* o, float* lse, const float* q, const float* k, const float* v, float c,
+                        const float* beta, const float* log_mu, const LocalAttnConfig& cfg, cudaStream_t stream) {
+  detail::windowed_attn_forward(o, lse, q, k, v, local_args(c, beta, log_mu, cfg), stream);
+}
+
+size_t local_attn_backward_workspace_floats(const LocalAttnConfig& cfg) {
+  return detail::windowed_attn_workspace_floats(local_args(1.f, nullptr, nullptr, cfg));
+}
+
+void local_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu, const float* d_o,
+                         const float* o, const float* lse, const float* q, const float* k, const float* v, float c,
+                         const float* beta, const float* log_mu, const LocalAttnConfig& cfg, float* workspace,
+                         cudaStream_t stream) {
+  detail::windowed_attn_backward(dq, dk, dv, dc, dbeta, dlog_mu, d_o, o, lse, q, k, v,
+                                 local_args(c, beta, log_mu, cfg), workspace, stream);
+}
+
+}  // namespace muse::cuda

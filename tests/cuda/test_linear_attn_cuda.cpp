@@ -1,0 +1,164 @@
+#include "ops/linear_attn.cuh"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cuda/gpu_support.h"
+#include "ops/linear_attn.h"
+#include "support/test_util.h"
+
+namespace muse::test {
+
+namespace {
+
+// Tolerances. fp32 on both sides with the same recurrences: the state updates S += φ̃(k)vᵀ run in the same
+// (time) order, so they differ only by FMA contraction; the reductions over the d_h rows (numerator, ζ,
+// dφ̃(k), dv) and over the columns (S·do) are summed in groups/warp trees on the GPU and sequentially on
+// the CPU. Element-wise: |gpu − cpu| ≤ rel·scale + rel·|cpu| + 8·float_error with scale = the largest
+// |entry| of the CPU result (of the gradient alone, without the initial value) and float_error = the
+// largest |CPU float − CPU double| of that tensor (fp32's own noise on these inputs; the backward's
+// adjoint states sum up to N tokens, so it grows with N).
+constexpr double kForwardRel = 1e-4;
+constexpr double kGradRel = 3e-4;
+
+std::vector<float> to_float(const std::vector<double>& x) { return std::vector<float>(x.begin(), x.end()); }
+std::vector<double> to_double(const std::vector<float>& x) { return std::vector<double>(x.begin(), x.end()); }
+std::vector<float> nan_filled(size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
+
+void expect_matches(const std::vector<float>& gpu, const std::vector<float>& cpu, const std::vector<float>& init,
+                    const std::vector<double>& cpu_double, double rel, const std::string& what) {
+  ASSERT_EQ(cpu.size(), cpu_double.size()) << what;
+  double scale = 0, float_error = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const double base = init.empty() ? 0.0 : double(init[i]);
+    scale = std::max(scale, std::abs(double(cpu[i]) - base));
+    float_error = std::max(float_error, std::abs(double(cpu[i]) - cpu_double[i]));
+  }
+  expect_close_to_reference(gpu, cpu, rel * scale + 8 * float_error + 1e-30, rel, what);
+}
+
+struct Case {
+  int B, N, D, H;
+  bool gate;
+};
+
+struct Wanted {
+  bool dq = true, dk = true, dv = true, dmu = true;
+};
+
+void check_case(const Case& cs, const Wanted& want = Wanted{}) {
+  const int B = cs.B, N = cs.N, D = cs.D, H = cs.H, dh = D / H;
+  SCOPED_TRACE("B " + std::to_string(B) + " N " + std::to_string(N) + " D " + std::to_string(D) + " H " +
+               std::to_string(H) + (cs.gate ? " +gate" : ""));
+  Rng rng(uint64_t(B) * 1000003 + N * 7919 + D * 131 + H * 17 + cs.gate);
+  const size_t n = size_t(B) * N * D, nh = size_t(B) * N * H;
+  const size_t ns = size_t(B) * H * dh * dh, nz = size_t(B) * H * dh;
+  // q, k with std 2 put x/√d_h on both sides of ELU's kink; the gate stays inside (0, 1) (as the CPU tests).
+  const auto q = to_float(random_normal(n, rng, 2.0)), k = to_float(random_normal(n, rng, 2.0)),
+             v = to_float(random_normal(n, rng));
+  std::vector<float> mu;
+  if (cs.gate) mu = to_float(random_uniform(nh, rng, 0.2, 0.95));
+  const float* mu_ptr = cs.gate ? mu.data() : nullptr;
+
+  std::vector<float> o(n), zeta(nh), S(ns), z(nz);
+  linear_attn_forward<float>(o.data(), zeta.data(), S.data(), z.data(), q.data(), k.data(), v.data(), mu_ptr, B, N, D,
+                             H);
+  const auto qd = to_double(q), kd = to_double(k), vd = to_double(v), mud = to_double(mu);
+  const double* mud_ptr = cs.gate ? mud.data() : nullptr;
+  std::vector<double> od(n), zetad(nh), Sd(ns), zd(nz);
+  linear_attn_forward<double>(od.data(), zetad.data(), Sd.data(), zd.data(), qd.data(), kd.data(), vd.data(), mud_ptr,
+                              B, N, D, H);
+
+  DeviceBuffer<float> gq(q), gk(k), gv(v), gmu(mu), go(nan_filled(n)), gzeta(nan_filled(nh)), gS(nan_filled(ns)),
+      gz(nan_filled(nz));
+  float* gmu_ptr = cs.gate ? gmu.get() : nullptr;
+  cuda::linear_attn_forward(go.get(), gzeta.get(), gS.get(), gz.get(), gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D,
+                            H);
+  expect_matches(go.download(), o, {}, od, kForwardRel, "o");
+  expect_matches(gzeta.download(), zeta, {}, zetad, kForwardRel, "zeta");
+  expect_matches(gS.download(), S, {}, Sd, kForwardRel, "final_S");
+  expect_matches(gz.download(), z, {}, zd, kForwardRel, "final_z");
+
+  // Backward from the CPU's zeta, into non-zero gradients (checks +=).
+  const auto d_o = to_float(random_normal(n, rng));
+  const auto dq0 = to_float(random_normal(n, rng, 0.3)), dk0 = to_float(random_normal(n, rng, 0.3)),
+             dv0 = to_float(random_normal(n, rng, 0.3)), dmu0 = to_float(random_normal(nh, rng, 0.3));
+  std::vector<float> dq = dq0, dk = dk0, dv = dv0, dmu = dmu0;
+  linear_attn_backward<float>(want.dq ? dq.data() : nullptr, want.dk ? dk.data() : nullptr,
+                              want.dv ? dv.data() : nullptr, want.dmu ? dmu.data() : nullptr, d_o.data(), zeta.data(),
+                              q.data(), k.data(), v.data(), mu_ptr, B, N, D, H);
+  const auto d_od = to_double(d_o);
+  auto dqd = to_double(dq0), dkd = to_double(dk0), dvd = to_double(dv0), dmud = to_double(dmu0);
+  linear_attn_backward<double>(want.dq ? dqd.data() : nullptr, want.dk ? dkd.data() : nullptr,
+                               want.dv ? dvd.data() : nullptr, want.dmu ? dmud.data() : nullptr, d_od.data(),
+                               zetad.data(), qd.data(), kd.data(), vd.data(), mud_ptr, B, N, D, H);
+
+  DeviceBuffer<float> gdo(d_o), gzeta_cpu(zeta), gdq(dq0), gdk(dk0), gdv(dv0), gdmu(dmu0);
+  DeviceBuffer<float> workspace(cuda::linear_attn_backward_workspace_floats(B, N, H));
+  cuda::linear_attn_backward(want.dq ? gdq.get() : nullptr, want.dk ? gdk.get() : nullptr,
+                             want.dv ? gdv.get() : nullptr, want.dmu ? gdmu.get() : nullptr, gdo.get(), gzeta_cpu.get(),
+                             gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D, H, workspace.get());
+  expect_matches(gdq.download(), dq, dq0, dqd, kGradRel, "dq");
+  expect_matches(gdk.download(), dk, dk0, dkd, kGradRel, "dk");
+  expect_matches(gdv.download(), dv, dv0, dvd, kGradRel, "dv");
+  expect_matches(gdmu.download(), dmu, dmu0, dmud, kGradRel, "dmu");
+  MUSE_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+}  // namespace
+
+// phase8-small: D = 512, H = 8 (d_h = 64); N = 150 is not a multiple of the 8-token staging chunk.
+TEST(linear_attn_cuda, phase8_small_shape_matches_cpu) {
+  MUSE_REQUIRE_GPU();
+  check_case({2, 150, 512, 8, true});
+  check_case({2, 150, 512, 8, false});
+}
+
+// Head widths around the thread-layout boundaries: d_h + 1 state columns on ⌈(d_h + 1)/32⌉ warps, rows
+// in groups of 4 with a power-of-two count per thread.
+TEST(linear_attn_cuda, head_widths_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  check_case({2, 37, 51, 3, true});    // d_h = 17 (odd)
+  check_case({2, 37, 93, 3, false});   // d_h = 31: d_h + 1 = 32 columns, exactly one warp
+  check_case({2, 37, 64, 2, true});    // d_h = 32: 33 columns, second warp holds only z
+  check_case({1, 29, 99, 3, true});    // d_h = 33
+  check_case({1, 70, 256, 2, true});   // d_h = 128 (the maximum; > 48 KiB shared memory)
+  check_case({3, 20, 3, 3, true});     // d_h = 1
+  check_case({2, 45, 20, 4, false});   // d_h = 5
+}
+
+TEST(linear_attn_cuda, short_sequences_and_partial_gradients_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  check_case({3, 1, 51, 3, true});  // N = 1
+  check_case({2, 8, 51, 3, true});  // N = one staging chunk
+  check_case({2, 9, 51, 3, true});  // one chunk + 1
+  Wanted dq_only;
+  dq_only.dk = dq_only.dv = dq_only.dmu = false;
+  check_case({2, 37, 51, 3, true}, dq_only);
+  Wanted no_dq;
+  no_dq.dq = false;
+  check_case({2, 37, 51, 3, true}, no_dq);
+  Wanted dmu_only;
+  dmu_only.dq = dmu_only.dk = dmu_only.dv = false;
+  check_case({2, 37, 51, 3, true}, dmu_only);
+}
+
+// N = 0: nothing to compute, but the final state is written (zero), as by the CPU op.
+TEST(linear_attn_cuda, empty_sequence_writes_zero_state) {
+  MUSE_REQUIRE_GPU();
+  const int B = 2, N = 0, D = 12, H = 3, dh = 4;
+  DeviceBuffer<float> dummy(1), gS(nan_filled(size_t(B) * H * dh * dh)), gz(nan_filled(size_t(B) * H * dh));
+  cuda::linear_attn_forward(dummy.get(), dummy.get(), gS.get(), gz.get(), dummy.get(), dummy.get(), dummy.get(),
+                            nullptr, B, N, D, H);
+  EXPECT_EQ(gS.download(), std::vector<float>(size_t(B) * H * dh * dh, 0.f));
+  EXPECT_EQ(gz.download(), std::vector<float>(size_t(B) * H * dh, 0.f));
+  EXPECT_EQ(cuda::linear_attn_backward_workspace_floats(B, N, H), 0u);
+  cuda::linear_attn_backward(dummy.get(), dummy.get(), dummy.get(), nullptr, dummy.get(), dummy.get(), dummy.get(),
+                             dummy.get(), dummy.get(), nullptr, B, N, D, H, nullptr);
+  MUSE_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+}  // namespace muse::test
