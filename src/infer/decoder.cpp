@@ -200,7 +200,7 @@ const T* Decoder<T>::prefill(int stream, const int32_t* ids, int n) {
   // reused set of activations, so a long prompt needs one layer's activations, not L of them.
   std::vector<int> positions(n);
   for (int i = 0; i < n; ++i) positions[i] = i;
-  BlockActs<T>& a = prefill_acts_;
+  BlockActs<T> a;  // released on return: a long prompt's activations are not kept while decoding
   a.h_in.resize(n * D);
   embed(a.h_in.data(), ids, positions.data(), n);
   std::vector<T> out(n * D);

@@ -106,7 +106,6 @@ class Decoder {
   std::vector<T> A_hat_, B_hat_;  // normalised HTT cores (HTT embedding only)
   std::vector<DecodeState<T>> states_;
 
-  BlockActs<T> prefill_acts_;  // one layer's activations, reused layer after layer
   // step scratch, sized for the widest step so far
   std::vector<T> x_, y_, u_, mean_, rstd_, delta_, g_, F_, g_prev_, prev_half_, q_, k_, v_, mu_, log_mu_;
   std::vector<T> o_loc_, o_lin_, mixed_, y_att_, y_glob_, xi_, capped_, mix_mean_, mix_rstd_, h_mid_;
