@@ -60,7 +60,11 @@ grep -q '"chat_template"' "$work/run/$(cat "$work/run/latest")/config.json" ||
 
 # 1. The checkpoint's template: replies end at the end of their line (or after 40 tokens).
 tmux new-session -d -s "$session" -x 160 -y 50 \
-  "'$muse' chat -m '$work/run' --max-tokens 40 --temperature 0; echo CHAT-EXITED-\$?; sleep 60"
+  "'$muse' chat -m '$work/run' --max-tokens 40 --temperature 0; echo CHAT-EXITED-\$?; sleep 60" || { echo "tmux new-session failed: skipping"; exit 77; }
+if ! tmux has-session -t "$session" 2>/dev/null; then
+  echo "the tmux server could not start in this environment: skipping"
+  exit 77
+fi
 wait_for "muse chat:"
 wait_for_prompts 1
 tmux send-keys -t "$session" "hello number 7" Enter
