@@ -77,7 +77,16 @@ double decode_flops(const ModelConfig& c, int B, int context) {
 
 namespace {
 
-double median_of(std::vector<double> seconds) {
+// Runs `iteration` warmup times untimed, then iters times timed; returns the median seconds.
+template <typename F>
+double median_seconds(int warmup, int iters, F&& iteration) {
+  for (int i = 0; i < warmup; ++i) iteration();
+  std::vector<double> seconds;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    iteration();
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
   std::sort(seconds.begin(), seconds.end());
   return seconds.size() % 2 ? seconds[seconds.size() / 2]
                             : 0.5 * (seconds[seconds.size() / 2 - 1] + seconds[seconds.size() / 2]);
@@ -102,14 +111,7 @@ BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
     for (auto& id : tokens) id = int32_t(rng.below(config.vocab_size));
     decoder.step(tokens.data());
   };
-  for (int i = 0; i < o.warmup; ++i) step();
-  std::vector<double> seconds;
-  for (int i = 0; i < o.iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    step();
-    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  const double median = median_of(seconds);
+  const double median = median_seconds(o.warmup, o.iters, step);
   BenchRecord r;
   r.preset = o.preset;
   r.mode = o.mode;
@@ -156,14 +158,7 @@ BenchRecord run_bench(const BenchOptions& o) {
       optimizer.step(model.params().data(), model.grads().data(), 1e-4);
     }
   };
-  for (int i = 0; i < o.warmup; ++i) iteration();
-  std::vector<double> seconds;
-  for (int i = 0; i < o.iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    iteration();
-    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  const double median = median_of(seconds);
+  const double median = median_seconds(o.warmup, o.iters, iteration);
   BenchRecord r;
   r.preset = o.preset;
   r.mode = o.mode;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -61,6 +62,35 @@ inline void expect_close_to_reference(const std::vector<float>& gpu, const std::
   EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << cpu.size() << " elements out of tolerance (atol " << atol
                      << ", rtol " << rtol << "); worst at " << worst_i << ": gpu " << gpu[worst_i] << " cpu "
                      << cpu[worst_i];
+}
+
+
+inline double max_abs(const std::vector<float>& v) {
+  double m = 0;
+  for (float x : v) m = std::max(m, double(std::abs(x)));
+  return m;
+}
+
+// Outputs are filled with NaN before a GPU op runs, so an element it fails to write fails the comparison.
+inline std::vector<float> nans(size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
+
+// Non-zero starting values for a gradient buffer (to check that the GPU op accumulates), sized like the
+// increment so a kernel that overwrites instead of adding fails by far.
+inline std::vector<float> accumulation_start(const std::vector<float>& increment) {
+  const double s = std::max(max_abs(increment), 1e-3);
+  std::vector<float> v(increment.size());
+  for (size_t i = 0; i < v.size(); ++i) v[i] = float(s * (i % 2 ? 0.75 : -0.5));
+  return v;
+}
+
+// gpu (started at `start`) must equal start + increment (the CPU op run from zero) within
+// atol + rtol·|ref|, plus the rounding of the final addition.
+inline void expect_accumulated(const std::vector<float>& gpu, const std::vector<float>& start,
+                               const std::vector<float>& increment, double atol, double rtol,
+                               const std::string& what) {
+  std::vector<float> expected(increment.size());
+  for (size_t i = 0; i < expected.size(); ++i) expected[i] = start[i] + increment[i];
+  expect_close_to_reference(gpu, expected, atol + 2.4e-7 * max_abs(start), rtol, what);
 }
 
 }  // namespace muse::test

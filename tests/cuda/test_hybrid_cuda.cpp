@@ -15,31 +15,11 @@ namespace {
 
 constexpr double kRtol = 1e-5;
 
-double max_abs(const std::vector<float>& v) {
-  double m = 0;
-  for (float x : v) m = std::max(m, double(std::abs(x)));
-  return m;
-}
-
-std::vector<float> nans(size_t n) { return std::vector<float>(n, std::numeric_limits<float>::quiet_NaN()); }
-
-// Non-zero starting values for a gradient buffer (to check that the GPU op accumulates), sized like the
-// increment so a kernel that overwrites instead of adding fails by far.
-std::vector<float> accumulation_start(const std::vector<float>& increment) {
-  const double s = std::max(max_abs(increment), 1e-3);
-  std::vector<float> v(increment.size());
-  for (size_t i = 0; i < v.size(); ++i) v[i] = float(s * (i % 2 ? 0.75 : -0.5));
-  return v;
-}
-
-// gpu (started at `start`) must equal start + increment (the CPU op run from zero) within atol + rtol·|ref|,
-// plus the rounding of the final addition.
 void expect_accumulated(const std::vector<float>& gpu, const std::vector<float>& start,
                         const std::vector<float>& increment, double atol, const std::string& what) {
-  std::vector<float> expected(increment.size());
-  for (size_t i = 0; i < expected.size(); ++i) expected[i] = start[i] + increment[i];
-  expect_close_to_reference(gpu, expected, atol + 2.4e-7 * max_abs(start), kRtol, what);
+  muse::test::expect_accumulated(gpu, start, increment, atol, kRtol, what);
 }
+
 
 // Tolerances. Elementwise outputs (a handful of roundings, σ/tanh within 2 ulp of the host's): 1e-6 of the
 // tensor's scale. Scalar reductions (dc, ds): 1e-5·Σ|terms| (fp32 summation error is at most rows·ε of that
