@@ -8,6 +8,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "common/device.h"
 #include "common/rng.h"
 #include "infer/decoder.h"
 #include "infer/generation.h"
@@ -77,21 +78,6 @@ double decode_flops(const ModelConfig& c, int B, int context) {
 
 namespace {
 
-// Runs `iteration` warmup times untimed, then iters times timed; returns the median seconds.
-template <typename F>
-double median_seconds(int warmup, int iters, F&& iteration) {
-  for (int i = 0; i < warmup; ++i) iteration();
-  std::vector<double> seconds;
-  for (int i = 0; i < iters; ++i) {
-    const auto t0 = std::chrono::steady_clock::now();
-    iteration();
-    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  }
-  std::sort(seconds.begin(), seconds.end());
-  return seconds.size() % 2 ? seconds[seconds.size() / 2]
-                            : 0.5 * (seconds[seconds.size() / 2 - 1] + seconds[seconds.size() / 2]);
-}
-
 // Prefills `batch` streams with random prompts of `context` tokens, then times single decode steps of all
 // streams together.
 BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
@@ -115,7 +101,7 @@ BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
   BenchRecord r;
   r.preset = o.preset;
   r.mode = o.mode;
-  r.device = o.device;
+  r.device = "cpu";
   r.batch = o.batch;
   r.seq = o.context;
   r.context = o.context;
@@ -133,12 +119,18 @@ BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
 }  // namespace
 
 BenchRecord run_bench(const BenchOptions& o) {
-  if (o.device != "cpu") throw std::invalid_argument("--device " + o.device + ": only cpu is available in this build");
   if (o.mode != "forward" && o.mode != "train" && o.mode != "decode")
     throw std::invalid_argument("--mode " + o.mode + ": expected forward, train or decode");
   if (o.batch < 1 || o.seq < 1 || o.iters < 1)
     throw std::invalid_argument("--batch, --seq and --iters must be positive");
   const ModelConfig config = resolve_model_config(o.preset, "", o.overrides);
+  if (resolve_device(o.device) == "cuda") {
+    if (o.mode == "decode")
+      throw std::invalid_argument("--mode decode runs on the CPU in this version: add --device cpu");
+#ifdef MUSE_HAVE_CUDA
+    return run_cuda_bench(o, config);
+#endif
+  }
   if (o.mode == "decode") return run_decode_bench(o, config);
   Model<float> model(config);
   model.init(1);
@@ -162,7 +154,7 @@ BenchRecord run_bench(const BenchOptions& o) {
   BenchRecord r;
   r.preset = o.preset;
   r.mode = o.mode;
-  r.device = o.device;
+  r.device = "cpu";
   r.batch = o.batch;
   r.seq = o.seq;
   r.threads = omp_get_max_threads();

@@ -4,6 +4,8 @@
 //   decode:  one recurrent decode step of `batch` streams after a prompt of `context` tokens each
 //            (infer/decoder.h): tokens/s in total and per stream.
 #pragma once
+#include <algorithm>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -18,7 +20,7 @@ struct BenchOptions {
   int batch = 1, seq = 256;
   int context = 100;             // decode: prompt tokens per stream before the timed steps
   int warmup = 2, iters = 10;
-  std::string device = "cpu";
+  std::string device = "cpu";    // cpu, cuda or auto
 };
 
 struct BenchRecord {
@@ -28,12 +30,31 @@ struct BenchRecord {
   double tokens_per_s_per_stream = 0;  // decode: 1 / median seconds per step
   int context = 0;              // decode: prompt tokens per stream
   double median_ms = 0;
-  double peak_mem_mb = 0;       // the process's resident high-water mark
+  double peak_mem_mb = 0;       // CPU: the process's resident high-water mark; GPU: device memory in use
   double gflop_per_iter = 0;    // SPEC §7 FLOP count
   long long parameters = 0;
 };
 
 BenchRecord run_bench(const BenchOptions& options);
+
+// forward and train on the GPU (bench/cuda_bench.cpp; CUDA builds only): the same measurements, each
+// iteration synchronised, memory as the device memory the run holds (weights included).
+BenchRecord run_cuda_bench(const BenchOptions& options, const ModelConfig& config);
+
+// Runs `iteration` warmup times untimed, then iters times timed; returns the median seconds.
+template <typename F>
+double median_seconds(int warmup, int iters, F&& iteration) {
+  for (int i = 0; i < warmup; ++i) iteration();
+  std::vector<double> seconds;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    iteration();
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  std::sort(seconds.begin(), seconds.end());
+  return seconds.size() % 2 ? seconds[seconds.size() / 2]
+                            : 0.5 * (seconds[seconds.size() / 2 - 1] + seconds[seconds.size() / 2]);
+}
 
 // FLOPs of one forward of B×N tokens as SPEC §7 counts them (×3 for a training step).
 double forward_flops(const ModelConfig& config, int B, int N);

@@ -36,7 +36,10 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "Untimed iterations first")->capture_default_str();
   cmd->add_option("--iters", o->iters, "Timed iterations (the median is reported)")->capture_default_str();
-  cmd->add_option("--device", o->device, "cpu")->capture_default_str()->check(CLI::IsMember({"cpu"}));
+  cmd->add_option("--device", o->device,
+                  "cpu, cuda, or auto (the GPU when one is visible); decode runs on the CPU in this version")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_flag("--json", *as_json, "Print one JSON record");
   cmd->callback([o, as_json, tokenizer_spec, text_file] {
     if (!tokenizer_spec->empty()) {

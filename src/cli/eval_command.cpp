@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "common/device.h"
 #include "data/prepare.h"
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
@@ -16,6 +17,7 @@ struct EvalOptions {
   std::string model_dir, data_dir, text_file;
   int seq = 0, batch = 8;
   int64_t max_windows = 0;
+  std::string device = "auto";
 };
 
 }  // namespace
@@ -32,6 +34,9 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--seq,-n", o->seq, "Window length (default: the training sequence length)");
   cmd->add_option("--batch,-b", o->batch, "Windows per forward")->capture_default_str();
   cmd->add_option("--max-windows", o->max_windows, "Evaluate at most this many windows (0: all)");
+  cmd->add_option("--device", o->device, "cpu, cuda, or auto (the GPU when one is visible)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->callback([o] {
     if (o->data_dir.empty() == o->text_file.empty()) throw std::invalid_argument("give exactly one of --data and --text");
     LoadedModel m = load_model(o->model_dir);
@@ -46,10 +51,20 @@ void add_eval_command(CLI::App& app) {
         throw std::runtime_error(shard->path() + ": tokenized with a different tokenizer than the model's (" +
                                  m.tokenizer->kind() + ")");
     }
-    const EvalResult r = evaluate(m.model, *shard, *m.tokenizer, seq, o->batch, o->max_windows);
+    const std::string device = resolve_device(o->device);
+    EvalResult r;
+#ifdef MUSE_HAVE_CUDA
+    if (device == "cuda") {
+      cuda::Model gpu(m.model.config());
+      gpu.set_inference_only(true);
+      gpu.upload_params(m.model.params().data());
+      r = evaluate(gpu, *shard, *m.tokenizer, seq, o->batch, o->max_windows);
+    }
+#endif
+    if (device == "cpu") r = evaluate(m.model, *shard, *m.tokenizer, seq, o->batch, o->max_windows);
     nlohmann::json out = {{"val_loss", r.loss},   {"perplexity", r.perplexity}, {"bits_per_byte", r.bits_per_byte},
                           {"tokens", r.tokens},   {"bytes", r.bytes},           {"seq", seq},
-                          {"model", m.dir}};
+                          {"model", m.dir},       {"device", device}};
     std::printf("%s\n", out.dump().c_str());
   });
 }

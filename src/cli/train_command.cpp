@@ -52,9 +52,11 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--topology-margin", o->topology_margin, "Margin of the H0 regulariser (Poincare distance)")
       ->capture_default_str();
-  cmd->add_option("--device", "Device: cpu (the CUDA backend arrives with its issue)")
-      ->default_str("cpu")
-      ->check(CLI::IsMember({"cpu"}));
+  o->device = "auto";
+  cmd->add_option("--device", o->device,
+                  "cpu, cuda, or auto (the GPU when this build has CUDA and one is visible, else the CPU)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->callback([o] {
     if (o->preset.empty() && o->config_file.empty() && !o->resume)
       throw std::invalid_argument("give --preset NAME or --config FILE");

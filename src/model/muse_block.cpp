@@ -86,8 +86,6 @@ SsmParams<T> ssm_params(const BlockLayout& b, const T* p) {
   return sp;
 }
 
-namespace {
-
 template <typename T>
 SsmGrads<T> ssm_grads(const BlockLayout& b, T* g) {
   SsmGrads<T> sg;
@@ -110,7 +108,17 @@ SsmGrads<T> ssm_grads(const BlockLayout& b, T* g) {
   return sg;
 }
 
-}  // namespace
+template <typename T>
+BkGrads<T> bk_grads(const BlockLayout& b, T* g) {
+  BkGrads<T> bg;
+  bg.w_v = at(g, b.bk_w_v);
+  bg.b_v = at(g, b.bk_b_v);
+  bg.w_J = at(g, b.bk_w_J);
+  bg.b_J = at(g, b.bk_b_J);
+  bg.eps_p = at(g, b.bk_eps_p);
+  bg.E0 = at(g, b.bk_E0);
+  return bg;
+}
 
 SsmConfig ssm_config(const ModelConfig& c, int B, int N) {
   SsmConfig sc;
@@ -126,6 +134,18 @@ SsmConfig ssm_config(const ModelConfig& c, int B, int N) {
 template <typename T>
 LowRankFfnParams<T> ffn_params(const BlockLayout& b, const T* p) {
   return {p + b.ffn_v1, p + b.ffn_u1, p + b.ffn_b1, p + b.ffn_v2, p + b.ffn_u2, p + b.ffn_b2};
+}
+template <typename T>
+LowRankFfnGrads<T> ffn_grads(const BlockLayout& b, T* g) {
+  return {g + b.ffn_v1, g + b.ffn_u1, g + b.ffn_b1, g + b.ffn_v2, g + b.ffn_u2, g + b.ffn_b2};
+}
+template <typename T>
+DenseMlpParams<T> mlp_params(const BlockLayout& b, const T* p) {
+  return {p + b.mlp_w1, p + b.mlp_b1, p + b.mlp_w2, p + b.mlp_b2};
+}
+template <typename T>
+DenseMlpGrads<T> mlp_grads(const BlockLayout& b, T* g) {
+  return {g + b.mlp_w1, g + b.mlp_b1, g + b.mlp_w2, g + b.mlp_b2};
 }
 
 namespace {
@@ -155,8 +175,7 @@ void gpt_block_forward(T* h_out, BlockActs<T>& a, const BlockLayout& b, const T*
   layernorm_forward<T>(a.u2.data(), a.ln2_mean.data(), a.ln2_rstd.data(), nullptr, a.h_mid.data(), p + b.ln_ffn_gain,
                        p + b.ln_ffn_bias, int(rows), D);
   resize(a.ffn_pre, rows * F), resize(a.ffn_hidden, rows * F);
-  const DenseMlpParams<T> mp{p + b.mlp_w1, p + b.mlp_b1, p + b.mlp_w2, p + b.mlp_b2};
-  dense_mlp_forward<T>(h_out, {a.ffn_pre.data(), a.ffn_hidden.data()}, a.u2.data(), mp, int(rows), D);
+  dense_mlp_forward<T>(h_out, {a.ffn_pre.data(), a.ffn_hidden.data()}, a.u2.data(), mlp_params(b, p), int(rows), D);
   for (size_t i = 0; i < RD; ++i) h_out[i] += a.h_mid[i];
 }
 
@@ -167,9 +186,8 @@ void gpt_block_backward(T* dh, ModelState<T>& s, BlockActs<T>& a, const BlockLay
   const size_t rows = size_t(B) * N, RD = rows * D;
   // MLP branch: dh flows to h_mid unchanged, plus through LN_mlp and the MLP.
   zeroed(s.du2, RD);
-  const DenseMlpParams<T> mp{p + b.mlp_w1, p + b.mlp_b1, p + b.mlp_w2, p + b.mlp_b2};
-  const DenseMlpGrads<T> mg{g + b.mlp_w1, g + b.mlp_b1, g + b.mlp_w2, g + b.mlp_b2};
-  dense_mlp_backward<T>(s.du2.data(), mg, dh, {a.ffn_pre.data(), a.ffn_hidden.data()}, a.u2.data(), mp, int(rows), D);
+  dense_mlp_backward<T>(s.du2.data(), mlp_grads(b, g), dh, {a.ffn_pre.data(), a.ffn_hidden.data()}, a.u2.data(),
+                        mlp_params(b, p), int(rows), D);
   layernorm_backward<T>(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2.data(), nullptr, a.h_mid.data(),
                         p + b.ln_ffn_gain, a.ln2_mean.data(), a.ln2_rstd.data(), int(rows), D);
   // Attention branch.
@@ -277,8 +295,7 @@ void muse_block_backward(T* dh, ModelState<T>& s, BlockActs<T>& a, const BlockLa
     const int rho = c.ffn_rank;
     zeroed(s.du2, RD);
     const LowRankFfnSaved<T> ffn_saved{a.ffn_low1.data(), a.ffn_pre.data(), a.ffn_hidden.data(), a.ffn_low2.data()};
-    const LowRankFfnGrads<T> fg{g + b.ffn_v1, g + b.ffn_u1, g + b.ffn_b1, g + b.ffn_v2, g + b.ffn_u2, g + b.ffn_b2};
-    lowrank_ffn_backward<T>(s.du2.data(), fg, dh, ffn_saved, a.u2.data(), ffn_params(b, p), int(rows), D, rho);
+    lowrank_ffn_backward<T>(s.du2.data(), ffn_grads(b, g), dh, ffn_saved, a.u2.data(), ffn_params(b, p), int(rows), D, rho);
     layernorm_backward<T>(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2.data(), nullptr, a.h_mid.data(),
                           p + b.ln_ffn_gain, a.ln2_mean.data(), a.ln2_rstd.data(), int(rows), D);
   }
@@ -334,15 +351,8 @@ void muse_block_backward(T* dh, ModelState<T>& s, BlockActs<T>& a, const BlockLa
   linear_backward<T>(s.du.data(), g + b.w_v, nullptr, s.dv.data(), a.u.data(), p + b.w_v, int(rows), D, D);
 
   // BK core.
-  BkGrads<T> bg;
-  bg.w_v = at(g, b.bk_w_v);
-  bg.b_v = at(g, b.bk_b_v);
-  bg.w_J = at(g, b.bk_w_J);
-  bg.b_J = at(g, b.bk_b_J);
-  bg.eps_p = at(g, b.bk_eps_p);
-  bg.E0 = at(g, b.bk_E0);
   const BkSaved<T> bk_saved{a.bk_v.data(), a.bk_J.data(), a.bk_J2.data()};
-  bk_layer_backward<T>(s.du.data(), bg, phase8 ? nullptr : s.dg.data(), s.dF.data(), a.u.data(), a.g.data(), bk_saved,
+  bk_layer_backward<T>(s.du.data(), bk_grads(b, g), phase8 ? nullptr : s.dg.data(), s.dF.data(), a.u.data(), a.g.data(), bk_saved,
                        bk_params(b, p, c), hopping, B, N, D);
 
   layernorm_backward<T>(dh, g + b.ln_gain, g + b.ln_bias, s.du.data(), s.ddelta.data(), a.h_in.data(), p + b.ln_gain,
@@ -372,7 +382,12 @@ void block_backward(T* dh, ModelState<T>& state, BlockActs<T>& acts, const Block
 #define MUSE_BLOCK_PARTS_INSTANTIATE(T)                                                   \
   template BkParams<T> bk_params<T>(const BlockLayout&, const T*, const ModelConfig&);  \
   template SsmParams<T> ssm_params<T>(const BlockLayout&, const T*);                    \
-  template LowRankFfnParams<T> ffn_params<T>(const BlockLayout&, const T*);
+  template LowRankFfnParams<T> ffn_params<T>(const BlockLayout&, const T*);            \
+  template SsmGrads<T> ssm_grads<T>(const BlockLayout&, T*);                           \
+  template BkGrads<T> bk_grads<T>(const BlockLayout&, T*);                             \
+  template LowRankFfnGrads<T> ffn_grads<T>(const BlockLayout&, T*);                    \
+  template DenseMlpParams<T> mlp_params<T>(const BlockLayout&, const T*);              \
+  template DenseMlpGrads<T> mlp_grads<T>(const BlockLayout&, T*);
 MUSE_BLOCK_PARTS_INSTANTIATE(float)
 MUSE_BLOCK_PARTS_INSTANTIATE(double)
 #undef MUSE_BLOCK_PARTS_INSTANTIATE

@@ -25,8 +25,9 @@ template <typename T>
 T curvature_grad(T c_raw) {
   return T(kCurvatureMin) + softplus(c_raw) < T(kCurvatureMax) ? sigmoid(c_raw) : T(0);
 }
-// The pieces of a block's configuration that the forward and the recurrent decoder (infer/decoder.h)
-// share, so both read the parameters the same way.
+// The pieces of a block's configuration that the forward, the recurrent decoder (infer/decoder.h) and the
+// GPU model (model/cuda_model.h) share, so all read the parameters the same way. p and g are the flat
+// parameter and gradient arrays (host or device: only offsets are taken).
 LocalAttnConfig attn_config(const ModelConfig& c, int B, int N);
 SsmConfig ssm_config(const ModelConfig& c, int B, int N);
 template <typename T>
@@ -35,6 +36,16 @@ template <typename T>
 SsmParams<T> ssm_params(const BlockLayout& b, const T* p);
 template <typename T>
 LowRankFfnParams<T> ffn_params(const BlockLayout& b, const T* p);
+template <typename T>
+SsmGrads<T> ssm_grads(const BlockLayout& b, T* g);
+template <typename T>
+BkGrads<T> bk_grads(const BlockLayout& b, T* g);
+template <typename T>
+LowRankFfnGrads<T> ffn_grads(const BlockLayout& b, T* g);
+template <typename T>
+DenseMlpParams<T> mlp_params(const BlockLayout& b, const T* p);
+template <typename T>
+DenseMlpGrads<T> mlp_grads(const BlockLayout& b, T* g);
 
 // h_out [B·N, D] = block(acts.h_in), keeping the activations in acts.
 template <typename T>

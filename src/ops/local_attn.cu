@@ -125,7 +125,8 @@ struct HyperbolicScore {
 struct HyperbolicParams {
   using Score = HyperbolicScore;
   static constexpr bool kHasParamGrads = true;
-  float sqrt_c, c;
+  float c;
+  const float* c_device;  // when set, c is read here (the model's curvature, computed on the device)
   const float* beta;
   const float* log_mu;
   bool alibi;
@@ -133,8 +134,8 @@ struct HyperbolicParams {
 
   __device__ Score at(int b, int h) const {
     Score s;
-    s.sqrt_c = sqrt_c;
-    s.c = c;
+    s.c = c_device ? *c_device : c;
+    s.sqrt_c = sqrtf(s.c);
     s.temperature = device_softplus(beta[h]);
     s.dtemperature = device_sigmoid(beta[h]);
     s.slope = alibi ? float(exp2(-8.0 * (h + 1) / H)) : 0.f;
@@ -664,7 +665,7 @@ Geometry geometry(const WindowedAttnArgs& a) {
 
 HyperbolicParams hyperbolic_params(const WindowedAttnArgs& a) {
   if (!a.beta) throw std::invalid_argument("local_attn (cuda): beta is required");
-  return HyperbolicParams{std::sqrt(a.c), a.c, a.beta, a.log_mu, a.alibi, a.N, a.H};
+  return HyperbolicParams{a.c, a.c_device, a.beta, a.log_mu, a.alibi, a.N, a.H};
 }
 
 DotParams dot_params(const WindowedAttnArgs& a) {
@@ -753,7 +754,8 @@ void windowed_attn_backward(float* dq, float* dk, float* dv, float* dc, float* d
 
 namespace {
 
-detail::WindowedAttnArgs local_args(float c, const float* beta, const float* log_mu, const LocalAttnConfig& cfg) {
+detail::WindowedAttnArgs local_args(float c, const float* c_device, const float* beta, const float* log_mu,
+                                    const LocalAttnConfig& cfg) {
   detail::WindowedAttnArgs a;
   a.score = detail::AttnScore::hyperbolic;
   a.B = cfg.B;
@@ -765,6 +767,7 @@ detail::WindowedAttnArgs local_args(float c, const float* beta, const float* log
   a.alibi = cfg.alibi;
   a.lse_bnh = true;
   a.c = c;
+  a.c_device = c_device;
   a.beta = beta;
   a.log_mu = log_mu;
   return a;
@@ -774,11 +777,16 @@ detail::WindowedAttnArgs local_args(float c, const float* beta, const float* log
 
 void local_attn_forward(float* o, float* lse, const float* q, const float* k, const float* v, float c,
                         const float* beta, const float* log_mu, const LocalAttnConfig& cfg, cudaStream_t stream) {
-  detail::windowed_attn_forward(o, lse, q, k, v, local_args(c, beta, log_mu, cfg), stream);
+  detail::windowed_attn_forward(o, lse, q, k, v, local_args(c, nullptr, beta, log_mu, cfg), stream);
+}
+
+void local_attn_forward(float* o, float* lse, const float* q, const float* k, const float* v, const float* c,
+                        const float* beta, const float* log_mu, const LocalAttnConfig& cfg, cudaStream_t stream) {
+  detail::windowed_attn_forward(o, lse, q, k, v, local_args(0.f, c, beta, log_mu, cfg), stream);
 }
 
 size_t local_attn_backward_workspace_floats(const LocalAttnConfig& cfg) {
-  return detail::windowed_attn_workspace_floats(local_args(1.f, nullptr, nullptr, cfg));
+  return detail::windowed_attn_workspace_floats(local_args(1.f, nullptr, nullptr, nullptr, cfg));
 }
 
 void local_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu, const float* d_o,
@@ -786,7 +794,15 @@ void local_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbet
                          const float* beta, const float* log_mu, const LocalAttnConfig& cfg, float* workspace,
                          cudaStream_t stream) {
   detail::windowed_attn_backward(dq, dk, dv, dc, dbeta, dlog_mu, d_o, o, lse, q, k, v,
-                                 local_args(c, beta, log_mu, cfg), workspace, stream);
+                                 local_args(c, nullptr, beta, log_mu, cfg), workspace, stream);
+}
+
+void local_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu, const float* d_o,
+                         const float* o, const float* lse, const float* q, const float* k, const float* v,
+                         const float* c, const float* beta, const float* log_mu, const LocalAttnConfig& cfg,
+                         float* workspace, cudaStream_t stream) {
+  detail::windowed_attn_backward(dq, dk, dv, dc, dbeta, dlog_mu, d_o, o, lse, q, k, v,
+                                 local_args(0.f, c, beta, log_mu, cfg), workspace, stream);
 }
 
 }  // namespace muse::cuda

@@ -17,6 +17,11 @@ namespace muse::cuda {
 void local_attn_forward(float* o, float* lse, const float* q, const float* k, const float* v, float c,
                         const float* beta, const float* log_mu, const LocalAttnConfig& cfg, cudaStream_t stream = 0);
 
+// The same with the curvature read from device memory (one float), so a model whose c is a function of a
+// parameter never waits for the host.
+void local_attn_forward(float* o, float* lse, const float* q, const float* k, const float* v, const float* c,
+                        const float* beta, const float* log_mu, const LocalAttnConfig& cfg, cudaStream_t stream = 0);
+
 // Floats of device workspace local_attn_backward needs for its dc/dβ partials (0 when B·N = 0).
 size_t local_attn_backward_workspace_floats(const LocalAttnConfig& cfg);
 
@@ -29,6 +34,12 @@ void local_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbet
                          const float* o, const float* lse, const float* q, const float* k, const float* v, float c,
                          const float* beta, const float* log_mu, const LocalAttnConfig& cfg, float* workspace,
                          cudaStream_t stream = 0);
+
+// The same with c in device memory.
+void local_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu, const float* d_o,
+                         const float* o, const float* lse, const float* q, const float* k, const float* v,
+                         const float* c, const float* beta, const float* log_mu, const LocalAttnConfig& cfg,
+                         float* workspace, cudaStream_t stream = 0);
 
 namespace detail {
 
@@ -44,6 +55,7 @@ struct WindowedAttnArgs {
   bool alibi = false;
   bool lse_bnh = true;              // lse layout: true [B, N, H] (local_attn), false [B, H, N] (causal_attn)
   float c = 1;                      // hyperbolic only
+  const float* c_device = nullptr;  // hyperbolic only: c in device memory (replaces c when set)
   const float* beta = nullptr;      // hyperbolic only, [H]
   const float* log_mu = nullptr;    // hyperbolic only, [B, N, H] or null
 };

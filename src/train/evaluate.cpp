@@ -7,8 +7,12 @@
 
 namespace muse {
 
-EvalResult evaluate(Model<float>& model, const Shard& shard, const Tokenizer& tokenizer, int seq, int batch,
-                    int64_t max_windows) {
+namespace {
+
+// run(batch, &nats, &count): the summed loss of the batch's targets and their count, on some device.
+template <class Run>
+EvalResult evaluate_windows(const Run& run, const Shard& shard, const Tokenizer& tokenizer, int seq, int batch,
+                            int64_t max_windows) {
   int64_t windows = window_count(shard, seq);
   if (max_windows > 0) windows = std::min(windows, max_windows);
   if (windows == 0)
@@ -22,10 +26,9 @@ EvalResult evaluate(Model<float>& model, const Shard& shard, const Tokenizer& to
   double nats = 0;
   for (int64_t first = 0; first < windows; first += batch) {
     Batch b = window_batch(shard, first, int(std::min<int64_t>(batch, windows - first)), seq);
-    model.forward(b.inputs.data(), b.B, b.N);
     double batch_nats = 0;
     int64_t count = 0;
-    model.loss(b.targets.data(), 0.0, &batch_nats, &count);
+    run(b, &batch_nats, &count);
     nats += batch_nats;
     r.tokens += count;
     for (int32_t t : b.targets) r.bytes += token_bytes[t];
@@ -35,5 +38,28 @@ EvalResult evaluate(Model<float>& model, const Shard& shard, const Tokenizer& to
   r.bits_per_byte = r.bytes > 0 ? nats / std::log(2.0) / double(r.bytes) : 0;
   return r;
 }
+
+}  // namespace
+
+EvalResult evaluate(Model<float>& model, const Shard& shard, const Tokenizer& tokenizer, int seq, int batch,
+                    int64_t max_windows) {
+  auto run = [&](const Batch& b, double* nats, int64_t* count) {
+    model.forward(b.inputs.data(), b.B, b.N);
+    model.loss(b.targets.data(), 0.0, nats, count);
+  };
+  return evaluate_windows(run, shard, tokenizer, seq, batch, max_windows);
+}
+
+#ifdef MUSE_HAVE_CUDA
+EvalResult evaluate(cuda::Model& model, const Shard& shard, const Tokenizer& tokenizer, int seq, int batch,
+                    int64_t max_windows) {
+  auto run = [&](const Batch& b, double* nats, int64_t* count) {
+    model.forward(b.inputs.data(), b.B, b.N);
+    model.loss(b.targets.data());
+    model.read_loss(nats, count);
+  };
+  return evaluate_windows(run, shard, tokenizer, seq, batch, max_windows);
+}
+#endif
 
 }  // namespace muse

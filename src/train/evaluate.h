@@ -6,6 +6,9 @@
 #include "data/shards.h"
 #include "model/model.h"
 #include "tokenizer/tokenizer.h"
+#ifdef MUSE_HAVE_CUDA
+#include "model/cuda_model.h"
+#endif
 
 namespace muse {
 
@@ -20,5 +23,9 @@ struct EvalResult {
 // Evaluates windows [0, max_windows) of length seq (all windows when max_windows ≤ 0), batch at a time.
 EvalResult evaluate(Model<float>& model, const Shard& shard, const Tokenizer& tokenizer, int seq, int batch,
                     int64_t max_windows);
+#ifdef MUSE_HAVE_CUDA
+EvalResult evaluate(cuda::Model& model, const Shard& shard, const Tokenizer& tokenizer, int seq, int batch,
+                    int64_t max_windows);
+#endif
 
 }  // namespace muse

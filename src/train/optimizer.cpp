@@ -8,17 +8,13 @@ namespace muse {
 AdamW::AdamW(std::vector<ParamRange> ranges, size_t total, AdamWConfig config)
     : ranges_(std::move(ranges)), config_(config), m_(total, 0.f), v_(total, 0.f) {}
 
-namespace {
-
-std::vector<ParamRange> ranges_of(const ParamTable& table) {
+std::vector<ParamRange> param_ranges(const ParamTable& table) {
   std::vector<ParamRange> ranges;
   for (const ParamInfo& p : table.entries()) ranges.push_back({p.offset, p.size, p.decay});
   return ranges;
 }
 
-}  // namespace
-
-AdamW::AdamW(const ParamTable& table, AdamWConfig config) : AdamW(ranges_of(table), table.total(), config) {}
+AdamW::AdamW(const ParamTable& table, AdamWConfig config) : AdamW(param_ranges(table), table.total(), config) {}
 
 void AdamW::step(float* params, const float* grads, double lr) {
   ++t_;

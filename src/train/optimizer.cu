@@ -61,6 +61,9 @@ struct StepArgs {
 __global__ void adamw_kernel(float* params, const float* grads, float* m, float* v, const AdamW::Chunk* chunks,
                              StepArgs a, const double* clip_norm) {
   const AdamW::Chunk chunk = chunks[blockIdx.x];
+  // A non-finite norm means a non-finite gradient: leave the weights and moments as they were, so the
+  // trainer (which reads the norm after the step) can stop with the model intact.
+  if (clip_norm && !isfinite(clip_norm[0])) return;
   bool clip = false;
   float clip_scale = 1.f;
   if (clip_norm && a.max_norm > 0) {

@@ -41,13 +41,16 @@ void clip_grad_norm(float* grads, size_t n, double max_norm, double* norm, doubl
 class AdamW {
  public:
   AdamW(std::vector<ParamRange> ranges, size_t total, AdamWConfig config);
+  AdamW(const ParamTable& table, AdamWConfig config) : AdamW(param_ranges(table), table.total(), config) {}
   ~AdamW();
   AdamW(const AdamW&) = delete;
   AdamW& operator=(const AdamW&) = delete;
 
   // One update of params from grads at learning rate lr (the step counter advances first, as on the CPU).
   // With clip_norm non-null and max_norm > 0, every gradient is read as float(g·float(max_norm/‖g‖)) when
-  // *clip_norm > max_norm — the values clip_grads would have written — while grads stays unmodified.
+  // *clip_norm > max_norm — the values clip_grads would have written — while grads stays unmodified. With
+  // clip_norm non-null and *clip_norm not finite, nothing changes (parameters and moments stay; the step
+  // counter still advances, and the caller stops the run).
   void step(float* params, const float* grads, double lr, cudaStream_t stream = 0, const double* clip_norm = nullptr,
             double max_norm = 0);
 

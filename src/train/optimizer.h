@@ -23,6 +23,9 @@ struct ParamRange {
   bool decay;
 };
 
+// One range per tensor of the table, with its weight-decay flag.
+std::vector<ParamRange> param_ranges(const ParamTable& table);
+
 class AdamW {
  public:
   AdamW(std::vector<ParamRange> ranges, size_t total, AdamWConfig config);

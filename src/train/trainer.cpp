@@ -12,6 +12,7 @@
 #include <map>
 #include <stdexcept>
 
+#include "common/device.h"
 #include "common/progress.h"
 #include "data/shards.h"
 #include "diag/diagnose.h"
@@ -20,6 +21,9 @@
 #include "train/checkpoint.h"
 #include "train/evaluate.h"
 #include "train/optimizer.h"
+#ifdef MUSE_HAVE_CUDA
+#include "train/cuda_training.h"
+#endif
 
 namespace muse {
 
@@ -161,6 +165,9 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
     throw std::invalid_argument("--seq " + std::to_string(N) + " exceeds max_seq = " + std::to_string(config.max_seq) +
                                 " of the learned positions");
   const double lr = o.lr > 0 ? o.lr : defaults.lr;
+  const std::string device = resolve_device(o.device);
+  if (device == "cuda" && (o.entail_weight > 0 || o.topology_weight > 0))
+    throw std::invalid_argument("--entail-weight and --topology-weight train on the CPU only: add --device cpu");
 
   Model<float> model(config);
   model.init(o.seed);
@@ -186,6 +193,21 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
   }
   LrSchedule schedule{lr, o.warmup, std::max<int64_t>(total_steps, 1), o.final_lr_fraction};
 
+  // On the GPU the step runs there; the host model and optimizer hold the state for checkpoints and the
+  // CPU-side diagnostics, refreshed from the device when those need it.
+#ifdef MUSE_HAVE_CUDA
+  std::unique_ptr<cuda::Training> gpu;
+  if (device == "cuda") {
+    gpu = std::make_unique<cuda::Training>(config, model.params().data(), adam);
+    if (!resume_dir.empty()) gpu->upload(model.params().data(), optimizer);
+  }
+  auto sync_host = [&](bool with_optimizer) {
+    if (gpu) gpu->download(model.params().data(), with_optimizer ? &optimizer : nullptr);
+  };
+#else
+  auto sync_host = [](bool) {};
+#endif
+
   // Diagnostics (SPEC §5): the first validation window, the run's pairs, and the auxiliary losses.
   const int diag_layer = resolve_layer(config, o.diagnostics_layer);
   std::vector<TokenPair> pairs;
@@ -203,10 +225,16 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
   const int64_t tokens_per_step = int64_t(B) * N * o.grad_accum;
   const int64_t eval_windows = o.eval_windows;
   TrainSummary summary;
-  auto run_eval = [&] { return evaluate(model, val_shard, *tokenizer, N, B, eval_windows); };
+  auto run_eval = [&] {
+#ifdef MUSE_HAVE_CUDA
+    if (gpu) return evaluate(gpu->model(), val_shard, *tokenizer, N, B, eval_windows);
+#endif
+    return evaluate(model, val_shard, *tokenizer, N, B, eval_windows);
+  };
   auto save = [&](int64_t at_step) {
+    sync_host(true);
     json state = {{"step", at_step},          {"total_steps", total_steps}, {"tokens_seen", tokens_seen},
-                  {"data_rng", rng_to_json(data_rng)}, {"threads", omp_get_max_threads()},
+                  {"data_rng", rng_to_json(data_rng)}, {"threads", omp_get_max_threads()}, {"device", device},
                   {"seed", o.seed},          {"batch", B},                 {"seq", N},
                   {"grad_accum", o.grad_accum}, {"lr", lr},                {"warmup", o.warmup},
                   {"data_dir", fs::absolute(o.data_dir).string()}};
@@ -238,40 +266,58 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
     if (total_steps > 0 && step >= total_steps) break;
     if (o.time_budget_s > 0 && train_seconds >= o.time_budget_s) break;
     const Clock::time_point t0 = Clock::now();
-    model.zero_grads();
-    double loss = 0, topology_loss_value = 0, entail_loss_value = 0;
+    const bool log_now = (step + 1) % o.log_every == 0 || step + 1 == total_steps;
+    const double step_lr = schedule.at(step);
+    double loss = 0, topology_loss_value = 0, entail_loss_value = 0, grad_norm = 0;
     std::vector<int32_t> last_inputs;
-    for (int a = 0; a < o.grad_accum; ++a) {
-      Batch batch = sample_batch(train_shard, B, N, data_rng);
-      model.forward(batch.inputs.data(), B, N);
-      loss += model.loss(batch.targets.data(), o.label_smoothing) / o.grad_accum;
-      if (o.topology_weight > 0) {
-        TopologyOptions t = diag_options.topology;
-        t.seed = step_seed(o.seed, step * o.grad_accum + a, 0x746f706fULL);
-        double dc = 0;
-        topology_loss_value +=
-            topology_loss(model, B, N, diag_layer, t, o.topology_weight / o.grad_accum, &aux_dh, &dc) / o.grad_accum;
-        const ResidualGrad<float> extra{diag_layer, aux_dh.data(), dc};
-        model.backward(1.0 / o.grad_accum, &extra);
-      } else {
-        model.backward(1.0 / o.grad_accum);
-      }
-      last_inputs = std::move(batch.inputs);
+    json groups;
+#ifdef MUSE_HAVE_CUDA
+    if (gpu) {
+      auto next_batch = [&] {
+        Batch batch = sample_batch(train_shard, B, N, data_rng);
+        last_inputs = batch.inputs;
+        return batch;
+      };
+      const cuda::Training::StepResult r = gpu->step(next_batch, o.grad_accum, step_lr, o.clip, o.label_smoothing);
+      loss = r.loss;
+      grad_norm = r.grad_norm;
+      // The GPU step clips on the fly and leaves the gradients as the backward wrote them.
+      if (log_now || !std::isfinite(loss) || !std::isfinite(grad_norm)) gpu->download_grads(grads.data());
+      if (log_now) groups = group_grad_norms(model.table(), grads);
     }
-    if (o.entail_weight > 0) {
-      Rng pair_rng(step_seed(o.seed, step, 0x656e7461ULL));
-      entail_loss_value = entail_loss_step(model, sample_order_pairs(pairs, kOrderPairsPerStep, pair_rng), diag_layer,
-                                           diag_options.cone, o.entail_weight);
+#endif
+    if (device == "cpu") {
+      model.zero_grads();
+      for (int a = 0; a < o.grad_accum; ++a) {
+        Batch batch = sample_batch(train_shard, B, N, data_rng);
+        model.forward(batch.inputs.data(), B, N);
+        loss += model.loss(batch.targets.data(), o.label_smoothing) / o.grad_accum;
+        if (o.topology_weight > 0) {
+          TopologyOptions t = diag_options.topology;
+          t.seed = step_seed(o.seed, step * o.grad_accum + a, 0x746f706fULL);
+          double dc = 0;
+          topology_loss_value +=
+              topology_loss(model, B, N, diag_layer, t, o.topology_weight / o.grad_accum, &aux_dh, &dc) / o.grad_accum;
+          const ResidualGrad<float> extra{diag_layer, aux_dh.data(), dc};
+          model.backward(1.0 / o.grad_accum, &extra);
+        } else {
+          model.backward(1.0 / o.grad_accum);
+        }
+        last_inputs = std::move(batch.inputs);
+      }
+      if (o.entail_weight > 0) {
+        Rng pair_rng(step_seed(o.seed, step, 0x656e7461ULL));
+        entail_loss_value = entail_loss_step(model, sample_order_pairs(pairs, kOrderPairsPerStep, pair_rng), diag_layer,
+                                             diag_options.cone, o.entail_weight);
+      }
+      if (log_now) groups = group_grad_norms(model.table(), grads);
+      grad_norm = clip_grad_norm(grads.data(), grads.size(), o.clip);
     }
     const double total_loss = loss + o.topology_weight * topology_loss_value + o.entail_weight * entail_loss_value;
-    const bool log_now = (step + 1) % o.log_every == 0 || step + 1 == total_steps;
-    json groups = log_now ? group_grad_norms(model.table(), grads) : json();
-    const double grad_norm = clip_grad_norm(grads.data(), grads.size(), o.clip);
     if (!std::isfinite(total_loss) || !std::isfinite(grad_norm))
       throw std::runtime_error(
           dump_nonfinite(o.out_dir, step + 1, total_loss, grad_norm, model.table(), grads, last_inputs));
-    const double step_lr = schedule.at(step);
-    optimizer.step(model.params().data(), grads.data(), step_lr);
+    if (device == "cpu") optimizer.step(model.params().data(), grads.data(), step_lr);
     ++step;
     tokens_seen += tokens_per_step;
     const double dt = seconds_since(t0);
@@ -306,6 +352,7 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
         // Measured with the weights just updated, outside the step timing; the forward it runs only
         // replaces activations, which the next step recomputes.
         const Clock::time_point d0 = Clock::now();
+        sync_host(false);
         DiagReport report = diagnose(model, {diag_window}, diag_pairs, diag_options);
         if (!diag_pairs.empty()) report.pair_source = o.pairs;
         line["diagnostics"] = to_json(report);

@@ -35,6 +35,7 @@ struct TrainOptions {
   int64_t log_every = 10;
   uint64_t seed = 1337;
   bool resume = false;
+  std::string device = "cpu";          // cpu, cuda or auto (common/device.h)
   // Phase 8 diagnostics and their optional losses (SPEC §5, diag/diagnose.h).
   int64_t diagnostics_every = 0;  // measure the first validation window every K steps (0: never)
   int diagnostics_layer = -1;     // block whose residual is measured and regularised (−1: the last)

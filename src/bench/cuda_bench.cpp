@@ -1,0 +1,81 @@
+#include <omp.h>
+
+#include <memory>
+
+#include "bench/bench.h"
+#include "common/cuda_check.cuh"
+#include "common/rng.h"
+#include "model/model.h"
+#include "train/cuda_training.h"
+
+namespace muse {
+
+namespace {
+
+// Device memory in use now (cudaMemGetInfo), in bytes.
+size_t device_bytes_in_use() {
+  size_t free_bytes = 0, total_bytes = 0;
+  MUSE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return total_bytes - free_bytes;
+}
+
+}  // namespace
+
+BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
+  MUSE_CUDA_CHECK(cudaFree(nullptr));  // create the context first, so the baseline excludes it
+  const size_t baseline = device_bytes_in_use();
+  Model<float> host(config);
+  host.init(1);
+  Rng rng(2);
+  Batch batch;
+  batch.B = o.batch;
+  batch.N = o.seq;
+  batch.inputs.resize(size_t(o.batch) * o.seq);
+  batch.targets.resize(batch.inputs.size());
+  for (auto& id : batch.inputs) id = int32_t(rng.below(config.vocab_size));
+  for (auto& id : batch.targets) id = int32_t(rng.below(config.vocab_size));
+
+  // train: the trainer's step (train/cuda_training.h), with gradients and moments; forward: an inference-only
+  // model (no gradients, no backward buffers), so its memory is what inference holds.
+  std::unique_ptr<cuda::Training> training;
+  std::unique_ptr<cuda::Model> inference;
+  if (o.mode == "train") {
+    training = std::make_unique<cuda::Training>(config, host.params().data(), AdamWConfig{});
+    training->model().reserve(o.batch, o.seq);
+  } else {
+    inference = std::make_unique<cuda::Model>(config);
+    inference->set_inference_only(true);
+    inference->upload_params(host.params().data());
+    inference->reserve(o.batch, o.seq);
+  }
+  auto iteration = [&] {
+    if (training) {
+      training->step([&] { return batch; }, 1, 1e-4, 1.0, 0.0);
+    } else {
+      inference->forward(batch.inputs.data(), o.batch, o.seq);
+      MUSE_CUDA_CHECK(cudaStreamSynchronize(inference->stream()));
+    }
+  };
+  const double median = median_seconds(o.warmup, o.iters, iteration);
+  cudaDeviceProp prop{};
+  int dev = 0;
+  MUSE_CUDA_CHECK(cudaGetDevice(&dev));
+  MUSE_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+
+  BenchRecord r;
+  r.preset = o.preset;
+  r.mode = o.mode;
+  r.device = std::string("cuda (") + prop.name + ")";
+  r.batch = o.batch;
+  r.seq = o.seq;
+  r.threads = omp_get_max_threads();
+  r.iters = o.iters;
+  r.median_ms = median * 1e3;
+  r.tokens_per_s = double(o.batch) * o.seq / median;
+  r.peak_mem_mb = double(device_bytes_in_use() - baseline) / double(1 << 20);
+  r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
+  r.parameters = (long long)host.table().total();
+  return r;
+}
+
+}  // namespace muse

@@ -1,0 +1,625 @@
+#include "model/cuda_model.h"
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "common/cuda_check.cuh"
+#include "model/cuda_glue.cuh"
+#include "model/muse_block.h"
+#include "ops/bk.cuh"
+#include "ops/causal_attn.cuh"
+#include "ops/ffn.cuh"
+#include "ops/htt.cuh"
+#include "ops/hybrid.cuh"
+#include "ops/layernorm.cuh"
+#include "ops/linear.cuh"
+#include "ops/linear_attn.cuh"
+#include "ops/local_attn.cuh"
+#include "ops/ssm.cuh"
+#include "ops/xent.cuh"
+
+namespace muse::cuda {
+
+namespace {
+
+constexpr int32_t kIgnore = -1;  // model/model.h's kXentIgnore
+
+// Every buffer starts on a 256-byte boundary (what cuBLASLt and the vectorised kernels expect).
+constexpr size_t kAlignFloats = 64;
+size_t aligned(size_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats; }
+
+}  // namespace
+
+// Activations of one block (the device twin of model_state.h's BlockActs; null when the config has no use
+// for a buffer) and the AR-SSM's.
+struct BlockBuffers {
+  float *u = nullptr, *ln_mean = nullptr, *ln_rstd = nullptr, *delta = nullptr;
+  float *g = nullptr, *F = nullptr, *bk_v = nullptr, *bk_J = nullptr, *bk_J2 = nullptr;
+  float *q = nullptr, *k = nullptr, *v = nullptr, *mu = nullptr, *log_mu = nullptr;
+  float *o_loc = nullptr, *lse = nullptr, *o_lin = nullptr, *zeta = nullptr, *mixed = nullptr;
+  float *y_att = nullptr, *y_glob = nullptr;
+  float *ssm_hidden = nullptr, *ssm_chi = nullptr, *ssm_mask = nullptr, *ssm_proj_u = nullptr, *ssm_proj_v = nullptr;
+  float *ssm_scan_in = nullptr, *ssm_state = nullptr, *ssm_readout = nullptr;
+  float *xi = nullptr, *mix_capped = nullptr, *mix_mean = nullptr, *mix_rstd = nullptr, *h_mid = nullptr;
+  float *u2 = nullptr, *ln2_mean = nullptr, *ln2_rstd = nullptr;
+  float *ffn_low1 = nullptr, *ffn_pre = nullptr, *ffn_hidden = nullptr, *ffn_low2 = nullptr;
+  float* curvature = nullptr;  // [c, the curvature the mix reads]
+};
+
+struct Model::Arena {
+  int B = 0, N = 0;
+  bool backward = false;  // the backward's buffers are bound
+  float* base = nullptr;
+  size_t capacity = 0;  // floats
+  std::vector<float*> h;  // residual stream before block l (h[L] is the input of LN_final)
+  std::vector<BlockBuffers> blocks;
+  float *E = nullptr, *htt_saved = nullptr, *dE = nullptr;
+  float *x_final = nullptr, *final_mean = nullptr, *final_rstd = nullptr;
+  float *logits = nullptr, *dlogits = nullptr, *row_loss = nullptr, *row_lse = nullptr, *loss_result = nullptr;
+  int32_t *ids = nullptr, *targets = nullptr;
+  // backward scratch
+  float *dh = nullptr, *du = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *dmixed = nullptr;
+  float *do_loc = nullptr, *do_lin = nullptr, *dy_att = nullptr, *dy_glob = nullptr, *du2 = nullptr;
+  float *dxi = nullptr, *dF = nullptr, *dg = nullptr, *dmu = nullptr, *dlog_mu = nullptr, *ddelta = nullptr;
+  float* dc = nullptr;
+  float *d_readout = nullptr, *dS = nullptr, *dscan_in = nullptr, *dproj_u = nullptr, *dproj_v = nullptr;
+  float *dchi_pre = nullptr, *dm = nullptr, *dhidden = nullptr;
+  float* workspace = nullptr;  // shared by every op's reduction partials and scratch (one stream, in turn)
+
+  ~Arena() {
+    if (base) cudaFree(base);
+  }
+};
+
+namespace {
+
+// Walks every buffer the model needs at B×N, handing each (pointer, floats) to `take`: once to count, once
+// to assign, so the two can never disagree.
+template <class Take>
+void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
+                  Take&& take) {
+  const bool muse = c.arch != Arch::gpt, phase8 = c.arch == Arch::phase8;
+  const size_t rows = size_t(B) * N, D = c.d_model, H = c.n_heads, R = c.ssm_rank, Vp = c.padded_vocab();
+  const size_t RD = rows * D, F4 = rows * ffn_hidden(c.d_model), L = m.blocks.size();
+  const bool gate = muse && !m.blocks.empty() && m.blocks[0].key_gate_w != kAbsent;
+  const bool linear = phase8 && c.linear_attn;
+  const bool lowrank = muse && !m.blocks.empty() && m.blocks[0].ffn_v1 != kAbsent;
+  const bool mask = phase8 && c.rank_mask;
+  const size_t rho = c.ffn_rank;
+
+  a.h.resize(L + 1);
+  for (float*& h : a.h) take(h, RD);
+  a.blocks.resize(L);
+  for (BlockBuffers& b : a.blocks) {
+    take(b.u, RD), take(b.ln_mean, rows), take(b.ln_rstd, rows);
+    take(b.q, RD), take(b.k, RD), take(b.v, RD), take(b.o_loc, RD), take(b.lse, rows * H), take(b.y_att, RD);
+    take(b.h_mid, RD);
+    take(b.u2, RD), take(b.ln2_mean, rows), take(b.ln2_rstd, rows);
+    if (!muse) {
+      take(b.ffn_pre, F4), take(b.ffn_hidden, F4);
+      continue;
+    }
+    take(b.delta, rows), take(b.g, 2 * rows), take(b.F, 3 * rows);
+    take(b.bk_v, rows), take(b.bk_J, rows), take(b.bk_J2, rows);
+    if (gate) take(b.mu, rows * H), take(b.log_mu, rows * H);
+    if (linear) take(b.o_lin, RD), take(b.zeta, rows * H), take(b.mixed, RD);
+    take(b.y_glob, RD);
+    take(b.ssm_hidden, rows * (D / 4)), take(b.ssm_chi, rows * R), take(b.ssm_proj_u, rows * R);
+    take(b.ssm_proj_v, rows * R), take(b.ssm_scan_in, rows * R), take(b.ssm_state, rows * R);
+    take(b.ssm_readout, rows * R);
+    if (mask) take(b.ssm_mask, rows * R);
+    take(b.xi, rows), take(b.mix_capped, RD), take(b.mix_mean, rows), take(b.mix_rstd, rows);
+    if (lowrank) take(b.ffn_low1, rows * rho), take(b.ffn_pre, F4), take(b.ffn_hidden, F4), take(b.ffn_low2, rows * rho);
+    take(b.curvature, 2);
+  }
+  if (m.embed == kAbsent) {
+    const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
+    take(a.E, Vp * D);
+    take(a.htt_saved, size_t(sh.v1) * sh.r * sh.d1 + size_t(sh.v1) * sh.r + size_t(sh.v2) * sh.r * sh.d2 +
+                          size_t(sh.v2) * sh.r);
+  }
+  take(a.x_final, RD), take(a.final_mean, rows), take(a.final_rstd, rows);
+  take(a.logits, rows * Vp), take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
+  float *ids = nullptr, *targets = nullptr;  // int32 share the float slots' size
+  take(ids, rows), take(targets, rows);
+  a.ids = reinterpret_cast<int32_t*>(ids);
+  a.targets = reinterpret_cast<int32_t*>(targets);
+  if (!backward) return;
+
+  take(a.dlogits, rows * Vp);
+  if (m.embed == kAbsent) take(a.dE, Vp * D);
+
+  take(a.dh, RD), take(a.du, RD), take(a.dq, RD), take(a.dk, RD), take(a.dv, RD), take(a.dmixed, RD);
+  take(a.du2, RD);
+  if (muse) {
+    take(a.dy_att, RD), take(a.dy_glob, RD), take(a.dxi, rows), take(a.dF, 3 * rows), take(a.dg, 2 * rows);
+    take(a.ddelta, rows), take(a.dc, 1);
+    if (gate) take(a.dmu, rows * H), take(a.dlog_mu, rows * H);
+    if (linear) take(a.do_loc, RD), take(a.do_lin, RD);
+    take(a.d_readout, rows * R), take(a.dS, rows * R), take(a.dscan_in, rows * R), take(a.dproj_u, rows * R);
+    take(a.dproj_v, rows * R), take(a.dchi_pre, rows * R), take(a.dhidden, rows * (D / 4));
+    if (mask) take(a.dm, rows * R);
+  }
+
+  // One workspace, as large as the largest any op asks for at this shape.
+  const int r = int(rows), iD = int(D), iH = int(H);
+  size_t ws = dense_mlp_backward_scratch_floats(r, iD);
+  if (muse) {
+    ws = std::max({ws, bk_layer_backward_workspace_floats(B, N, iD), bk_gate_backward_workspace_floats(r, iH),
+                   bk_gate_backward_workspace_floats(r, 1), local_attn_backward_workspace_floats(attn_config(c, B, N)),
+                   linear_attn_backward_workspace_floats(B, N, iH), curvature_mix_backward_workspace_floats(r, iD),
+                   phase7_gate_backward_workspace_floats(r), residual_mix_backward_workspace_floats(r, iD),
+                   ssm_conv_backward_workspace_floats(B, N, iD), ssm_scan_backward_workspace_floats(B, int(R)),
+                   ssm_rank_mask_backward_workspace_floats(r), lowrank_ffn_backward_scratch_floats(r, iD, int(rho))});
+  }
+  if (m.embed == kAbsent) ws = std::max(ws, htt_backward_scratch_floats(htt_shape(c.vocab_size, c.d_model, c.htt_rank)));
+  take(a.workspace, ws);
+}
+
+// Points every buffer of `a` into its storage for a B×N batch, growing the storage first if needed.
+void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward) {
+  size_t total = 0;
+  plan_buffers(a, c, m, B, N, backward, [&](auto*& ptr, size_t n) {
+    ptr = nullptr;
+    total += aligned(n);
+  });
+  if (total > a.capacity) {
+    if (a.base) MUSE_CUDA_CHECK(cudaFree(a.base));
+    a.base = nullptr;
+    a.capacity = 0;
+    MUSE_CUDA_CHECK(cudaMalloc(&a.base, total * sizeof(float)));
+    a.capacity = total;
+  }
+  size_t at = 0;
+  plan_buffers(a, c, m, B, N, backward, [&](auto*& ptr, size_t n) {
+    ptr = a.base + at;
+    at += aligned(n);
+  });
+  a.B = B;
+  a.N = N;
+  a.backward = backward;
+}
+
+}  // namespace
+
+Model::Model(const ModelConfig& config) : config_(config), arena_(std::make_unique<Arena>()) {
+  validate(config_);
+  layout_ = build_layout(config_, table_);
+  MUSE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  MUSE_CUDA_CHECK(cudaMalloc(&params_, size() * sizeof(float)));
+  MUSE_CUDA_CHECK(cudaMalloc(&loss_sum_, sizeof(double)));
+  MUSE_CUDA_CHECK(cudaMemset(params_, 0, size() * sizeof(float)));
+  MUSE_CUDA_CHECK(cudaMemset(loss_sum_, 0, sizeof(double)));
+  for (cudaEvent_t& e : staged_) MUSE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+}
+
+Model::~Model() {
+  if (stream_) cudaStreamSynchronize(stream_);
+  arena_.reset();
+  for (int slot = 0; slot < 2; ++slot) {
+    if (host_tokens_[slot]) cudaFreeHost(host_tokens_[slot]);
+    if (staged_[slot]) cudaEventDestroy(staged_[slot]);
+  }
+  cudaFree(params_);
+  cudaFree(grads_);
+  cudaFree(loss_sum_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void Model::upload_params(const float* host) {
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(params_, host, size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void Model::download_params(float* host) const {
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(host, params_, size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+float* Model::grads() {
+  if (!grads_) {
+    MUSE_CUDA_CHECK(cudaMalloc(&grads_, size() * sizeof(float)));
+    MUSE_CUDA_CHECK(cudaMemsetAsync(grads_, 0, size() * sizeof(float), stream_));
+  }
+  return grads_;
+}
+
+void Model::download_grads(float* host) const {
+  if (!grads_) throw std::logic_error("download_grads(): no gradients yet");
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(host, grads_, size() * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void Model::zero(float* p, size_t n) { MUSE_CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(float), stream_)); }
+
+void Model::zero_grads() { zero(grads(), size()); }
+
+void Model::set_inference_only(bool inference_only) { inference_only_ = inference_only; }
+
+void Model::reserve(int B, int N) {
+  if (B < 1 || N < 1) throw std::invalid_argument("reserve: batch and sequence length must be positive");
+  bind_arena(*arena_, config_, layout_, B, N, !inference_only_);
+}
+
+size_t Model::device_bytes() const {
+  return ((grads_ ? 2 : 1) * size() + arena_->capacity) * sizeof(float);
+}
+
+void Model::stage_tokens(int32_t* device, const int32_t* host, size_t n, size_t slot) {
+  if (host_tokens_capacity_[slot] < n) {
+    if (host_tokens_[slot]) {
+      MUSE_CUDA_CHECK(cudaEventSynchronize(staged_[slot]));
+      MUSE_CUDA_CHECK(cudaFreeHost(host_tokens_[slot]));
+    }
+    MUSE_CUDA_CHECK(cudaMallocHost(&host_tokens_[slot], n * sizeof(int32_t)));
+    host_tokens_capacity_[slot] = n;
+  }
+  // The previous copy out of this slot must have happened before the host overwrites it.
+  MUSE_CUDA_CHECK(cudaEventSynchronize(staged_[slot]));
+  std::memcpy(host_tokens_[slot], host, n * sizeof(int32_t));
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(device, host_tokens_[slot], n * sizeof(int32_t), cudaMemcpyHostToDevice, stream_));
+  MUSE_CUDA_CHECK(cudaEventRecord(staged_[slot], stream_));
+}
+
+// ---- forward -------------------------------------------------------------------------------------------
+
+void Model::forward(const int32_t* ids, int B, int N) {
+  const ModelConfig& c = config_;
+  const ModelLayout& m = layout_;
+  if (B < 1 || N < 1) throw std::invalid_argument("forward: batch and sequence length must be positive");
+  if (c.pos_embedding == PosEmbedding::learned && N > c.max_seq)
+    throw std::invalid_argument("sequence length " + std::to_string(N) + " exceeds max_seq = " +
+                                std::to_string(c.max_seq) + " of this model's learned positions");
+  const size_t rows = size_t(B) * N;
+  for (size_t i = 0; i < rows; ++i)
+    if (ids[i] < 0 || ids[i] >= c.vocab_size)
+      throw std::invalid_argument("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
+                                  " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
+  Arena& a = *arena_;
+  bind_arena(a, c, m, B, N, !inference_only_);
+  B_ = B;
+  N_ = N;
+  const int D = c.d_model, Vp = c.padded_vocab();
+  const float* p = params_;
+  stage_tokens(a.ids, ids, rows, 0);
+
+  const float* E = p + m.embed;
+  if (m.embed == kAbsent) {
+    const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
+    float* A_hat = a.htt_saved;
+    float* A_norm = A_hat + size_t(sh.v1) * sh.r * sh.d1;
+    float* B_hat = A_norm + size_t(sh.v1) * sh.r;
+    float* B_norm = B_hat + size_t(sh.v2) * sh.r * sh.d2;
+    htt_materialize_forward(a.E, A_hat, A_norm, B_hat, B_norm, p + m.htt_a, p + m.htt_b, p + m.htt_theta, sh, stream_);
+    E = a.E;
+  }
+  embedding_lookup_forward(a.h[0], E, a.ids, int(rows), D, stream_);
+  if (m.positions != kAbsent) add_positions(a.h[0], p + m.positions, B, N, D, stream_);
+  for (size_t l = 0; l < m.blocks.size(); ++l) block_forward(int(l), a.h[l], a.h[l + 1]);
+  layernorm_forward(a.x_final, a.final_mean, a.final_rstd, nullptr, a.h.back(), p + m.final_gain, p + m.final_bias,
+                    int(rows), D, stream_);
+  linear_forward(a.logits, a.x_final, E, nullptr, int(rows), D, Vp, stream_);
+}
+
+const float* Model::logits() const { return arena_->logits; }
+
+void Model::block_forward(int layer, const float* h_in, float* h_out) {
+  if (config_.arch == Arch::gpt)
+    gpt_block_forward(layer, h_in, h_out);
+  else
+    muse_block_forward(layer, h_in, h_out);
+}
+
+void Model::block_backward(int layer, float* dh) {
+  if (config_.arch == Arch::gpt)
+    gpt_block_backward(layer, dh);
+  else
+    muse_block_backward(layer, dh);
+}
+
+void Model::gpt_block_forward(int layer, const float* h_in, float* h_out) {
+  const ModelConfig& c = config_;
+  const BlockLayout& b = layout_.blocks[layer];
+  BlockBuffers& a = arena_->blocks[layer];
+  const float* p = params_;
+  const int D = c.d_model, rows = B_ * N_;
+  const size_t RD = size_t(rows) * D;
+  layernorm_forward(a.u, a.ln_mean, a.ln_rstd, nullptr, h_in, p + b.ln_gain, p + b.ln_bias, rows, D, stream_);
+  linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
+  linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
+  linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
+  causal_attn_forward(a.o_loc, a.lse, a.q, a.k, a.v, B_, N_, c.n_heads, D, c.pos_embedding == PosEmbedding::alibi,
+                      stream_);
+  linear_forward(a.y_att, a.o_loc, p + b.w_o, nullptr, rows, D, D, stream_);
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(a.h_mid, h_in, RD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+  add_inplace(a.h_mid, a.y_att, RD, stream_);
+  layernorm_forward(a.u2, a.ln2_mean, a.ln2_rstd, nullptr, a.h_mid, p + b.ln_ffn_gain, p + b.ln_ffn_bias, rows, D,
+                    stream_);
+  dense_mlp_forward(h_out, {a.ffn_pre, a.ffn_hidden}, a.u2, mlp_params(b, p), rows, D, stream_);
+  add_inplace(h_out, a.h_mid, RD, stream_);
+}
+
+void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
+  const ModelConfig& c = config_;
+  const BlockLayout& b = layout_.blocks[layer];
+  BlockBuffers& a = arena_->blocks[layer];
+  const float* p = params_;
+  const bool phase8 = c.arch == Arch::phase8;
+  const bool hopping = b.bk_w_J != kAbsent, gate = b.key_gate_w != kAbsent;
+  const bool use_linear = phase8 && c.linear_attn;
+  const int D = c.d_model, H = c.n_heads, rows = B_ * N_;
+  const size_t RD = size_t(rows) * D;
+
+  layernorm_forward(a.u, a.ln_mean, a.ln_rstd, a.delta, h_in, p + b.ln_gain, p + b.ln_bias, rows, D, stream_);
+  bk_layer_forward(a.g, a.F, {a.bk_v, a.bk_J, a.bk_J2}, a.u, bk_params(b, p, c), hopping, B_, N_, D, stream_);
+  linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
+  linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
+  linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
+  if (gate) {
+    bk_gate_forward(a.mu, a.F, p + b.key_gate_w, p + b.key_gate_b, rows, H, stream_);
+    log_elementwise(a.log_mu, a.mu, size_t(rows) * H, stream_);
+  }
+  curvature_forward(a.curvature, a.curvature + 1, p + b.c_raw, c.curvature_mix, stream_);
+  local_attn_forward(a.o_loc, a.lse, a.q, a.k, a.v, static_cast<const float*>(a.curvature), p + b.beta,
+                     gate ? a.log_mu : nullptr, attn_config(c, B_, N_), stream_);
+  const float* mixed = a.o_loc;
+  if (use_linear) {
+    linear_attn_forward(a.o_lin, a.zeta, nullptr, nullptr, a.q, a.k, a.v, gate ? a.mu : nullptr, B_, N_, D, H,
+                        stream_);
+    curvature_mix_forward(a.mixed, a.o_loc, a.o_lin, a.curvature + 1, rows, D, stream_);
+    mixed = a.mixed;
+  }
+  linear_forward(a.y_att, mixed, p + b.w_o, nullptr, rows, D, D, stream_);
+  ssm_forward(layer, a.y_glob);
+  if (phase8)
+    bk_gate_forward(a.xi, a.F, p + b.xi_w, p + b.xi_b, rows, 1, stream_);
+  else
+    phase7_gate_forward(a.xi, a.g, p + b.xi_s, rows, stream_);
+  residual_mix_forward(a.h_mid, {a.mix_capped, a.mix_mean, a.mix_rstd}, h_in, a.y_att, a.y_glob, a.xi,
+                       p + b.ln_h_gain, p + b.ln_h_bias, rows, D, stream_);
+  if (b.ffn_v1 == kAbsent) {
+    MUSE_CUDA_CHECK(cudaMemcpyAsync(h_out, a.h_mid, RD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
+    return;
+  }
+  layernorm_forward(a.u2, a.ln2_mean, a.ln2_rstd, nullptr, a.h_mid, p + b.ln_ffn_gain, p + b.ln_ffn_bias, rows, D,
+                    stream_);
+  lowrank_ffn_forward(h_out, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2, ffn_params(b, p), rows, D,
+                      c.ffn_rank, stream_);
+  add_inplace(h_out, a.h_mid, RD, stream_);
+}
+
+// The AR-SSM as the recipe of ops/ssm.cuh: GEMMs on cuBLASLt, the rest in the ssm kernels.
+void Model::ssm_forward(int layer, float* y) {
+  const ModelConfig& c = config_;
+  const BlockLayout& b = layout_.blocks[layer];
+  BlockBuffers& a = arena_->blocks[layer];
+  const SsmConfig sc = ssm_config(c, B_, N_);
+  const SsmParams<float> sp = ssm_params(b, static_cast<const float*>(params_));
+  const int rows = B_ * N_, D = sc.D, R = sc.R, G = sc.gate_hidden();
+  float* mask = sc.mask_on() ? a.ssm_mask : nullptr;
+
+  linear_forward(a.ssm_hidden, a.u, sp.W1, sp.b1, rows, D, G, stream_);
+  ssm_relu_forward(a.ssm_hidden, long(rows) * G, stream_);
+  linear_forward(a.ssm_chi, a.ssm_hidden, sp.W2, sp.b2, rows, G, R, stream_);
+  linear_forward(a.ssm_proj_u, a.u, sp.WU, nullptr, rows, D, R, stream_);
+  linear_forward(a.ssm_proj_v, a.u, sp.WV, nullptr, rows, D, R, stream_);
+  if (mask) ssm_rank_mask_forward(mask, a.delta, a.F, sp, rows, R, stream_);
+  ssm_gate_forward(a.ssm_chi, a.ssm_scan_in, a.ssm_chi, mask, a.ssm_proj_u, rows, R, stream_);
+  ssm_scan_forward(a.ssm_state, a.ssm_scan_in, sc.decay ? sp.ell : nullptr, B_, N_, R, stream_);
+  ssm_readout_forward(a.ssm_readout, a.ssm_state, a.ssm_proj_v, a.ssm_chi, mask, rows, R, stream_);
+  ssm_conv_forward(y, a.u, sp.conv, B_, N_, D, stream_);
+  gemm(false, true, rows, D, R, 1.f, a.ssm_readout, R, sp.WO, R, 1.f, y, D, stream_);
+  if (sp.bO) add_row_bias(y, sp.bO, rows, D, stream_);
+}
+
+// ---- loss and backward ---------------------------------------------------------------------------------
+
+void Model::loss(const int32_t* targets, double label_smoothing, double accumulate_scale) {
+  if (B_ == 0) throw std::logic_error("loss(): no forward has run");
+  Arena& a = *arena_;
+  const size_t rows = size_t(B_) * N_;
+  for (size_t i = 0; i < rows; ++i)
+    if (targets[i] != kIgnore && (targets[i] < 0 || targets[i] >= config_.vocab_size))
+      throw std::invalid_argument("target id " + std::to_string(targets[i]) + " is outside the vocabulary");
+  stage_tokens(a.targets, targets, rows, 1);
+  smoothing_ = float(label_smoothing);
+  xent_forward(a.row_loss, a.row_lse, a.loss_result, a.logits, a.targets, int(rows), config_.vocab_size,
+               config_.padded_vocab(), smoothing_, kIgnore, stream_);
+  if (accumulate_scale != 0) accumulate_loss(loss_sum_, a.loss_result, accumulate_scale, stream_);
+}
+
+const float* Model::loss_result() const { return arena_->loss_result; }
+
+void Model::read_loss(double* total_nats, int64_t* count) const {
+  float result[2] = {0, 0};
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(result, arena_->loss_result, sizeof(result), cudaMemcpyDeviceToHost, stream_));
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (count) *count = int64_t(result[1]);
+  if (total_nats) *total_nats = double(result[0]) * double(result[1]);
+}
+
+double Model::take_loss_sum() {
+  double sum = 0;
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(&sum, loss_sum_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
+  MUSE_CUDA_CHECK(cudaMemsetAsync(loss_sum_, 0, sizeof(double), stream_));
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return sum;
+}
+
+void Model::backward(double scale) {
+  if (B_ == 0) throw std::logic_error("backward(): no forward has run");
+  if (!arena_->backward) throw std::logic_error("backward(): the model is set to inference only");
+  const ModelConfig& c = config_;
+  grads();
+  const ModelLayout& m = layout_;
+  Arena& a = *arena_;
+  const int D = c.d_model, Vp = c.padded_vocab(), rows = B_ * N_;
+  const size_t RD = size_t(rows) * D;
+  const float* p = params_;
+  float* g = grads_;
+  const float* E = m.embed != kAbsent ? p + m.embed : a.E;
+  float* dE = m.embed != kAbsent ? g + m.embed : a.dE;
+  if (m.embed == kAbsent) zero(a.dE, size_t(Vp) * D);
+
+  zero(a.dlogits, size_t(rows) * Vp);
+  xent_backward(a.dlogits, float(scale), a.logits, a.row_lse, a.targets, rows, c.vocab_size, Vp, smoothing_,
+                a.loss_result, kIgnore, stream_);
+  zero(a.du, RD);
+  linear_backward(a.du, dE, nullptr, a.dlogits, a.x_final, E, rows, D, Vp, stream_);
+  zero(a.dh, RD);
+  layernorm_backward(a.dh, g + m.final_gain, g + m.final_bias, a.du, nullptr, a.h.back(), p + m.final_gain,
+                     a.final_mean, a.final_rstd, rows, D, stream_);
+  for (size_t l = m.blocks.size(); l-- > 0;) block_backward(int(l), a.dh);
+
+  if (m.positions != kAbsent) positions_backward(g + m.positions, a.dh, B_, N_, D, stream_);
+  embedding_lookup_backward(dE, a.dh, a.ids, rows, D, stream_);
+  if (m.embed == kAbsent) {
+    const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
+    const float* A_hat = a.htt_saved;
+    const float* A_norm = A_hat + size_t(sh.v1) * sh.r * sh.d1;
+    const float* B_hat = A_norm + size_t(sh.v1) * sh.r;
+    const float* B_norm = B_hat + size_t(sh.v2) * sh.r * sh.d2;
+    htt_materialize_backward(g + m.htt_a, g + m.htt_b, g + m.htt_theta, a.dE, A_hat, A_norm, B_hat, B_norm,
+                             p + m.htt_theta, sh, a.workspace, stream_);
+  }
+}
+
+void Model::gpt_block_backward(int layer, float* dh) {
+  const ModelConfig& c = config_;
+  const BlockLayout& b = layout_.blocks[layer];
+  BlockBuffers& a = arena_->blocks[layer];
+  Arena& s = *arena_;
+  const float* p = params_;
+  float* g = grads_;
+  const int D = c.d_model, rows = B_ * N_;
+  const size_t RD = size_t(rows) * D;
+  zero(s.du2, RD);
+  dense_mlp_backward(s.du2, mlp_grads(b, g), dh, {a.ffn_pre, a.ffn_hidden}, a.u2, mlp_params(b, p), rows, D,
+                     s.workspace, stream_);
+  layernorm_backward(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2, nullptr, a.h_mid, p + b.ln_ffn_gain, a.ln2_mean,
+                     a.ln2_rstd, rows, D, stream_);
+  zero(s.dmixed, RD);
+  linear_backward(s.dmixed, g + b.w_o, nullptr, dh, a.o_loc, p + b.w_o, rows, D, D, stream_);
+  zero(s.dq, RD), zero(s.dk, RD), zero(s.dv, RD);
+  causal_attn_backward(s.dq, s.dk, s.dv, s.dmixed, a.q, a.k, a.v, a.o_loc, a.lse, B_, N_, c.n_heads, D,
+                       c.pos_embedding == PosEmbedding::alibi, stream_);
+  zero(s.du, RD);
+  linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
+  linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
+  linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
+  layernorm_backward(dh, g + b.ln_gain, g + b.ln_bias, s.du, nullptr, s.h[layer], p + b.ln_gain, a.ln_mean,
+                     a.ln_rstd, rows, D, stream_);
+}
+
+void Model::muse_block_backward(int layer, float* dh) {
+  const ModelConfig& c = config_;
+  const BlockLayout& b = layout_.blocks[layer];
+  BlockBuffers& a = arena_->blocks[layer];
+  Arena& s = *arena_;
+  const float* p = params_;
+  float* g = grads_;
+  const bool phase8 = c.arch == Arch::phase8;
+  const bool hopping = b.bk_w_J != kAbsent, gate = b.key_gate_w != kAbsent;
+  const bool use_linear = phase8 && c.linear_attn;
+  const int D = c.d_model, H = c.n_heads, rows = B_ * N_;
+  const size_t RD = size_t(rows) * D, RH = size_t(rows) * H;
+  float* ws = s.workspace;
+
+  // FFN sub-block: h_out = h_mid + FFN(LN_ffn(h_mid)).
+  if (b.ffn_v1 != kAbsent) {
+    zero(s.du2, RD);
+    lowrank_ffn_backward(s.du2, ffn_grads(b, g), dh, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2,
+                         ffn_params(b, p), rows, D, c.ffn_rank, ws, stream_);
+    layernorm_backward(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2, nullptr, a.h_mid, p + b.ln_ffn_gain,
+                       a.ln2_mean, a.ln2_rstd, rows, D, stream_);
+  }
+
+  // Mix: h_mid = h_in + LN_h(cap30(ξ·y_att + (1−ξ)·y_glob)); dh flows on to h_in unchanged.
+  zero(s.dy_att, RD), zero(s.dy_glob, RD), zero(s.dxi, rows);
+  residual_mix_backward(nullptr, s.dy_att, s.dy_glob, s.dxi, g + b.ln_h_gain, g + b.ln_h_bias, dh,
+                        {a.mix_capped, a.mix_mean, a.mix_rstd}, a.y_att, a.y_glob, a.xi, p + b.ln_h_gain, rows, D, ws,
+                        stream_);
+  zero(s.dF, size_t(rows) * 3), zero(s.dg, size_t(rows) * 2);
+  if (phase8)
+    bk_gate_backward(s.dF, g + b.xi_w, g + b.xi_b, s.dxi, a.xi, a.F, p + b.xi_w, rows, 1, ws, stream_);
+  else
+    phase7_gate_backward(s.dg, g + b.xi_s, s.dxi, a.xi, a.g, p + b.xi_s, rows, ws, stream_);
+
+  // Global path.
+  zero(s.du, RD), zero(s.ddelta, rows);
+  ssm_backward(layer);
+
+  // Local and linear attention.
+  zero(s.dc, 1);
+  zero(s.dmixed, RD);
+  linear_backward(s.dmixed, g + b.w_o, nullptr, s.dy_att, use_linear ? a.mixed : a.o_loc, p + b.w_o, rows, D, D,
+                  stream_);
+  zero(s.dq, RD), zero(s.dk, RD), zero(s.dv, RD);
+  if (gate) zero(s.dmu, RH), zero(s.dlog_mu, RH);
+  const float* do_loc = s.dmixed;
+  if (use_linear) {
+    zero(s.do_loc, RD), zero(s.do_lin, RD);
+    curvature_mix_backward(s.do_loc, s.do_lin, c.curvature_mix ? s.dc : nullptr, s.dmixed, a.o_loc, a.o_lin,
+                           a.curvature + 1, rows, D, ws, stream_);
+    linear_attn_backward(s.dq, s.dk, s.dv, gate ? s.dmu : nullptr, s.do_lin, a.zeta, a.q, a.k, a.v,
+                         gate ? a.mu : nullptr, B_, N_, D, H, ws, stream_);
+    do_loc = s.do_loc;
+  }
+  local_attn_backward(s.dq, s.dk, s.dv, s.dc, g + b.beta, gate ? s.dlog_mu : nullptr, do_loc, a.o_loc, a.lse, a.q,
+                      a.k, a.v, static_cast<const float*>(a.curvature), p + b.beta, gate ? a.log_mu : nullptr,
+                      attn_config(c, B_, N_), ws, stream_);
+  curvature_backward(g + b.c_raw, s.dc, p + b.c_raw, stream_);
+  if (gate) {
+    log_backward(s.dmu, s.dlog_mu, a.mu, RH, stream_);
+    bk_gate_backward(s.dF, g + b.key_gate_w, g + b.key_gate_b, s.dmu, a.mu, a.F, p + b.key_gate_w, rows, H, ws,
+                     stream_);
+  }
+  linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
+  linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
+  linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
+
+  // BK core, then LN + radius back into the residual stream.
+  bk_layer_backward(s.du, bk_grads(b, g), phase8 ? nullptr : s.dg, s.dF, a.u, a.g, {a.bk_v, a.bk_J, a.bk_J2},
+                    bk_params(b, p, c), hopping, B_, N_, D, ws, stream_);
+  layernorm_backward(dh, g + b.ln_gain, g + b.ln_bias, s.du, s.ddelta, s.h[layer], p + b.ln_gain, a.ln_mean,
+                     a.ln_rstd, rows, D, stream_);
+}
+
+// The backward recipe of ops/ssm.cuh; accumulates into du, ddelta, dF of the arena and the SSM's gradients.
+void Model::ssm_backward(int layer) {
+  const ModelConfig& c = config_;
+  const BlockLayout& b = layout_.blocks[layer];
+  BlockBuffers& a = arena_->blocks[layer];
+  Arena& s = *arena_;
+  const SsmConfig sc = ssm_config(c, B_, N_);
+  const SsmParams<float> sp = ssm_params(b, static_cast<const float*>(params_));
+  const SsmGrads<float> sg = ssm_grads(b, grads_);
+  const int rows = B_ * N_, D = sc.D, R = sc.R, G = sc.gate_hidden();
+  const size_t RR = size_t(rows) * R;
+  const float* mask = sc.mask_on() ? a.ssm_mask : nullptr;
+  float* ws = s.workspace;
+
+  ssm_conv_backward(s.du, sg.conv, s.dy_glob, a.u, sp.conv, B_, N_, D, ws, stream_);
+  zero(s.d_readout, RR);
+  linear_backward(s.d_readout, sg.WO, sg.bO, s.dy_glob, a.ssm_readout, sp.WO, rows, R, D, stream_);
+  zero(s.dS, RR);
+  ssm_readout_backward(s.dS, s.d_readout, a.ssm_proj_v, a.ssm_chi, mask, rows, R, stream_);
+  zero(s.dscan_in, RR);
+  ssm_scan_backward(s.dscan_in, sc.decay ? sg.ell : nullptr, s.dS, a.ssm_state, a.ssm_scan_in,
+                    sc.decay ? sp.ell : nullptr, B_, N_, R, ws, stream_);
+  zero(s.dproj_u, RR), zero(s.dproj_v, RR), zero(s.dchi_pre, RR);
+  if (mask) zero(s.dm, RR);
+  ssm_gate_backward(s.dproj_u, s.dproj_v, s.dchi_pre, mask ? s.dm : nullptr, s.dscan_in, s.d_readout, a.ssm_state,
+                    a.ssm_proj_u, a.ssm_proj_v, a.ssm_chi, mask, rows, R, stream_);
+  linear_backward(s.du, sg.WU, nullptr, s.dproj_u, a.u, sp.WU, rows, D, R, stream_);
+  linear_backward(s.du, sg.WV, nullptr, s.dproj_v, a.u, sp.WV, rows, D, R, stream_);
+  zero(s.dhidden, size_t(rows) * G);
+  linear_backward(s.dhidden, sg.W2, sg.b2, s.dchi_pre, a.ssm_hidden, sp.W2, rows, G, R, stream_);
+  ssm_relu_backward(s.dhidden, a.ssm_hidden, long(rows) * G, stream_);
+  linear_backward(s.du, sg.W1, sg.b1, s.dhidden, a.u, sp.W1, rows, D, G, stream_);
+  if (mask) ssm_rank_mask_backward(s.ddelta, s.dF, sg, s.dm, mask, a.delta, a.F, sp, rows, R, ws, stream_);
+}
+
+}  // namespace muse::cuda

@@ -1,0 +1,102 @@
+// The whole language model on one GPU (SPEC §2.8, §6): the same math, parameter table and layout as
+// model/model.h, with parameters, gradients and activations in device memory and every op a CUDA kernel
+// of ops/*.cuh (fp32 storage and arithmetic, cuBLASLt GEMMs without TF32).
+//
+// A training step issues no host synchronisation: token ids go through a pinned staging buffer with
+// asynchronous copies, the curvature c and every reduction stay on the device, and the losses of the
+// micro-batches add up in a device accumulator that the caller reads once per step (loss_sum()).
+//
+// Activations live in one arena sized by reserve(B, N) (or by the first forward of a larger shape) and
+// reused, so the steady state allocates nothing.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "model/config.h"
+#include "model/layout.h"
+#include "model/params.h"
+
+namespace muse::cuda {
+
+class Model {
+ public:
+  explicit Model(const ModelConfig& config);
+  ~Model();
+  Model(const Model&) = delete;
+  Model& operator=(const Model&) = delete;
+
+  const ModelConfig& config() const { return config_; }
+  const ParamTable& table() const { return table_; }
+  size_t size() const { return table_.total(); }
+  cudaStream_t stream() const { return stream_; }
+
+  // Device arrays of size() floats.
+  float* params() { return params_; }
+  const float* params() const { return params_; }
+  float* grads();
+
+  // Copies between the host and the device (synchronous).
+  void upload_params(const float* host);
+  void download_params(float* host) const;
+  void download_grads(float* host) const;
+  void zero_grads();
+
+  // Sizes the activation arena for batches up to B×N tokens (forward grows it on demand otherwise).
+  void reserve(int B, int N);
+  // Inference only: the arena leaves out the backward's buffers (and backward() refuses to run). Gradients
+  // are allocated on first use either way.
+  void set_inference_only(bool inference_only);
+  // Bytes of device memory held: parameters, gradients, activations and workspaces.
+  size_t device_bytes() const;
+
+  // Runs the model on host ids [B, N] (each < vocab_size, checked on the host) and keeps the activations.
+  void forward(const int32_t* ids, int B, int N);
+  // Device logits [B·N, Vp] of the last forward (columns ≥ vocab_size are padding).
+  const float* logits() const;
+
+  // Cross-entropy of the last forward against host targets [B, N] (−1 = ignored). The mean over counted
+  // targets and the count stay on the device (loss_result()); with accumulate_scale ≠ 0 the mean times that
+  // scale is also added to the device accumulator that loss_sum() reads.
+  void loss(const int32_t* targets, double label_smoothing = 0.0, double accumulate_scale = 0.0);
+  // Device pair {mean loss, count} of the last loss().
+  const float* loss_result() const;
+
+  struct Arena;  // activations and scratch (defined in cuda_model.cpp)
+  // Reads the last loss() (synchronises): the sum of the counted targets' losses and their count.
+  void read_loss(double* total_nats, int64_t* count) const;
+  // Reads (synchronises) and clears the accumulator.
+  double take_loss_sum();
+  // Backward of scale· the last loss(): accumulates into grads().
+  void backward(double scale = 1.0);
+
+ private:
+  void block_forward(int layer, const float* h_in, float* h_out);
+  void block_backward(int layer, float* dh);
+  void muse_block_forward(int layer, const float* h_in, float* h_out);
+  void muse_block_backward(int layer, float* dh);
+  void gpt_block_forward(int layer, const float* h_in, float* h_out);
+  void gpt_block_backward(int layer, float* dh);
+  void ssm_forward(int layer, float* y);
+  void ssm_backward(int layer);
+  void stage_tokens(int32_t* device, const int32_t* host, size_t n, size_t slot);
+  void zero(float* p, size_t n);
+  ModelConfig config_;
+  ParamTable table_;
+  ModelLayout layout_;
+  float* params_ = nullptr;
+  float* grads_ = nullptr;
+  double* loss_sum_ = nullptr;
+  int32_t* host_tokens_[2] = {nullptr, nullptr};  // pinned staging: slot 0 ids, slot 1 targets
+  size_t host_tokens_capacity_[2] = {0, 0};
+  cudaEvent_t staged_[2] = {nullptr, nullptr};     // each slot's last copy, waited on before reuse
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<Arena> arena_;
+  int B_ = 0, N_ = 0;
+  float smoothing_ = 0;
+  bool inference_only_ = false;
+};
+
+}  // namespace muse::cuda
