@@ -5,7 +5,11 @@
 
 #include "cli/commands.h"
 #include "cli/generation_flags.h"
+#include "common/device.h"
 #include "infer/decoder.h"
+#ifdef MUSE_HAVE_CUDA
+#include "infer/cuda_generator.h"
+#endif
 #include "infer/generation.h"
 #include "train/checkpoint.h"
 
@@ -18,6 +22,7 @@ struct GenerateOptions {
   int max_tokens = 200;
   SamplingOptions sampling;
   std::vector<std::string> stop;
+  std::string device = "cpu";
 };
 
 }  // namespace
@@ -35,6 +40,11 @@ void add_generate_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 30));
   add_sampling_flags(cmd, o->sampling, o->stop);
+  cmd->add_option("--device", o->device,
+                  "cpu (the recurrent decoder: constant cost per token) or cuda (re-runs the GPU forward over the\n"
+                  "whole context for each token: exact, O(context) per token; the recurrent GPU decoder is to come)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->callback([o] {
     validate(o->sampling);
     LoadedModel m = load_model(o->model_dir);
@@ -42,19 +52,36 @@ void add_generate_command(CLI::App& app) {
     const std::vector<int32_t> ids = m.tokenizer->encode(o->prompt);
     if (ids.empty()) throw std::invalid_argument("--prompt is empty");
     check_generation_length(c, int(ids.size()), o->max_tokens);
-    Decoder<float> decoder(m.model);
     // A model may have more rows than its tokenizer has tokens (--set vocab_size=…): those are never sampled.
     Sampler sampler(o->sampling, std::min(c.vocab_size, m.tokenizer->vocab_size()));
     sampler.add_context(ids.data(), int(ids.size()));
+    const bool gpu = resolve_device(o->device) == "cuda";
+    std::unique_ptr<Decoder<float>> decoder;
+    std::function<const float*(int32_t)> feed;
+#ifdef MUSE_HAVE_CUDA
+    std::unique_ptr<cuda::RecomputeGenerator> generator;
+#endif
 
     std::fwrite(o->prompt.data(), 1, o->prompt.size(), stdout);
     std::fflush(stdout);
     const auto start = std::chrono::steady_clock::now();
-    const float* logits = decoder.prefill(0, ids.data(), int(ids.size()));
+    const float* logits = nullptr;
+#ifdef MUSE_HAVE_CUDA
+    if (gpu) {
+      generator = std::make_unique<cuda::RecomputeGenerator>(m.model);
+      logits = generator->prefill(ids.data(), int(ids.size()));
+      feed = [&](int32_t token) { return generator->step(token); };
+    }
+#endif
+    if (!gpu) {
+      decoder = std::make_unique<Decoder<float>>(m.model);
+      logits = decoder->prefill(0, ids.data(), int(ids.size()));
+      feed = [&](int32_t token) { return decoder->step(0, token); };
+    }
     const double prompt_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     InterruptCatcher catcher;
     const GenerationResult r = generate_tokens(
-        decoder, 0, logits, sampler, *m.tokenizer, o->max_tokens, o->stop,
+        feed, logits, sampler, *m.tokenizer, o->max_tokens, o->stop,
         [](const std::string& text) {
           std::fwrite(text.data(), 1, text.size(), stdout);
           std::fflush(stdout);

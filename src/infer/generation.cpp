@@ -30,6 +30,15 @@ GenerationResult generate_tokens(Decoder<float>& decoder, int stream, const floa
                                  const Tokenizer& tokenizer, int max_tokens, const std::vector<std::string>& stop,
                                  const std::function<void(const std::string&)>& on_text,
                                  const std::atomic<bool>* interrupt) {
+  return generate_tokens([&](int32_t token) { return decoder.step(stream, token); }, logits, sampler, tokenizer,
+                         max_tokens, stop, on_text, interrupt);
+}
+
+GenerationResult generate_tokens(const std::function<const float*(int32_t)>& feed, const float* logits,
+                                 Sampler& sampler, const Tokenizer& tokenizer, int max_tokens,
+                                 const std::vector<std::string>& stop,
+                                 const std::function<void(const std::string&)>& on_text,
+                                 const std::atomic<bool>* interrupt) {
   GenerationResult r;
   StopStrings stops(stop);
   const auto start = std::chrono::steady_clock::now();
@@ -51,7 +60,7 @@ GenerationResult generate_tokens(Decoder<float>& decoder, int stream, const floa
     sampler.add_generated(next);
     r.tokens.push_back(next);
     show(stops.push(tokenizer.token_bytes(next)));
-    logits = decoder.step(stream, next);
+    logits = feed(next);
     if (stops.stopped()) {
       r.finish = FinishReason::stop;
       break;

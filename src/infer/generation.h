@@ -32,6 +32,13 @@ GenerationResult generate_tokens(Decoder<float>& decoder, int stream, const floa
                                  const std::function<void(const std::string&)>& on_text,
                                  const std::atomic<bool>* interrupt = nullptr);
 
+// The same loop over any decoder: feed(token) appends a sampled token and returns the logits after it.
+GenerationResult generate_tokens(const std::function<const float*(int32_t)>& feed, const float* logits,
+                                 Sampler& sampler, const Tokenizer& tokenizer, int max_tokens,
+                                 const std::vector<std::string>& stop,
+                                 const std::function<void(const std::string&)>& on_text,
+                                 const std::atomic<bool>* interrupt = nullptr);
+
 // Learned positions bound the whole sequence: refuses (std::invalid_argument naming max_seq) a context of
 // `context` tokens that max_tokens more would carry past it. Other position modes have no limit.
 void check_generation_length(const ModelConfig& config, int context, int max_tokens);
