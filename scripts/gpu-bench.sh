@@ -85,6 +85,8 @@ SMALL_SHAPES="${SMALL_SHAPES:-$small_shapes}"
 MEDIUM_SHAPES="${MEDIUM_SHAPES:-$medium_shapes}"
 LONG_SEQS="${LONG_SEQS:-$long_seqs}"
 DECODE_BATCHES="${DECODE_BATCHES:-$decode_batches}"
+# Decode runs on the CPU's recurrent decoder in this version (muse bench refuses --mode decode on cuda).
+DECODE_DEVICE="${DECODE_DEVICE:-cpu}"
 
 mkdir -p "$DIR/logs" || exit 1
 MUSE_JSONL="$DIR/muse.jsonl"
@@ -396,7 +398,7 @@ if [ "$DECODE" = 1 ]; then
       # shellcheck disable=SC2046
       run_cmd "$MUSE_JSONL" "$model-small" "$TIMEOUT" "decode:$b:$DECODE_CONTEXT" -- \
         "$MUSE" bench $(muse_args "$model-small") "${extra[@]}" --mode decode -b "$b" --context "$DECODE_CONTEXT" \
-        --warmup "$DECODE_WARMUP" --iters "$DECODE_ITERS" --device "$DEVICE" --json
+        --warmup "$DECODE_WARMUP" --iters "$DECODE_ITERS" --device "$DECODE_DEVICE" --json
     done
   done
 fi

@@ -35,7 +35,7 @@ if [ "${MUSE_GPU_DEMO:-1}" != 0 ]; then
       $muse train --preset demo --device cuda --data "$demo/kjv" --out "$demo/run" \
         --time-budget "${MUSE_GPU_DEMO_BUDGET:-60}" --log-every 100 --eval-every 500 &&
       $muse eval --device cuda --model "$demo/run" --data "$demo/kjv" &&
-      $muse generate --model "$demo/run" --prompt "And God said" --max-tokens 200 --temperature 0.7 --seed 1
+      $muse generate --device cuda --model "$demo/run" --prompt "And God said" --max-tokens 200 --temperature 0.7 --seed 1
   } > "$out/demo.log" 2>&1 || status=1
   tail -n 12 "$out/demo.log"
 fi
