@@ -443,6 +443,9 @@ def main(argv=None):
     except ImportError:
         print("gpt_pytorch.py: PyTorch is not installed (python3 -c 'import torch' fails)", file=sys.stderr)
         return 2
+    # torch.cuda's memory and synchronise calls want an indexed device: "cuda" means the current one, 0.
+    if args.device == "cuda":
+        args.device = "cuda:0"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(f"gpt_pytorch.py: --device {args.device} but torch {torch.__version__} sees no CUDA device",
