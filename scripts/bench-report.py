@@ -127,7 +127,7 @@ def cell_error(rec):
 
 
 def mfu(rec, peak_tflops):
-    if rec.get("device") != "cuda" or not isinstance(rec.get("gflop_per_s"), (int, float)):
+    if not str(rec.get("device", "")).startswith("cuda") or not isinstance(rec.get("gflop_per_s"), (int, float)):
         return None
     return rec["gflop_per_s"] / (peak_tflops * 1000.0) * 100.0
 

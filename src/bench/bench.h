@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <chrono>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -21,6 +22,7 @@ struct BenchOptions {
   int context = 100;             // decode: prompt tokens per stream before the timed steps
   int warmup = 2, iters = 10;
   std::string device = "cpu";    // cpu, cuda or auto
+  bool profile = false;          // GPU: time each group of kernels (BenchRecord::profile)
 };
 
 struct BenchRecord {
@@ -33,6 +35,9 @@ struct BenchRecord {
   double peak_mem_mb = 0;       // CPU: the process's resident high-water mark; GPU: device memory in use
   double gflop_per_iter = 0;    // SPEC §7 FLOP count
   long long parameters = 0;
+  // With BenchOptions::profile: (group of kernels, ms per iteration) over the timed iterations, in the order
+  // the groups run (cuda::Model::profile).
+  std::vector<std::pair<std::string, double>> profile;
 };
 
 BenchRecord run_bench(const BenchOptions& options);

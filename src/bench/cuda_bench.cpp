@@ -56,7 +56,16 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
       MUSE_CUDA_CHECK(cudaStreamSynchronize(inference->stream()));
     }
   };
+  cuda::Model& model = training ? training->model() : *inference;
   const double median = median_seconds(o.warmup, o.iters, iteration);
+  std::vector<std::pair<std::string, double>> profile;
+  if (o.profile) {
+    // A separate pass: the per-group events synchronise, so they would distort the timing above.
+    model.set_profiling(true);
+    for (int i = 0; i < o.iters; ++i) iteration();
+    for (auto& [group, ms] : model.profile()) profile.emplace_back(group, ms / o.iters);
+    model.set_profiling(false);
+  }
   cudaDeviceProp prop{};
   int dev = 0;
   MUSE_CUDA_CHECK(cudaGetDevice(&dev));
@@ -75,6 +84,7 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
   r.peak_mem_mb = double(device_bytes_in_use() - baseline) / double(1 << 20);
   r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
   r.parameters = (long long)host.table().total();
+  r.profile = std::move(profile);
   return r;
 }
 

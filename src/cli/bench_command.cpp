@@ -41,6 +41,9 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_flag("--json", *as_json, "Print one JSON record");
+  cmd->add_flag("--profile", o->profile,
+                "GPU: also time each group of kernels (LayerNorm, BK core, attention, AR-SSM, head, ...) over the\n"
+                "iterations, in a separate pass, and report ms per iteration for each");
   cmd->callback([o, as_json, tokenizer_spec, text_file] {
     if (!tokenizer_spec->empty()) {
       if (text_file->empty()) throw std::invalid_argument("--tokenizer needs --text FILE to encode");
@@ -71,6 +74,11 @@ void add_bench_command(CLI::App& app) {
         j["tokens_per_s_per_stream"] = r.tokens_per_s_per_stream;
         j["context"] = r.context;
       }
+      if (!r.profile.empty()) {
+        nlohmann::json groups = nlohmann::json::array();
+        for (const auto& [group, ms] : r.profile) groups.push_back({{"group", group}, {"ms", ms}});
+        j["profile"] = groups;
+      }
       std::printf("%s\n", j.dump().c_str());
     } else if (r.mode == "decode") {
       std::printf("%s decode B=%d context=%d on %s (%d threads): %.1f tokens/s total, %.1f tokens/s per stream, "
@@ -83,6 +91,14 @@ void add_bench_command(CLI::App& app) {
                   "%.2f GFLOP/s\n",
                   r.preset.c_str(), r.mode.c_str(), r.batch, r.seq, r.device.c_str(), r.threads, r.tokens_per_s,
                   r.median_ms, r.iters, r.peak_mem_mb, r.gflop_per_iter / (r.median_ms / 1e3));
+    }
+    if (!r.profile.empty() && !*as_json) {
+      double total = 0;
+      for (const auto& entry : r.profile) total += entry.second;
+      std::printf("per group of kernels (ms per iteration, separate pass with events):\n");
+      for (const auto& [group, ms] : r.profile)
+        std::printf("  %-24s %9.3f ms  %5.1f %%\n", group.c_str(), ms, 100 * ms / total);
+      std::printf("  %-24s %9.3f ms\n", "total", total);
     }
   });
 }

@@ -48,6 +48,32 @@ struct BlockBuffers {
   float* curvature = nullptr;  // [c, the curvature the mix reads]
 };
 
+struct Model::Profiler {
+  std::vector<cudaEvent_t> pool;                      // events, reused
+  size_t used = 0;
+  std::vector<std::pair<const char*, size_t>> marks;  // (group, event index); group null = a start
+  std::vector<std::pair<std::string, double>> totals;
+
+  ~Profiler() {
+    for (cudaEvent_t e : pool) cudaEventDestroy(e);
+  }
+  cudaEvent_t next() {
+    if (used == pool.size()) {
+      pool.emplace_back();
+      MUSE_CUDA_CHECK(cudaEventCreate(&pool.back()));
+    }
+    return pool[used++];
+  }
+  void add(const char* group, double ms) {
+    for (auto& [name, total] : totals)
+      if (name == group) {
+        total += ms;
+        return;
+      }
+    totals.emplace_back(group, ms);
+  }
+};
+
 struct Model::Arena {
   int B = 0, N = 0;
   bool backward = false;  // the backward's buffers are bound
@@ -195,8 +221,48 @@ Model::Model(const ModelConfig& config) : config_(config), arena_(std::make_uniq
   for (cudaEvent_t& e : staged_) MUSE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
 }
 
+void Model::set_profiling(bool on) {
+  if (on && !profiler_) profiler_ = std::make_unique<Profiler>();
+  if (!on) profiler_.reset();
+}
+
+void Model::mark(const char* name) {
+  if (!profiler_) return;
+  const cudaEvent_t e = profiler_->next();
+  MUSE_CUDA_CHECK(cudaEventRecord(e, stream_));
+  profiler_->marks.emplace_back(name, profiler_->used - 1);
+}
+
+void Model::mark_start() {
+  if (!profiler_) return;
+  resolve_marks();
+  mark(nullptr);
+}
+
+// Turns the recorded events into per-group times (waits for the last one) and frees the events for reuse.
+void Model::resolve_marks() const {
+  Profiler& p = *profiler_;
+  if (p.marks.empty()) return;
+  MUSE_CUDA_CHECK(cudaEventSynchronize(p.pool[p.marks.back().second]));
+  for (size_t i = 1; i < p.marks.size(); ++i) {
+    if (!p.marks[i].first) continue;
+    float ms = 0;
+    MUSE_CUDA_CHECK(cudaEventElapsedTime(&ms, p.pool[p.marks[i - 1].second], p.pool[p.marks[i].second]));
+    p.add(p.marks[i].first, ms);
+  }
+  p.marks.clear();
+  p.used = 0;
+}
+
+std::vector<std::pair<std::string, double>> Model::profile() const {
+  if (!profiler_) return {};
+  resolve_marks();
+  return profiler_->totals;
+}
+
 Model::~Model() {
   if (stream_) cudaStreamSynchronize(stream_);
+  profiler_.reset();
   arena_.reset();
   for (int slot = 0; slot < 2; ++slot) {
     if (host_tokens_[slot]) cudaFreeHost(host_tokens_[slot]);
@@ -284,6 +350,7 @@ void Model::forward(const int32_t* ids, int B, int N) {
   const int D = c.d_model, Vp = c.padded_vocab();
   const float* p = params_;
   stage_tokens(a.ids, ids, rows, 0);
+  mark_start();
 
   const float* E = p + m.embed;
   if (m.embed == kAbsent) {
@@ -293,14 +360,18 @@ void Model::forward(const int32_t* ids, int B, int N) {
     float* B_hat = A_norm + size_t(sh.v1) * sh.r;
     float* B_norm = B_hat + size_t(sh.v2) * sh.r * sh.d2;
     htt_materialize_forward(a.E, A_hat, A_norm, B_hat, B_norm, p + m.htt_a, p + m.htt_b, p + m.htt_theta, sh, stream_);
+    mark("fwd htt materialise");
     E = a.E;
   }
   embedding_lookup_forward(a.h[0], E, a.ids, int(rows), D, stream_);
   if (m.positions != kAbsent) add_positions(a.h[0], p + m.positions, B, N, D, stream_);
+  mark("fwd embedding");
   for (size_t l = 0; l < m.blocks.size(); ++l) block_forward(int(l), a.h[l], a.h[l + 1]);
   layernorm_forward(a.x_final, a.final_mean, a.final_rstd, nullptr, a.h.back(), p + m.final_gain, p + m.final_bias,
                     int(rows), D, stream_);
+  mark("fwd layernorm");
   linear_forward(a.logits, a.x_final, E, nullptr, int(rows), D, Vp, stream_);
+  mark("fwd head gemm");
 }
 
 const float* Model::logits() const { return arena_->logits; }
@@ -327,18 +398,25 @@ void Model::gpt_block_forward(int layer, const float* h_in, float* h_out) {
   const int D = c.d_model, rows = B_ * N_;
   const size_t RD = size_t(rows) * D;
   layernorm_forward(a.u, a.ln_mean, a.ln_rstd, nullptr, h_in, p + b.ln_gain, p + b.ln_bias, rows, D, stream_);
+  mark("fwd layernorm");
   linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
   linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
   linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
+  mark("fwd qkv gemm");
   causal_attn_forward(a.o_loc, a.lse, a.q, a.k, a.v, B_, N_, c.n_heads, D, c.pos_embedding == PosEmbedding::alibi,
                       stream_);
+  mark("fwd attention");
   linear_forward(a.y_att, a.o_loc, p + b.w_o, nullptr, rows, D, D, stream_);
+  mark("fwd w_o gemm");
   MUSE_CUDA_CHECK(cudaMemcpyAsync(a.h_mid, h_in, RD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
   add_inplace(a.h_mid, a.y_att, RD, stream_);
+  mark("fwd residual");
   layernorm_forward(a.u2, a.ln2_mean, a.ln2_rstd, nullptr, a.h_mid, p + b.ln_ffn_gain, p + b.ln_ffn_bias, rows, D,
                     stream_);
+  mark("fwd layernorm");
   dense_mlp_forward(h_out, {a.ffn_pre, a.ffn_hidden}, a.u2, mlp_params(b, p), rows, D, stream_);
   add_inplace(h_out, a.h_mid, RD, stream_);
+  mark("fwd ffn");
 }
 
 void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
@@ -353,41 +431,52 @@ void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
   const size_t RD = size_t(rows) * D;
 
   layernorm_forward(a.u, a.ln_mean, a.ln_rstd, a.delta, h_in, p + b.ln_gain, p + b.ln_bias, rows, D, stream_);
+  mark("fwd layernorm");
   bk_layer_forward(a.g, a.F, {a.bk_v, a.bk_J, a.bk_J2}, a.u, bk_params(b, p, c), hopping, B_, N_, D, stream_);
+  mark("fwd bk core");
   linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
   linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
   linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
+  mark("fwd qkv gemm");
   if (gate) {
     bk_gate_forward(a.mu, a.F, p + b.key_gate_w, p + b.key_gate_b, rows, H, stream_);
     log_elementwise(a.log_mu, a.mu, size_t(rows) * H, stream_);
   }
   curvature_forward(a.curvature, a.curvature + 1, p + b.c_raw, c.curvature_mix, stream_);
+  mark("fwd gates");
   local_attn_forward(a.o_loc, a.lse, a.q, a.k, a.v, static_cast<const float*>(a.curvature), p + b.beta,
                      gate ? a.log_mu : nullptr, attn_config(c, B_, N_), stream_);
+  mark("fwd local attention");
   const float* mixed = a.o_loc;
   if (use_linear) {
     linear_attn_forward(a.o_lin, a.zeta, nullptr, nullptr, a.q, a.k, a.v, gate ? a.mu : nullptr, B_, N_, D, H,
                         stream_);
     curvature_mix_forward(a.mixed, a.o_loc, a.o_lin, a.curvature + 1, rows, D, stream_);
+    mark("fwd linear attention");
     mixed = a.mixed;
   }
   linear_forward(a.y_att, mixed, p + b.w_o, nullptr, rows, D, D, stream_);
+  mark("fwd w_o gemm");
   ssm_forward(layer, a.y_glob);
+  mark("fwd ssm");
   if (phase8)
     bk_gate_forward(a.xi, a.F, p + b.xi_w, p + b.xi_b, rows, 1, stream_);
   else
     phase7_gate_forward(a.xi, a.g, p + b.xi_s, rows, stream_);
   residual_mix_forward(a.h_mid, {a.mix_capped, a.mix_mean, a.mix_rstd}, h_in, a.y_att, a.y_glob, a.xi,
                        p + b.ln_h_gain, p + b.ln_h_bias, rows, D, stream_);
+  mark("fwd gates");
   if (b.ffn_v1 == kAbsent) {
     MUSE_CUDA_CHECK(cudaMemcpyAsync(h_out, a.h_mid, RD * sizeof(float), cudaMemcpyDeviceToDevice, stream_));
     return;
   }
   layernorm_forward(a.u2, a.ln2_mean, a.ln2_rstd, nullptr, a.h_mid, p + b.ln_ffn_gain, p + b.ln_ffn_bias, rows, D,
                     stream_);
+  mark("fwd layernorm");
   lowrank_ffn_forward(h_out, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2, ffn_params(b, p), rows, D,
                       c.ffn_rank, stream_);
   add_inplace(h_out, a.h_mid, RD, stream_);
+  mark("fwd ffn");
 }
 
 // The AR-SSM as the recipe of ops/ssm.cuh: GEMMs on cuBLASLt, the rest in the ssm kernels.
@@ -428,6 +517,7 @@ void Model::loss(const int32_t* targets, double label_smoothing, double accumula
   xent_forward(a.row_loss, a.row_lse, a.loss_result, a.logits, a.targets, int(rows), config_.vocab_size,
                config_.padded_vocab(), smoothing_, kIgnore, stream_);
   if (accumulate_scale != 0) accumulate_loss(loss_sum_, a.loss_result, accumulate_scale, stream_);
+  mark("fwd cross-entropy");
 }
 
 const float* Model::loss_result() const { return arena_->loss_result; }
@@ -466,15 +556,19 @@ void Model::backward(double scale) {
   zero(a.dlogits, size_t(rows) * Vp);
   xent_backward(a.dlogits, float(scale), a.logits, a.row_lse, a.targets, rows, c.vocab_size, Vp, smoothing_,
                 a.loss_result, kIgnore, stream_);
+  mark("bwd cross-entropy");
   zero(a.du, RD);
   linear_backward(a.du, dE, nullptr, a.dlogits, a.x_final, E, rows, D, Vp, stream_);
+  mark("bwd head gemm");
   zero(a.dh, RD);
   layernorm_backward(a.dh, g + m.final_gain, g + m.final_bias, a.du, nullptr, a.h.back(), p + m.final_gain,
                      a.final_mean, a.final_rstd, rows, D, stream_);
+  mark("bwd layernorm");
   for (size_t l = m.blocks.size(); l-- > 0;) block_backward(int(l), a.dh);
 
   if (m.positions != kAbsent) positions_backward(g + m.positions, a.dh, B_, N_, D, stream_);
   embedding_lookup_backward(dE, a.dh, a.ids, rows, D, stream_);
+  mark("bwd embedding");
   if (m.embed == kAbsent) {
     const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
     const float* A_hat = a.htt_saved;
@@ -483,6 +577,7 @@ void Model::backward(double scale) {
     const float* B_norm = B_hat + size_t(sh.v2) * sh.r * sh.d2;
     htt_materialize_backward(g + m.htt_a, g + m.htt_b, g + m.htt_theta, a.dE, A_hat, A_norm, B_hat, B_norm,
                              p + m.htt_theta, sh, a.workspace, stream_);
+    mark("bwd htt materialise");
   }
 }
 
@@ -500,17 +595,22 @@ void Model::gpt_block_backward(int layer, float* dh) {
                      s.workspace, stream_);
   layernorm_backward(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2, nullptr, a.h_mid, p + b.ln_ffn_gain, a.ln2_mean,
                      a.ln2_rstd, rows, D, stream_);
+  mark("bwd ffn");
   zero(s.dmixed, RD);
   linear_backward(s.dmixed, g + b.w_o, nullptr, dh, a.o_loc, p + b.w_o, rows, D, D, stream_);
+  mark("bwd w_o gemm");
   zero(s.dq, RD), zero(s.dk, RD), zero(s.dv, RD);
   causal_attn_backward(s.dq, s.dk, s.dv, s.dmixed, a.q, a.k, a.v, a.o_loc, a.lse, B_, N_, c.n_heads, D,
                        c.pos_embedding == PosEmbedding::alibi, stream_);
+  mark("bwd attention");
   zero(s.du, RD);
   linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
   linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
   linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
+  mark("bwd qkv gemm");
   layernorm_backward(dh, g + b.ln_gain, g + b.ln_bias, s.du, nullptr, s.h[layer], p + b.ln_gain, a.ln_mean,
                      a.ln_rstd, rows, D, stream_);
+  mark("bwd layernorm");
 }
 
 void Model::muse_block_backward(int layer, float* dh) {
@@ -534,6 +634,7 @@ void Model::muse_block_backward(int layer, float* dh) {
                          ffn_params(b, p), rows, D, c.ffn_rank, ws, stream_);
     layernorm_backward(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2, nullptr, a.h_mid, p + b.ln_ffn_gain,
                        a.ln2_mean, a.ln2_rstd, rows, D, stream_);
+    mark("bwd ffn");
   }
 
   // Mix: h_mid = h_in + LN_h(cap30(ξ·y_att + (1−ξ)·y_glob)); dh flows on to h_in unchanged.
@@ -546,16 +647,19 @@ void Model::muse_block_backward(int layer, float* dh) {
     bk_gate_backward(s.dF, g + b.xi_w, g + b.xi_b, s.dxi, a.xi, a.F, p + b.xi_w, rows, 1, ws, stream_);
   else
     phase7_gate_backward(s.dg, g + b.xi_s, s.dxi, a.xi, a.g, p + b.xi_s, rows, ws, stream_);
+  mark("bwd gates");
 
   // Global path.
   zero(s.du, RD), zero(s.ddelta, rows);
   ssm_backward(layer);
+  mark("bwd ssm");
 
   // Local and linear attention.
   zero(s.dc, 1);
   zero(s.dmixed, RD);
   linear_backward(s.dmixed, g + b.w_o, nullptr, s.dy_att, use_linear ? a.mixed : a.o_loc, p + b.w_o, rows, D, D,
                   stream_);
+  mark("bwd w_o gemm");
   zero(s.dq, RD), zero(s.dk, RD), zero(s.dv, RD);
   if (gate) zero(s.dmu, RH), zero(s.dlog_mu, RH);
   const float* do_loc = s.dmixed;
@@ -565,26 +669,32 @@ void Model::muse_block_backward(int layer, float* dh) {
                            a.curvature + 1, rows, D, ws, stream_);
     linear_attn_backward(s.dq, s.dk, s.dv, gate ? s.dmu : nullptr, s.do_lin, a.zeta, a.q, a.k, a.v,
                          gate ? a.mu : nullptr, B_, N_, D, H, ws, stream_);
+    mark("bwd linear attention");
     do_loc = s.do_loc;
   }
   local_attn_backward(s.dq, s.dk, s.dv, s.dc, g + b.beta, gate ? s.dlog_mu : nullptr, do_loc, a.o_loc, a.lse, a.q,
                       a.k, a.v, static_cast<const float*>(a.curvature), p + b.beta, gate ? a.log_mu : nullptr,
                       attn_config(c, B_, N_), ws, stream_);
+                      mark("bwd local attention");
   curvature_backward(g + b.c_raw, s.dc, p + b.c_raw, stream_);
   if (gate) {
     log_backward(s.dmu, s.dlog_mu, a.mu, RH, stream_);
     bk_gate_backward(s.dF, g + b.key_gate_w, g + b.key_gate_b, s.dmu, a.mu, a.F, p + b.key_gate_w, rows, H, ws,
                      stream_);
   }
+    mark("bwd gates");
   linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
   linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
   linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
+  mark("bwd qkv gemm");
 
   // BK core, then LN + radius back into the residual stream.
   bk_layer_backward(s.du, bk_grads(b, g), phase8 ? nullptr : s.dg, s.dF, a.u, a.g, {a.bk_v, a.bk_J, a.bk_J2},
                     bk_params(b, p, c), hopping, B_, N_, D, ws, stream_);
+  mark("bwd bk core");
   layernorm_backward(dh, g + b.ln_gain, g + b.ln_bias, s.du, s.ddelta, s.h[layer], p + b.ln_gain, a.ln_mean,
                      a.ln_rstd, rows, D, stream_);
+  mark("bwd layernorm");
 }
 
 // The backward recipe of ops/ssm.cuh; accumulates into du, ddelta, dF of the arena and the SSM's gradients.

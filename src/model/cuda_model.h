@@ -13,6 +13,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "model/config.h"
@@ -65,6 +67,16 @@ class Model {
   const float* loss_result() const;
 
   struct Arena;  // activations and scratch (defined in cuda_model.cpp)
+
+  // Per-op timing (`muse bench --profile`): with profiling on, the forward and backward record a CUDA event
+  // after each group of kernels (one LayerNorm, the q/k/v GEMMs, the attention, the AR-SSM, …), and the
+  // time since the previous event is added to that group's name, summed over layers and calls. It costs a
+  // synchronisation per pass, so leave it off when timing for real. mark() lets callers time their own
+  // kernels on stream() (the optimizer) the same way.
+  void set_profiling(bool on);
+  void mark(const char* name);
+  // Milliseconds per group since profiling was turned on, in the order the groups first ran.
+  std::vector<std::pair<std::string, double>> profile() const;
   // Reads the last loss() (synchronises): the sum of the counted targets' losses and their count.
   void read_loss(double* total_nats, int64_t* count) const;
   // Reads (synchronises) and clears the accumulator.
@@ -82,6 +94,8 @@ class Model {
   void ssm_forward(int layer, float* y);
   void ssm_backward(int layer);
   void stage_tokens(int32_t* device, const int32_t* host, size_t n, size_t slot);
+  void mark_start();
+  void resolve_marks() const;
   void zero(float* p, size_t n);
   ModelConfig config_;
   ParamTable table_;
@@ -97,6 +111,8 @@ class Model {
   int B_ = 0, N_ = 0;
   float smoothing_ = 0;
   bool inference_only_ = false;
+  struct Profiler;
+  std::unique_ptr<Profiler> profiler_;  // null when profiling is off
 };
 
 }  // namespace muse::cuda

@@ -29,6 +29,7 @@ Training::StepResult Training::step(const std::function<Batch()>& next_batch, in
   grad_norm(norm_, model_.grads(), model_.size(), partials_, stream);
   // AdamW reads the norm on the device: it clips on the fly, and skips the update when the norm is not finite.
   adam_.step(model_.params(), model_.grads(), lr, stream, norm_, max_norm);
+  model_.mark("grad norm + adamw");
   StepResult r;
   MUSE_CUDA_CHECK(cudaMemcpyAsync(&r.grad_norm, norm_, sizeof(double), cudaMemcpyDeviceToHost, stream));
   r.loss = model_.take_loss_sum();  // synchronises the stream

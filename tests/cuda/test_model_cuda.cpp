@@ -8,6 +8,7 @@
 // 2e-3 nats (SPEC §6 allows 0.02).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -179,6 +180,45 @@ TEST(model_cuda, refuses_out_of_range_ids) {
   } catch (const std::invalid_argument& e) {
     EXPECT_NE(std::string(e.what()).find("token id 301 at position 3"), std::string::npos) << e.what();
   }
+}
+
+}  // namespace
+}  // namespace muse::test
+
+namespace muse::test {
+namespace {
+
+// The per-group profile (muse bench --profile) names the groups that ran, with positive times, and the
+// forward's result does not change when it is on.
+TEST(model_cuda, profile_names_every_group_and_leaves_results_alone) {
+  MUSE_REQUIRE_GPU();
+  const ModelConfig c = variant_config({"tiny", {}});
+  Model<float> cpu(c);
+  cpu.init(1);
+  cuda::Model gpu(c);
+  gpu.upload_params(cpu.params().data());
+  Rng rng(3);
+  const std::vector<int32_t> ids = random_ids(64, c.vocab_size, rng), targets = random_ids(64, c.vocab_size, rng);
+  gpu.forward(ids.data(), 2, 32);
+  gpu.loss(targets.data());
+  double plain = 0, profiled = 0;
+  gpu.read_loss(&plain, nullptr);
+
+  gpu.set_profiling(true);
+  gpu.forward(ids.data(), 2, 32);
+  gpu.loss(targets.data());
+  gpu.backward();
+  gpu.read_loss(&profiled, nullptr);
+  const auto groups = gpu.profile();
+  EXPECT_EQ(profiled, plain);
+  std::vector<std::string> names;
+  for (const auto& [name, ms] : groups) {
+    names.push_back(name);
+    EXPECT_GT(ms, 0) << name;
+  }
+  for (const char* expected : {"fwd htt materialise", "fwd bk core", "fwd local attention", "fwd linear attention",
+                               "fwd ssm", "fwd head gemm", "bwd head gemm", "bwd ssm", "bwd local attention"})
+    EXPECT_NE(std::find(names.begin(), names.end(), expected), names.end()) << expected;
 }
 
 }  // namespace
