@@ -23,10 +23,12 @@ struct BenchOptions {
   int warmup = 2, iters = 10;
   std::string device = "cpu";    // cpu, cuda or auto
   bool profile = false;          // GPU: time each group of kernels (BenchRecord::profile)
+  std::string gpu_math = "tf32"; // GPU GEMMs: tf32 or fp32
 };
 
 struct BenchRecord {
   std::string preset, mode, device;
+  std::string gpu_math;         // GPU runs: the GEMM math
   int batch = 0, seq = 0, threads = 0, iters = 0;
   double tokens_per_s = 0;      // B·N / median seconds per iteration (decode: B / median seconds per step)
   double tokens_per_s_per_stream = 0;  // decode: 1 / median seconds per step

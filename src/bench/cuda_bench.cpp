@@ -57,6 +57,7 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
     }
   };
   cuda::Model& model = training ? training->model() : *inference;
+  model.set_gemm_math(cuda::gemm_math_from_string(o.gpu_math));
   const double median = median_seconds(o.warmup, o.iters, iteration);
   std::vector<std::pair<std::string, double>> profile;
   if (o.profile) {
@@ -85,6 +86,7 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
   r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
   r.parameters = (long long)host.table().total();
   r.profile = std::move(profile);
+  r.gpu_math = o.gpu_math;
   return r;
 }
 

@@ -40,6 +40,11 @@ void add_bench_command(CLI::App& app) {
                   "cpu, cuda, or auto (the GPU when one is visible); decode runs on the CPU in this version")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cmd->add_option("--gpu-math", o->gpu_math,
+                  "GEMM math on the GPU: tf32 (tensor cores, fp32 storage and accumulation) or fp32 (the reference\n"
+                  "mode, matching the CPU to rounding)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tf32", "fp32"}));
   cmd->add_flag("--json", *as_json, "Print one JSON record");
   cmd->add_flag("--profile", o->profile,
                 "GPU: also time each group of kernels (LayerNorm, BK core, attention, AR-SSM, head, ...) over the\n"
@@ -74,6 +79,7 @@ void add_bench_command(CLI::App& app) {
         j["tokens_per_s_per_stream"] = r.tokens_per_s_per_stream;
         j["context"] = r.context;
       }
+      if (!r.gpu_math.empty()) j["gpu_math"] = r.gpu_math;
       if (!r.profile.empty()) {
         nlohmann::json groups = nlohmann::json::array();
         for (const auto& [group, ms] : r.profile) groups.push_back({{"group", group}, {"ms", ms}});

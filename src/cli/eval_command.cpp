@@ -18,6 +18,7 @@ struct EvalOptions {
   int seq = 0, batch = 8;
   int64_t max_windows = 0;
   std::string device = "auto";
+  std::string gpu_math = "tf32";
 };
 
 }  // namespace
@@ -37,6 +38,11 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--device", o->device, "cpu, cuda, or auto (the GPU when one is visible)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cmd->add_option("--gpu-math", o->gpu_math,
+                  "GEMM math on the GPU: tf32 (tensor cores, fp32 storage and accumulation) or fp32 (the reference\n"
+                  "mode, matching the CPU to rounding)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tf32", "fp32"}));
   cmd->callback([o] {
     if (o->data_dir.empty() == o->text_file.empty()) throw std::invalid_argument("give exactly one of --data and --text");
     LoadedModel m = load_model(o->model_dir);
@@ -57,6 +63,7 @@ void add_eval_command(CLI::App& app) {
     if (device == "cuda") {
       cuda::Model gpu(m.model.config());
       gpu.set_inference_only(true);
+      gpu.set_gemm_math(cuda::gemm_math_from_string(o->gpu_math));
       gpu.upload_params(m.model.params().data());
       r = evaluate(gpu, *shard, *m.tokenizer, seq, o->batch, o->max_windows);
     }

@@ -57,6 +57,11 @@ void add_train_command(CLI::App& app) {
                   "cpu, cuda, or auto (the GPU when this build has CUDA and one is visible, else the CPU)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cmd->add_option("--gpu-math", o->gpu_math,
+                  "GEMM math on the GPU: tf32 (tensor cores, fp32 storage and accumulation) or fp32 (the reference\n"
+                  "mode, matching the CPU to rounding)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"tf32", "fp32"}));
   cmd->callback([o] {
     if (o->preset.empty() && o->config_file.empty() && !o->resume)
       throw std::invalid_argument("give --preset NAME or --config FILE");

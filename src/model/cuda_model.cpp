@@ -26,6 +26,19 @@ namespace {
 
 constexpr int32_t kIgnore = -1;  // model/model.h's kXentIgnore
 
+// Installs the model's GEMM math on the shared cuBLASLt instance for one pass, restoring the previous one.
+class GemmMathScope {
+ public:
+  explicit GemmMathScope(GemmMath math) : blas_(BlasLt::current()), saved_(blas_.math()) { blas_.set_math(math); }
+  ~GemmMathScope() { blas_.set_math(saved_); }
+  GemmMathScope(const GemmMathScope&) = delete;
+  GemmMathScope& operator=(const GemmMathScope&) = delete;
+
+ private:
+  BlasLt& blas_;
+  GemmMath saved_;
+};
+
 // Every buffer starts on a 256-byte boundary (what cuBLASLt and the vectorised kernels expect).
 constexpr size_t kAlignFloats = 64;
 size_t aligned(size_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats; }
@@ -344,6 +357,7 @@ void Model::forward(const int32_t* ids, int B, int N) {
       throw std::invalid_argument("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
                                   " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
   Arena& a = *arena_;
+  const GemmMathScope math(gemm_math_);
   bind_arena(a, c, m, B, N, !inference_only_);
   B_ = B;
   N_ = N;
@@ -542,6 +556,7 @@ void Model::backward(double scale) {
   if (B_ == 0) throw std::logic_error("backward(): no forward has run");
   if (!arena_->backward) throw std::logic_error("backward(): the model is set to inference only");
   const ModelConfig& c = config_;
+  const GemmMathScope math(gemm_math_);
   grads();
   const ModelLayout& m = layout_;
   Arena& a = *arena_;

@@ -20,6 +20,7 @@
 #include "model/config.h"
 #include "model/layout.h"
 #include "model/params.h"
+#include "ops/linear.cuh"
 
 namespace muse::cuda {
 
@@ -51,6 +52,10 @@ class Model {
   // Inference only: the arena leaves out the backward's buffers (and backward() refuses to run). Gradients
   // are allocated on first use either way.
   void set_inference_only(bool inference_only);
+  // The math of the model's GEMMs (ops/linear.cuh): fp32 (default; the reference mode the tests compare
+  // with the CPU) or tf32 (tensor cores: the fast mode `muse train/bench/eval --device cuda` use).
+  void set_gemm_math(GemmMath math) { gemm_math_ = math; }
+  GemmMath gemm_math() const { return gemm_math_; }
   // Bytes of device memory held: parameters, gradients, activations and workspaces.
   size_t device_bytes() const;
 
@@ -111,6 +116,7 @@ class Model {
   int B_ = 0, N_ = 0;
   float smoothing_ = 0;
   bool inference_only_ = false;
+  GemmMath gemm_math_ = GemmMath::fp32;
   struct Profiler;
   std::unique_ptr<Profiler> profiler_;  // null when profiling is off
 };

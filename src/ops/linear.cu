@@ -117,7 +117,10 @@ int alignment_of(const void* p) {
 // RAII holders for the cuBLASLt descriptors.
 struct MatmulDesc {
   cublasLtMatmulDesc_t desc = nullptr;
-  MatmulDesc() { MUSE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)); }
+  explicit MatmulDesc(GemmMath math) {
+    const cublasComputeType_t compute = math == GemmMath::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+    MUSE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F));
+  }
   ~MatmulDesc() { cublasLtMatmulDescDestroy(desc); }
 };
 struct Layout {
@@ -142,7 +145,7 @@ struct Preference {
 // epilogue runs along cuBLASLt's m = N dimension, i.e. one value per column of our row-major C.
 bool matmul(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
             const float* B, int ldb, float beta, float* C, int ldc, const float* bias, cudaStream_t stream) {
-  MatmulDesc op;
+  MatmulDesc op(blas.math());
   const cublasOperation_t op_lt_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our B
   const cublasOperation_t op_lt_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our A
   MUSE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_lt_a, sizeof(op_lt_a)));
@@ -164,7 +167,7 @@ bool matmul(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float
   const int align_a = alignment_of(A), align_b = alignment_of(B), align_c = alignment_of(C);
   const int align_bias = bias ? alignment_of(bias) : 0;
   const BlasLt::Key key{M, N, K, lda, ldb, ldc, int(trans_a), int(trans_b), bias ? 1 : 0,
-                        align_a, align_b, align_c, align_bias, 0};
+                        align_a, align_b, align_c, align_bias, int(blas.math())};
   cublasLtMatmulAlgo_t algo{};
   bool available = false;
   if (!blas.lookup(key, &algo, &available)) {
@@ -206,6 +209,12 @@ bool matmul(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float
 }
 
 }  // namespace
+
+GemmMath gemm_math_from_string(const std::string& name) {
+  if (name == "fp32") return GemmMath::fp32;
+  if (name == "tf32") return GemmMath::tf32;
+  throw std::invalid_argument("--gpu-math " + name + ": expected tf32 or fp32");
+}
 
 void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
           const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream) {

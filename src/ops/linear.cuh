@@ -1,11 +1,11 @@
 // CUDA linear layer and GEMM on cuBLASLt: the same contract as ops/linear.h and common/blas.h, on device
 // pointers (fp32 storage).
 //
-// Precision: every GEMM runs with CUBLAS_COMPUTE_32F and fp32 scale type — plain fp32 FMA, no TF32 (that
-// would need CUBLAS_COMPUTE_32F_FAST_TF32, which we never request; cuBLASLt ignores the legacy handle
-// math mode, and NVIDIA_TF32_OVERRIDE can only disable TF32) and no BF16x9 emulation (not on sm_90, and
-// no emulation descriptor is set). This is the fp32 reference mode of SPEC §6: results match the CPU
-// GEMM to summation-order rounding (~1e-6 relative for K up to a few thousand).
+// Precision: by default every GEMM runs with CUBLAS_COMPUTE_32F and fp32 scale type — plain fp32 FMA, no
+// TF32 (cuBLASLt ignores the legacy handle math mode, and NVIDIA_TF32_OVERRIDE can only disable TF32) and no
+// BF16x9 emulation (not on sm_90, and no emulation descriptor is set). This is the fp32 reference mode of
+// SPEC §6: results match the CPU GEMM to summation-order rounding (~1e-6 relative for K up to a few
+// thousand). BlasLt::set_math(GemmMath::tf32) switches to tensor-core TF32 (the model's fast mode).
 //
 // Determinism: cuBLASLt gives bit-identical results run to run for the same problem, algorithm, workspace
 // size and GPU model. The algorithm for a problem is chosen once (heuristic, cached in BlasLt) and reused.
@@ -18,6 +18,7 @@
 #include <array>
 #include <map>
 #include <mutex>
+#include <string>
 #include <utility>
 
 namespace muse::cuda {
@@ -28,6 +29,14 @@ namespace muse::cuda {
 // thread-safe (the algorithm cache is locked). The workspace is shared by every GEMM on the device: GEMMs
 // issued on two different streams that run concurrently would race on it, so keep the GEMMs of one device
 // on one stream (or construct a separate BlasLt per stream and call gemm() with it).
+// How the GEMMs multiply: fp32 is plain fp32 FMA (the reference mode: results match the CPU to summation
+// order); tf32 runs the products on the tensor cores with 10-bit mantissas and fp32 accumulation
+// (CUBLAS_COMPUTE_32F_FAST_TF32: inputs and outputs stay fp32), several times faster, ~1e-3 relative.
+enum class GemmMath { fp32, tf32 };
+
+// "fp32" or "tf32" (the --gpu-math flag); throws std::invalid_argument naming the value otherwise.
+GemmMath gemm_math_from_string(const std::string& name);
+
 class BlasLt {
  public:
   static constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // NVIDIA's recommendation for Hopper
@@ -41,6 +50,9 @@ class BlasLt {
   static BlasLt& current();
 
   cublasLtHandle_t handle() const { return handle_; }
+  // The math of every GEMM issued through this instance from now on (default fp32).
+  void set_math(GemmMath math) { math_ = math; }
+  GemmMath math() const { return math_; }
   void* workspace() const { return workspace_; }
   int device() const { return device_; }
 
@@ -52,6 +64,7 @@ class BlasLt {
 
  private:
   int device_;
+  GemmMath math_ = GemmMath::fp32;
   cublasLtHandle_t handle_ = nullptr;
   void* workspace_ = nullptr;
   std::mutex mutex_;

@@ -199,6 +199,7 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
   std::unique_ptr<cuda::Training> gpu;
   if (device == "cuda") {
     gpu = std::make_unique<cuda::Training>(config, model.params().data(), adam);
+    gpu->model().set_gemm_math(cuda::gemm_math_from_string(o.gpu_math));
     if (!resume_dir.empty()) gpu->upload(model.params().data(), optimizer);
   }
   auto sync_host = [&](bool with_optimizer) {

@@ -23,6 +23,7 @@ TEST(train_cuda, matches_cpu_and_resumes_bit_exactly) {
   train(cpu_run, [&](const std::string& l) { cpu_log.push_back(l); });
   TrainOptions gpu_run = tiny_run(dir, "gpu");
   gpu_run.device = "cuda";
+  gpu_run.gpu_math = "fp32";
   train(gpu_run, [&](const std::string& l) { gpu_log.push_back(l); });
   const std::vector<double> cpu = losses_of(cpu_log), gpu = losses_of(gpu_log);
   ASSERT_EQ(gpu.size(), 6u);
@@ -35,6 +36,7 @@ TEST(train_cuda, matches_cpu_and_resumes_bit_exactly) {
   std::ofstream(dir.str("crashed/latest")) << "checkpoints/step-00000003\n";
   TrainOptions resume = tiny_run(dir, "crashed");
   resume.device = "cuda";
+  resume.gpu_math = "fp32";
   resume.resume = true;
   train(resume, [&](const std::string& l) { resumed_log.push_back(l); });
   const std::vector<double> resumed = losses_of(resumed_log);
