@@ -80,6 +80,7 @@ void add_bench_command(CLI::App& app) {
         j["context"] = r.context;
       }
       if (!r.gpu_math.empty()) j["gpu_math"] = r.gpu_math;
+      if (!o->overrides.empty()) j["overrides"] = o->overrides;
       if (!r.profile.empty()) {
         nlohmann::json groups = nlohmann::json::array();
         for (const auto& [group, ms] : r.profile) groups.push_back({{"group", group}, {"ms", ms}});
