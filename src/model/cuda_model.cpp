@@ -128,10 +128,22 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
   const bool mask = phase8 && c.rank_mask;
   const size_t rho = c.ffn_rank;
 
+  // Training keeps every layer's activations for the backward; inference needs one layer's at a time, so
+  // the blocks share one set of buffers and the residual stream alternates between two.
   a.h.resize(L + 1);
-  for (float*& h : a.h) take(h, RD);
+  for (size_t l = 0; l <= L; ++l) {
+    if (backward || l < 2)
+      take(a.h[l], RD);
+    else
+      a.h[l] = a.h[l % 2];
+  }
   a.blocks.resize(L);
-  for (BlockBuffers& b : a.blocks) {
+  for (size_t l = 0; l < L; ++l) {
+    BlockBuffers& b = a.blocks[l];
+    if (!backward && l > 0) {
+      b = a.blocks[0];
+      continue;
+    }
     take(b.u, RD), take(b.ln_mean, rows), take(b.ln_rstd, rows);
     take(b.q, RD), take(b.k, RD), take(b.v, RD), take(b.o_loc, RD), take(b.lse, rows * H), take(b.y_att, RD);
     take(b.h_mid, RD);
@@ -165,7 +177,12 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
   take(ids, rows), take(targets, rows);
   a.ids = reinterpret_cast<int32_t*>(ids);
   a.targets = reinterpret_cast<int32_t*>(targets);
-  if (!backward) return;
+  const int r = int(rows), iD = int(D), iH = int(H);
+  if (!backward) {
+    // The forward's only workspace user: the linear attention's segment states.
+    take(a.workspace, linear ? linear_attn_forward_workspace_floats(B, N, iD, iH) : 0);
+    return;
+  }
 
   take(a.dlogits, rows * Vp);
   if (m.embed == kAbsent) take(a.dE, Vp * D);
@@ -183,12 +200,12 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
   }
 
   // One workspace, as large as the largest any op asks for at this shape.
-  const int r = int(rows), iD = int(D), iH = int(H);
   size_t ws = dense_mlp_backward_scratch_floats(r, iD);
   if (muse) {
     ws = std::max({ws, bk_layer_backward_workspace_floats(B, N, iD), bk_gate_backward_workspace_floats(r, iH),
                    bk_gate_backward_workspace_floats(r, 1), local_attn_backward_workspace_floats(attn_config(c, B, N)),
-                   linear_attn_backward_workspace_floats(B, N, iH), curvature_mix_backward_workspace_floats(r, iD),
+                   linear_attn_backward_workspace_floats(B, N, iD, iH),
+                   linear_attn_forward_workspace_floats(B, N, iD, iH), curvature_mix_backward_workspace_floats(r, iD),
                    phase7_gate_backward_workspace_floats(r), residual_mix_backward_workspace_floats(r, iD),
                    ssm_conv_backward_workspace_floats(B, N, iD), ssm_scan_backward_workspace_floats(B, int(R)),
                    ssm_rank_mask_backward_workspace_floats(r), lowrank_ffn_backward_scratch_floats(r, iD, int(rho))});
@@ -464,7 +481,7 @@ void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
   const float* mixed = a.o_loc;
   if (use_linear) {
     linear_attn_forward(a.o_lin, a.zeta, nullptr, nullptr, a.q, a.k, a.v, gate ? a.mu : nullptr, B_, N_, D, H,
-                        stream_);
+                        arena_->workspace, stream_);
     curvature_mix_forward(a.mixed, a.o_loc, a.o_lin, a.curvature + 1, rows, D, stream_);
     mark("fwd linear attention");
     mixed = a.mixed;

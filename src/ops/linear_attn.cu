@@ -24,6 +24,10 @@ constexpr int kGroups = 4;      // row groups (blockDim.y)
 constexpr int kTokens = 8;      // tokens staged per chunk
 constexpr int kMaxHeadDim = 128;
 constexpr int kMaxThreads = 160 * kGroups;  // CX ≤ 160 for d_h ≤ 128
+// Tokens per segment: with a workspace the scans are split along the sequence into segments of this many
+// tokens, each block starting from the state summed over the segments before (or after) it.
+constexpr int kSegment = 64;
+constexpr int kSumThreads = 256;
 constexpr float kFloor = float(kLinearAttnDenominatorFloor);
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -66,13 +70,87 @@ size_t reverse_smem_bytes(const Layout& l) {
                           size_t(kTokens) * l.XW * l.dh + 2 * kTokens);
 }
 
+// The [S | z] (or adjoint [dS | dz]) state a block starts from, element (r, c) of a [d_h][C] matrix at
+// init + index·d_h·C, into the registers of thread (c, g): rows r = g, g + 4, … (zeros without init).
+template <int RA>
+__device__ __forceinline__ void load_state(float (&S)[RA], const float* init, long index, int dh, int C, int c,
+                                           int g) {
+#pragma unroll
+  for (int a = 0; a < RA; ++a) {
+    const int r = g + kGroups * a;
+    S[a] = init && r < dh && c < C ? init[(index * dh + r) * C + c] : 0.f;
+  }
+}
+
+// Sums over one segment of tokens of the outer products that build a scan's state:
+//   forward (kind 0): Σ_t μ_t·φ(k_t) ⊗ (v_t, 1)          — what [S | z] gains over the segment
+//   reverse (kind 1): Σ_t φ(q_t) ⊗ (do_t/n_t, dζ_t)       — what the adjoint [dS | dz] gains
+// out [B, H, P, d_h, C]; one block per (h, b, segment).
+__global__ void __launch_bounds__(kSumThreads)
+    segment_sums_kernel(float* out, int kind, const float* q, const float* k, const float* v, const float* mu,
+                        const float* d_o, const float* zeta, const float* dzeta, int N, int D, int H) {
+  const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z, P = gridDim.z;
+  const int dh = D / H, C = dh + 1;
+  const float scale = 1.f / sqrtf(float(dh));
+  const int begin = seg * kSegment, tn = min(kSegment, N - begin);
+  extern __shared__ float smem[];
+  float* A = smem;                 // [kSegment][dh]
+  float* Bv = A + kSegment * dh;   // [kSegment][C]
+  for (int idx = threadIdx.x; idx < tn * C; idx += blockDim.x) {
+    const int t = idx / C, e = idx - t * C;
+    const long row = (long)b * N + begin + t;
+    const long at = row * D + (long)h * dh;
+    if (kind == 0) {
+      if (e < dh) {
+        A[t * dh + e] = (mu ? mu[row * H + h] : 1.f) * feature(k[at + e], scale);
+        Bv[t * C + e] = v[at + e];
+      } else {
+        Bv[t * C + e] = 1.f;
+      }
+    } else {
+      if (e < dh) {
+        A[t * dh + e] = feature(q[at + e], scale);
+        Bv[t * C + e] = d_o[at + e] / fmaxf(zeta[row * H + h], kFloor);
+      } else {
+        Bv[t * C + e] = dzeta[((long)b * H + h) * N + begin + t];
+      }
+    }
+  }
+  __syncthreads();
+  float* dst = out + (((long)b * H + h) * P + seg) * dh * C;
+  for (int idx = threadIdx.x; idx < dh * C; idx += blockDim.x) {
+    const int r = idx / C, e = idx - r * C;
+    float acc = 0.f;
+    for (int t = 0; t < tn; ++t) acc += A[t * dh + r] * Bv[t * C + e];
+    dst[idx] = acc;
+  }
+}
+
+// In place over the P segment sums of each (b, h) and element: the exclusive prefix (what came before a
+// segment) or, with reverse, the exclusive suffix (what comes after it). Summed in a fixed order.
+__global__ void segment_scan_kernel(float* states, long per_bh, int P, long total, bool reverse) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  const long bh = i / per_bh, e = i - bh * per_bh;
+  float* base = states + bh * P * per_bh + e;
+  float run = 0.f;
+  for (int step = 0; step < P; ++step) {
+    const int s = reverse ? P - 1 - step : step;
+    const float x = base[(long)s * per_bh];
+    base[(long)s * per_bh] = run;
+    run += x;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Forward scan. RA = rows per thread (a power of two ≥ d_h/4).
 template <int RA>
 __global__ void __launch_bounds__(kMaxThreads)
     linear_attn_forward_kernel(float* o, float* zeta, float* final_S, float* final_z, const float* q,
-                               const float* k, const float* v, const float* mu, int N, int D, int H) {
-  const int h = blockIdx.x, b = blockIdx.y;
+                               const float* k, const float* v, const float* mu, const float* init, int N, int D,
+                               int H) {
+  const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z;
+  const int begin = seg * kSegment * (gridDim.z > 1), end = gridDim.z > 1 ? min(N, begin + kSegment) : N;
   const int dh = D / H, C = dh + 1;
   const float scale = 1.f / sqrtf(float(dh));
   const int c = threadIdx.x, g = threadIdx.y;
@@ -86,11 +164,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* CP = VA + kTokens * C;        // [kTokens][kGroups][C] column partials Σ_r φ(q)_r·[S|z]_rc
 
   float S[RA];
-#pragma unroll
-  for (int a = 0; a < RA; ++a) S[a] = 0.f;
+  load_state<RA>(S, init, ((long)b * H + h) * gridDim.z + seg, dh, C, c, g);
 
-  for (int t0 = 0; t0 < N; t0 += kTokens) {
-    const int tn = min(kTokens, N - t0);
+  for (int t0 = begin; t0 < end; t0 += kTokens) {
+    const int tn = min(kTokens, end - t0);
     for (int idx = tid; idx < tn * C; idx += nthreads) {
       const int t = idx / C, e = idx - t * C;
       const long row = (long)b * N + t0 + t;
@@ -138,7 +215,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     // the next scan writes CP only after the next load's barrier.
   }
 
-  if (active) {
+  if (active && seg == gridDim.z - 1) {
     const long state = (long)b * H + h;
 #pragma unroll
     for (int a = 0; a < RA; ++a) {
@@ -159,9 +236,10 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <int RA>
 __global__ void __launch_bounds__(kMaxThreads)
     linear_attn_backward_replay_kernel(float* dq, float* dzeta_out, const float* d_o, const float* zeta,
-                                       const float* q, const float* k, const float* v, const float* mu, int N,
-                                       int D, int H) {
-  const int h = blockIdx.x, b = blockIdx.y;
+                                       const float* q, const float* k, const float* v, const float* mu,
+                                       const float* init, int N, int D, int H) {
+  const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z;
+  const int begin = seg * kSegment * (gridDim.z > 1), end = gridDim.z > 1 ? min(N, begin + kSegment) : N;
   const int dh = D / H, C = dh + 1, XW = blockDim.x / kWarp;
   const float scale = 1.f / sqrtf(float(dh));
   const int c = threadIdx.x, g = threadIdx.y;
@@ -182,11 +260,10 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* NS = DZ + kTokens;                  // [kTokens] n = max(ζ, floor)
 
   float S[RA];
-#pragma unroll
-  for (int a = 0; a < RA; ++a) S[a] = 0.f;
+  load_state<RA>(S, init, ((long)b * H + h) * gridDim.z + seg, dh, C, c, g);
 
-  for (int t0 = 0; t0 < N; t0 += kTokens) {
-    const int tn = min(kTokens, N - t0);
+  for (int t0 = begin; t0 < end; t0 += kTokens) {
+    const int tn = min(kTokens, end - t0);
     for (int idx = tid; idx < tn * C; idx += nthreads) {
       const int t = idx / C, e = idx - t * C;
       const long row = (long)b * N + t0 + t;
@@ -267,8 +344,9 @@ template <int RA>
 __global__ void __launch_bounds__(kMaxThreads)
     linear_attn_backward_reverse_kernel(float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
                                         const float* dzeta_in, const float* q, const float* k, const float* v,
-                                        const float* mu, int N, int D, int H) {
-  const int h = blockIdx.x, b = blockIdx.y;
+                                        const float* mu, const float* init, int N, int D, int H) {
+  const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z;
+  const int begin = seg * kSegment * (gridDim.z > 1), end = gridDim.z > 1 ? min(N, begin + kSegment) : N;
   const int dh = D / H, C = dh + 1, XW = blockDim.x / kWarp;
   const float scale = 1.f / sqrtf(float(dh));
   const int c = threadIdx.x, g = threadIdx.y;
@@ -290,12 +368,11 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* GT = DZ + kTokens;                  // [kTokens] μ
 
   float dS[RA];
-#pragma unroll
-  for (int a = 0; a < RA; ++a) dS[a] = 0.f;
+  load_state<RA>(dS, init, ((long)b * H + h) * gridDim.z + seg, dh, C, c, g);
 
-  const int chunks = (N + kTokens - 1) / kTokens;
-  for (int ch = chunks - 1; ch >= 0; --ch) {
-    const int t0 = ch * kTokens, tn = min(kTokens, N - t0);
+  const int first = begin / kTokens, last = (end - 1) / kTokens;
+  for (int ch = last; ch >= first; --ch) {
+    const int t0 = ch * kTokens, tn = min(kTokens, end - t0);
     for (int idx = tid; idx < tn * C; idx += nthreads) {
       const int t = idx / C, e = idx - t * C;
       const long row = (long)b * N + t0 + t;
@@ -385,14 +462,46 @@ int rows_per_thread(int dh) {
   return ra;
 }
 
+int segments(int N) { return (N + kSegment - 1) / kSegment; }
+
+// Floats of [B, H, P, d_h, C] segment states, 0 when the sequence is one segment.
+size_t state_floats(int B, int N, int D, int H) {
+  const int P = segments(N);
+  if (P <= 1) return 0;
+  const Layout l = layout(D, H);
+  return size_t(B) * H * P * l.dh * l.C;
+}
+
+// The dζ part of the backward workspace, rounded up so the states after it stay 256-byte aligned.
+size_t dzeta_floats(int B, int N, int H) { return (size_t(B) * N * H + 63) / 64 * 64; }
+
+// Each segment's starting state (kind 0: [S | z] from the tokens before it) or adjoint (kind 1: [dS | dz]
+// from the tokens after it), into states.
+void segment_states(float* states, int kind, const float* q, const float* k, const float* v, const float* mu,
+                    const float* d_o, const float* zeta, const float* dzeta, int B, int N, int D, int H,
+                    cudaStream_t stream) {
+  const Layout l = layout(D, H);
+  const int P = segments(N);
+  const size_t smem = sizeof(float) * size_t(kSegment) * (l.dh + l.C);
+  prepare_smem(segment_sums_kernel, smem);
+  segment_sums_kernel<<<dim3(H, B, P), kSumThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o, zeta, dzeta, N,
+                                                                     D, H);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  const long per_bh = long(l.dh) * l.C, total = long(B) * H * per_bh;
+  segment_scan_kernel<<<int((total + 255) / 256), 256, 0, stream>>>(states, per_bh, P, total, kind == 1);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
 template <int RA>
 void forward_impl(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
-                  const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream) {
+                  const float* v, const float* mu, int B, int N, int D, int H, float* workspace, cudaStream_t stream) {
   const Layout l = layout(D, H);
+  const int P = workspace ? segments(N) : 1;
+  if (P > 1) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
   const size_t smem = forward_smem_bytes(l);
   prepare_smem(linear_attn_forward_kernel<RA>, smem);
-  linear_attn_forward_kernel<RA><<<dim3(H, B), dim3(l.CX, kGroups), smem, stream>>>(o, zeta, final_S, final_z, q,
-                                                                                     k, v, mu, N, D, H);
+  linear_attn_forward_kernel<RA><<<dim3(H, B, P), dim3(l.CX, kGroups), smem, stream>>>(
+      o, zeta, final_S, final_z, q, k, v, mu, P > 1 ? workspace : nullptr, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -401,28 +510,43 @@ void backward_impl(float* dq, float* dk, float* dv, float* dmu, const float* d_o
                    const float* k, const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
                    cudaStream_t stream) {
   const Layout l = layout(D, H);
-  const dim3 grid(H, B), block(l.CX, kGroups);
+  const int P = workspace ? segments(N) : 1;
+  float* states = P > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
+  const dim3 grid(H, B, P), block(l.CX, kGroups);
   const bool reverse = dk || dv || dmu;
   {
+    if (states) segment_states(states, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
     const size_t smem = replay_smem_bytes(l);
     prepare_smem(linear_attn_backward_replay_kernel<RA>, smem);
     linear_attn_backward_replay_kernel<RA><<<grid, block, smem, stream>>>(dq, reverse ? workspace : nullptr, d_o,
-                                                                          zeta, q, k, v, mu, N, D, H);
+                                                                          zeta, q, k, v, mu, states, N, D, H);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (reverse) {
+    if (states) segment_states(states, 1, q, k, v, mu, d_o, zeta, workspace, B, N, D, H, stream);
     const size_t smem = reverse_smem_bytes(l);
     prepare_smem(linear_attn_backward_reverse_kernel<RA>, smem);
     linear_attn_backward_reverse_kernel<RA><<<grid, block, smem, stream>>>(dk, dv, dmu, d_o, zeta, workspace, q, k,
-                                                                           v, mu, N, D, H);
+                                                                           v, mu, states, N, D, H);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
 }
 
 }  // namespace
 
+size_t linear_attn_forward_workspace_floats(int B, int N, int D, int H) {
+  if (B <= 0 || N <= 0 || H <= 0 || D <= 0) return 0;
+  return state_floats(B, N, D, H);
+}
+
 void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                          const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream) {
+  linear_attn_forward(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, nullptr, stream);
+}
+
+void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
+                         const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
+                         cudaStream_t stream) {
   validate(B, N, D, H);
   if (B == 0) return;
   if (N == 0) {
@@ -433,18 +557,18 @@ void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, 
     return;
   }
   switch (rows_per_thread(D / H)) {
-    case 1: forward_impl<1>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
-    case 2: forward_impl<2>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
-    case 4: forward_impl<4>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
-    case 8: forward_impl<8>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
-    case 16: forward_impl<16>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
-    default: forward_impl<32>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, stream); break;
+    case 1: forward_impl<1>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 2: forward_impl<2>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 4: forward_impl<4>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 8: forward_impl<8>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    case 16: forward_impl<16>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
+    default: forward_impl<32>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
   }
 }
 
-size_t linear_attn_backward_workspace_floats(int B, int N, int H) {
-  if (B <= 0 || N <= 0 || H <= 0) return 0;
-  return size_t(B) * N * H;
+size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H) {
+  if (B <= 0 || N <= 0 || H <= 0 || D <= 0) return 0;
+  return dzeta_floats(B, N, H) + state_floats(B, N, D, H);
 }
 
 void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,

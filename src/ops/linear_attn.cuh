@@ -15,8 +15,18 @@ namespace muse::cuda {
 void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                          const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream = 0);
 
-// Floats of device workspace linear_attn_backward needs (dζ of every (b, i, h): B·N·H).
-size_t linear_attn_backward_workspace_floats(int B, int N, int H);
+// With a workspace (linear_attn_forward_workspace_floats(B, N, D, H) floats) the scan is split into
+// segments of 64 tokens run in parallel: the state each segment starts from is summed over the segments
+// before it first (an outer-product sum per segment, then a prefix over segments). Without one, one block
+// per (b, h) scans the whole sequence.
+size_t linear_attn_forward_workspace_floats(int B, int N, int D, int H);
+void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
+                         const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
+                         cudaStream_t stream = 0);
+
+// Floats of device workspace linear_attn_backward needs: dζ of every (b, i, h), and the segment states
+// that split both backward scans along the sequence as in the forward.
+size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H);
 
 // Accumulates (+=) into dq, dk, dv [B, N, D] and dmu [B, N, H] (each may be null; dmu is ignored when mu
 // is null) from d_o, given the forward's inputs and its zeta. workspace: linear_attn_backward_workspace_

@@ -75,12 +75,21 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}) {
   DeviceBuffer<float> gq(q), gk(k), gv(v), gmu(mu), go(nan_filled(n)), gzeta(nan_filled(nh)), gS(nan_filled(ns)),
       gz(nan_filled(nz));
   float* gmu_ptr = cs.gate ? gmu.get() : nullptr;
+  // One block per (b, h) over the whole sequence, then (with a workspace) segments of 64 tokens in parallel.
   cuda::linear_attn_forward(go.get(), gzeta.get(), gS.get(), gz.get(), gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D,
                             H);
   expect_matches(go.download(), o, {}, od, kForwardRel, "o");
   expect_matches(gzeta.download(), zeta, {}, zetad, kForwardRel, "zeta");
   expect_matches(gS.download(), S, {}, Sd, kForwardRel, "final_S");
   expect_matches(gz.download(), z, {}, zd, kForwardRel, "final_z");
+  DeviceBuffer<float> fwd_workspace(cuda::linear_attn_forward_workspace_floats(B, N, D, H));
+  DeviceBuffer<float> go2(nan_filled(n)), gzeta2(nan_filled(nh)), gS2(nan_filled(ns)), gz2(nan_filled(nz));
+  cuda::linear_attn_forward(go2.get(), gzeta2.get(), gS2.get(), gz2.get(), gq.get(), gk.get(), gv.get(), gmu_ptr, B, N,
+                            D, H, fwd_workspace.get());
+  expect_matches(go2.download(), o, {}, od, kForwardRel, "o (segmented)");
+  expect_matches(gzeta2.download(), zeta, {}, zetad, kForwardRel, "zeta (segmented)");
+  expect_matches(gS2.download(), S, {}, Sd, kForwardRel, "final_S (segmented)");
+  expect_matches(gz2.download(), z, {}, zd, kForwardRel, "final_z (segmented)");
 
   // Backward from the CPU's zeta, into non-zero gradients (checks +=).
   const auto d_o = to_float(random_normal(n, rng));
@@ -97,10 +106,12 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}) {
                                zetad.data(), qd.data(), kd.data(), vd.data(), mud_ptr, B, N, D, H);
 
   DeviceBuffer<float> gdo(d_o), gzeta_cpu(zeta), gdq(dq0), gdk(dk0), gdv(dv0), gdmu(dmu0);
-  DeviceBuffer<float> workspace(cuda::linear_attn_backward_workspace_floats(B, N, H));
+  // dq alone may run without a workspace (one block per (b, h)); otherwise the scans run in segments.
+  const bool dq_only = !want.dk && !want.dv && !want.dmu;
+  DeviceBuffer<float> workspace(cuda::linear_attn_backward_workspace_floats(B, N, D, H));
   cuda::linear_attn_backward(want.dq ? gdq.get() : nullptr, want.dk ? gdk.get() : nullptr,
                              want.dv ? gdv.get() : nullptr, want.dmu ? gdmu.get() : nullptr, gdo.get(), gzeta_cpu.get(),
-                             gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D, H, workspace.get());
+                             gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D, H, dq_only ? nullptr : workspace.get());
   expect_matches(gdq.download(), dq, dq0, dqd, kGradRel, "dq");
   expect_matches(gdk.download(), dk, dk0, dkd, kGradRel, "dk");
   expect_matches(gdv.download(), dv, dv0, dvd, kGradRel, "dv");
@@ -110,11 +121,20 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}) {
 
 }  // namespace
 
-// phase8-small: D = 512, H = 8 (d_h = 64); N = 150 is not a multiple of the 8-token staging chunk.
+// phase8-small: D = 512, H = 8 (d_h = 64); N = 150 is not a multiple of the 8-token staging chunk, and
+// spans three 64-token segments (the last one partial).
 TEST(linear_attn_cuda, phase8_small_shape_matches_cpu) {
   MUSE_REQUIRE_GPU();
   check_case({2, 150, 512, 8, true});
   check_case({2, 150, 512, 8, false});
+}
+
+// Many segments: the states summed over segments before (after) each one must equal the sequential scan.
+TEST(linear_attn_cuda, long_sequences_in_segments_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  check_case({1, 700, 128, 2, true});  // 11 segments, d_h = 64
+  check_case({2, 128, 51, 3, true});   // exactly two segments, d_h = 17
+  check_case({1, 65, 256, 2, false});  // one token past the first segment, d_h = 128
 }
 
 // Head widths around the thread-layout boundaries: d_h + 1 state columns on ⌈(d_h + 1)/32⌉ warps, rows
@@ -155,7 +175,8 @@ TEST(linear_attn_cuda, empty_sequence_writes_zero_state) {
                             nullptr, B, N, D, H);
   EXPECT_EQ(gS.download(), std::vector<float>(size_t(B) * H * dh * dh, 0.f));
   EXPECT_EQ(gz.download(), std::vector<float>(size_t(B) * H * dh, 0.f));
-  EXPECT_EQ(cuda::linear_attn_backward_workspace_floats(B, N, H), 0u);
+  EXPECT_EQ(cuda::linear_attn_backward_workspace_floats(B, N, D, H), 0u);
+  EXPECT_EQ(cuda::linear_attn_forward_workspace_floats(B, N, D, H), 0u);
   cuda::linear_attn_backward(dummy.get(), dummy.get(), dummy.get(), nullptr, dummy.get(), dummy.get(), dummy.get(),
                              dummy.get(), dummy.get(), nullptr, B, N, D, H, nullptr);
   MUSE_CUDA_CHECK(cudaDeviceSynchronize());

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,9 @@ struct Variant {
   std::string name;
   std::vector<std::string> overrides;  // on top of the tiny preset
 };
+
+// gtest prints a parameter with this (otherwise it dumps the struct's bytes).
+void PrintTo(const Variant& v, std::ostream* os) { *os << v.name; }
 
 ModelConfig variant_config(const Variant& v) {
   ModelConfig c = find_preset("tiny").model;
@@ -232,6 +236,39 @@ TEST(model_cuda, profile_names_every_group_and_leaves_results_alone) {
   for (const char* expected : {"fwd htt materialise", "fwd bk core", "fwd local attention", "fwd linear attention",
                                "fwd ssm", "fwd head gemm", "bwd head gemm", "bwd ssm", "bwd local attention"})
     EXPECT_NE(std::find(names.begin(), names.end(), expected), names.end()) << expected;
+}
+
+}  // namespace
+}  // namespace muse::test
+
+namespace muse::test {
+namespace {
+
+// An inference-only model shares one layer's buffers between the blocks and alternates the residual
+// stream between two buffers: its logits are bit-identical to the training arena's, in less memory.
+TEST(model_cuda, inference_only_arena_gives_the_same_logits_in_less_memory) {
+  MUSE_REQUIRE_GPU();
+  for (const Variant& v : {Variant{"phase8", {"n_layers=3"}}, Variant{"gpt", {"arch=gpt", "ffn=dense", "n_layers=3"}}}) {
+    const ModelConfig c = variant_config(v);
+    Model<float> cpu(c);
+    cpu.init(5);
+    cuda::Model train(c), infer(c);
+    infer.set_inference_only(true);
+    train.upload_params(cpu.params().data());
+    infer.upload_params(cpu.params().data());
+    Rng rng(9);
+    const int B = 2, N = 40;
+    const std::vector<int32_t> ids = random_ids(size_t(B) * N, c.vocab_size, rng);
+    train.forward(ids.data(), B, N);
+    infer.forward(ids.data(), B, N);
+    const size_t n = size_t(B) * N * c.padded_vocab();
+    std::vector<float> a(n), b(n);
+    MUSE_CUDA_CHECK(cudaMemcpy(a.data(), train.logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
+    MUSE_CUDA_CHECK(cudaMemcpy(b.data(), infer.logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
+    EXPECT_EQ(a, b) << v.name;
+    EXPECT_LT(infer.device_bytes(), train.device_bytes()) << v.name;
+    EXPECT_THROW(infer.backward(), std::logic_error) << v.name;
+  }
 }
 
 }  // namespace
