@@ -7,6 +7,7 @@
 // is the same update as S). Tokens are staged 8 at a time in shared memory (features computed once per
 // token), the scan over the 8 tokens runs without barriers, each thread writing its partial sums per
 // token; reductions over the partials follow after one barrier.
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -28,6 +29,14 @@ constexpr int kMaxThreads = 160 * kGroups;  // CX ≤ 160 for d_h ≤ 128
 // tokens, each block starting from the state summed over the segments before (or after) it.
 constexpr int kSegment = 64;
 constexpr int kSumThreads = 256;
+// Segments only pay when (b, h) alone leaves the GPU short of blocks: the scans get about this many.
+constexpr int kTargetBlocks = 512;
+
+// How a scan is split: `count` segments (blockIdx.z) of `len` tokens, each `per` of the `fine` 64-token
+// segments whose state sums were computed (count = 1, len = N: one block per (b, h), no states).
+struct Segments {
+  int count = 1, len = 0, per = 1, fine = 1;
+};
 constexpr float kFloor = float(kLinearAttnDenominatorFloor);
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -147,10 +156,10 @@ __global__ void segment_scan_kernel(float* states, long per_bh, int P, long tota
 template <int RA>
 __global__ void __launch_bounds__(kMaxThreads)
     linear_attn_forward_kernel(float* o, float* zeta, float* final_S, float* final_z, const float* q,
-                               const float* k, const float* v, const float* mu, const float* init, int N, int D,
-                               int H) {
+                               const float* k, const float* v, const float* mu, const float* init, Segments sg,
+                               int N, int D, int H) {
   const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z;
-  const int begin = seg * kSegment * (gridDim.z > 1), end = gridDim.z > 1 ? min(N, begin + kSegment) : N;
+  const int begin = seg * sg.len, end = min(N, begin + sg.len);
   const int dh = D / H, C = dh + 1;
   const float scale = 1.f / sqrtf(float(dh));
   const int c = threadIdx.x, g = threadIdx.y;
@@ -164,7 +173,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* CP = VA + kTokens * C;        // [kTokens][kGroups][C] column partials Σ_r φ(q)_r·[S|z]_rc
 
   float S[RA];
-  load_state<RA>(S, init, ((long)b * H + h) * gridDim.z + seg, dh, C, c, g);
+  load_state<RA>(S, init, ((long)b * H + h) * sg.fine + seg * sg.per, dh, C, c, g);
 
   for (int t0 = begin; t0 < end; t0 += kTokens) {
     const int tn = min(kTokens, end - t0);
@@ -215,7 +224,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     // the next scan writes CP only after the next load's barrier.
   }
 
-  if (active && seg == gridDim.z - 1) {
+  if (active && seg == sg.count - 1) {
     const long state = (long)b * H + h;
 #pragma unroll
     for (int a = 0; a < RA; ++a) {
@@ -237,9 +246,9 @@ template <int RA>
 __global__ void __launch_bounds__(kMaxThreads)
     linear_attn_backward_replay_kernel(float* dq, float* dzeta_out, const float* d_o, const float* zeta,
                                        const float* q, const float* k, const float* v, const float* mu,
-                                       const float* init, int N, int D, int H) {
+                                       const float* init, Segments sg, int N, int D, int H) {
   const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z;
-  const int begin = seg * kSegment * (gridDim.z > 1), end = gridDim.z > 1 ? min(N, begin + kSegment) : N;
+  const int begin = seg * sg.len, end = min(N, begin + sg.len);
   const int dh = D / H, C = dh + 1, XW = blockDim.x / kWarp;
   const float scale = 1.f / sqrtf(float(dh));
   const int c = threadIdx.x, g = threadIdx.y;
@@ -260,7 +269,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* NS = DZ + kTokens;                  // [kTokens] n = max(ζ, floor)
 
   float S[RA];
-  load_state<RA>(S, init, ((long)b * H + h) * gridDim.z + seg, dh, C, c, g);
+  load_state<RA>(S, init, ((long)b * H + h) * sg.fine + seg * sg.per, dh, C, c, g);
 
   for (int t0 = begin; t0 < end; t0 += kTokens) {
     const int tn = min(kTokens, end - t0);
@@ -344,9 +353,9 @@ template <int RA>
 __global__ void __launch_bounds__(kMaxThreads)
     linear_attn_backward_reverse_kernel(float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
                                         const float* dzeta_in, const float* q, const float* k, const float* v,
-                                        const float* mu, const float* init, int N, int D, int H) {
+                                        const float* mu, const float* init, Segments sg, int N, int D, int H) {
   const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z;
-  const int begin = seg * kSegment * (gridDim.z > 1), end = gridDim.z > 1 ? min(N, begin + kSegment) : N;
+  const int begin = seg * sg.len, end = min(N, begin + sg.len);
   const int dh = D / H, C = dh + 1, XW = blockDim.x / kWarp;
   const float scale = 1.f / sqrtf(float(dh));
   const int c = threadIdx.x, g = threadIdx.y;
@@ -368,7 +377,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   float* GT = DZ + kTokens;                  // [kTokens] μ
 
   float dS[RA];
-  load_state<RA>(dS, init, ((long)b * H + h) * gridDim.z + seg, dh, C, c, g);
+  // The exclusive suffix of this segment's last 64-token segment: everything after this segment.
+  load_state<RA>(dS, init, ((long)b * H + h) * sg.fine + min((seg + 1) * sg.per, sg.fine) - 1, dh, C, c, g);
 
   const int first = begin / kTokens, last = (end - 1) / kTokens;
   for (int ch = last; ch >= first; --ch) {
@@ -464,6 +474,21 @@ int rows_per_thread(int dh) {
 
 int segments(int N) { return (N + kSegment - 1) / kSegment; }
 
+// The split of a scan over B·H sequences of N tokens: enough segments for about kTargetBlocks blocks, each a
+// whole number of 64-token segments. Without states (no workspace) the scan stays one block per (b, h).
+Segments plan_segments(int B, int N, int H, bool have_states) {
+  Segments sg;
+  sg.fine = segments(N);
+  sg.len = N;
+  const int wanted = (kTargetBlocks + B * H - 1) / (B * H);
+  if (!have_states || sg.fine <= 1 || wanted <= 1) return sg;
+  sg.per = (sg.fine + std::min(wanted, sg.fine) - 1) / std::min(wanted, sg.fine);
+  sg.count = (sg.fine + sg.per - 1) / sg.per;
+  sg.len = sg.per * kSegment;
+  if (sg.count == 1) sg = Segments{1, N, 1, sg.fine};
+  return sg;
+}
+
 // Floats of [B, H, P, d_h, C] segment states, 0 when the sequence is one segment.
 size_t state_floats(int B, int N, int D, int H) {
   const int P = segments(N);
@@ -496,12 +521,12 @@ template <int RA>
 void forward_impl(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                   const float* v, const float* mu, int B, int N, int D, int H, float* workspace, cudaStream_t stream) {
   const Layout l = layout(D, H);
-  const int P = workspace ? segments(N) : 1;
-  if (P > 1) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
+  const Segments sg = plan_segments(B, N, H, workspace != nullptr);
+  if (sg.count > 1) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
   const size_t smem = forward_smem_bytes(l);
   prepare_smem(linear_attn_forward_kernel<RA>, smem);
-  linear_attn_forward_kernel<RA><<<dim3(H, B, P), dim3(l.CX, kGroups), smem, stream>>>(
-      o, zeta, final_S, final_z, q, k, v, mu, P > 1 ? workspace : nullptr, N, D, H);
+  linear_attn_forward_kernel<RA><<<dim3(H, B, sg.count), dim3(l.CX, kGroups), smem, stream>>>(
+      o, zeta, final_S, final_z, q, k, v, mu, sg.count > 1 ? workspace : nullptr, sg, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -510,16 +535,16 @@ void backward_impl(float* dq, float* dk, float* dv, float* dmu, const float* d_o
                    const float* k, const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
                    cudaStream_t stream) {
   const Layout l = layout(D, H);
-  const int P = workspace ? segments(N) : 1;
-  float* states = P > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
-  const dim3 grid(H, B, P), block(l.CX, kGroups);
+  const Segments sg = plan_segments(B, N, H, workspace != nullptr);
+  float* states = sg.count > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
+  const dim3 grid(H, B, sg.count), block(l.CX, kGroups);
   const bool reverse = dk || dv || dmu;
   {
     if (states) segment_states(states, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
     const size_t smem = replay_smem_bytes(l);
     prepare_smem(linear_attn_backward_replay_kernel<RA>, smem);
     linear_attn_backward_replay_kernel<RA><<<grid, block, smem, stream>>>(dq, reverse ? workspace : nullptr, d_o,
-                                                                          zeta, q, k, v, mu, states, N, D, H);
+                                                                          zeta, q, k, v, mu, states, sg, N, D, H);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (reverse) {
@@ -527,7 +552,7 @@ void backward_impl(float* dq, float* dk, float* dv, float* dmu, const float* d_o
     const size_t smem = reverse_smem_bytes(l);
     prepare_smem(linear_attn_backward_reverse_kernel<RA>, smem);
     linear_attn_backward_reverse_kernel<RA><<<grid, block, smem, stream>>>(dk, dv, dmu, d_o, zeta, workspace, q, k,
-                                                                           v, mu, states, N, D, H);
+                                                                           v, mu, states, sg, N, D, H);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
 }

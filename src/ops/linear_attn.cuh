@@ -15,10 +15,10 @@ namespace muse::cuda {
 void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                          const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream = 0);
 
-// With a workspace (linear_attn_forward_workspace_floats(B, N, D, H) floats) the scan is split into
-// segments of 64 tokens run in parallel: the state each segment starts from is summed over the segments
-// before it first (an outer-product sum per segment, then a prefix over segments). Without one, one block
-// per (b, h) scans the whole sequence.
+// With a workspace (linear_attn_forward_workspace_floats(B, N, D, H) floats) and too few (b, h) pairs to
+// fill the GPU (under ~512), the scan is split along the sequence into segments (multiples of 64 tokens)
+// run in parallel: the state each one starts from is summed first (an outer-product sum per 64 tokens, then
+// a prefix over them). Without a workspace, one block per (b, h) scans the whole sequence.
 size_t linear_attn_forward_workspace_floats(int B, int N, int D, int H);
 void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                          const float* v, const float* mu, int B, int N, int D, int H, float* workspace,

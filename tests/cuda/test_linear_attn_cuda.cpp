@@ -135,6 +135,8 @@ TEST(linear_attn_cuda, long_sequences_in_segments_match_cpu) {
   check_case({1, 700, 128, 2, true});  // 11 segments, d_h = 64
   check_case({2, 128, 51, 3, true});   // exactly two segments, d_h = 17
   check_case({1, 65, 256, 2, false});  // one token past the first segment, d_h = 128
+  // B·H = 64: segments of two 64-token sums each (enough blocks already), the last one a partial single.
+  check_case({8, 650, 64, 8, true});
 }
 
 // Head widths around the thread-layout boundaries: d_h + 1 state columns on ⌈(d_h + 1)/32⌉ warps, rows
