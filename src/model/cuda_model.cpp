@@ -246,8 +246,10 @@ Model::Model(const ModelConfig& config) : config_(config), arena_(std::make_uniq
   MUSE_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   MUSE_CUDA_CHECK(cudaMalloc(&params_, size() * sizeof(float)));
   MUSE_CUDA_CHECK(cudaMalloc(&loss_sum_, sizeof(double)));
-  MUSE_CUDA_CHECK(cudaMemset(params_, 0, size() * sizeof(float)));
-  MUSE_CUDA_CHECK(cudaMemset(loss_sum_, 0, sizeof(double)));
+  // On the model's stream: a non-blocking stream does not wait for work on the legacy default stream.
+  MUSE_CUDA_CHECK(cudaMemsetAsync(params_, 0, size() * sizeof(float), stream_));
+  MUSE_CUDA_CHECK(cudaMemsetAsync(loss_sum_, 0, sizeof(double), stream_));
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   for (cudaEvent_t& e : staged_) MUSE_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
 }
 

@@ -55,6 +55,9 @@ void Training::upload(const float* host_params, const muse::AdamW& host_optimize
   MUSE_CUDA_CHECK(cudaMemcpy(adam_.second_moment_data(), host_optimizer.second_moment_data(), bytes,
                              cudaMemcpyHostToDevice));
   adam_.set_steps_taken(host_optimizer.steps_taken());
+  // cudaMemcpy from pageable memory may return before the data lands, and the model's non-blocking stream
+  // does not wait for the default stream: finish the copies before the next step reads the moments.
+  MUSE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 }  // namespace muse::cuda

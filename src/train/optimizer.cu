@@ -138,6 +138,9 @@ AdamW::AdamW(std::vector<ParamRange> ranges, size_t total, AdamWConfig config) :
     MUSE_CUDA_CHECK(cudaMalloc(&chunks_, chunks.size() * sizeof(Chunk)));
     MUSE_CUDA_CHECK(cudaMemcpy(chunks_, chunks.data(), chunks.size() * sizeof(Chunk), cudaMemcpyHostToDevice));
   }
+  // step() runs on the caller's stream, which may be non-blocking (it does not wait for the default stream
+  // these initialisations ran on): finish them here.
+  MUSE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 AdamW::~AdamW() {
