@@ -91,6 +91,8 @@ TEST_P(CudaModelTest, forward_loss_and_gradients_match_cpu) {
   gpu.forward(ids.data(), B, N);
   const size_t logit_count = size_t(B) * N * c.padded_vocab();
   std::vector<float> gpu_logits(logit_count);
+  // The model works on its own non-blocking stream, which cudaMemcpy (default stream) does not wait for.
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(gpu.stream()));
   MUSE_CUDA_CHECK(cudaMemcpy(gpu_logits.data(), gpu.logits(), logit_count * sizeof(float), cudaMemcpyDeviceToHost));
   expect_close_to_reference(gpu_logits, std::vector<float>(cpu.logits(), cpu.logits() + logit_count), 2e-4, 1e-3,
                             GetParam().name + " logits");
@@ -263,6 +265,8 @@ TEST(model_cuda, inference_only_arena_gives_the_same_logits_in_less_memory) {
     infer.forward(ids.data(), B, N);
     const size_t n = size_t(B) * N * c.padded_vocab();
     std::vector<float> a(n), b(n);
+    MUSE_CUDA_CHECK(cudaStreamSynchronize(train.stream()));
+    MUSE_CUDA_CHECK(cudaStreamSynchronize(infer.stream()));
     MUSE_CUDA_CHECK(cudaMemcpy(a.data(), train.logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
     MUSE_CUDA_CHECK(cudaMemcpy(b.data(), infer.logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
     EXPECT_EQ(a, b) << v.name;
