@@ -165,8 +165,11 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
     throw std::invalid_argument("--seq " + std::to_string(N) + " exceeds max_seq = " + std::to_string(config.max_seq) +
                                 " of the learned positions");
   const double lr = o.lr > 0 ? o.lr : defaults.lr;
-  const std::string device = resolve_device(o.device);
-  if (device == "cuda" && (o.entail_weight > 0 || o.topology_weight > 0))
+  // The auxiliary losses of the diagnostics back-propagate through the CPU model only: `auto` picks the CPU
+  // for them, an explicit `cuda` is refused.
+  const bool aux_losses = o.entail_weight > 0 || o.topology_weight > 0;
+  const std::string device = resolve_device(aux_losses && o.device == "auto" ? "cpu" : o.device);
+  if (device == "cuda" && aux_losses)
     throw std::invalid_argument("--entail-weight and --topology-weight train on the CPU only: add --device cpu");
 
   Model<float> model(config);
