@@ -54,7 +54,8 @@ void add_train_command(CLI::App& app) {
       ->capture_default_str();
   o->device = "auto";
   cmd->add_option("--device", o->device,
-                  "cpu, cuda, or auto (the GPU when this build has CUDA and one is visible, else the CPU)")
+                  "cpu, cuda, or auto (the GPU when this build has CUDA and one is visible, else the CPU; auto\n"
+                  "stays on the CPU when --entail-weight or --topology-weight is on, which need the CPU model)")
       ->capture_default_str()
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_option("--gpu-math", o->gpu_math,
