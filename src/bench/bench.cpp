@@ -118,6 +118,22 @@ BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
 
 }  // namespace
 
+BenchRecord throughput_record(const BenchOptions& o, const ModelConfig& config, double median_s,
+                              long long parameters) {
+  BenchRecord r;
+  r.preset = o.preset;
+  r.mode = o.mode;
+  r.batch = o.batch;
+  r.seq = o.seq;
+  r.threads = omp_get_max_threads();
+  r.iters = o.iters;
+  r.median_ms = median_s * 1e3;
+  r.tokens_per_s = double(o.batch) * o.seq / median_s;
+  r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
+  r.parameters = parameters;
+  return r;
+}
+
 BenchRecord run_bench(const BenchOptions& o) {
   if (o.mode != "forward" && o.mode != "train" && o.mode != "decode")
     throw std::invalid_argument("--mode " + o.mode + ": expected forward, train or decode");
@@ -151,19 +167,9 @@ BenchRecord run_bench(const BenchOptions& o) {
     }
   };
   const double median = median_seconds(o.warmup, o.iters, iteration);
-  BenchRecord r;
-  r.preset = o.preset;
-  r.mode = o.mode;
+  BenchRecord r = throughput_record(o, config, median, (long long)model.table().total());
   r.device = "cpu";
-  r.batch = o.batch;
-  r.seq = o.seq;
-  r.threads = omp_get_max_threads();
-  r.iters = o.iters;
-  r.median_ms = median * 1e3;
-  r.tokens_per_s = double(o.batch) * o.seq / median;
   r.peak_mem_mb = peak_resident_mb();
-  r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
-  r.parameters = (long long)model.table().total();
   return r;
 }
 

@@ -44,6 +44,11 @@ struct BenchRecord {
 
 BenchRecord run_bench(const BenchOptions& options);
 
+// The fields every forward/train record shares, from the options and the median seconds per iteration
+// (device, memory and the rest are the caller's).
+BenchRecord throughput_record(const BenchOptions& options, const ModelConfig& config, double median_s,
+                              long long parameters);
+
 // forward and train on the GPU (bench/cuda_bench.cpp; CUDA builds only): the same measurements, each
 // iteration synchronised, memory as the device memory the run holds (weights included).
 BenchRecord run_cuda_bench(const BenchOptions& options, const ModelConfig& config);

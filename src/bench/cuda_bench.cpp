@@ -1,5 +1,3 @@
-#include <omp.h>
-
 #include <memory>
 
 #include "bench/bench.h"
@@ -72,19 +70,9 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
   MUSE_CUDA_CHECK(cudaGetDevice(&dev));
   MUSE_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
 
-  BenchRecord r;
-  r.preset = o.preset;
-  r.mode = o.mode;
+  BenchRecord r = throughput_record(o, config, median, (long long)host.table().total());
   r.device = std::string("cuda (") + prop.name + ")";
-  r.batch = o.batch;
-  r.seq = o.seq;
-  r.threads = omp_get_max_threads();
-  r.iters = o.iters;
-  r.median_ms = median * 1e3;
-  r.tokens_per_s = double(o.batch) * o.seq / median;
   r.peak_mem_mb = double(device_bytes_in_use() - baseline) / double(1 << 20);
-  r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
-  r.parameters = (long long)host.table().total();
   r.profile = std::move(profile);
   r.gpu_math = o.gpu_math;
   return r;

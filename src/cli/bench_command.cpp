@@ -5,6 +5,7 @@
 
 #include "bench/bench.h"
 #include "cli/commands.h"
+#include "cli/device_flags.h"
 #include "data/prepare.h"
 #include "tokenizer/tokenizer_bench.h"
 
@@ -36,15 +37,8 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "Untimed iterations first")->capture_default_str();
   cmd->add_option("--iters", o->iters, "Timed iterations (the median is reported)")->capture_default_str();
-  cmd->add_option("--device", o->device,
-                  "cpu, cuda, or auto (the GPU when one is visible); decode runs on the CPU in this version")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  cmd->add_option("--gpu-math", o->gpu_math,
-                  "GEMM math on the GPU: tf32 (tensor cores, fp32 storage and accumulation) or fp32 (the reference\n"
-                  "mode, matching the CPU to rounding)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"tf32", "fp32"}));
+  add_device_flag(cmd, o->device, "the GPU when one is visible; decode runs on the CPU in this version");
+  add_gpu_math_flag(cmd, o->gpu_math);
   cmd->add_flag("--json", *as_json, "Print one JSON record");
   cmd->add_flag("--profile", o->profile,
                 "GPU: also time each group of kernels (LayerNorm, BK core, attention, AR-SSM, head, ...) over the\n"

@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/device_flags.h"
 #include "common/device.h"
 #include "data/prepare.h"
 #include "train/checkpoint.h"
@@ -35,14 +36,8 @@ void add_eval_command(CLI::App& app) {
   cmd->add_option("--seq,-n", o->seq, "Window length (default: the training sequence length)");
   cmd->add_option("--batch,-b", o->batch, "Windows per forward")->capture_default_str();
   cmd->add_option("--max-windows", o->max_windows, "Evaluate at most this many windows (0: all)");
-  cmd->add_option("--device", o->device, "cpu, cuda, or auto (the GPU when one is visible)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  cmd->add_option("--gpu-math", o->gpu_math,
-                  "GEMM math on the GPU: tf32 (tensor cores, fp32 storage and accumulation) or fp32 (the reference\n"
-                  "mode, matching the CPU to rounding)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"tf32", "fp32"}));
+  add_device_flag(cmd, o->device, "the GPU when one is visible");
+  add_gpu_math_flag(cmd, o->gpu_math);
   cmd->callback([o] {
     if (o->data_dir.empty() == o->text_file.empty()) throw std::invalid_argument("give exactly one of --data and --text");
     LoadedModel m = load_model(o->model_dir);

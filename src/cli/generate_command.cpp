@@ -4,6 +4,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/device_flags.h"
 #include "cli/generation_flags.h"
 #include "common/device.h"
 #include "infer/decoder.h"
@@ -40,11 +41,9 @@ void add_generate_command(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(1, 1 << 30));
   add_sampling_flags(cmd, o->sampling, o->stop);
-  cmd->add_option("--device", o->device,
-                  "cpu (the recurrent decoder: constant cost per token) or cuda (re-runs the GPU forward over the\n"
-                  "whole context for each token: exact, O(context) per token; the recurrent GPU decoder is to come)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  add_device_flag(cmd, o->device,
+                  "default cpu, the recurrent decoder: constant cost per token; cuda re-runs the GPU forward over\n"
+                  "the whole context for each token: exact, O(context) per token; the recurrent GPU decoder is to come");
   cmd->callback([o] {
     validate(o->sampling);
     LoadedModel m = load_model(o->model_dir);

@@ -2,6 +2,7 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/device_flags.h"
 #include "train/trainer.h"
 
 namespace muse::cli {
@@ -53,16 +54,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--topology-margin", o->topology_margin, "Margin of the H0 regulariser (Poincare distance)")
       ->capture_default_str();
   o->device = "auto";
-  cmd->add_option("--device", o->device,
-                  "cpu, cuda, or auto (the GPU when this build has CUDA and one is visible, else the CPU; auto\n"
-                  "stays on the CPU when --entail-weight or --topology-weight is on, which need the CPU model)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
-  cmd->add_option("--gpu-math", o->gpu_math,
-                  "GEMM math on the GPU: tf32 (tensor cores, fp32 storage and accumulation) or fp32 (the reference\n"
-                  "mode, matching the CPU to rounding)")
-      ->capture_default_str()
-      ->check(CLI::IsMember({"tf32", "fp32"}));
+  add_device_flag(cmd, o->device,
+                  "the GPU when this build has CUDA and one is visible, else the CPU; auto stays on the CPU when\n"
+                  "--entail-weight or --topology-weight is on, which need the CPU model");
+  add_gpu_math_flag(cmd, o->gpu_math);
   cmd->callback([o] {
     if (o->preset.empty() && o->config_file.empty() && !o->resume)
       throw std::invalid_argument("give --preset NAME or --config FILE");

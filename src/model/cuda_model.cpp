@@ -216,6 +216,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
 
 // Points every buffer of `a` into its storage for a B×N batch, growing the storage first if needed.
 void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward) {
+  if (a.base && a.B == B && a.N == N && a.backward == backward) return;  // the steady state of a run
   size_t total = 0;
   plan_buffers(a, c, m, B, N, backward, [&](auto*& ptr, size_t n) {
     ptr = nullptr;
@@ -423,6 +424,28 @@ void Model::block_backward(int layer, float* dh) {
     muse_block_backward(layer, dh);
 }
 
+// q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ (both block kinds).
+void Model::qkv_forward(const BlockLayout& b, BlockBuffers& a) {
+  const float* p = params_;
+  const int D = config_.d_model, rows = B_ * N_;
+  linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
+  linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
+  linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
+  mark("fwd qkv gemm");
+}
+
+// The arena's du += dq·W_q + dk·W_k + dv·W_v, and the three weight gradients.
+void Model::qkv_backward(const BlockLayout& b, const BlockBuffers& a) {
+  Arena& s = *arena_;
+  const float* p = params_;
+  float* g = grads_;
+  const int D = config_.d_model, rows = B_ * N_;
+  linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
+  linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
+  linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
+  mark("bwd qkv gemm");
+}
+
 void Model::gpt_block_forward(int layer, const float* h_in, float* h_out) {
   const ModelConfig& c = config_;
   const BlockLayout& b = layout_.blocks[layer];
@@ -432,10 +455,7 @@ void Model::gpt_block_forward(int layer, const float* h_in, float* h_out) {
   const size_t RD = size_t(rows) * D;
   layernorm_forward(a.u, a.ln_mean, a.ln_rstd, nullptr, h_in, p + b.ln_gain, p + b.ln_bias, rows, D, stream_);
   mark("fwd layernorm");
-  linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
-  linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
-  linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
-  mark("fwd qkv gemm");
+  qkv_forward(b, a);
   causal_attn_forward(a.o_loc, a.lse, a.q, a.k, a.v, B_, N_, c.n_heads, D, c.pos_embedding == PosEmbedding::alibi,
                       stream_);
   mark("fwd attention");
@@ -467,10 +487,7 @@ void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
   mark("fwd layernorm");
   bk_layer_forward(a.g, a.F, {a.bk_v, a.bk_J, a.bk_J2}, a.u, bk_params(b, p, c), hopping, B_, N_, D, stream_);
   mark("fwd bk core");
-  linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
-  linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
-  linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
-  mark("fwd qkv gemm");
+  qkv_forward(b, a);
   if (gate) {
     bk_gate_forward(a.mu, a.F, p + b.key_gate_w, p + b.key_gate_b, rows, H, stream_);
     log_elementwise(a.log_mu, a.mu, size_t(rows) * H, stream_);
@@ -638,10 +655,7 @@ void Model::gpt_block_backward(int layer, float* dh) {
                        c.pos_embedding == PosEmbedding::alibi, stream_);
   mark("bwd attention");
   zero(s.du, RD);
-  linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
-  linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
-  linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
-  mark("bwd qkv gemm");
+  qkv_backward(b, a);
   layernorm_backward(dh, g + b.ln_gain, g + b.ln_bias, s.du, nullptr, s.h[layer], p + b.ln_gain, a.ln_mean,
                      a.ln_rstd, rows, D, stream_);
   mark("bwd layernorm");
@@ -717,10 +731,7 @@ void Model::muse_block_backward(int layer, float* dh) {
                      stream_);
   }
     mark("bwd gates");
-  linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
-  linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
-  linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
-  mark("bwd qkv gemm");
+  qkv_backward(b, a);
 
   // BK core, then LN + radius back into the residual stream.
   bk_layer_backward(s.du, bk_grads(b, g), phase8 ? nullptr : s.dg, s.dF, a.u, a.g, {a.bk_v, a.bk_J, a.bk_J2},

@@ -24,6 +24,8 @@
 
 namespace muse::cuda {
 
+struct BlockBuffers;  // one block's activations (cuda_model.cpp)
+
 class Model {
  public:
   explicit Model(const ModelConfig& config);
@@ -96,6 +98,8 @@ class Model {
   void muse_block_backward(int layer, float* dh);
   void gpt_block_forward(int layer, const float* h_in, float* h_out);
   void gpt_block_backward(int layer, float* dh);
+  void qkv_forward(const BlockLayout& b, BlockBuffers& a);
+  void qkv_backward(const BlockLayout& b, const BlockBuffers& a);
   void ssm_forward(int layer, float* y);
   void ssm_backward(int layer);
   void stage_tokens(int32_t* device, const int32_t* host, size_t n, size_t slot);

@@ -37,6 +37,42 @@ T* at(T* base, size_t offset) {
   return offset == kAbsent ? nullptr : base + offset;
 }
 
+// The BK and AR-SSM parameter and gradient structs share their field names, so one function fills either
+// kind from the flat array (parameters or gradients) at the layout's offsets.
+template <class Fields, class Ptr>
+Fields bk_fields(const BlockLayout& b, Ptr base) {
+  Fields f;
+  f.w_v = at(base, b.bk_w_v);
+  f.b_v = at(base, b.bk_b_v);
+  f.w_J = at(base, b.bk_w_J);
+  f.b_J = at(base, b.bk_b_J);
+  f.eps_p = at(base, b.bk_eps_p);
+  f.E0 = at(base, b.bk_E0);
+  return f;
+}
+
+template <class Fields, class Ptr>
+Fields ssm_fields(const BlockLayout& b, Ptr base) {
+  Fields f;
+  f.conv = at(base, b.conv);
+  f.W1 = at(base, b.ssm_w1);
+  f.b1 = at(base, b.ssm_b1);
+  f.W2 = at(base, b.ssm_w2);
+  f.b2 = at(base, b.ssm_b2);
+  f.WU = at(base, b.ssm_w_u);
+  f.WV = at(base, b.ssm_w_v);
+  f.WO = at(base, b.ssm_w_o);
+  f.bO = at(base, b.ssm_b_o);
+  f.ell = at(base, b.ssm_ell);
+  f.r_w1 = at(base, b.rank_w1);
+  f.r_b1 = at(base, b.rank_b1);
+  f.r_w2 = at(base, b.rank_w2);
+  f.r_b2 = at(base, b.rank_b2);
+  f.w_pi = at(base, b.pi_w);
+  f.b_pi = at(base, b.pi_b);
+  return f;
+}
+
 }  // namespace
 
 LocalAttnConfig attn_config(const ModelConfig& c, int B, int N) {
@@ -53,71 +89,24 @@ LocalAttnConfig attn_config(const ModelConfig& c, int B, int N) {
 
 template <typename T>
 BkParams<T> bk_params(const BlockLayout& b, const T* p, const ModelConfig& c) {
-  BkParams<T> bp;
-  bp.w_v = at(p, b.bk_w_v);
-  bp.b_v = at(p, b.bk_b_v);
-  bp.w_J = at(p, b.bk_w_J);
-  bp.b_J = at(p, b.bk_b_J);
-  bp.eps_p = at(p, b.bk_eps_p);
-  bp.E0 = at(p, b.bk_E0);
+  BkParams<T> bp = bk_fields<BkParams<T>>(b, p);
   bp.j_max = T(c.j_max);
   return bp;
 }
 
 template <typename T>
 SsmParams<T> ssm_params(const BlockLayout& b, const T* p) {
-  SsmParams<T> sp;
-  sp.conv = at(p, b.conv);
-  sp.W1 = at(p, b.ssm_w1);
-  sp.b1 = at(p, b.ssm_b1);
-  sp.W2 = at(p, b.ssm_w2);
-  sp.b2 = at(p, b.ssm_b2);
-  sp.WU = at(p, b.ssm_w_u);
-  sp.WV = at(p, b.ssm_w_v);
-  sp.WO = at(p, b.ssm_w_o);
-  sp.bO = at(p, b.ssm_b_o);
-  sp.ell = at(p, b.ssm_ell);
-  sp.r_w1 = at(p, b.rank_w1);
-  sp.r_b1 = at(p, b.rank_b1);
-  sp.r_w2 = at(p, b.rank_w2);
-  sp.r_b2 = at(p, b.rank_b2);
-  sp.w_pi = at(p, b.pi_w);
-  sp.b_pi = at(p, b.pi_b);
-  return sp;
+  return ssm_fields<SsmParams<T>>(b, p);
 }
 
 template <typename T>
 SsmGrads<T> ssm_grads(const BlockLayout& b, T* g) {
-  SsmGrads<T> sg;
-  sg.conv = at(g, b.conv);
-  sg.W1 = at(g, b.ssm_w1);
-  sg.b1 = at(g, b.ssm_b1);
-  sg.W2 = at(g, b.ssm_w2);
-  sg.b2 = at(g, b.ssm_b2);
-  sg.WU = at(g, b.ssm_w_u);
-  sg.WV = at(g, b.ssm_w_v);
-  sg.WO = at(g, b.ssm_w_o);
-  sg.bO = at(g, b.ssm_b_o);
-  sg.ell = at(g, b.ssm_ell);
-  sg.r_w1 = at(g, b.rank_w1);
-  sg.r_b1 = at(g, b.rank_b1);
-  sg.r_w2 = at(g, b.rank_w2);
-  sg.r_b2 = at(g, b.rank_b2);
-  sg.w_pi = at(g, b.pi_w);
-  sg.b_pi = at(g, b.pi_b);
-  return sg;
+  return ssm_fields<SsmGrads<T>>(b, g);
 }
 
 template <typename T>
 BkGrads<T> bk_grads(const BlockLayout& b, T* g) {
-  BkGrads<T> bg;
-  bg.w_v = at(g, b.bk_w_v);
-  bg.b_v = at(g, b.bk_b_v);
-  bg.w_J = at(g, b.bk_w_J);
-  bg.b_J = at(g, b.bk_b_J);
-  bg.eps_p = at(g, b.bk_eps_p);
-  bg.E0 = at(g, b.bk_E0);
-  return bg;
+  return bk_fields<BkGrads<T>>(b, g);
 }
 
 SsmConfig ssm_config(const ModelConfig& c, int B, int N) {

@@ -10,6 +10,7 @@
 #include "data/prepare.h"
 #include "diag/diagnose.h"
 #include "support/gradcheck.h"
+#include "support/temp_dir.h"
 #include "support/test_util.h"
 #include "tokenizer/byte_tokenizer.h"
 #include "train/trainer.h"
@@ -62,16 +63,6 @@ struct ParamViews {
   }
 };
 
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name)
-      : path(fs::temp_directory_path() / ("muse_" + name + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str(const std::string& sub = "") const { return (path / sub).string(); }
-};
 
 }  // namespace
 

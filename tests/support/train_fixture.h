@@ -1,8 +1,6 @@
 // A small training setup shared by the CPU and GPU trainer tests: a scratch directory, a ~40 KB byte-level
 // corpus prepared in it, a six-step `tiny` run, and the losses of a run's JSON log.
 #pragma once
-#include <unistd.h>
-
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
@@ -11,24 +9,13 @@
 #include <vector>
 
 #include "data/prepare.h"
+#include "support/temp_dir.h"
 #include "tokenizer/byte_tokenizer.h"
 #include "train/trainer.h"
 
 namespace muse::test {
 
 namespace fs = std::filesystem;
-
-// A scratch directory removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& name)
-      : path(fs::temp_directory_path() / ("muse_" + name + "_" + std::to_string(::getpid()))) {
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str(const std::string& sub = "") const { return (path / sub).string(); }
-};
 
 // ~40 KB of varied text, prepared with the byte tokenizer.
 inline void prepare_small_corpus(const TempDir& dir) {
