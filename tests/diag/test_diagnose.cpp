@@ -10,7 +10,7 @@
 #include "data/prepare.h"
 #include "diag/diagnose.h"
 #include "support/gradcheck.h"
-#include "support/temp_dir.h"
+#include "support/train_fixture.h"
 #include "support/test_util.h"
 #include "tokenizer/byte_tokenizer.h"
 #include "train/trainer.h"
@@ -200,19 +200,11 @@ TEST(topology_train, diagnostics_and_auxiliary_losses_are_logged_and_resume_exac
   std::ofstream(dir.str("pairs.tsv")) << "animal\tdog\nfruit\tapple\ntool\thammer\n";
 
   auto run = [&](const std::string& out, bool aux) {
-    TrainOptions o;
-    o.preset = "tiny";
-    o.data_dir = dir.str("data");
-    o.out_dir = dir.str(out);
+    TrainOptions o = tiny_run(dir, out);
     o.steps = 4;
-    o.batch = 2;
     o.seq = 24;
-    o.warmup = 2;
-    o.log_every = 1;
-    o.eval_every = 1000;
     o.eval_windows = 2;
     o.checkpoint_every = 2;
-    o.keep_last = 0;
     o.diagnostics_every = 2;
     o.pairs = dir.str("pairs.tsv");
     if (aux) o.entail_weight = 0.5, o.topology_weight = 0.05;

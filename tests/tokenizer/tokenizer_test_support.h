@@ -1,8 +1,6 @@
 // Shared by the tokenizer tests: scratch directories, the varied test corpus, the GPT-2 tokenizer when
 // its files are present.
 #pragma once
-#include <unistd.h>
-
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -11,21 +9,15 @@
 #include <vector>
 
 #include "common/rng.h"
+#include "support/temp_dir.h"
 #include "tokenizer/gpt2_tokenizer.h"
 #include "tokenizer/spm_tokenizer.h"
 
 namespace muse::test {
 
-// A scratch directory removed at the end of the test.
-struct ScratchDir {
-  std::filesystem::path path;
-  explicit ScratchDir(const std::string& name)
-      : path(std::filesystem::temp_directory_path() / ("muse_tok_" + name + "_" + std::to_string(::getpid()))) {
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~ScratchDir() { std::filesystem::remove_all(path); }
-  std::string str(const std::string& sub = "") const { return (path / sub).string(); }
+// A scratch directory removed at the end of the test, with a helper to write files into it.
+struct ScratchDir : TempDir {
+  explicit ScratchDir(const std::string& name) : TempDir("tok_" + name) {}
   void write(const std::string& sub, const std::string& content) const {
     std::ofstream(str(sub), std::ios::binary) << content;
   }
