@@ -5,6 +5,7 @@
 #include "common/cuda_check.cuh"
 #include "common/math.h"
 #include "ops/hybrid.cuh"
+#include "ops/layernorm.cuh"
 #include "ops/layernorm.h"
 
 namespace muse::cuda {
@@ -16,13 +17,9 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kRowWarps = 8;            // warps per block for one-warp-per-row kernels
 constexpr int kReduceThreads = 256;     // block size of the first stage of the scalar reductions
 constexpr int kReduceMaxBlocks = 1024;  // fixed upper bound of its grid (the grid depends on the size only)
-constexpr int kColTile = 32;            // column reductions: 32 columns × kColRowsPerChunk rows per block
-constexpr int kColLanesY = 8;
-constexpr int kColRowsPerChunk = 256;
 
 int ceil_div(long a, long b) { return int((a + b - 1) / b); }
 int reduce_blocks(long n) { return std::max(1, std::min(ceil_div(n, kReduceThreads), kReduceMaxBlocks)); }
-int column_chunks(long rows) { return std::max(1, ceil_div(rows, kColRowsPerChunk)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFull, v, offset);
@@ -198,44 +195,6 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
   }
 }
 
-// First stage of dgain, dbias: block (32 columns × 8 row lanes) over one chunk of rows;
-// partial[(chunk·2 + k)·D + d], k = 0: Σ dh_out·x̂, k = 1: Σ dh_out.
-__global__ void residual_mix_params_partial_kernel(float* partial, const float* dh_out, const float* capped,
-                                                   const float* mean, const float* rstd, long rows, int D) {
-  __shared__ float acc_shared[2][kColLanesY][kColTile + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int d = blockIdx.x * kColTile + tx;
-  const int chunk = blockIdx.y;
-  const long r0 = (long)chunk * kColRowsPerChunk;
-  const long r1 = r0 + kColRowsPerChunk < rows ? r0 + kColRowsPerChunk : rows;
-  float a0 = 0.f, a1 = 0.f;
-  if (d < D) {
-    for (long r = r0 + ty; r < r1; r += kColLanesY) {
-      const float dy = dh_out[r * D + d];
-      a0 += dy * (capped[r * D + d] - mean[r]) * rstd[r];
-      a1 += dy;
-    }
-  }
-  acc_shared[0][ty][tx] = a0;
-  acc_shared[1][ty][tx] = a1;
-  __syncthreads();
-  if (ty < 2 && d < D) {
-    float s = 0.f;
-    for (int y = 0; y < kColLanesY; ++y) s += acc_shared[ty][y][tx];
-    partial[((long)chunk * 2 + ty) * D + d] = s;
-  }
-}
-
-__global__ void residual_mix_params_finish_kernel(float* dgain, float* dbias, const float* partial, int chunks, int D) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= 2 * D) return;
-  const int k = i / D, d = i % D;
-  float s = 0.f;
-  for (int c = 0; c < chunks; ++c) s += partial[((long)c * 2 + k) * D + d];
-  float* out = k == 0 ? dgain : dbias;
-  if (out) out[d] += s;
-}
-
 }  // namespace
 
 // ---- launchers -------------------------------------------------------------------------------------------
@@ -299,7 +258,7 @@ void residual_mix_forward(float* h_out, const ResidualMixSaved<float>& saved, co
 }
 
 size_t residual_mix_backward_workspace_floats(int rows, int D) {
-  return size_t(column_chunks(std::max(rows, 0))) * 2 * size_t(std::max(D, 0));
+  return layernorm_params_workspace_floats(rows, D);
 }
 
 void residual_mix_backward(float* dh, float* dy_att, float* dy_glob, float* dxi, float* dgain, float* dbias,
@@ -315,12 +274,9 @@ void residual_mix_backward(float* dh, float* dy_att, float* dy_glob, float* dxi,
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (dgain || dbias) {
-    const int chunks = column_chunks(rows);
-    residual_mix_params_partial_kernel<<<dim3(ceil_div(D, kColTile), chunks), dim3(kColTile, kColLanesY), 0,
-                                         stream>>>(workspace, dh_out, saved.capped, saved.mean, saved.rstd, rows, D);
-    MUSE_CUDA_CHECK(cudaGetLastError());
-    residual_mix_params_finish_kernel<<<ceil_div(2L * D, 256), 256, 0, stream>>>(dgain, dbias, workspace, chunks, D);
-    MUSE_CUDA_CHECK(cudaGetLastError());
+    // LN_h's parameters see the capped branch output as their input.
+    layernorm_backward_params(dgain, dbias, dh_out, saved.capped, saved.mean, saved.rstd, rows, D, workspace,
+                              residual_mix_backward_workspace_floats(rows, D), stream);
   }
 }
 

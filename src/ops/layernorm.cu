@@ -1,6 +1,8 @@
+#include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
 #include "ops/layernorm.cuh"
 #include "ops/layernorm.h"
+#include "ops/linear.cuh"
 
 namespace muse::cuda {
 
@@ -71,21 +73,16 @@ __global__ void layernorm_backward_input_kernel(float* dx, const float* dy, cons
   }
 }
 
-// Column reductions for dgain/dbias: one thread per column walking all rows (rows are short relative
-// to the other kernels of a layer; a two-stage reduction replaces this when a profile asks for it).
-__global__ void layernorm_backward_params_kernel(float* dgain, float* dbias, const float* dy, const float* x,
-                                                 const float* mean, const float* rstd, int rows, int D) {
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= D) return;
-  float g = 0, b = 0;
-  for (int r = 0; r < rows; ++r) {
-    const float d = dy[(long)r * D + col];
-    g += d * (x[(long)r * D + col] - mean[r]) * rstd[r];
-    b += d;
+// Terms of dgain (Σ dy·x̂) and dbias (Σ dy) for common/column_reduce.cuh.
+struct ParamTerms {
+  const float *dy, *x, *mean, *rstd;
+  int D;
+  __device__ void operator()(long r, int c, float (&acc)[2]) const {
+    const float d = dy[r * D + c];
+    acc[0] += d * (x[r * D + c] - mean[r]) * rstd[r];
+    acc[1] += d;
   }
-  if (dgain) dgain[col] += g;
-  if (dbias) dbias[col] += b;
-}
+};
 
 }  // namespace
 
@@ -107,9 +104,20 @@ void layernorm_backward(float* dx, float* dgain, float* dbias, const float* dy, 
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (dgain || dbias) {
-    layernorm_backward_params_kernel<<<(D + 255) / 256, 256, 0, stream>>>(dgain, dbias, dy, x, mean, rstd, rows, D);
-    MUSE_CUDA_CHECK(cudaGetLastError());
+    // The partials live in the GEMM workspace: it is free between the GEMMs of the same stream.
+    layernorm_backward_params(dgain, dbias, dy, x, mean, rstd, rows, D,
+                              static_cast<float*>(BlasLt::current().workspace()),
+                              BlasLt::kWorkspaceBytes / sizeof(float), stream);
   }
+}
+
+size_t layernorm_params_workspace_floats(int rows, int D) { return column_reduce_workspace_floats<2>(rows, D); }
+
+void layernorm_backward_params(float* dgain, float* dbias, const float* dy, const float* x, const float* mean,
+                               const float* rstd, int rows, int D, float* workspace, size_t workspace_floats,
+                               cudaStream_t stream) {
+  if (!dgain && !dbias) return;
+  column_reduce<2>({dgain, dbias}, ParamTerms{dy, x, mean, rstd, D}, rows, D, workspace, workspace_floats, stream);
 }
 
 }  // namespace muse::cuda

@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
 #include "ops/linear.cuh"
 
@@ -81,24 +82,12 @@ __global__ void broadcast_rows_kernel(float* y, const float* b, int rows, int co
     y[idx] = b[idx % cols];
 }
 
-// db[c] += Σ_r dy[r, c]. Block (32, 16): a warp-wide slice of 32 columns, 16 row lanes each summing rows
-// ty, ty+16, … in order, then lane 0 of the column adds the 16 partials in order: fixed order, no atomics.
-constexpr int kColSumWidth = 32, kColSumLanes = 16;
-
-__global__ void column_sum_kernel(float* db, const float* dy, int rows, int cols) {
-  __shared__ float partial[kColSumLanes][kColSumWidth + 1];
-  const int col = blockIdx.x * kColSumWidth + threadIdx.x;
-  float sum = 0.f;
-  if (col < cols)
-    for (int r = threadIdx.y; r < rows; r += kColSumLanes) sum += dy[long(r) * cols + col];
-  partial[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && col < cols) {
-    float total = 0.f;
-    for (int k = 0; k < kColSumLanes; ++k) total += partial[k][threadIdx.x];
-    db[col] += total;
-  }
-}
+// The bias gradient's term for common/column_reduce.cuh: row r's dy.
+struct RowTerm {
+  const float* dy;
+  int cols;
+  __device__ void operator()(long r, int c, float (&acc)[1]) const { acc[0] += dy[r * cols + c]; }
+};
 
 int grid_for(long total, int block) {
   const long blocks = (total + block - 1) / block;
@@ -114,19 +103,21 @@ int alignment_of(const void* p) {
   return align;
 }
 
-// RAII holders for the cuBLASLt descriptors.
+// RAII holders for the cuBLASLt descriptors. Element types: fp32 storage (with the BlasLt's GemmMath) or
+// bf16 storage, which always accumulates in plain fp32.
 struct MatmulDesc {
   cublasLtMatmulDesc_t desc = nullptr;
-  explicit MatmulDesc(GemmMath math) {
-    const cublasComputeType_t compute = math == GemmMath::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  MatmulDesc(GemmMath math, cudaDataType_t storage) {
+    const cublasComputeType_t compute =
+        storage == CUDA_R_32F && math == GemmMath::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
     MUSE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F));
   }
   ~MatmulDesc() { cublasLtMatmulDescDestroy(desc); }
 };
 struct Layout {
   cublasLtMatrixLayout_t layout = nullptr;
-  Layout(uint64_t rows, uint64_t cols, int64_t ld) {
-    MUSE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, CUDA_R_32F, rows, cols, ld));
+  Layout(cudaDataType_t storage, uint64_t rows, uint64_t cols, int64_t ld) {
+    MUSE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, storage, rows, cols, ld));
   }
   ~Layout() { cublasLtMatrixLayoutDestroy(layout); }
 };
@@ -143,9 +134,11 @@ struct Preference {
 // Row-major C[M×N] is column-major Cᵀ[N×M] with the same stride, so the call is Cᵀ = op(B)ᵀ·op(A)ᵀ:
 // cuBLASLt's "A" is our B and its "B" is our A, each with its own transpose flag. The bias of the BIAS
 // epilogue runs along cuBLASLt's m = N dimension, i.e. one value per column of our row-major C.
-bool matmul(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
-            const float* B, int ldb, float beta, float* C, int ldc, const float* bias, cudaStream_t stream) {
-  MatmulDesc op(blas.math());
+// A, B and C hold `storage` elements (CUDA_R_32F or CUDA_R_16BF); the bias is fp32.
+bool matmul(BlasLt& blas, cudaDataType_t storage, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+            const void* A, int lda, const void* B, int ldb, float beta, void* C, int ldc, const float* bias,
+            cudaStream_t stream) {
+  MatmulDesc op(blas.math(), storage);
   const cublasOperation_t op_lt_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our B
   const cublasOperation_t op_lt_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our A
   MUSE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_lt_a, sizeof(op_lt_a)));
@@ -160,14 +153,15 @@ bool matmul(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float
   }
   // Column-major shapes as stored (before the op): our B is [K×N] (or [N×K] when transposed) row-major,
   // i.e. column-major [N×K] (or [K×N]).
-  Layout lt_a(trans_b ? K : N, trans_b ? N : K, ldb);
-  Layout lt_b(trans_a ? M : K, trans_a ? K : M, lda);
-  Layout lt_c(N, M, ldc);
+  Layout lt_a(storage, trans_b ? K : N, trans_b ? N : K, ldb);
+  Layout lt_b(storage, trans_a ? M : K, trans_a ? K : M, lda);
+  Layout lt_c(storage, N, M, ldc);
 
   const int align_a = alignment_of(A), align_b = alignment_of(B), align_c = alignment_of(C);
   const int align_bias = bias ? alignment_of(bias) : 0;
+  const int math_key = storage == CUDA_R_32F ? int(blas.math()) : -1;
   const BlasLt::Key key{M, N, K, lda, ldb, ldc, int(trans_a), int(trans_b), bias ? 1 : 0,
-                        align_a, align_b, align_c, align_bias, int(blas.math())};
+                        align_a, align_b, align_c, align_bias, math_key};
   cublasLtMatmulAlgo_t algo{};
   bool available = false;
   if (!blas.lookup(key, &algo, &available)) {
@@ -198,8 +192,9 @@ bool matmul(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float
   }
   if (!available) {
     if (bias) return false;
-    throw std::runtime_error("cuBLASLt has no fp32 algorithm for a " + std::to_string(M) + "x" + std::to_string(N) +
-                             "x" + std::to_string(K) + " GEMM");
+    throw std::runtime_error(std::string("cuBLASLt has no ") + (storage == CUDA_R_32F ? "fp32" : "bf16") +
+                             " algorithm for a " + std::to_string(M) + "x" + std::to_string(N) + "x" +
+                             std::to_string(K) + " GEMM");
   }
   // cuBLASLt's A = our B, B = our A; C = D = our C (in place).
   MUSE_CUBLAS_CHECK(cublasLtMatmul(blas.handle(), op.desc, &alpha, B, lt_a.layout, A, lt_b.layout, &beta, C,
@@ -225,7 +220,7 @@ void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float a
     MUSE_CUDA_CHECK(cudaGetLastError());
     return;
   }
-  matmul(blas, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr, stream);
+  matmul(blas, CUDA_R_32F, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr, stream);
 }
 
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
@@ -233,12 +228,23 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
   gemm(BlasLt::current(), trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, stream);
 }
 
+void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,
+               const __nv_bfloat16* B, int ldb, __nv_bfloat16* C, int ldc, cudaStream_t stream) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {
+    MUSE_CUDA_CHECK(cudaMemset2DAsync(C, size_t(ldc) * sizeof(__nv_bfloat16), 0, size_t(N) * sizeof(__nv_bfloat16),
+                                      size_t(M), stream));
+    return;
+  }
+  matmul(BlasLt::current(), CUDA_R_16BF, trans_a, trans_b, M, N, K, 1.f, A, lda, B, ldb, 0.f, C, ldc, nullptr,
+         stream);
+}
+
 void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0) return;
-  const dim3 block(kColSumWidth, kColSumLanes);
-  const dim3 grid((cols + kColSumWidth - 1) / kColSumWidth);
-  column_sum_kernel<<<grid, block, 0, stream>>>(db, dy, rows, cols);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  // The partials live in the GEMM workspace: it is free between the GEMMs of the same stream.
+  BlasLt& blas = BlasLt::current();
+  column_reduce<1>({db}, RowTerm{dy, cols}, rows, cols, static_cast<float*>(blas.workspace()),
+                   BlasLt::kWorkspaceBytes / sizeof(float), stream);
 }
 
 void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
@@ -257,13 +263,13 @@ void linear_forward(float* y, const float* x, const float* W, const float* b, in
   // The BIAS epilogue only for a 16-byte aligned bias: cuBLASLt's alignment preferences do not cover the
   // bias pointer, and kernels assuming 16 bytes have been reported to fault on a less aligned one.
   if (b && alignment_of(b) >= 16 &&
-      matmul(blas, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
+      matmul(blas, CUDA_R_32F, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
     return;
   if (b) {
     broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, rows, out);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
-  matmul(blas, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out, nullptr, stream);
+  matmul(blas, CUDA_R_32F, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out, nullptr, stream);
 }
 
 void linear_backward(float* dx, float* dW, float* db, const float* dy, const float* x, const float* W, int rows,

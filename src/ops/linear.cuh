@@ -11,6 +11,7 @@
 // size and GPU model. The algorithm for a problem is chosen once (heuristic, cached in BlasLt) and reused.
 #pragma once
 #include <cublasLt.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -26,9 +27,10 @@ namespace muse::cuda {
 // One cuBLASLt handle, one workspace and a cache of chosen algorithms, for one device. for_device() hands
 // out a process-wide instance per device (created on first use, never destroyed: its lifetime is the
 // process, which avoids tearing cuBLASLt down after the CUDA runtime at exit). Host-side use is
-// thread-safe (the algorithm cache is locked). The workspace is shared by every GEMM on the device: GEMMs
-// issued on two different streams that run concurrently would race on it, so keep the GEMMs of one device
-// on one stream (or construct a separate BlasLt per stream and call gemm() with it).
+// thread-safe (the algorithm cache is locked). The workspace is shared by every GEMM on the device and by
+// the column reductions of the parameter gradients (column_sum_accumulate, layernorm_backward), which keep
+// their partial sums there between GEMMs: work issued on two different streams that runs concurrently would
+// race on it, so keep the GEMMs and backward passes of one device on one stream.
 // How the GEMMs multiply: fp32 is plain fp32 FMA (the reference mode: results match the CPU to summation
 // order); tf32 runs the products on the tensor cores with 10-bit mantissas and fp32 accumulation
 // (CUBLAS_COMPUTE_32F_FAST_TF32: inputs and outputs stay fp32), several times faster, ~1e-3 relative.
@@ -78,6 +80,11 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
 void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
           const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
 
+// Row-major C[M×N] = op(A)·op(B) with bf16 storage and fp32 accumulation (no alpha/beta: C is written).
+// The inference head's GEMM (bf16 logits, SPEC §7).
+void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,
+               const __nv_bfloat16* B, int ldb, __nv_bfloat16* C, int ldc, cudaStream_t stream = 0);
+
 // y[rows, out] = x[rows, in]·Wᵀ + b   (b may be null). W is [out, in] row-major. The bias is fused into the
 // GEMM as a cuBLASLt BIAS epilogue when b is 16-byte aligned (otherwise, or when cuBLASLt has no epilogue
 // algorithm for the shape, a broadcast kernel writes b into y and the GEMM runs with beta = 1).
@@ -89,7 +96,8 @@ void linear_forward(float* y, const float* x, const float* W, const float* b, in
 void linear_backward(float* dx, float* dW, float* db, const float* dy, const float* x, const float* W, int rows,
                      int in, int out, cudaStream_t stream = 0);
 
-// db[cols] += Σ_r dy[r, cols] over a row-major [rows, cols] matrix, in a fixed order (deterministic).
+// db[cols] += Σ_r dy[r, cols] over a row-major [rows, cols] matrix, in a fixed order (deterministic; two
+// stages with the partials in BlasLt::current()'s workspace, see common/column_reduce.cuh).
 void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream = 0);
 
 }  // namespace muse::cuda

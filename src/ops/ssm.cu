@@ -2,6 +2,7 @@
 // (see ssm.cuh and docs/kernels/bk_ssm_hybrid.md). fp32 storage and arithmetic.
 #include <algorithm>
 
+#include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
 #include "common/math.h"
 #include "ops/ssm.cuh"
@@ -15,9 +16,6 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr float kMaskSlope = 4.0f;  // as ops/ssm.cpp
 constexpr int kRowWarps = 8;        // warps per block for one-warp-per-row kernels
 constexpr int kMaskMaxBlocks = 256;
-constexpr int kColTile = 32;        // column reductions: 32 columns × kColRowsPerChunk rows per block
-constexpr int kColLanesY = 8;
-constexpr int kColRowsPerChunk = 256;
 constexpr int kScanThreads = 128;
 constexpr int kScanUnroll = 8;
 static_assert(kSsmRankHidden == kWarp, "the rank-mask kernels map MLP_r's hidden units onto the lanes of a warp");
@@ -26,7 +24,6 @@ static_assert(kSsmRankHidden == kWarp, "the rank-mask kernels map MLP_r's hidden
 constexpr int kMaskParams = 3 * kSsmRankHidden + 5;
 
 int ceil_div(long a, long b) { return int((a + b - 1) / b); }
-int column_chunks(long rows) { return std::max(1, ceil_div(rows, kColRowsPerChunk)); }
 int mask_blocks(long rows) { return std::max(1, std::min(ceil_div(rows, kRowWarps * 4), kMaskMaxBlocks)); }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -65,45 +62,20 @@ __global__ void conv_backward_input_kernel(float* du, const float* dy, const flo
   du[i] += s;
 }
 
-// First stage of dtaps: block (32 columns × 8 row lanes) over one chunk of rows; partial[(chunk·3 + k)·D + d].
-__global__ void conv_dtaps_partial_kernel(float* partial, const float* dy, const float* u, long rows, int N, int D) {
-  __shared__ float acc_shared[3][kColLanesY][kColTile + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int d = blockIdx.x * kColTile + tx;
-  const int chunk = blockIdx.y;
-  const long r0 = (long)chunk * kColRowsPerChunk;
-  const long r1 = r0 + kColRowsPerChunk < rows ? r0 + kColRowsPerChunk : rows;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-  if (d < D) {
-    for (long r = r0 + ty; r < r1; r += kColLanesY) {
-      const int t = int(r % N);
-      const long i = r * D + d;
-      const float g = dy[i];
-      a2 += g * u[i];
-      if (t >= 1) a1 += g * u[i - D];
-      if (t >= 2) a0 += g * u[i - 2L * D];
-    }
+// The conv taps' gradient terms for common/column_reduce.cuh: dtaps[k][d] = Σ_rows dy_t[d]·u_{t−2+k}[d]
+// (zero left padding at each sequence start).
+struct TapTerms {
+  const float *dy, *u;
+  int N, D;
+  __device__ void operator()(long r, int d, float (&acc)[3]) const {
+    const int t = int(r % N);
+    const long i = r * D + d;
+    const float g = dy[i];
+    acc[2] += g * u[i];
+    if (t >= 1) acc[1] += g * u[i - D];
+    if (t >= 2) acc[0] += g * u[i - 2L * D];
   }
-  acc_shared[0][ty][tx] = a0;
-  acc_shared[1][ty][tx] = a1;
-  acc_shared[2][ty][tx] = a2;
-  __syncthreads();
-  if (ty < 3 && d < D) {
-    float s = 0.f;
-    for (int y = 0; y < kColLanesY; ++y) s += acc_shared[ty][y][tx];
-    partial[((long)chunk * 3 + ty) * D + d] = s;
-  }
-}
-
-// Second stage: thread per (k, d) sums the chunks in order.
-__global__ void conv_dtaps_finish_kernel(float* dtaps, const float* partial, int chunks, int D) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= 3 * D) return;
-  const int k = i / D, d = i % D;
-  float s = 0.f;
-  for (int c = 0; c < chunks; ++c) s += partial[((long)c * 3 + k) * D + d];
-  dtaps[i] += s;
-}
+};
 
 // ---- scan ------------------------------------------------------------------------------------------------
 
@@ -348,7 +320,7 @@ void ssm_conv_forward(float* y, const float* u, const float* taps, int B, int N,
 }
 
 size_t ssm_conv_backward_workspace_floats(int B, int N, int D) {
-  return size_t(column_chunks((long)std::max(B, 0) * std::max(N, 0))) * 3 * size_t(std::max(D, 0));
+  return column_reduce_workspace_floats<3>((long)std::max(B, 0) * std::max(N, 0), D);
 }
 
 void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u, const float* taps, int B, int N,
@@ -360,12 +332,8 @@ void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u,
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (dtaps) {
-    const int chunks = column_chunks(rows);
-    conv_dtaps_partial_kernel<<<dim3(ceil_div(D, kColTile), chunks), dim3(kColTile, kColLanesY), 0, stream>>>(
-        workspace, dy, u, rows, N, D);
-    MUSE_CUDA_CHECK(cudaGetLastError());
-    conv_dtaps_finish_kernel<<<ceil_div(3L * D, 256), 256, 0, stream>>>(dtaps, workspace, chunks, D);
-    MUSE_CUDA_CHECK(cudaGetLastError());
+    column_reduce<3>({dtaps, dtaps + D, dtaps + 2L * D}, TapTerms{dy, u, N, D}, rows, D, workspace,
+                     ssm_conv_backward_workspace_floats(B, N, D), stream);
   }
 }
 
