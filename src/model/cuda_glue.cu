@@ -40,6 +40,11 @@ __global__ void positions_backward_kernel(float* dpos, const float* dx, int B, i
   }
 }
 
+__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
+}
+
 __device__ float curvature_of(float c_raw) {
   return fminf(float(kCurvatureMin) + softplus(c_raw), float(kCurvatureMax));
 }
@@ -117,6 +122,12 @@ void log_elementwise(float* out, const float* x, size_t n, cudaStream_t stream) 
 void log_backward(float* dx, const float* dlog, const float* x, size_t n, cudaStream_t stream) {
   if (n == 0) return;
   log_backward_kernel<<<blocks_for(n), kThreads, 0, stream>>>(dx, dlog, x, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  to_bf16_kernel<<<blocks_for(n), kThreads, 0, stream>>>(out, x, n);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

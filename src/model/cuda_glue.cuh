@@ -2,6 +2,7 @@
 // adds, learned positions, the curvature c = f(c_raw) and its derivative, the key gate's log, the loss
 // accumulator. Device pointers, fp32, on the given stream; deterministic (no atomics).
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -29,6 +30,9 @@ void curvature_backward(float* dc_raw, const float* dc, const float* c_raw, cuda
 void log_elementwise(float* out, const float* x, size_t n, cudaStream_t stream);
 // dx[i] += dlog[i] / x[i] (the backward of log_elementwise).
 void log_backward(float* dx, const float* dlog, const float* x, size_t n, cudaStream_t stream);
+
+// out[i] = bf16(x[i]), rounded to nearest.
+void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream);
 
 // acc[0] += scale·result[0] (double): the mean losses of the micro-batches of one step, read once per step.
 void accumulate_loss(double* acc, const float* result, double scale, cudaStream_t stream);

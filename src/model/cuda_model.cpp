@@ -2,6 +2,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <map>
+#include <tuple>
 #include <stdexcept>
 #include <string>
 
@@ -43,6 +46,23 @@ class GemmMathScope {
 constexpr size_t kAlignFloats = 64;
 size_t aligned(size_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats; }
 
+// The normalised HTT cores and their norms, which the materialisation saves for its backward, packed in one
+// buffer of htt_saved_floats(shape) floats.
+struct HttSaved {
+  float *A_hat, *A_norm, *B_hat, *B_norm;
+};
+size_t htt_saved_floats(const HttShape& sh) {
+  return size_t(sh.v1) * sh.r * sh.d1 + size_t(sh.v1) * sh.r + size_t(sh.v2) * sh.r * sh.d2 + size_t(sh.v2) * sh.r;
+}
+HttSaved htt_saved_parts(float* base, const HttShape& sh) {
+  HttSaved s;
+  s.A_hat = base;
+  s.A_norm = s.A_hat + size_t(sh.v1) * sh.r * sh.d1;
+  s.B_hat = s.A_norm + size_t(sh.v1) * sh.r;
+  s.B_norm = s.B_hat + size_t(sh.v2) * sh.r * sh.d2;
+  return s;
+}
+
 }  // namespace
 
 // Activations of one block (the device twin of model_state.h's BlockActs; null when the config has no use
@@ -59,6 +79,27 @@ struct BlockBuffers {
   float *u2 = nullptr, *ln2_mean = nullptr, *ln2_rstd = nullptr;
   float *ffn_low1 = nullptr, *ffn_pre = nullptr, *ffn_hidden = nullptr, *ffn_low2 = nullptr;
   float* curvature = nullptr;  // [c, the curvature the mix reads]
+};
+
+// Captured forward and backward passes (CUDA graphs): one launch replays a pass's few hundred kernels, so
+// the host's per-launch cost (and cuBLASLt's per-call descriptor set-up) leaves the critical path. A graph
+// holds the kernels' arguments, so the key is everything they depend on beyond the arena's addresses, and
+// the whole cache is dropped when the arena is re-planned.
+struct Model::Graphs {
+  using Key = std::tuple<int, int, int, bool, int, float, float>;  // pass, B, N, serving, math, scale, smoothing
+  struct Entry {
+    int runs = 0;
+    cudaGraphExec_t exec = nullptr;
+  };
+  std::map<Key, Entry> entries;
+  unsigned generation = 0;
+
+  ~Graphs() { clear(); }
+  void clear() {
+    for (auto& [key, entry] : entries)
+      if (entry.exec) cudaGraphExecDestroy(entry.exec);
+    entries.clear();
+  }
 };
 
 struct Model::Profiler {
@@ -90,6 +131,8 @@ struct Model::Profiler {
 struct Model::Arena {
   int B = 0, N = 0;
   bool backward = false;  // the backward's buffers are bound
+  bool serving = false;   // bf16 head buffers instead of fp32 logits and the per-pass E
+  unsigned generation = 0;  // counts re-plans: captured graphs hold the buffer addresses of one plan
   float* base = nullptr;
   size_t capacity = 0;  // floats
   std::vector<float*> h;  // residual stream before block l (h[L] is the input of LN_final)
@@ -97,6 +140,7 @@ struct Model::Arena {
   float *E = nullptr, *htt_saved = nullptr, *dE = nullptr;
   float *x_final = nullptr, *final_mean = nullptr, *final_rstd = nullptr;
   float *logits = nullptr, *dlogits = nullptr, *row_loss = nullptr, *row_lse = nullptr, *loss_result = nullptr;
+  __nv_bfloat16 *x_final_bf16 = nullptr, *logits_bf16 = nullptr;  // serving
   int32_t *ids = nullptr, *targets = nullptr;
   // backward scratch
   float *dh = nullptr, *du = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *dmixed = nullptr;
@@ -118,7 +162,7 @@ namespace {
 // to assign, so the two can never disagree.
 template <class Take>
 void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
-                  Take&& take) {
+                  bool serving, Take&& take) {
   const bool muse = c.arch != Arch::gpt, phase8 = c.arch == Arch::phase8;
   const size_t rows = size_t(B) * N, D = c.d_model, H = c.n_heads, R = c.ssm_rank, Vp = c.padded_vocab();
   const size_t RD = rows * D, F4 = rows * ffn_hidden(c.d_model), L = m.blocks.size();
@@ -165,14 +209,20 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     if (lowrank) take(b.ffn_low1, rows * rho), take(b.ffn_pre, F4), take(b.ffn_hidden, F4), take(b.ffn_low2, rows * rho);
     take(b.curvature, 2);
   }
-  if (m.embed == kAbsent) {
+  if (m.embed == kAbsent && !serving) {
     const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
     take(a.E, Vp * D);
-    take(a.htt_saved, size_t(sh.v1) * sh.r * sh.d1 + size_t(sh.v1) * sh.r + size_t(sh.v2) * sh.r * sh.d2 +
-                          size_t(sh.v2) * sh.r);
+    take(a.htt_saved, htt_saved_floats(sh));
   }
   take(a.x_final, RD), take(a.final_mean, rows), take(a.final_rstd, rows);
-  take(a.logits, rows * Vp), take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
+  if (serving) {
+    float *x_bf16 = nullptr, *logits_bf16 = nullptr;  // bf16 pairs share a float slot
+    take(x_bf16, (RD + 1) / 2), take(logits_bf16, (rows * Vp + 1) / 2);
+    a.x_final_bf16 = reinterpret_cast<__nv_bfloat16*>(x_bf16);
+    a.logits_bf16 = reinterpret_cast<__nv_bfloat16*>(logits_bf16);
+  } else {
+    take(a.logits, rows * Vp), take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
+  }
   float *ids = nullptr, *targets = nullptr;  // int32 share the float slots' size
   take(ids, rows), take(targets, rows);
   a.ids = reinterpret_cast<int32_t*>(ids);
@@ -215,10 +265,11 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
 }
 
 // Points every buffer of `a` into its storage for a B×N batch, growing the storage first if needed.
-void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward) {
-  if (a.base && a.B == B && a.N == N && a.backward == backward) return;  // the steady state of a run
+void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
+                bool serving) {
+  if (a.base && a.B == B && a.N == N && a.backward == backward && a.serving == serving) return;  // steady state
   size_t total = 0;
-  plan_buffers(a, c, m, B, N, backward, [&](auto*& ptr, size_t n) {
+  plan_buffers(a, c, m, B, N, backward, serving, [&](auto*& ptr, size_t n) {
     ptr = nullptr;
     total += aligned(n);
   });
@@ -230,13 +281,15 @@ void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int
     a.capacity = total;
   }
   size_t at = 0;
-  plan_buffers(a, c, m, B, N, backward, [&](auto*& ptr, size_t n) {
+  plan_buffers(a, c, m, B, N, backward, serving, [&](auto*& ptr, size_t n) {
     ptr = a.base + at;
     at += aligned(n);
   });
   a.B = B;
   a.N = N;
   a.backward = backward;
+  a.serving = serving;
+  ++a.generation;
 }
 
 }  // namespace
@@ -295,12 +348,14 @@ std::vector<std::pair<std::string, double>> Model::profile() const {
 
 Model::~Model() {
   if (stream_) cudaStreamSynchronize(stream_);
+  graphs_.reset();
   profiler_.reset();
   arena_.reset();
   for (int slot = 0; slot < 2; ++slot) {
     if (host_tokens_[slot]) cudaFreeHost(host_tokens_[slot]);
     if (staged_[slot]) cudaEventDestroy(staged_[slot]);
   }
+  end_serving();
   cudaFree(params_);
   cudaFree(grads_);
   cudaFree(loss_sum_);
@@ -310,6 +365,7 @@ Model::~Model() {
 void Model::upload_params(const float* host) {
   MUSE_CUDA_CHECK(cudaMemcpyAsync(params_, host, size() * sizeof(float), cudaMemcpyHostToDevice, stream_));
   MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (serving_) prepare_serving();
 }
 
 void Model::download_params(float* host) const {
@@ -335,15 +391,23 @@ void Model::zero(float* p, size_t n) { MUSE_CUDA_CHECK(cudaMemsetAsync(p, 0, n *
 
 void Model::zero_grads() { zero(grads(), size()); }
 
-void Model::set_inference_only(bool inference_only) { inference_only_ = inference_only; }
+void Model::set_inference_only(bool inference_only) {
+  inference_only_ = inference_only;
+  if (!inference_only) end_serving();
+}
 
 void Model::reserve(int B, int N) {
   if (B < 1 || N < 1) throw std::invalid_argument("reserve: batch and sequence length must be positive");
-  bind_arena(*arena_, config_, layout_, B, N, !inference_only_);
+  bind_arena(*arena_, config_, layout_, B, N, !inference_only_, serving_);
 }
 
 size_t Model::device_bytes() const {
-  return ((grads_ ? 2 : 1) * size() + arena_->capacity) * sizeof(float);
+  size_t serving = 0;
+  if (serving_E_bf16_) {
+    const size_t table = size_t(config_.padded_vocab()) * config_.d_model;
+    serving = table * sizeof(__nv_bfloat16) + (serving_E_ ? table * sizeof(float) : 0);
+  }
+  return ((grads_ ? 2 : 1) * size() + arena_->capacity) * sizeof(float) + serving;
 }
 
 void Model::stage_tokens(int32_t* device, const int32_t* host, size_t n, size_t slot) {
@@ -377,23 +441,27 @@ void Model::forward(const int32_t* ids, int B, int N) {
       throw std::invalid_argument("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
                                   " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
   Arena& a = *arena_;
-  const GemmMathScope math(gemm_math_);
-  bind_arena(a, c, m, B, N, !inference_only_);
+  bind_arena(a, c, m, B, N, !inference_only_, serving_);
   B_ = B;
   N_ = N;
-  const int D = c.d_model, Vp = c.padded_vocab();
-  const float* p = params_;
   stage_tokens(a.ids, ids, rows, 0);
   mark_start();
+  run_pass(0, 0.f, [this] { forward_pass(); });
+}
+
+void Model::forward_pass() {
+  const ModelConfig& c = config_;
+  const ModelLayout& m = layout_;
+  Arena& a = *arena_;
+  const int B = B_, N = N_, D = c.d_model, Vp = c.padded_vocab();
+  const size_t rows = size_t(B) * N;
+  const float* p = params_;
 
   const float* E = p + m.embed;
-  if (m.embed == kAbsent) {
-    const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
-    float* A_hat = a.htt_saved;
-    float* A_norm = A_hat + size_t(sh.v1) * sh.r * sh.d1;
-    float* B_hat = A_norm + size_t(sh.v1) * sh.r;
-    float* B_norm = B_hat + size_t(sh.v2) * sh.r * sh.d2;
-    htt_materialize_forward(a.E, A_hat, A_norm, B_hat, B_norm, p + m.htt_a, p + m.htt_b, p + m.htt_theta, sh, stream_);
+  if (serving_) {
+    if (serving_E_) E = serving_E_;
+  } else if (m.embed == kAbsent) {
+    materialize_embedding(a.E, a.htt_saved);
     mark("fwd htt materialise");
     E = a.E;
   }
@@ -404,11 +472,61 @@ void Model::forward(const int32_t* ids, int B, int N) {
   layernorm_forward(a.x_final, a.final_mean, a.final_rstd, nullptr, a.h.back(), p + m.final_gain, p + m.final_bias,
                     int(rows), D, stream_);
   mark("fwd layernorm");
-  linear_forward(a.logits, a.x_final, E, nullptr, int(rows), D, Vp, stream_);
+  if (serving_) {
+    to_bf16(a.x_final_bf16, a.x_final, rows * D, stream_);
+    gemm_bf16(false, true, int(rows), Vp, D, a.x_final_bf16, D, serving_E_bf16_, D, a.logits_bf16, Vp, stream_);
+  } else {
+    linear_forward(a.logits, a.x_final, E, nullptr, int(rows), D, Vp, stream_);
+  }
   mark("fwd head gemm");
 }
 
-const float* Model::logits() const { return arena_->logits; }
+void Model::materialize_embedding(float* E, float* saved) {
+  const ModelLayout& m = layout_;
+  const HttShape sh = htt_shape(config_.vocab_size, config_.d_model, config_.htt_rank);
+  const HttSaved parts = htt_saved_parts(saved, sh);
+  htt_materialize_forward(E, parts.A_hat, parts.A_norm, parts.B_hat, parts.B_norm, params_ + m.htt_a,
+                          params_ + m.htt_b, params_ + m.htt_theta, sh, stream_);
+}
+
+void Model::prepare_serving() {
+  if (!inference_only_) throw std::logic_error("prepare_serving(): the model must be set to inference only");
+  const ModelConfig& c = config_;
+  const size_t table = size_t(c.padded_vocab()) * c.d_model;
+  const float* E = params_ + layout_.embed;
+  if (layout_.embed == kAbsent) {
+    if (!serving_E_) MUSE_CUDA_CHECK(cudaMalloc(&serving_E_, table * sizeof(float)));
+    float* saved = nullptr;
+    MUSE_CUDA_CHECK(cudaMallocAsync(&saved, htt_saved_floats(htt_shape(c.vocab_size, c.d_model, c.htt_rank)) *
+                                                sizeof(float), stream_));
+    materialize_embedding(serving_E_, saved);
+    MUSE_CUDA_CHECK(cudaFreeAsync(saved, stream_));
+    E = serving_E_;
+  }
+  if (!serving_E_bf16_) MUSE_CUDA_CHECK(cudaMalloc(&serving_E_bf16_, table * sizeof(__nv_bfloat16)));
+  to_bf16(serving_E_bf16_, E, table, stream_);
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  serving_ = true;
+}
+
+void Model::end_serving() {
+  serving_ = false;
+  graphs_.reset();
+  cudaFree(serving_E_);
+  cudaFree(serving_E_bf16_);
+  serving_E_ = nullptr;
+  serving_E_bf16_ = nullptr;
+}
+
+const float* Model::logits() const {
+  if (serving_) throw std::logic_error("logits(): a serving model writes bf16 logits (logits_bf16())");
+  return arena_->logits;
+}
+
+const __nv_bfloat16* Model::logits_bf16() const {
+  if (!serving_) throw std::logic_error("logits_bf16(): the model is not serving (prepare_serving())");
+  return arena_->logits_bf16;
+}
 
 void Model::block_forward(int layer, const float* h_in, float* h_out) {
   if (config_.arch == Arch::gpt)
@@ -557,6 +675,7 @@ void Model::ssm_forward(int layer, float* y) {
 
 void Model::loss(const int32_t* targets, double label_smoothing, double accumulate_scale) {
   if (B_ == 0) throw std::logic_error("loss(): no forward has run");
+  if (serving_) throw std::logic_error("loss(): a serving model keeps no fp32 logits");
   Arena& a = *arena_;
   const size_t rows = size_t(B_) * N_;
   for (size_t i = 0; i < rows; ++i)
@@ -591,9 +710,55 @@ double Model::take_loss_sum() {
 void Model::backward(double scale) {
   if (B_ == 0) throw std::logic_error("backward(): no forward has run");
   if (!arena_->backward) throw std::logic_error("backward(): the model is set to inference only");
-  const ModelConfig& c = config_;
-  const GemmMathScope math(gemm_math_);
   grads();
+  run_pass(1, float(scale), [this, scale] { backward_pass(scale); });
+}
+
+void Model::set_graphs(bool on) {
+  graphs_on_ = on;
+  if (!on) graphs_.reset();
+}
+
+void Model::run_pass(int pass, float scale, const std::function<void()>& body) {
+  const GemmMathScope math(gemm_math_);
+  // Profiling records events between the kernels and reads them on the host: it runs the pass as it is.
+  if (!graphs_on_ || profiler_) {
+    body();
+    return;
+  }
+  if (!graphs_) graphs_ = std::make_unique<Graphs>();
+  if (graphs_->generation != arena_->generation) {
+    graphs_->clear();
+    graphs_->generation = arena_->generation;
+  }
+  const Graphs::Key key{pass, B_, N_, serving_, int(gemm_math_), scale, pass == 1 ? smoothing_ : 0.f};
+  Graphs::Entry& entry = graphs_->entries[key];
+  // A shape seen once (the last, shorter batch of an evaluation) runs as it is; the second run captures.
+  if (!entry.exec && ++entry.runs < 2) {
+    body();
+    return;
+  }
+  if (!entry.exec) {
+    cudaGraph_t graph = nullptr;
+    MUSE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    try {
+      body();
+    } catch (...) {
+      cudaStreamEndCapture(stream_, &graph);
+      if (graph) cudaGraphDestroy(graph);
+      cudaGetLastError();
+      throw;
+    }
+    MUSE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    const cudaError_t status = cudaGraphInstantiate(&entry.exec, graph, 0);
+    cudaGraphDestroy(graph);
+    MUSE_CUDA_CHECK(status);
+  }
+  MUSE_CUDA_CHECK(cudaGraphLaunch(entry.exec, stream_));
+}
+
+void Model::backward_pass(double scale) {
+  const ModelConfig& c = config_;
   const ModelLayout& m = layout_;
   Arena& a = *arena_;
   const int D = c.d_model, Vp = c.padded_vocab(), rows = B_ * N_;
@@ -622,12 +787,9 @@ void Model::backward(double scale) {
   mark("bwd embedding");
   if (m.embed == kAbsent) {
     const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);
-    const float* A_hat = a.htt_saved;
-    const float* A_norm = A_hat + size_t(sh.v1) * sh.r * sh.d1;
-    const float* B_hat = A_norm + size_t(sh.v1) * sh.r;
-    const float* B_norm = B_hat + size_t(sh.v2) * sh.r * sh.d2;
-    htt_materialize_backward(g + m.htt_a, g + m.htt_b, g + m.htt_theta, a.dE, A_hat, A_norm, B_hat, B_norm,
-                             p + m.htt_theta, sh, a.workspace, stream_);
+    const HttSaved parts = htt_saved_parts(a.htt_saved, sh);
+    htt_materialize_backward(g + m.htt_a, g + m.htt_b, g + m.htt_theta, a.dE, parts.A_hat, parts.A_norm, parts.B_hat,
+                             parts.B_norm, p + m.htt_theta, sh, a.workspace, stream_);
     mark("bwd htt materialise");
   }
 }

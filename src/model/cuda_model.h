@@ -9,9 +9,11 @@
 // Activations live in one arena sized by reserve(B, N) (or by the first forward of a larger shape) and
 // reused, so the steady state allocates nothing.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -52,8 +54,15 @@ class Model {
   // Sizes the activation arena for batches up to B×N tokens (forward grows it on demand otherwise).
   void reserve(int B, int N);
   // Inference only: the arena leaves out the backward's buffers (and backward() refuses to run). Gradients
-  // are allocated on first use either way.
+  // are allocated on first use either way. Turning it off also ends serving.
   void set_inference_only(bool inference_only);
+  // Serving (SPEC §7's forward: what a user's inference costs): E is materialised once from the current
+  // parameters and kept, in fp32 for the embedding lookup and in bf16 for the head, and forward() writes
+  // bf16 logits (logits_bf16()) with a bf16 GEMM (fp32 accumulation) instead of fp32 ones, so logits() and
+  // loss() are unavailable. Needs inference-only mode; upload_params() refreshes the kept E, and so must a
+  // second call after writing params() directly.
+  void prepare_serving();
+  bool serving() const { return serving_; }
   // The math of the model's GEMMs (ops/linear.cuh): fp32 (default; the reference mode the tests compare
   // with the CPU) or tf32 (tensor cores: the fast mode `muse train/bench/eval --device cuda` use).
   void set_gemm_math(GemmMath math) { gemm_math_ = math; }
@@ -63,8 +72,10 @@ class Model {
 
   // Runs the model on host ids [B, N] (each < vocab_size, checked on the host) and keeps the activations.
   void forward(const int32_t* ids, int B, int N);
-  // Device logits [B·N, Vp] of the last forward (columns ≥ vocab_size are padding).
+  // Device logits [B·N, Vp] of the last forward (columns ≥ vocab_size are padding); logits_bf16() when
+  // serving.
   const float* logits() const;
+  const __nv_bfloat16* logits_bf16() const;
 
   // Cross-entropy of the last forward against host targets [B, N] (−1 = ignored). The mean over counted
   // targets and the count stay on the device (loss_result()); with accumulate_scale ≠ 0 the mean times that
@@ -74,6 +85,11 @@ class Model {
   const float* loss_result() const;
 
   struct Arena;  // activations and scratch (defined in cuda_model.cpp)
+
+  // CUDA graphs (default on): each forward and backward pass is captured once per shape (and serving mode,
+  // GEMM math, loss scale and smoothing) and replayed with one launch after that. Off runs every kernel
+  // from the host; both give bit-identical results.
+  void set_graphs(bool on);
 
   // Per-op timing (`muse bench --profile`): with profiling on, the forward and backward record a CUDA event
   // after each group of kernels (one LayerNorm, the q/k/v GEMMs, the attention, the AR-SSM, …), and the
@@ -92,6 +108,10 @@ class Model {
   void backward(double scale = 1.0);
 
  private:
+  void forward_pass();
+  void backward_pass(double scale);
+  // Runs body (one pass's kernels on stream_) through the graph cache: captured on first use of the key.
+  void run_pass(int pass, float scale, const std::function<void()>& body);
   void block_forward(int layer, const float* h_in, float* h_out);
   void block_backward(int layer, float* dh);
   void muse_block_forward(int layer, const float* h_in, float* h_out);
@@ -102,6 +122,8 @@ class Model {
   void qkv_backward(const BlockLayout& b, const BlockBuffers& a);
   void ssm_forward(int layer, float* y);
   void ssm_backward(int layer);
+  void materialize_embedding(float* E, float* saved);
+  void end_serving();
   void stage_tokens(int32_t* device, const int32_t* host, size_t n, size_t slot);
   void mark_start();
   void resolve_marks() const;
@@ -120,9 +142,15 @@ class Model {
   int B_ = 0, N_ = 0;
   float smoothing_ = 0;
   bool inference_only_ = false;
+  bool serving_ = false;
+  float* serving_E_ = nullptr;                // HTT embedding only (a dense E is a parameter)
+  __nv_bfloat16* serving_E_bf16_ = nullptr;
   GemmMath gemm_math_ = GemmMath::fp32;
   struct Profiler;
   std::unique_ptr<Profiler> profiler_;  // null when profiling is off
+  struct Graphs;
+  std::unique_ptr<Graphs> graphs_;
+  bool graphs_on_ = true;
 };
 
 }  // namespace muse::cuda

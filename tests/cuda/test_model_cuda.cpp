@@ -275,5 +275,87 @@ TEST(model_cuda, inference_only_arena_gives_the_same_logits_in_less_memory) {
   }
 }
 
+// Serving writes bf16 logits from a kept bf16 copy of E with fp32 accumulation: within bf16 rounding of the
+// fp32 logits (inputs rounded to 8-bit mantissas: ~0.4 % per product, and the output once more), for the
+// HTT and the dense embedding; refreshed by upload_params; logits()/loss() refuse.
+TEST(model_cuda, serving_writes_bf16_logits_close_to_the_fp32_ones) {
+  MUSE_REQUIRE_GPU();
+  for (const Variant& v : {Variant{"htt", {"n_layers=2"}}, Variant{"dense", {"embedding=dense", "n_layers=2"}}}) {
+    const ModelConfig c = variant_config(v);
+    Model<float> cpu(c);
+    cpu.init(5);
+    cuda::Model reference(c), serving(c);
+    reference.set_inference_only(true);
+    serving.set_inference_only(true);
+    EXPECT_THROW(cuda::Model(c).prepare_serving(), std::logic_error) << v.name;
+    reference.upload_params(cpu.params().data());
+    serving.upload_params(cpu.params().data());
+    serving.prepare_serving();
+    Rng rng(9);
+    const int B = 2, N = 40;
+    const std::vector<int32_t> ids = random_ids(size_t(B) * N, c.vocab_size, rng);
+    const size_t n = size_t(B) * N * c.padded_vocab();
+    auto compare = [&](const std::string& what) {
+      reference.forward(ids.data(), B, N);
+      serving.forward(ids.data(), B, N);
+      std::vector<float> fp32(n);
+      std::vector<__nv_bfloat16> bf16(n);
+      MUSE_CUDA_CHECK(cudaStreamSynchronize(reference.stream()));
+      MUSE_CUDA_CHECK(cudaStreamSynchronize(serving.stream()));
+      MUSE_CUDA_CHECK(cudaMemcpy(fp32.data(), reference.logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
+      MUSE_CUDA_CHECK(cudaMemcpy(bf16.data(), serving.logits_bf16(), n * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+      double scale = 0;
+      for (float x : fp32) scale = std::max(scale, double(std::abs(x)));
+      ASSERT_GT(scale, 0) << what;
+      std::vector<float> widened(n);
+      for (size_t i = 0; i < n; ++i) widened[i] = __bfloat162float(bf16[i]);
+      expect_close_to_reference(widened, fp32, 1e-2 * scale, 1e-2, what);
+    };
+    compare(v.name);
+    // New parameters reach the kept E through upload_params.
+    cpu.init(6);
+    reference.upload_params(cpu.params().data());
+    serving.upload_params(cpu.params().data());
+    compare(v.name + " after upload_params");
+    EXPECT_THROW(serving.logits(), std::logic_error) << v.name;
+    const std::vector<int32_t> targets(size_t(B) * N, 1);
+    EXPECT_THROW(serving.loss(targets.data()), std::logic_error) << v.name;
+  }
+}
+
+// Captured passes replay exactly what the host would launch: logits and gradients bit-identical to a model
+// that runs every kernel itself, over repeated steps (the first run of a shape is eager, the second is
+// captured, later ones replay) and across a change of shape (the arena is re-planned, the graphs dropped).
+TEST(model_cuda, graphs_replay_the_eager_passes_bit_exactly) {
+  MUSE_REQUIRE_GPU();
+  const ModelConfig c = variant_config(Variant{"phase8", {"n_layers=2"}});
+  Model<float> cpu(c);
+  cpu.init(3);
+  cuda::Model graphed(c), eager(c);
+  eager.set_graphs(false);
+  graphed.upload_params(cpu.params().data());
+  eager.upload_params(cpu.params().data());
+  Rng rng(4);
+  for (const auto& [B, N] : std::vector<std::pair<int, int>>{{2, 24}, {2, 24}, {2, 24}, {3, 17}, {3, 17}, {3, 17}}) {
+    const std::vector<int32_t> ids = random_ids(size_t(B) * N, c.vocab_size, rng);
+    const std::vector<int32_t> targets = random_ids(size_t(B) * N, c.vocab_size, rng);
+    std::vector<std::vector<float>> logits, grads;
+    for (cuda::Model* m : {&graphed, &eager}) {
+      m->zero_grads();
+      m->forward(ids.data(), B, N);
+      m->loss(targets.data(), 0.1);
+      m->backward(0.5);
+      const size_t n = size_t(B) * N * c.padded_vocab();
+      logits.emplace_back(n);
+      grads.emplace_back(m->size());
+      MUSE_CUDA_CHECK(cudaStreamSynchronize(m->stream()));
+      MUSE_CUDA_CHECK(cudaMemcpy(logits.back().data(), m->logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
+      m->download_grads(grads.back().data());
+    }
+    EXPECT_EQ(logits[0], logits[1]) << "B=" << B << " N=" << N;
+    EXPECT_EQ(grads[0], grads[1]) << "B=" << B << " N=" << N;
+  }
+}
+
 }  // namespace
 }  // namespace muse::test
