@@ -139,7 +139,7 @@ struct Model::Arena {
   std::vector<BlockBuffers> blocks;
   float *E = nullptr, *htt_saved = nullptr, *dE = nullptr;
   float *x_final = nullptr, *final_mean = nullptr, *final_rstd = nullptr;
-  float *logits = nullptr, *dlogits = nullptr, *row_loss = nullptr, *row_lse = nullptr, *loss_result = nullptr;
+  float *logits = nullptr, *row_loss = nullptr, *row_lse = nullptr, *loss_result = nullptr;
   __nv_bfloat16 *x_final_bf16 = nullptr, *logits_bf16 = nullptr;  // serving
   int32_t *ids = nullptr, *targets = nullptr;
   // backward scratch
@@ -234,7 +234,6 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     return;
   }
 
-  take(a.dlogits, rows * Vp);
   if (m.embed == kAbsent) take(a.dE, Vp * D);
 
   take(a.dh, RD), take(a.du, RD), take(a.dq, RD), take(a.dk, RD), take(a.dv, RD), take(a.dmixed, RD);
@@ -769,12 +768,12 @@ void Model::backward_pass(double scale) {
   float* dE = m.embed != kAbsent ? g + m.embed : a.dE;
   if (m.embed == kAbsent) zero(a.dE, size_t(Vp) * D);
 
-  zero(a.dlogits, size_t(rows) * Vp);
-  xent_backward(a.dlogits, float(scale), a.logits, a.row_lse, a.targets, rows, c.vocab_size, Vp, smoothing_,
-                a.loss_result, kIgnore, stream_);
+  float* dlogits = a.logits;  // the logits are not needed past their gradient
+  xent_backward_in_place(dlogits, float(scale), a.row_lse, a.targets, rows, c.vocab_size, Vp, smoothing_,
+                         a.loss_result, kIgnore, stream_);
   mark("bwd cross-entropy");
   zero(a.du, RD);
-  linear_backward(a.du, dE, nullptr, a.dlogits, a.x_final, E, rows, D, Vp, stream_);
+  linear_backward(a.du, dE, nullptr, dlogits, a.x_final, E, rows, D, Vp, stream_);
   mark("bwd head gemm");
   zero(a.dh, RD);
   layernorm_backward(a.dh, g + m.final_gain, g + m.final_bias, a.du, nullptr, a.h.back(), p + m.final_gain,

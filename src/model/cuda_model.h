@@ -104,7 +104,8 @@ class Model {
   void read_loss(double* total_nats, int64_t* count) const;
   // Reads (synchronises) and clears the accumulator.
   double take_loss_sum();
-  // Backward of scale· the last loss(): accumulates into grads().
+  // Backward of scale· the last loss(): accumulates into grads(). The logits are overwritten by their
+  // gradient (logits() is not valid after it).
   void backward(double scale = 1.0);
 
  private:

@@ -119,25 +119,31 @@ __global__ void xent_mean_kernel(float* result, const float* row_loss, const int
   }
 }
 
-// One block per row: dz[v] += scale·(exp(z_v − lse) − ε/V) for v < V, then −scale·(1−ε) at the target (the
-// same two additions, in the same order, as the CPU op).
-__global__ void xent_backward_kernel(float* dlogits, float dloss, const float* logits, const float* row_lse,
-                                     const int32_t* targets, int V, int Vp, float smoothing, const float* result,
-                                     int32_t ignore_index) {
+// One block per row: z[v] ← scale·(exp(z_v − lse) − ε/V) for v < V, then −scale·(1−ε) at the target (the
+// CPU op's two additions, from zero), written over the logits (each element read, then written, by the same
+// thread); zeros elsewhere.
+__global__ void xent_backward_in_place_kernel(float* z, float dloss, const float* row_lse, const int32_t* targets,
+                                              int V, int Vp, float smoothing, const float* result,
+                                              int32_t ignore_index) {
   const int count = int(result[1]);
   const int r = blockIdx.x;
   const int32_t y = targets[r];
-  if (count <= 0 || y == ignore_index) return;
+  float* row = z + long(r) * Vp;
+  if (count <= 0 || y == ignore_index) {
+    for (int v = threadIdx.x; v < Vp; v += blockDim.x) row[v] = 0.f;
+    return;
+  }
   const float scale = dloss / float(count);
   const float uniform = smoothing / float(V);
   const float target_term = scale * (1.f - smoothing);
   const float lse = row_lse[r];
-  const float* z = logits + long(r) * Vp;
-  float* dz = dlogits + long(r) * Vp;
-  for (int v = threadIdx.x; v < V; v += blockDim.x) {
-    float d = dz[v] + scale * (expf(z[v] - lse) - uniform);
-    if (v == y) d -= target_term;
-    dz[v] = d;
+  for (int v = threadIdx.x; v < Vp; v += blockDim.x) {
+    float d = 0.f;
+    if (v < V) {
+      d = scale * (expf(row[v] - lse) - uniform);
+      if (v == y) d -= target_term;
+    }
+    row[v] = d;
   }
 }
 
@@ -154,12 +160,12 @@ void xent_forward(float* row_loss, float* row_lse, float* result, const float* l
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
-void xent_backward(float* dlogits, float dloss, const float* logits, const float* row_lse, const int32_t* targets,
-                   int rows, int V, int Vp, float smoothing, const float* result, int32_t ignore_index,
-                   cudaStream_t stream) {
+void xent_backward_in_place(float* logits_in_dlogits_out, float dloss, const float* row_lse, const int32_t* targets,
+                            int rows, int V, int Vp, float smoothing, const float* result, int32_t ignore_index,
+                            cudaStream_t stream) {
   if (rows <= 0) return;
-  xent_backward_kernel<<<rows, kThreads, 0, stream>>>(dlogits, dloss, logits, row_lse, targets, V, Vp, smoothing,
-                                                       result, ignore_index);
+  xent_backward_in_place_kernel<<<rows, kThreads, 0, stream>>>(logits_in_dlogits_out, dloss, row_lse, targets, V, Vp,
+                                                                smoothing, result, ignore_index);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

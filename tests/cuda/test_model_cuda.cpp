@@ -343,13 +343,13 @@ TEST(model_cuda, graphs_replay_the_eager_passes_bit_exactly) {
     for (cuda::Model* m : {&graphed, &eager}) {
       m->zero_grads();
       m->forward(ids.data(), B, N);
-      m->loss(targets.data(), 0.1);
-      m->backward(0.5);
       const size_t n = size_t(B) * N * c.padded_vocab();
       logits.emplace_back(n);
-      grads.emplace_back(m->size());
       MUSE_CUDA_CHECK(cudaStreamSynchronize(m->stream()));
       MUSE_CUDA_CHECK(cudaMemcpy(logits.back().data(), m->logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
+      m->loss(targets.data(), 0.1);
+      m->backward(0.5);
+      grads.emplace_back(m->size());
       m->download_grads(grads.back().data());
     }
     EXPECT_EQ(logits[0], logits[1]) << "B=" << B << " N=" << N;
