@@ -16,8 +16,8 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr float kMaskSlope = 4.0f;  // as ops/ssm.cpp
 constexpr int kRowWarps = 8;        // warps per block for one-warp-per-row kernels
 constexpr int kMaskMaxBlocks = 256;
-constexpr int kScanThreads = 128;
-constexpr int kScanUnroll = 8;
+constexpr int kScanLanes = 8;    // scan channels per block
+constexpr int kScanChunks = 32;  // scan chunks along time per block
 static_assert(kSsmRankHidden == kWarp, "the rank-mask kernels map MLP_r's hidden units onto the lanes of a warp");
 
 // Rank-mask parameter gradients, in this order: r_w2 [32], r_w1 [32], r_b1 [32], r_b2, w_pi [3], b_pi.
@@ -79,69 +79,89 @@ struct TapTerms {
 
 // ---- scan ------------------------------------------------------------------------------------------------
 
-// One thread per (b, r), sequential in t; loads are issued kScanUnroll steps ahead of the recurrence.
-__global__ void scan_forward_kernel(float* S, const float* p, const float* ell, int B, int N, int R) {
-  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (long)B * R) return;
-  const long b = idx / R;
-  const int r = int(idx - b * R);
-  const float* pb = p + b * N * R + r;
-  float* Sb = S + b * N * R + r;
-  const float lambda = ell ? sigmoid(ell[r]) : 1.f;
-  const float one_minus = ell ? sigmoid(-ell[r]) : 1.f;
-  float state = 0.f;
-  for (int t0 = 0; t0 < N; t0 += kScanUnroll) {
-    float in[kScanUnroll];
-#pragma unroll
-    for (int j = 0; j < kScanUnroll; ++j) in[j] = t0 + j < N ? pb[(long)(t0 + j) * R] : 0.f;
-#pragma unroll
-    for (int j = 0; j < kScanUnroll; ++j) {
-      const int t = t0 + j;
-      if (t < N) {
-        if (t == 0)
-          state = ell ? one_minus * in[j] : in[j];
-        else if (ell)
-          state = lambda * state + one_minus * in[j];
-        else
-          state = state + in[j];
-        Sb[(long)t * R] = state;
-      }
+// The scans run along time in kScanChunks chunks at once (one thread per (r, chunk); a block holds
+// kScanLanes channels of one batch row): a sequential thread per (b, r) leaves most of the GPU idle (B·R =
+// 512 threads at B = 16), each waiting on its own loads. The recurrence is linear, so each chunk first runs
+// from a zero carry; the carries are then folded chunk by chunk in shared memory (λ^length per chunk), and
+// each chunk adds its carry's decayed contribution. Channels r sit next to each other in memory, so the
+// lanes of a chunk read a contiguous run.
+//
+// Forward: S_t = λ·S_{t−1} + (1 − λ)·p_t (or S_{t−1} + p_t), S_{−1} = 0.
+__global__ void __launch_bounds__(kScanLanes* kScanChunks)
+    scan_forward_kernel(float* S, const float* p, const float* ell, int N, int R) {
+  __shared__ float chunk_end[kScanChunks][kScanLanes];    // a chunk's last state from a zero carry
+  __shared__ float chunk_decay[kScanChunks][kScanLanes];  // λ^(chunk length)
+  const int lane = threadIdx.x, chunk = threadIdx.y;
+  const int r = blockIdx.x * kScanLanes + lane;
+  const bool active = r < R;
+  const long base = (long)blockIdx.y * N * R + r;
+  const int len = (N + kScanChunks - 1) / kScanChunks;
+  const int t0 = min(N, chunk * len), t1 = min(N, t0 + len);
+  const float lambda = ell && active ? sigmoid(ell[r]) : 1.f;
+  const float one_minus = ell && active ? sigmoid(-ell[r]) : 1.f;
+  float state = 0.f, decay = 1.f;
+  if (active)
+    for (int t = t0; t < t1; ++t) {
+      const long o = base + (long)t * R;
+      state = ell ? lambda * state + one_minus * p[o] : state + p[o];
+      S[o] = state;
+      decay *= lambda;
     }
+  chunk_end[chunk][lane] = state;
+  chunk_decay[chunk][lane] = decay;
+  __syncthreads();
+  float carry = 0.f;  // the true state just before t0
+  for (int c = 0; c < chunk; ++c) carry = chunk_decay[c][lane] * carry + chunk_end[c][lane];
+  if (!active || carry == 0.f) return;
+  for (int t = t0; t < t1; ++t) {
+    carry *= lambda;
+    S[base + (long)t * R] += carry;
   }
 }
 
-// One thread per (b, r), reverse in t. partial[b·R + r] = Σ_t G_t·(S_{t−1} − p_t) when partial is non-null.
-__global__ void scan_backward_kernel(float* dp, float* partial, const float* dS, const float* S, const float* p,
-                                     const float* ell, int B, int N, int R) {
-  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= (long)B * R) return;
-  const long b = idx / R;
-  const int r = int(idx - b * R);
-  const long base = b * N * R + r;
-  const float lambda = ell ? sigmoid(ell[r]) : 1.f;
-  const float one_minus = ell ? sigmoid(-ell[r]) : 1.f;
-  float G = 0.f, acc = 0.f;
-  // Blocks of kScanUnroll steps, from the end: the loads of a block are issued before its recurrence.
-  for (int t1 = N - 1; t1 >= 0; t1 -= kScanUnroll) {
-    float ds[kScanUnroll], diff[kScanUnroll];
-#pragma unroll
-    for (int j = 0; j < kScanUnroll; ++j) {
-      const int t = t1 - j;
+// Backward, reverse in t: G_t = dS_t + λ·G_{t+1}, dp_t += (1 − λ)·G_t (or G_t), and when partial is
+// non-null partial[b·R + r] = Σ_t G_t·(S_{t−1} − p_t) (chunks added in order). dS is read twice (the
+// zero-carry pass keeps nothing but each chunk's first G).
+__global__ void __launch_bounds__(kScanLanes* kScanChunks)
+    scan_backward_kernel(float* dp, float* partial, const float* dS, const float* S, const float* p,
+                         const float* ell, int N, int R) {
+  __shared__ float chunk_first[kScanChunks][kScanLanes];  // G at a chunk's first token from a zero carry
+  __shared__ float chunk_decay[kScanChunks][kScanLanes];
+  __shared__ float chunk_acc[kScanChunks][kScanLanes];
+  const int lane = threadIdx.x, chunk = threadIdx.y;
+  const int r = blockIdx.x * kScanLanes + lane;
+  const bool active = r < R;
+  const long base = (long)blockIdx.y * N * R + r;
+  const int len = (N + kScanChunks - 1) / kScanChunks;
+  const int t0 = min(N, chunk * len), t1 = min(N, t0 + len);
+  const float lambda = ell && active ? sigmoid(ell[r]) : 1.f;
+  const float one_minus = ell && active ? sigmoid(-ell[r]) : 1.f;
+  float G = 0.f, decay = 1.f;
+  if (active)
+    for (int t = t1 - 1; t >= t0; --t) {
+      G = dS[base + (long)t * R] + lambda * G;
+      decay *= lambda;
+    }
+  chunk_first[chunk][lane] = G;
+  chunk_decay[chunk][lane] = decay;
+  __syncthreads();
+  G = 0.f;  // the true G at t1 (the next chunk's first token)
+  for (int c = kScanChunks - 1; c > chunk; --c) G = chunk_decay[c][lane] * G + chunk_first[c][lane];
+  float acc = 0.f;
+  if (active)
+    for (int t = t1 - 1; t >= t0; --t) {
       const long o = base + (long)t * R;
-      ds[j] = t >= 0 ? dS[o] : 0.f;
-      diff[j] = (partial && t >= 0) ? (t > 0 ? S[o - R] : 0.f) - p[o] : 0.f;  // S_{t−1} − p_t
+      G = dS[o] + lambda * G;
+      if (dp) dp[o] += ell ? one_minus * G : G;
+      if (partial) acc += G * ((t > 0 ? S[o - R] : 0.f) - p[o]);
     }
-#pragma unroll
-    for (int j = 0; j < kScanUnroll; ++j) {
-      const int t = t1 - j;
-      if (t >= 0) {
-        G = ds[j] + (ell ? lambda * G : G);
-        if (dp) dp[base + (long)t * R] += ell ? one_minus * G : G;
-        acc += G * diff[j];
-      }
-    }
-  }
-  if (partial) partial[idx] = acc;
+  if (!partial) return;
+  chunk_acc[chunk][lane] = acc;
+  __syncthreads();
+  if (chunk != 0 || !active) return;
+  float total = 0.f;
+  for (int c = 0; c < kScanChunks; ++c) total += chunk_acc[c][lane];
+  partial[(long)blockIdx.y * R + r] = total;
 }
 
 // dell[r] += λ(1−λ)·Σ_b partial[b·R + r], batches in order.
@@ -340,7 +360,7 @@ void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u,
 void ssm_scan_forward(float* S, const float* p, const float* ell, int B, int N, int R, cudaStream_t stream) {
   const long lanes = (long)B * R;
   if (lanes <= 0 || N <= 0) return;
-  scan_forward_kernel<<<ceil_div(lanes, kScanThreads), kScanThreads, 0, stream>>>(S, p, ell, B, N, R);
+  scan_forward_kernel<<<dim3(ceil_div(R, kScanLanes), B), dim3(kScanLanes, kScanChunks), 0, stream>>>(S, p, ell, N, R);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -352,8 +372,8 @@ void ssm_scan_backward(float* dp, float* dell, const float* dS, const float* S, 
   if (lanes <= 0 || N <= 0) return;
   float* partial = (ell && dell) ? workspace : nullptr;
   if (!dp && !partial) return;
-  scan_backward_kernel<<<ceil_div(lanes, kScanThreads), kScanThreads, 0, stream>>>(dp, partial, dS, S, p, ell, B, N,
-                                                                                    R);
+  scan_backward_kernel<<<dim3(ceil_div(R, kScanLanes), B), dim3(kScanLanes, kScanChunks), 0, stream>>>(
+      dp, partial, dS, S, p, ell, N, R);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (partial) {
     scan_dell_finish_kernel<<<ceil_div(R, 128), 128, 0, stream>>>(dell, partial, ell, B, R);

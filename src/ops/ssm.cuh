@@ -43,7 +43,8 @@ size_t ssm_conv_backward_workspace_floats(int B, int N, int D);
 void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u, const float* taps, int B, int N,
                        int D, float* workspace, cudaStream_t stream = 0);
 
-// S [B, N, R] from p [B, N, R]; ell [R] (λ = σ(ℓ)) or null for the plain prefix sum. One thread per (b, r).
+// S [B, N, R] from p [B, N, R]; ell [R] (λ = σ(ℓ)) or null for the plain prefix sum. Chunked along time
+// (docs/kernels/bk_ssm_hybrid.md).
 void ssm_scan_forward(float* S, const float* p, const float* ell, int B, int N, int R, cudaStream_t stream = 0);
 
 // dp += …, dell [R] += …. workspace: ssm_scan_backward_workspace_floats(B, R), needed only when ell and dell

@@ -74,9 +74,9 @@ void check_scan(int B, int N, int R, bool decay) {
   ssm_scan_forward<float>(S.data(), p.data(), ell_in, B, N, R);
   ssm_scan_backward<float>(dp.data(), dell.data(), dS.data(), S.data(), p.data(), ell_in, B, N, R);
 
-  // S, dp: the GPU runs the same recurrence in the same order (one thread per (b, r)); only FMA contraction
-  // differs, and |λ| ≤ 1 does not amplify it: 1e-5 of the scale (the Phase 7 prefix sum grows ∝ t, the scale
-  // with it). dell_r = λ(1−λ)·Σ_{b,t} G·(S_{t−1} − p_t): bound 1e-5·max_r λ_r·Σ|dp·(S_{t−1} − p_t)|
+  // S, dp: the GPU runs the recurrence in 32 chunks along time, each from a zero carry, then adds the carry
+  // decayed by λ^k (a product of k roundings); |λ| ≤ 1 does not amplify either: 1e-5 of the scale (the Phase 7
+  // prefix sum grows ∝ t, the scale with it). dell_r = λ(1−λ)·Σ_{b,t} G·(S_{t−1} − p_t): bound 1e-5·max_r λ_r·Σ|dp·(S_{t−1} − p_t)|
   // (G = dp/(1−λ)), the sum of the magnitudes of its terms.
   double dell_scale = 0;
   if (decay)
