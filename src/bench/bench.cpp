@@ -112,7 +112,7 @@ BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
   r.tokens_per_s_per_stream = 1 / median;
   r.peak_mem_mb = peak_resident_mb();
   r.gflop_per_iter = decode_flops(config, o.batch, o.context) / 1e9;
-  r.parameters = (long long)model.table().total();
+  r.parameters = (long long)model.table().count();
   return r;
 }
 
@@ -167,7 +167,7 @@ BenchRecord run_bench(const BenchOptions& o) {
     }
   };
   const double median = median_seconds(o.warmup, o.iters, iteration);
-  BenchRecord r = throughput_record(o, config, median, (long long)model.table().total());
+  BenchRecord r = throughput_record(o, config, median, (long long)model.table().count());
   r.device = "cpu";
   r.peak_mem_mb = peak_resident_mb();
   return r;

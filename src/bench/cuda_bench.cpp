@@ -72,7 +72,7 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
   MUSE_CUDA_CHECK(cudaGetDevice(&dev));
   MUSE_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
 
-  BenchRecord r = throughput_record(o, config, median, (long long)host.table().total());
+  BenchRecord r = throughput_record(o, config, median, (long long)host.table().count());
   r.device = std::string("cuda (") + prop.name + ")";
   r.peak_mem_mb = double(device_bytes_in_use() - baseline) / double(1 << 20);
   r.profile = std::move(profile);

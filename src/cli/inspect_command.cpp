@@ -20,7 +20,7 @@ nlohmann::json describe(const ModelConfig& config, const std::string& source) {
   for (const ParamInfo& p : table.entries()) modules[param_module(p.name)] += int64_t(p.size);
   return {{"source", source},
           {"config", to_json(config)},
-          {"parameters", {{"total", int64_t(table.total())}, {"per_module", modules}, {"tensors", table.entries().size()}}}};
+          {"parameters", {{"total", int64_t(table.count())}, {"per_module", modules}, {"tensors", table.entries().size()}}}};
 }
 
 }  // namespace

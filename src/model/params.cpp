@@ -15,9 +15,11 @@ std::string param_module(const std::string& name) {
 size_t ParamTable::add(const std::string& name, std::vector<int64_t> shape, bool decay) {
   size_t size = 1;
   for (int64_t d : shape) size *= size_t(d);
-  entries_.push_back({name, std::move(shape), total_, size, decay});
-  total_ += size;
-  return entries_.back().offset;
+  const size_t offset = (total_ + kAlignFloats - 1) / kAlignFloats * kAlignFloats;
+  entries_.push_back({name, std::move(shape), offset, size, decay});
+  total_ = offset + size;
+  count_ += size;
+  return offset;
 }
 
 const ParamInfo& ParamTable::find(const std::string& name) const {

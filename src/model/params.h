@@ -22,16 +22,26 @@ std::string param_module(const std::string& name);
 
 class ParamTable {
  public:
+  // Every tensor starts on a 64-float (256-byte) boundary of the flat array: GPU GEMMs and the bias epilogue
+  // need 16-byte aligned operands for their fast kernels (cuBLASLt falls back to 4-byte-aligned ones, and
+  // the bias to a separate pass, otherwise). The floats between tensors are padding: always zero, with zero
+  // gradient, never saved.
+  static constexpr size_t kAlignFloats = 64;
+
   // Appends a tensor and returns its offset in the flat array.
   size_t add(const std::string& name, std::vector<int64_t> shape, bool decay);
   const std::vector<ParamInfo>& entries() const { return entries_; }
+  // Floats of the flat parameter (and gradient, moment) arrays, padding included.
   size_t total() const { return total_; }
+  // Parameters: the sum of the tensors' sizes.
+  size_t count() const { return count_; }
   // Throws std::out_of_range naming the tensor.
   const ParamInfo& find(const std::string& name) const;
 
  private:
   std::vector<ParamInfo> entries_;
   size_t total_ = 0;
+  size_t count_ = 0;
 };
 
 }  // namespace muse
