@@ -1,3 +1,7 @@
+#include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+
 #include "common/cuda_check.cuh"
 #include "ops/ffn.cuh"
 #include "ops/linear.cuh"
@@ -23,27 +27,72 @@ int grid_for(long n) {
   return int(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
 }
 
-// hidden = cap10(GELU(pre)) (capped) or GELU(pre).
+// The element-wise GELU kernels move 4 elements per thread with 16-byte loads and stores: they are
+// memory-bound, and the wide accesses nearly halve their time. The hidden width 4D makes every count a
+// multiple of 4; the pointers must be 16-byte aligned (cudaMalloc and the model's arena give 256).
+void require_vectorizable(long n, std::initializer_list<const void*> arrays) {
+  bool ok = n % 4 == 0;
+  for (const void* a : arrays) ok = ok && reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  if (!ok) throw std::invalid_argument("ffn (cuda): GELU buffers must be 16-byte aligned with a multiple of 4 elements");
+}
+
 template <bool kCapped>
-__global__ void gelu_forward_kernel(float* hidden, const float* pre, long n) {
-  for (long i = blockIdx.x * long(blockDim.x) + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    const float g = gelu(pre[i]);
-    hidden[i] = kCapped ? kCap * tanhf(g / kCap) : g;
+__device__ __forceinline__ float gelu_forward_value(float pre) {
+  const float g = gelu(pre);
+  return kCapped ? kCap * tanhf(g / kCap) : g;
+}
+
+// hidden = cap10(GELU(pre)) (capped) or GELU(pre), 4 elements per step (n a multiple of 4).
+template <bool kCapped>
+__global__ void gelu_forward_kernel(float4* hidden, const float4* pre, long vectors) {
+  for (long v = blockIdx.x * long(blockDim.x) + threadIdx.x; v < vectors; v += long(gridDim.x) * blockDim.x) {
+    const float4 x = pre[v];
+    hidden[v] = make_float4(gelu_forward_value<kCapped>(x.x), gelu_forward_value<kCapped>(x.y),
+                            gelu_forward_value<kCapped>(x.z), gelu_forward_value<kCapped>(x.w));
   }
 }
 
-// d = ∂L/∂hidden on entry, ∂L/∂pre on exit: d·(1 − tanh²)·GELU′(pre) with tanh = hidden/10 (capped), or
-// d·GELU′(pre).
+// ∂L/∂pre from ∂L/∂hidden: d·(1 − tanh²)·GELU′(pre) with tanh = hidden/10 (capped), or d·GELU′(pre).
 template <bool kCapped>
-__global__ void gelu_backward_kernel(float* d, const float* pre, const float* hidden, long n) {
-  for (long i = blockIdx.x * long(blockDim.x) + threadIdx.x; i < n; i += long(gridDim.x) * blockDim.x) {
-    float scale = gelu_grad(pre[i]);
-    if (kCapped) {
-      const float t = hidden[i] / kCap;
-      scale = (1.f - t * t) * scale;
-    }
-    d[i] *= scale;
+__device__ __forceinline__ float gelu_backward_value(float d, float pre, float hidden) {
+  float scale = gelu_grad(pre);
+  if (kCapped) {
+    const float t = hidden / kCap;
+    scale = (1.f - t * t) * scale;
   }
+  return d * scale;
+}
+
+// d = ∂L/∂hidden on entry, ∂L/∂pre on exit (hidden is read only when capped), 4 elements per step.
+template <bool kCapped>
+__global__ void gelu_backward_kernel(float4* d, const float4* pre, const float4* hidden, long vectors) {
+  for (long v = blockIdx.x * long(blockDim.x) + threadIdx.x; v < vectors; v += long(gridDim.x) * blockDim.x) {
+    float4 g = d[v];
+    const float4 x = pre[v];
+    const float4 h = kCapped ? hidden[v] : make_float4(0.f, 0.f, 0.f, 0.f);
+    g.x = gelu_backward_value<kCapped>(g.x, x.x, h.x);
+    g.y = gelu_backward_value<kCapped>(g.y, x.y, h.y);
+    g.z = gelu_backward_value<kCapped>(g.z, x.z, h.z);
+    g.w = gelu_backward_value<kCapped>(g.w, x.w, h.w);
+    d[v] = g;
+  }
+}
+
+template <bool kCapped>
+void gelu_forward(float* hidden, const float* pre, long n, cudaStream_t stream) {
+  require_vectorizable(n, {hidden, pre});
+  gelu_forward_kernel<kCapped><<<grid_for(n / 4), kBlock, 0, stream>>>(
+      reinterpret_cast<float4*>(hidden), reinterpret_cast<const float4*>(pre), n / 4);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <bool kCapped>
+void gelu_backward(float* d, const float* pre, const float* hidden, long n, cudaStream_t stream) {
+  require_vectorizable(n, {d, pre, kCapped ? hidden : nullptr});
+  gelu_backward_kernel<kCapped><<<grid_for(n / 4), kBlock, 0, stream>>>(
+      reinterpret_cast<float4*>(d), reinterpret_cast<const float4*>(pre), reinterpret_cast<const float4*>(hidden),
+      n / 4);
+  MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
 size_t round_up_64(size_t n) { return (n + 63) / 64 * 64; }
@@ -63,8 +112,7 @@ void lowrank_ffn_forward(float* y, const LowRankFfnSaved<float>& saved, const fl
   const long n = long(rows) * F;
   linear_forward(saved.low1, x, params.V1, nullptr, rows, D, rank, stream);
   linear_forward(saved.pre, saved.low1, params.U1, params.b1, rows, rank, F, stream);
-  gelu_forward_kernel<true><<<grid_for(n), kBlock, 0, stream>>>(saved.hidden, saved.pre, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  gelu_forward<true>(saved.hidden, saved.pre, n, stream);
   linear_forward(saved.low2, saved.hidden, params.V2, nullptr, rows, F, rank, stream);
   linear_forward(y, saved.low2, params.U2, params.b2, rows, rank, D, stream);
 }
@@ -83,8 +131,7 @@ void lowrank_ffn_backward(float* dx, const LowRankFfnGrads<float>& grads, const 
   linear_backward(nullptr, grads.U2, grads.b2, dy, saved.low2, params.U2, rows, rank, D, stream);
   gemm(false, false, rows, F, rank, 1.f, dlow2, rank, params.V2, F, 0.f, dpre, F, stream);  // ∂L/∂hidden
   linear_backward(nullptr, grads.V2, nullptr, dlow2, saved.hidden, params.V2, rows, F, rank, stream);
-  gelu_backward_kernel<true><<<grid_for(n), kBlock, 0, stream>>>(dpre, saved.pre, saved.hidden, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  gelu_backward<true>(dpre, saved.pre, saved.hidden, n, stream);
   gemm(false, false, rows, rank, F, 1.f, dpre, F, params.U1, rank, 0.f, dlow1, rank, stream);  // dlow1 = dpre·U₁
   linear_backward(nullptr, grads.U1, grads.b1, dpre, saved.low1, params.U1, rows, rank, F, stream);
   linear_backward(dx, grads.V1, nullptr, dlow1, x, params.V1, rows, D, rank, stream);
@@ -96,8 +143,7 @@ void dense_mlp_forward(float* y, const DenseMlpSaved<float>& saved, const float*
   const int F = ffn_hidden(D);
   const long n = long(rows) * F;
   linear_forward(saved.pre, x, params.W1, params.b1, rows, D, F, stream);
-  gelu_forward_kernel<false><<<grid_for(n), kBlock, 0, stream>>>(saved.hidden, saved.pre, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  gelu_forward<false>(saved.hidden, saved.pre, n, stream);
   linear_forward(y, saved.hidden, params.W2, params.b2, rows, F, D, stream);
 }
 
@@ -110,8 +156,7 @@ void dense_mlp_backward(float* dx, const DenseMlpGrads<float>& grads, const floa
   float* dpre = scratch;
   gemm(false, false, rows, F, D, 1.f, dy, D, params.W2, F, 0.f, dpre, F, stream);  // ∂L/∂hidden = dy·W₂
   linear_backward(nullptr, grads.W2, grads.b2, dy, saved.hidden, params.W2, rows, F, D, stream);
-  gelu_backward_kernel<false><<<grid_for(n), kBlock, 0, stream>>>(dpre, saved.pre, nullptr, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  gelu_backward<false>(dpre, saved.pre, nullptr, n, stream);
   linear_backward(dx, grads.W1, grads.b1, dpre, x, params.W1, rows, D, F, stream);
 }
 
