@@ -46,6 +46,14 @@ class GemmMathScope {
 constexpr size_t kAlignFloats = 64;
 size_t aligned(size_t n) { return (n + kAlignFloats - 1) / kAlignFloats * kAlignFloats; }
 
+// The distance from one weight to the next one in the parameter table, for batched GEMMs over both; the
+// layout (model/layout.cpp) places them one after the other, which this checks.
+long long adjacent_stride(const float* first, const float* second, long long size) {
+  const long long stride = second - first;
+  if (stride < size) throw std::logic_error("parameter layout: batched weights must be adjacent");
+  return stride;
+}
+
 // The normalised HTT cores and their norms, which the materialisation saves for its backward, packed in one
 // buffer of htt_saved_floats(shape) floats.
 struct HttSaved {
@@ -189,6 +197,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
       continue;
     }
     take(b.u, RD), take(b.ln_mean, rows), take(b.ln_rstd, rows);
+    // q, k, v (and dq, dk, dv below) adjacent and equally spaced: qkv_forward/backward batch their GEMMs.
     take(b.q, RD), take(b.k, RD), take(b.v, RD), take(b.o_loc, RD), take(b.lse, rows * H), take(b.y_att, RD);
     take(b.h_mid, RD);
     take(b.u2, RD), take(b.ln2_mean, rows), take(b.ln2_rstd, rows);
@@ -201,6 +210,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     if (gate) take(b.mu, rows * H), take(b.log_mu, rows * H);
     if (linear) take(b.o_lin, RD), take(b.zeta, rows * H), take(b.mixed, RD);
     take(b.y_glob, RD);
+    // proj_u, proj_v (and dproj_u, dproj_v below) adjacent: ssm_forward/backward batch their GEMMs.
     take(b.ssm_hidden, rows * (D / 4)), take(b.ssm_chi, rows * R), take(b.ssm_proj_u, rows * R);
     take(b.ssm_proj_v, rows * R), take(b.ssm_scan_in, rows * R), take(b.ssm_state, rows * R);
     take(b.ssm_readout, rows * R);
@@ -542,25 +552,40 @@ void Model::block_backward(int layer, float* dh) {
 }
 
 // q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ (both block kinds).
+// q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ as one batched GEMM: the three weights are adjacent in the parameter
+// table (as are their gradients), and q, k, v (and dq, dk, dv) are adjacent, equally spaced buffers of the
+// arena, so one launch with u shared replaces three small ones.
 void Model::qkv_forward(const BlockLayout& b, BlockBuffers& a) {
   const float* p = params_;
   const int D = config_.d_model, rows = B_ * N_;
-  linear_forward(a.q, a.u, p + b.w_q, nullptr, rows, D, D, stream_);
-  linear_forward(a.k, a.u, p + b.w_k, nullptr, rows, D, D, stream_);
-  linear_forward(a.v, a.u, p + b.w_v, nullptr, rows, D, D, stream_);
+  const long long weight_stride = qkv_weight_stride(b), out_stride = a.k - a.q;
+  gemm_strided_batched(false, true, rows, D, D, 1.f, a.u, D, 0, p + b.w_q, D, weight_stride, 0.f, a.q, D, out_stride,
+                       3, stream_);
   mark("fwd qkv gemm");
 }
 
-// The arena's du += dq·W_q + dk·W_k + dv·W_v, and the three weight gradients.
+// The arena's du += dq·W_q + dk·W_k + dv·W_v (three GEMMs: the sum runs over the batch), and the three
+// weight gradients dW_x += dxᵀ·u as one batched GEMM.
 void Model::qkv_backward(const BlockLayout& b, const BlockBuffers& a) {
   Arena& s = *arena_;
   const float* p = params_;
   float* g = grads_;
   const int D = config_.d_model, rows = B_ * N_;
-  linear_backward(s.du, g + b.w_q, nullptr, s.dq, a.u, p + b.w_q, rows, D, D, stream_);
-  linear_backward(s.du, g + b.w_k, nullptr, s.dk, a.u, p + b.w_k, rows, D, D, stream_);
-  linear_backward(s.du, g + b.w_v, nullptr, s.dv, a.u, p + b.w_v, rows, D, D, stream_);
+  const long long weight_stride = qkv_weight_stride(b), grad_stride = s.dk - s.dq;
+  gemm_strided_batched(true, false, D, D, rows, 1.f, s.dq, D, grad_stride, a.u, D, 0, 1.f, g + b.w_q, D,
+                       weight_stride, 3, stream_);
+  for (int i = 0; i < 3; ++i)
+    gemm(false, false, rows, D, D, 1.f, s.dq + i * grad_stride, D, p + b.w_q + i * weight_stride, D, 1.f, s.du, D,
+         stream_);
   mark("bwd qkv gemm");
+}
+
+long long Model::qkv_weight_stride(const BlockLayout& b) const {
+  const long long D = config_.d_model;
+  const long long stride = adjacent_stride(params_ + b.w_q, params_ + b.w_k, D * D);
+  if (b.w_v - b.w_k != b.w_k - b.w_q)
+    throw std::logic_error("parameter layout: w_q, w_k, w_v must be adjacent and equally spaced");
+  return stride;
 }
 
 void Model::gpt_block_forward(int layer, const float* h_in, float* h_out) {
@@ -659,8 +684,9 @@ void Model::ssm_forward(int layer, float* y) {
   linear_forward(a.ssm_hidden, a.u, sp.W1, sp.b1, rows, D, G, stream_);
   ssm_relu_forward(a.ssm_hidden, long(rows) * G, stream_);
   linear_forward(a.ssm_chi, a.ssm_hidden, sp.W2, sp.b2, rows, G, R, stream_);
-  linear_forward(a.ssm_proj_u, a.u, sp.WU, nullptr, rows, D, R, stream_);
-  linear_forward(a.ssm_proj_v, a.u, sp.WV, nullptr, rows, D, R, stream_);
+  // W_U and W_V are adjacent in the parameter table, proj_u and proj_v in the arena: one batched GEMM.
+  gemm_strided_batched(false, true, rows, R, D, 1.f, a.u, D, 0, sp.WU, D, adjacent_stride(sp.WU, sp.WV, R * D), 0.f,
+                       a.ssm_proj_u, R, a.ssm_proj_v - a.ssm_proj_u, 2, stream_);
   if (mask) ssm_rank_mask_forward(mask, a.delta, a.F, sp, rows, R, stream_);
   ssm_gate_forward(a.ssm_chi, a.ssm_scan_in, a.ssm_chi, mask, a.ssm_proj_u, rows, R, stream_);
   ssm_scan_forward(a.ssm_state, a.ssm_scan_in, sc.decay ? sp.ell : nullptr, B_, N_, R, stream_);
@@ -929,8 +955,10 @@ void Model::ssm_backward(int layer) {
   if (mask) zero(s.dm, RR);
   ssm_gate_backward(s.dproj_u, s.dproj_v, s.dchi_pre, mask ? s.dm : nullptr, s.dscan_in, s.d_readout, a.ssm_state,
                     a.ssm_proj_u, a.ssm_proj_v, a.ssm_chi, mask, rows, R, stream_);
-  linear_backward(s.du, sg.WU, nullptr, s.dproj_u, a.u, sp.WU, rows, D, R, stream_);
-  linear_backward(s.du, sg.WV, nullptr, s.dproj_v, a.u, sp.WV, rows, D, R, stream_);
+  gemm_strided_batched(true, false, R, D, rows, 1.f, s.dproj_u, R, s.dproj_v - s.dproj_u, a.u, D, 0, 1.f, sg.WU, D,
+                       adjacent_stride(sp.WU, sp.WV, R * D), 2, stream_);  // dW_U, dW_V
+  linear_backward(s.du, nullptr, nullptr, s.dproj_u, a.u, sp.WU, rows, D, R, stream_);
+  linear_backward(s.du, nullptr, nullptr, s.dproj_v, a.u, sp.WV, rows, D, R, stream_);
   zero(s.dhidden, size_t(rows) * G);
   linear_backward(s.dhidden, sg.W2, sg.b2, s.dchi_pre, a.ssm_hidden, sp.W2, rows, G, R, stream_);
   ssm_relu_backward(s.dhidden, a.ssm_hidden, long(rows) * G, stream_);

@@ -121,6 +121,7 @@ class Model {
   void gpt_block_backward(int layer, float* dh);
   void qkv_forward(const BlockLayout& b, BlockBuffers& a);
   void qkv_backward(const BlockLayout& b, const BlockBuffers& a);
+  long long qkv_weight_stride(const BlockLayout& b) const;
   void ssm_forward(int layer, float* y);
   void ssm_backward(int layer);
   void materialize_embedding(float* E, float* saved);

@@ -33,7 +33,8 @@ int grid_for(long n) {
 void require_vectorizable(long n, std::initializer_list<const void*> arrays) {
   bool ok = n % 4 == 0;
   for (const void* a : arrays) ok = ok && reinterpret_cast<uintptr_t>(a) % 16 == 0;
-  if (!ok) throw std::invalid_argument("ffn (cuda): GELU buffers must be 16-byte aligned with a multiple of 4 elements");
+  if (!ok)
+    throw std::invalid_argument("ffn (cuda): GELU buffers must be 16-byte aligned with a multiple of 4 elements");
 }
 
 template <bool kCapped>

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -103,6 +104,19 @@ int alignment_of(const void* p) {
   return align;
 }
 
+// A strided batch of GEMMs: matrix i of X is X + i·stride_X elements (stride 0: one matrix for all).
+struct Batch {
+  int count = 1;
+  long long stride_a = 0, stride_b = 0, stride_c = 0;
+};
+
+// What cuBLASLt may assume about every matrix of a batch: the base's alignment and the stride's.
+int batch_alignment(const void* p, long long stride, size_t element_bytes) {
+  const int base = alignment_of(p);
+  if (stride == 0) return base;
+  return std::min(base, alignment_of(reinterpret_cast<const void*>(uintptr_t(stride) * element_bytes)));
+}
+
 // RAII holders for the cuBLASLt descriptors. Element types: fp32 storage (with the BlasLt's GemmMath) or
 // bf16 storage, which always accumulates in plain fp32.
 struct MatmulDesc {
@@ -116,8 +130,16 @@ struct MatmulDesc {
 };
 struct Layout {
   cublasLtMatrixLayout_t layout = nullptr;
-  Layout(cudaDataType_t storage, uint64_t rows, uint64_t cols, int64_t ld) {
+  Layout(cudaDataType_t storage, uint64_t rows, uint64_t cols, int64_t ld, int batch = 1, long long stride = 0) {
     MUSE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&layout, storage, rows, cols, ld));
+    if (batch > 1) {
+      const int32_t count = batch;
+      const int64_t offset = stride;
+      MUSE_CUBLAS_CHECK(
+          cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      MUSE_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &offset,
+                                                         sizeof(offset)));
+    }
   }
   ~Layout() { cublasLtMatrixLayoutDestroy(layout); }
 };
@@ -134,10 +156,11 @@ struct Preference {
 // Row-major C[M×N] is column-major Cᵀ[N×M] with the same stride, so the call is Cᵀ = op(B)ᵀ·op(A)ᵀ:
 // cuBLASLt's "A" is our B and its "B" is our A, each with its own transpose flag. The bias of the BIAS
 // epilogue runs along cuBLASLt's m = N dimension, i.e. one value per column of our row-major C.
-// A, B and C hold `storage` elements (CUDA_R_32F or CUDA_R_16BF); the bias is fp32.
+// A, B and C hold `storage` elements (CUDA_R_32F or CUDA_R_16BF); the bias is fp32. With batch.count > 1
+// the call runs that many GEMMs of the same shape at strided addresses (no bias then).
 bool matmul(BlasLt& blas, cudaDataType_t storage, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
             const void* A, int lda, const void* B, int ldb, float beta, void* C, int ldc, const float* bias,
-            cudaStream_t stream) {
+            cudaStream_t stream, const Batch& batch = Batch{}) {
   MatmulDesc op(blas.math(), storage);
   const cublasOperation_t op_lt_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our B
   const cublasOperation_t op_lt_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our A
@@ -153,15 +176,20 @@ bool matmul(BlasLt& blas, cudaDataType_t storage, bool trans_a, bool trans_b, in
   }
   // Column-major shapes as stored (before the op): our B is [K×N] (or [N×K] when transposed) row-major,
   // i.e. column-major [N×K] (or [K×N]).
-  Layout lt_a(storage, trans_b ? K : N, trans_b ? N : K, ldb);
-  Layout lt_b(storage, trans_a ? M : K, trans_a ? K : M, lda);
-  Layout lt_c(storage, N, M, ldc);
+  Layout lt_a(storage, trans_b ? K : N, trans_b ? N : K, ldb, batch.count, batch.stride_b);
+  Layout lt_b(storage, trans_a ? M : K, trans_a ? K : M, lda, batch.count, batch.stride_a);
+  Layout lt_c(storage, N, M, ldc, batch.count, batch.stride_c);
 
-  const int align_a = alignment_of(A), align_b = alignment_of(B), align_c = alignment_of(C);
+  const size_t element_bytes = storage == CUDA_R_32F ? sizeof(float) : sizeof(__nv_bfloat16);
+  const int align_a = batch_alignment(A, batch.stride_a, element_bytes);
+  const int align_b = batch_alignment(B, batch.stride_b, element_bytes);
+  const int align_c = batch_alignment(C, batch.stride_c, element_bytes);
   const int align_bias = bias ? alignment_of(bias) : 0;
   const int math_key = storage == CUDA_R_32F ? int(blas.math()) : -1;
+  // A shared (stride 0) operand changes the problem cuBLASLt sees, so the key records which are shared.
+  const int shared = (batch.stride_a == 0 ? 1 : 0) | (batch.stride_b == 0 ? 2 : 0) | (batch.stride_c == 0 ? 4 : 0);
   const BlasLt::Key key{M, N, K, lda, ldb, ldc, int(trans_a), int(trans_b), bias ? 1 : 0,
-                        align_a, align_b, align_c, align_bias, math_key};
+                        align_a, align_b, align_c, align_bias, math_key, batch.count, shared};
   cublasLtMatmulAlgo_t algo{};
   bool available = false;
   if (!blas.lookup(key, &algo, &available)) {
@@ -226,6 +254,20 @@ void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float a
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
           int ldb, float beta, float* C, int ldc, cudaStream_t stream) {
   gemm(BlasLt::current(), trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, stream);
+}
+
+void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                          long long stride_a, const float* B, int ldb, long long stride_b, float beta, float* C,
+                          int ldc, long long stride_c, int batch, cudaStream_t stream) {
+  if (M <= 0 || N <= 0 || batch <= 0) return;
+  if (K <= 0 || batch == 1) {
+    for (int i = 0; i < batch; ++i)
+      gemm(trans_a, trans_b, M, N, K, alpha, A + i * stride_a, lda, B + i * stride_b, ldb, beta, C + i * stride_c, ldc,
+           stream);
+    return;
+  }
+  matmul(BlasLt::current(), CUDA_R_32F, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr,
+         stream, Batch{batch, stride_a, stride_b, stride_c});
 }
 
 void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,

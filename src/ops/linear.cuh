@@ -58,9 +58,9 @@ class BlasLt {
   void* workspace() const { return workspace_; }
   int device() const { return device_; }
 
-  // Cache of heuristic choices: a problem key (shape, strides, transposes, epilogue, pointer alignments;
-  // built in linear.cu) → (algorithm, whether cuBLASLt offered one).
-  using Key = std::array<int, 14>;
+  // Cache of heuristic choices: a problem key (shape, strides, transposes, epilogue, pointer alignments,
+  // batch; built in linear.cu) → (algorithm, whether cuBLASLt offered one).
+  using Key = std::array<int, 16>;
   bool lookup(const Key& key, cublasLtMatmulAlgo_t* algo, bool* available);
   void remember(const Key& key, const cublasLtMatmulAlgo_t& algo, bool available);
 
@@ -79,6 +79,12 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
           int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
 void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
           const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
+
+// batch GEMMs of one shape in one launch: C_i = alpha·op(A_i)·op(B_i) + beta·C_i with X_i = X + i·stride_X
+// elements (a stride of 0 shares one matrix between all of them, e.g. one input against several weights).
+void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                          long long stride_a, const float* B, int ldb, long long stride_b, float beta, float* C,
+                          int ldc, long long stride_c, int batch, cudaStream_t stream = 0);
 
 // Row-major C[M×N] = op(A)·op(B) with bf16 storage and fp32 accumulation (no alpha/beta: C is written).
 // The inference head's GEMM (bf16 logits, SPEC §7).

@@ -131,4 +131,34 @@ TEST(linear_cuda, gemm_matches_cpu) {
       }
 }
 
+// Strided batches: each GEMM of the batch against the CPU GEMM on its own matrices, with a shared (stride 0)
+// A or B, strides wider than the matrices, and a stride that breaks 16-byte alignment.
+TEST(linear_cuda, strided_batched_gemm_matches_cpu) {
+  MUSE_REQUIRE_GPU();
+  const int M = 37, N = 24, K = 65, batch = 3;
+  for (auto [ta, tb] : {std::pair{false, true}, std::pair{true, false}})
+    for (auto [share_a, share_b, pad] :
+         {std::tuple{true, false, 0}, std::tuple{false, true, 1}, std::tuple{false, false, 64}}) {
+      SCOPED_TRACE("ta " + std::to_string(ta) + " tb " + std::to_string(tb) + " shared A " + std::to_string(share_a) +
+                   " shared B " + std::to_string(share_b) + " pad " + std::to_string(pad));
+      Rng rng(17 + ta + 2 * share_a + 4 * pad);
+      const int lda = ta ? M : K, ldb = tb ? K : N, ldc = N;
+      const long long size_a = (long long)(ta ? K : M) * lda, size_b = (long long)(tb ? N : K) * ldb;
+      const long long stride_a = share_a ? 0 : size_a + pad, stride_b = share_b ? 0 : size_b + pad;
+      const long long stride_c = (long long)M * ldc + pad;
+      auto A = random_normal<float>(size_t(stride_a * (batch - 1) + size_a), rng);
+      auto B = random_normal<float>(size_t(stride_b * (batch - 1) + size_b), rng);
+      auto C = random_normal<float>(size_t(stride_c * batch), rng);
+      std::vector<float> C_cpu = C;
+      const float alpha = 1.25f, beta = 0.5f;
+      for (int i = 0; i < batch; ++i)
+        gemm<float>(ta, tb, M, N, K, alpha, A.data() + i * stride_a, lda, B.data() + i * stride_b, ldb, beta,
+                    C_cpu.data() + i * stride_c, ldc);
+      DeviceBuffer<float> gA(A), gB(B), gC(C);
+      cuda::gemm_strided_batched(ta, tb, M, N, K, alpha, gA.get(), lda, stride_a, gB.get(), ldb, stride_b, beta,
+                                 gC.get(), ldc, stride_c, batch);
+      expect_close_scaled(gC.download(), C_cpu, "C");
+    }
+}
+
 }  // namespace muse::test
