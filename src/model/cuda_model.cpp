@@ -201,8 +201,16 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(b.q, RD), take(b.k, RD), take(b.v, RD), take(b.o_loc, RD), take(b.lse, rows * H), take(b.y_att, RD);
     take(b.h_mid, RD);
     take(b.u2, RD), take(b.ln2_mean, rows), take(b.ln2_rstd, rows);
+    // The backward needs the FFN's pre-activation; inference applies the GELU in place.
+    auto take_ffn_hidden = [&] {
+      take(b.ffn_pre, F4);
+      if (backward)
+        take(b.ffn_hidden, F4);
+      else
+        b.ffn_hidden = b.ffn_pre;
+    };
     if (!muse) {
-      take(b.ffn_pre, F4), take(b.ffn_hidden, F4);
+      take_ffn_hidden();
       continue;
     }
     take(b.delta, rows), take(b.g, 2 * rows), take(b.F, 3 * rows);
@@ -216,7 +224,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(b.ssm_readout, rows * R);
     if (mask) take(b.ssm_mask, rows * R);
     take(b.xi, rows), take(b.mix_capped, RD), take(b.mix_mean, rows), take(b.mix_rstd, rows);
-    if (lowrank) take(b.ffn_low1, rows * rho), take(b.ffn_pre, F4), take(b.ffn_hidden, F4), take(b.ffn_low2, rows * rho);
+    if (lowrank) take(b.ffn_low1, rows * rho), take_ffn_hidden(), take(b.ffn_low2, rows * rho);
     take(b.curvature, 2);
   }
   if (m.embed == kAbsent && !serving) {
@@ -412,10 +420,7 @@ void Model::reserve(int B, int N) {
 
 size_t Model::device_bytes() const {
   size_t serving = 0;
-  if (serving_E_bf16_) {
-    const size_t table = size_t(config_.padded_vocab()) * config_.d_model;
-    serving = table * sizeof(__nv_bfloat16) + (serving_E_ ? table * sizeof(float) : 0);
-  }
+  if (serving_E_bf16_) serving = size_t(config_.padded_vocab()) * config_.d_model * sizeof(__nv_bfloat16);
   return ((grads_ ? 2 : 1) * size() + arena_->capacity) * sizeof(float) + serving;
 }
 
@@ -468,13 +473,15 @@ void Model::forward_pass() {
 
   const float* E = p + m.embed;
   if (serving_) {
-    if (serving_E_) E = serving_E_;
-  } else if (m.embed == kAbsent) {
-    materialize_embedding(a.E, a.htt_saved);
-    mark("fwd htt materialise");
-    E = a.E;
+    embedding_lookup_forward(a.h[0], serving_E_bf16_, a.ids, int(rows), D, stream_);
+  } else {
+    if (m.embed == kAbsent) {
+      materialize_embedding(a.E, a.htt_saved);
+      mark("fwd htt materialise");
+      E = a.E;
+    }
+    embedding_lookup_forward(a.h[0], E, a.ids, int(rows), D, stream_);
   }
-  embedding_lookup_forward(a.h[0], E, a.ids, int(rows), D, stream_);
   if (m.positions != kAbsent) add_positions(a.h[0], p + m.positions, B, N, D, stream_);
   mark("fwd embedding");
   for (size_t l = 0; l < m.blocks.size(); ++l) block_forward(int(l), a.h[l], a.h[l + 1]);
@@ -502,18 +509,20 @@ void Model::prepare_serving() {
   if (!inference_only_) throw std::logic_error("prepare_serving(): the model must be set to inference only");
   const ModelConfig& c = config_;
   const size_t table = size_t(c.padded_vocab()) * c.d_model;
-  const float* E = params_ + layout_.embed;
+  if (!serving_E_bf16_) MUSE_CUDA_CHECK(cudaMalloc(&serving_E_bf16_, table * sizeof(__nv_bfloat16)));
   if (layout_.embed == kAbsent) {
-    if (!serving_E_) MUSE_CUDA_CHECK(cudaMalloc(&serving_E_, table * sizeof(float)));
-    float* saved = nullptr;
+    // The fp32 E exists only while it is rounded: serving keeps the bf16 table alone.
+    float *E = nullptr, *saved = nullptr;
+    MUSE_CUDA_CHECK(cudaMallocAsync(&E, table * sizeof(float), stream_));
     MUSE_CUDA_CHECK(cudaMallocAsync(&saved, htt_saved_floats(htt_shape(c.vocab_size, c.d_model, c.htt_rank)) *
                                                 sizeof(float), stream_));
-    materialize_embedding(serving_E_, saved);
+    materialize_embedding(E, saved);
+    to_bf16(serving_E_bf16_, E, table, stream_);
     MUSE_CUDA_CHECK(cudaFreeAsync(saved, stream_));
-    E = serving_E_;
+    MUSE_CUDA_CHECK(cudaFreeAsync(E, stream_));
+  } else {
+    to_bf16(serving_E_bf16_, params_ + layout_.embed, table, stream_);
   }
-  if (!serving_E_bf16_) MUSE_CUDA_CHECK(cudaMalloc(&serving_E_bf16_, table * sizeof(__nv_bfloat16)));
-  to_bf16(serving_E_bf16_, E, table, stream_);
   MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   serving_ = true;
 }
@@ -521,9 +530,7 @@ void Model::prepare_serving() {
 void Model::end_serving() {
   serving_ = false;
   graphs_.reset();
-  cudaFree(serving_E_);
   cudaFree(serving_E_bf16_);
-  serving_E_ = nullptr;
   serving_E_bf16_ = nullptr;
 }
 

@@ -57,9 +57,9 @@ class Model {
   // are allocated on first use either way. Turning it off also ends serving.
   void set_inference_only(bool inference_only);
   // Serving (SPEC §7's forward: what a user's inference costs): E is materialised once from the current
-  // parameters and kept, in fp32 for the embedding lookup and in bf16 for the head, and forward() writes
-  // bf16 logits (logits_bf16()) with a bf16 GEMM (fp32 accumulation) instead of fp32 ones, so logits() and
-  // loss() are unavailable. Needs inference-only mode; upload_params() refreshes the kept E, and so must a
+  // parameters and kept in bf16 for the embedding lookup (widened to fp32) and the head, and forward()
+  // writes bf16 logits (logits_bf16()) with a bf16 GEMM (fp32 accumulation) instead of fp32 ones, so
+  // logits() and loss() are unavailable. Needs inference-only mode; upload_params() refreshes the kept E, and so must a
   // second call after writing params() directly.
   void prepare_serving();
   bool serving() const { return serving_; }
@@ -145,7 +145,6 @@ class Model {
   float smoothing_ = 0;
   bool inference_only_ = false;
   bool serving_ = false;
-  float* serving_E_ = nullptr;                // HTT embedding only (a dense E is a parameter)
   __nv_bfloat16* serving_E_bf16_ = nullptr;
   GemmMath gemm_math_ = GemmMath::fp32;
   struct Profiler;

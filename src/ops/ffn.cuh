@@ -1,12 +1,15 @@
 // CUDA feed-forward branches (SPEC §2.9 low-rank FFN, §2.8 dense GELU MLP): the same contract and the same
 // parameter/gradient/saved structs as ops/ffn.h (instantiated for float, device pointers). Every matrix
-// product is a cuBLASLt GEMM of ops/linear.cuh (fp32, no TF32); GELU (exact erf form), the cap10 and their
+// product is a cuBLASLt GEMM of ops/linear.cuh (fp32, or TF32 in the model's fast mode); GELU (exact erf form), the cap10 and their
 // derivatives are elementwise kernels.
 //
 // Backward scratch: the intermediate gradients (∂L/∂low2, ∂L/∂pre, ∂L/∂low1) need device memory the caller
 // provides (`scratch`, at least *_backward_scratch_floats(...) floats, 256-byte aligned like any
 // cudaMalloc pointer). It need not be initialised (the intermediates are written with beta = 0 GEMMs),
 // and its contents are garbage afterwards.
+//
+// Inference may pass saved.hidden == saved.pre (the GELU runs in place); the backward needs them apart.
+// The GELU buffers must be 16-byte aligned (its kernels move 4 floats at a time).
 #pragma once
 #include <cuda_runtime.h>
 

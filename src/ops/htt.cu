@@ -183,12 +183,14 @@ __global__ void backward_b_kernel(float* dB, const float* dE, const float* A_hat
 
 // ---------------------------------------------------------------------------------------------------------
 // Lookup.
-__global__ void lookup_forward_kernel(float* x, const float* E, const int32_t* ids, int n, int D) {
+// E is fp32 (training) or bf16 (the serving table, widened exactly).
+template <typename Table>
+__global__ void lookup_forward_kernel(float* x, const Table* E, const int32_t* ids, int n, int D) {
   const long total = long(n) * D;
   for (long idx = blockIdx.x * long(blockDim.x) + threadIdx.x; idx < total; idx += long(gridDim.x) * blockDim.x) {
     const long t = idx / D;
     const int j = int(idx - t * D);
-    x[idx] = E[long(ids[t]) * D + j];
+    x[idx] = float(E[long(ids[t]) * D + j]);
   }
 }
 
@@ -289,7 +291,14 @@ void htt_materialize_backward(float* dA, float* dB, float* dtheta, const float* 
 
 void embedding_lookup_forward(float* x, const float* E, const int32_t* ids, int n, int D, cudaStream_t stream) {
   if (n <= 0 || D <= 0) return;
-  lookup_forward_kernel<<<grid_for(long(n) * D, 256), 256, 0, stream>>>(x, E, ids, n, D);
+  lookup_forward_kernel<float><<<grid_for(long(n) * D, 256), 256, 0, stream>>>(x, E, ids, n, D);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void embedding_lookup_forward(float* x, const __nv_bfloat16* E, const int32_t* ids, int n, int D,
+                              cudaStream_t stream) {
+  if (n <= 0 || D <= 0) return;
+  lookup_forward_kernel<__nv_bfloat16><<<grid_for(long(n) * D, 256), 256, 0, stream>>>(x, E, ids, n, D);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

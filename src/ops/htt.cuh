@@ -5,6 +5,7 @@
 // fixed order. The lookup backward adds the rows dx[t] into dE[ids[t]] in token order like the CPU op
 // (the same fp32 adds in the same order, so it is bit-identical to it).
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -32,8 +33,10 @@ void htt_materialize_backward(float* dA, float* dB, float* dtheta, const float* 
                               const float* A_norm, const float* B_hat, const float* B_norm, const float* theta,
                               const HttShape& shape, float* scratch, cudaStream_t stream = 0);
 
-// x[n, D] = E[ids[n]] (ids in [0, V), device int32).
+// x[n, D] = E[ids[n]] (ids in [0, V), device int32); the bf16 table (serving) is widened to fp32.
 void embedding_lookup_forward(float* x, const float* E, const int32_t* ids, int n, int D, cudaStream_t stream = 0);
+void embedding_lookup_forward(float* x, const __nv_bfloat16* E, const int32_t* ids, int n, int D,
+                              cudaStream_t stream = 0);
 
 // dE[ids[t]] += dx[t], every element summed in token order (deterministic, no atomics): warps own
 // (32-column slice, id mod P) pairs and walk the token list in order.
