@@ -16,6 +16,7 @@ constexpr float kPotentialCap = 5.0f;  // v = cap_5(w_v·u + b_v), as ops/bk.cpp
 constexpr int kRowWarps = 8;           // warps per block for one-warp-per-row kernels
 constexpr int kReduceThreads = 256;    // block size of the first stage of the scalar reductions
 constexpr int kReduceMaxBlocks = 256;  // fixed upper bound of its grid (the grid depends on rows only)
+constexpr int kLayerScanMaxSegments = 32;  // warps of the layer scan's block (segments of the sequence)
 constexpr int kColTile = 32;           // column reductions: 32 columns × kColRowsPerChunk rows per block
 constexpr int kColLanesY = 8;
 constexpr int kColRowsPerChunk = 256;
@@ -244,35 +245,101 @@ __global__ void layer_projection_kernel(float* v, float* J_prev_half, float* J_c
   }
 }
 
-// One warp per batch row: J, J² (hopping), the recurrence and the features.
+// A Möbius map g ↦ (a·g + b)/(c·g + d): one causal step g_t = 1/(c_t − J²_t·g_{t−1}) is [[0, 1], [−J²_t, c_t]]
+// with c_t = a_t − E0 − iη, and a run of steps is the product of theirs.
+struct Mobius {
+  Complex a, b, c, d;
+};
+
+__device__ __forceinline__ Complex cmla(Complex x, Complex y, Complex acc) {  // acc + x·y
+  return {acc.re + x.re * y.re - x.im * y.im, acc.im + x.re * y.im + x.im * y.re};
+}
+
+// The step (j2, c) applied after m, rescaled so that its largest component is 1 (a Möbius map does not change
+// under scaling, and the raw product would overflow within a few dozen steps).
+__device__ __forceinline__ Mobius compose_step(const Mobius& m, float j2, Complex c) {
+  Mobius r;
+  r.a = m.c;
+  r.b = m.d;
+  r.c = cmla(c, m.c, {-j2 * m.a.re, -j2 * m.a.im});
+  r.d = cmla(c, m.d, {-j2 * m.b.re, -j2 * m.b.im});
+  const float big = fmaxf(fmaxf(fmaxf(fabsf(r.a.re), fabsf(r.a.im)), fmaxf(fabsf(r.b.re), fabsf(r.b.im))),
+                          fmaxf(fmaxf(fabsf(r.c.re), fabsf(r.c.im)), fmaxf(fabsf(r.d.re), fabsf(r.d.im))));
+  const float inv = 1.f / big;
+  r.a = {r.a.re * inv, r.a.im * inv};
+  r.b = {r.b.re * inv, r.b.im * inv};
+  r.c = {r.c.re * inv, r.c.im * inv};
+  r.d = {r.d.re * inv, r.d.im * inv};
+  return r;
+}
+
+__device__ __forceinline__ Complex apply(const Mobius& m, Complex g) {
+  const Complex num = cmla(m.a, g, m.b), den = cmla(m.c, g, m.d);
+  const float n = den.re * den.re + den.im * den.im;
+  return {(num.re * den.re + num.im * den.im) / n, (num.im * den.re - num.re * den.im) / n};
+}
+
+// One block per batch row, one warp per segment of seg_len tokens (whole 32-token chunks): J, J² (hopping),
+// the recurrence and the features. With hopping the recurrence is sequential, so each warp first composes
+// its segment's steps into one Möbius map, one thread then carries g across the segments in order, and
+// every warp reruns its segment from its true g_{begin−1}: about 2·seg_len steps per warp instead of N.
 __global__ void layer_scan_forward_kernel(float* g, float* F, float* v_saved, float* J_saved, float* J2_saved,
                                           const float* eps_p, const float* E0_param, float j_max, bool hopping,
-                                          int N) {
-  const int lane = threadIdx.x;
+                                          int N, int seg_len) {
+  __shared__ float boundary_half[kLayerScanMaxSegments];  // the u_{t−1} half of the token before a segment
+  __shared__ Mobius segment_map[kLayerScanMaxSegments];
+  __shared__ Complex segment_in[kLayerScanMaxSegments];   // g_{begin−1} of each segment
+  const int lane = threadIdx.x, seg = threadIdx.y;
   const long base = (long)blockIdx.x * N;
+  const int begin = min(N, seg * seg_len), end = min(N, begin + seg_len);
   const float eta = eta_from(eps_p);
   const float E0 = hopping ? E0_param[0] : 0.f;
   Complex previous = {0.f, 0.f};
-  float carry_prev_half = 0.f;  // the u_{t−1} half of the step before this chunk
-  for (int t0 = 0; t0 < N; t0 += kWarp) {
-    const int t = t0 + lane;
-    const bool in = t < N;
-    const float a = 1.f + (in ? v_saved[base + t] : 0.f);
-    const float d_re = a - E0;
-    Complex mine;
-    if (hopping) {
+  if (hopping) {
+    // Every warp reads the half it needs from the segment before it before any warp rewrites J_saved.
+    if (lane == 0) boundary_half[seg] = begin > 0 && begin < N ? J_saved[base + begin - 1] : 0.f;
+    __syncthreads();
+    float carry_prev_half = boundary_half[seg];
+    Mobius map = {{1.f, 0.f}, {0.f, 0.f}, {0.f, 0.f}, {1.f, 0.f}};
+    for (int t0 = begin; t0 < end; t0 += kWarp) {
+      const int t = t0 + lane;
+      const bool in = t < end;
       const float prev_half = in ? J_saved[base + t] : 0.f;
       const float cur_half = in ? J2_saved[base + t] : 0.f;
       float before = __shfl_up_sync(kFull, prev_half, 1);
       if (lane == 0) before = carry_prev_half;
       carry_prev_half = __shfl_sync(kFull, prev_half, kWarp - 1);
       const float J = j_max * tanhf(cur_half + (t > 0 ? before : 0.f));
-      const float j2 = J * J;
+      const float j2 = t > 0 ? J * J : 0.f;
       if (in) {
         J_saved[base + t] = J;  // each lane rewrites only the element it read
-        J2_saved[base + t] = j2;
+        J2_saved[base + t] = J * J;
       }
-      mine = scan_chunk(d_re, t > 0 ? j2 : 0.f, eta, min(kWarp, N - t0), previous);
+      const float d_re = 1.f + (in ? v_saved[base + t] : 0.f) - E0;
+      const int count = min(kWarp, end - t0);
+      for (int j = 0; j < count; ++j)
+        map = compose_step(map, __shfl_sync(kFull, j2, j), {__shfl_sync(kFull, d_re, j), -eta});
+    }
+    if (lane == 0) segment_map[seg] = map;
+    __syncthreads();
+    if (seg == 0 && lane == 0) {
+      Complex carried = {0.f, 0.f};  // g_{−1} = 0
+      for (int s = 0; s < blockDim.y; ++s) {
+        segment_in[s] = carried;
+        carried = apply(segment_map[s], carried);
+      }
+    }
+    __syncthreads();
+    previous = segment_in[seg];
+  }
+  for (int t0 = begin; t0 < end; t0 += kWarp) {
+    const int t = t0 + lane;
+    const bool in = t < end;
+    const float d_re = 1.f + (in ? v_saved[base + t] : 0.f) - E0;
+    Complex mine;
+    if (hopping) {
+      const float j2 = in && t > 0 ? J2_saved[base + t] : 0.f;
+      mine = scan_chunk(d_re, j2, eta, min(kWarp, end - t0), previous);
     } else {
       mine = reciprocal(d_re, -eta);
     }
@@ -565,9 +632,12 @@ void bk_layer_forward(float* g, float* F, const BkSaved<float>& saved, const flo
       saved.v, hopping ? saved.J : nullptr, hopping ? saved.J2 : nullptr, u, params.w_v, params.b_v,
       hopping ? params.w_J : nullptr, hopping ? params.b_J : nullptr, hopping, rows, D);
   MUSE_CUDA_CHECK(cudaGetLastError());
-  layer_scan_forward_kernel<<<B, kWarp, 0, stream>>>(g, F, saved.v, hopping ? saved.J : nullptr,
-                                                     hopping ? saved.J2 : nullptr, params.eps_p,
-                                                     hopping ? params.E0 : nullptr, params.j_max, hopping, N);
+  // As many 32-token segments as the sequence fills, up to one block of kLayerScanMaxSegments warps.
+  const int chunks = ceil_div(N, kWarp), segments = std::min(chunks, kLayerScanMaxSegments);
+  const int seg_len = ceil_div(chunks, segments) * kWarp;
+  layer_scan_forward_kernel<<<B, dim3(kWarp, segments), 0, stream>>>(
+      g, F, saved.v, hopping ? saved.J : nullptr, hopping ? saved.J2 : nullptr, params.eps_p,
+      hopping ? params.E0 : nullptr, params.j_max, hopping, N, seg_len);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
