@@ -1,8 +1,12 @@
 // Causal linear attention with the key gate on the GPU (contract: ops/linear_attn.h; design:
 // docs/kernels/attention.md).
 //
-// One block per (b, h), threads (x, y) = (column c ∈ [0, CX), row group g ∈ [0, 4)), CX = d_h + 1 rounded
-// up to a warp. Thread (c, g) keeps the state entries [S | z][r][c] for rows r = g, g + 4, … in
+// Two forms. The chunked (matrix) form, for d_h ≤ 64 with a workspace (every preset; what the model runs):
+// the state before each 64-token chunk is summed first (an outer-product sum per chunk, then a prefix over
+// the chunks), and one block per (chunk, h, b) computes all of its tokens with small shared-memory matrix
+// products (see "Chunked (matrix) form" below). The sequential form, for wider heads or without a
+// workspace: one block per (b, h), threads (x, y) = (column c ∈ [0, CX), row group g ∈ [0, 4)), CX = d_h + 1
+// rounded up to a warp. Thread (c, g) keeps the state entries [S | z][r][c] for rows r = g, g + 4, … in
 // registers; column c = d_h is z (the value vector is augmented with a constant 1, so z_i = z_{i−1} + φ̃(k_i)
 // is the same update as S). Tokens are staged 8 at a time in shared memory (features computed once per
 // token), the scan over the 8 tokens runs without barriers, each thread writing its partial sums per
@@ -451,6 +455,294 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Chunked (matrix) form, for d_h ≤ 64 with a workspace: one block per (64-token chunk, h, b), every token
+// of the chunk at once. With Q̃ = φ(q), K̃ = μ·φ(k), V and the state [S | z] summed over the chunks before
+// (segment_states, kind 0), the numerators are
+//   num = Q̃·S + mask(Q̃K̃ᵀ)·V,   ζ = Q̃·z + mask(Q̃K̃ᵀ)·1        (mask: key j ≤ query i)
+// and the backward, with G = (do/n, dζ) and [dS | dz] summed over the chunks after (kind 1), is
+//   P = mask(G·(V, 1)ᵀ),  dQ̃ = G·[S | z]ᵀ + P·K̃,  dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃,  dV = K̃·dS + mask(Q̃K̃ᵀ)ᵀ·G.
+// Each product is a 64 × (64 or d_h) tile in shared memory: thread (tx, ty) of 16 × 16 owns rows 4ty…4ty+3
+// and columns tx + 16b (b < NB, d_h ≤ 16·NB); both operands are stored with the summed index outermost
+// ("κ-major", rows of kTile floats), so a thread reads its 4 rows as one float4 (broadcast in the warp) and
+// the warp's 16 columns as one contiguous run. Tokens past the sequence and columns past d_h are zeros.
+constexpr int kTile = kSegment;     // tokens per chunk = the segment sums' length
+constexpr int kChunkThreads = 256;  // 16 × 16
+constexpr int kChunkMaxHeadDim = 64;
+
+// acc[a][b] += Σ_κ<K Lt[κ][4ty + a]·R[κ][tx + 16b].
+template <int NB>
+__device__ __forceinline__ void tile_mac(float (&acc)[4][NB], const float* Lt, const float* R, int K, int tx, int ty) {
+  for (int kk = 0; kk < K; ++kk) {
+    const float4 l = *reinterpret_cast<const float4*>(Lt + kk * kTile + 4 * ty);
+    float r[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) r[b] = R[kk * kTile + tx + 16 * b];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      acc[0][b] += l.x * r[b];
+      acc[1][b] += l.y * r[b];
+      acc[2][b] += l.z * r[b];
+      acc[3][b] += l.w * r[b];
+    }
+  }
+}
+
+// Sum over the 16 lanes (tx) of a half warp.
+__device__ __forceinline__ float half_warp_sum(float x) {
+  for (int offset = 8; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Where one chunk sits, and its loads.
+struct ChunkView {
+  int b, h, chunk, t0, tn, dh, C, N, D, H;
+  float scale;
+  __device__ long row(int t) const { return (long)b * N + t0 + t; }
+  __device__ long at(int t, int e) const { return row(t) * D + (long)h * dh + e; }
+  // A [tokens × d_h] input into smem, natural (tile[t][e]) or transposed (tile[e][t]); f maps (t, e) → value.
+  template <class F>
+  __device__ void load(float* tile, bool transposed, F f) const {
+    for (int idx = threadIdx.x; idx < kTile * kTile; idx += kChunkThreads) {
+      const int t = idx / kTile, e = idx % kTile;
+      const float x = t < tn && e < dh ? f(t, e) : 0.f;
+      tile[transposed ? e * kTile + t : idx] = x;
+    }
+  }
+  // A [d_h × C] state (null: zeros): its [d_h × d_h] part natural or transposed, its last column into z.
+  __device__ void load_state(float* tile, float* z, bool transposed, const float* states) const {
+    const float* src = states ? states + (((long)b * H + h) * gridDim.x + chunk) * dh * C : nullptr;
+    for (int idx = threadIdx.x; idx < kTile * kTile; idx += kChunkThreads) {
+      const int r = idx / kTile, c = idx % kTile;
+      const float x = src && r < dh && c < dh ? src[r * C + c] : 0.f;
+      tile[transposed ? c * kTile + r : idx] = x;
+    }
+    for (int r = threadIdx.x; r < kTile; r += kChunkThreads) z[r] = src && r < dh ? src[r * C + dh] : 0.f;
+  }
+};
+
+__device__ ChunkView chunk_view(int N, int D, int H) {
+  ChunkView v;
+  v.chunk = blockIdx.x, v.h = blockIdx.y, v.b = blockIdx.z;
+  v.t0 = v.chunk * kTile;
+  v.tn = min(kTile, N - v.t0);
+  v.dh = D / H, v.C = v.dh + 1, v.N = N, v.D = D, v.H = H;
+  v.scale = 1.f / sqrtf(float(v.dh));
+  return v;
+}
+
+// The chunk's numerators. kDzeta = false: the forward (o, ζ and, in the last chunk, the final state);
+// kDzeta = true: the backward's first pass, dζ_i = −do_i·num_i / n_i² where the forward's ζ_i > floor (into
+// dzeta_out [B, H, N]).
+template <int NB, bool kDzeta>
+__global__ void __launch_bounds__(kChunkThreads)
+    chunk_numerator_kernel(float* o, float* zeta, float* final_S, float* final_z, float* dzeta_out, const float* q,
+                           const float* k, const float* v, const float* mu, const float* d_o, const float* zeta_in,
+                           const float* states, int N, int D, int H) {
+  const ChunkView cv = chunk_view(N, D, H);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, dh = cv.dh;
+  extern __shared__ float smem[];
+  float* QT = smem;                   // [d_h][tokens] φ(q)
+  float* KT = QT + kTile * kTile;     // [d_h][tokens] μ·φ(k)
+  float* V = KT + kTile * kTile;      // [tokens][d_h]
+  float* S = V + kTile * kTile;       // [d_h][d_h] state before the chunk
+  float* AT = S + kTile * kTile;      // [key][query] mask(Q̃K̃ᵀ)ᵀ
+  float* z = AT + kTile * kTile;      // [d_h] z before the chunk
+  float* zeta_s = z + kTile;          // [tokens] ζ
+  cv.load(QT, true, [&](int t, int e) { return feature(q[cv.at(t, e)], cv.scale); });
+  cv.load(KT, true, [&](int t, int e) {
+    return (mu ? mu[cv.row(t) * H + cv.h] : 1.f) * feature(k[cv.at(t, e)], cv.scale);
+  });
+  cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; });
+  cv.load_state(S, z, false, states);
+  __syncthreads();
+  {
+    float a[4][4] = {};
+    tile_mac<4>(a, QT, KT, dh, tx, ty);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = 4 * ty + r, j = tx + 16 * c;
+        AT[j * kTile + i] = j <= i ? a[r][c] : 0.f;
+      }
+  }
+  __syncthreads();
+  if (threadIdx.x < kTile) {
+    const int i = threadIdx.x;
+    float s = 0.f;
+    for (int e = 0; e < dh; ++e) s += QT[e * kTile + i] * z[e];
+    for (int j = 0; j < kTile; ++j) s += AT[j * kTile + i];
+    zeta_s[i] = s;
+  }
+  float num[4][NB] = {};
+  tile_mac<NB>(num, QT, S, dh, tx, ty);
+  tile_mac<NB>(num, AT, V, kTile, tx, ty);
+  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int i = 4 * ty + r;
+    if (!kDzeta) {
+      if (i >= cv.tn) continue;
+      const float inv_n = 1.f / fmaxf(zeta_s[i], kFloor);
+#pragma unroll
+      for (int c = 0; c < NB; ++c)
+        if (tx + 16 * c < dh) o[cv.at(i, tx + 16 * c)] = num[r][c] * inv_n;
+    } else {
+      float dot = 0.f;
+#pragma unroll
+      for (int c = 0; c < NB; ++c)
+        if (i < cv.tn && tx + 16 * c < dh) dot += d_o[cv.at(i, tx + 16 * c)] * num[r][c];
+      dot = half_warp_sum(dot);
+      if (tx == 0 && i < cv.tn) {
+        const float zr = zeta_in[cv.row(i) * H + cv.h], n = fmaxf(zr, kFloor);
+        dzeta_out[((long)cv.b * H + cv.h) * N + cv.t0 + i] = zr > kFloor ? -dot / (n * n) : 0.f;
+      }
+    }
+  }
+  if (kDzeta) return;
+  if (threadIdx.x < cv.tn) zeta[cv.row(threadIdx.x) * H + cv.h] = zeta_s[threadIdx.x];
+  if (cv.chunk != gridDim.x - 1 || (!final_S && !final_z)) return;
+  // The state after the sequence: the one before this chunk plus its own K̃ᵀ·(V, 1).
+  const long state = (long)cv.b * H + cv.h;
+  for (int idx = threadIdx.x; idx < dh * cv.C; idx += kChunkThreads) {
+    const int r = idx / cv.C, c = idx % cv.C;
+    float s = c < dh ? S[r * kTile + c] : z[r];
+    for (int j = 0; j < cv.tn; ++j) s += KT[r * kTile + j] * (c < dh ? V[j * kTile + c] : 1.f);
+    if (c < dh) {
+      if (final_S) final_S[(state * dh + r) * dh + c] = s;
+    } else if (final_z) {
+      final_z[state * dh + r] = s;
+    }
+  }
+}
+
+// The gradients of one chunk (each may be null), accumulated: dq, dk, dv [B, N, D], dmu [B, N, H]. before:
+// the kind-0 states (the chunks before), after: the kind-1 states (the chunks after); null for one chunk.
+// Eight 64 × 64 tiles of shared memory, refilled between the three products.
+template <int NB>
+__global__ void __launch_bounds__(kChunkThreads)
+    chunk_gradient_kernel(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
+                          const float* dzeta, const float* q, const float* k, const float* v, const float* mu,
+                          const float* before, const float* after, int N, int D, int H) {
+  const ChunkView cv = chunk_view(N, D, H);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, dh = cv.dh;
+  extern __shared__ float smem[];
+  float* slot[8];
+  for (int s = 0; s < 8; ++s) slot[s] = smem + s * kTile * kTile;
+  float* z = smem + 8 * kTile * kTile;  // [d_h] z before, then dz after
+  float* gz = z + kTile;                // [tokens] dζ
+  float* inv_n = gz + kTile;            // [tokens] 1/n
+  float* gate = inv_n + kTile;          // [tokens] μ
+  for (int t = threadIdx.x; t < kTile; t += kChunkThreads) {
+    const bool in = t < cv.tn;
+    gz[t] = in ? dzeta[((long)cv.b * H + cv.h) * N + cv.t0 + t] : 0.f;
+    inv_n[t] = in ? 1.f / fmaxf(zeta[cv.row(t) * H + cv.h], kFloor) : 0.f;
+    gate[t] = in && mu ? mu[cv.row(t) * H + cv.h] : 1.f;
+  }
+  __syncthreads();
+  auto phi_q = [&](int t, int e) { return feature(q[cv.at(t, e)], cv.scale); };
+  auto phi_k_gated = [&](int t, int e) { return gate[t] * feature(k[cv.at(t, e)], cv.scale); };
+  auto g_v = [&](int t, int e) { return d_o[cv.at(t, e)] * inv_n[t]; };
+  auto value = [&](int t, int e) { return v[cv.at(t, e)]; };
+  float *QT = slot[0], *KT = slot[1], *GT = slot[2], *VT = slot[3], *P = slot[4], *PT = slot[5], *A = slot[6];
+  cv.load(QT, true, phi_q);
+  cv.load(KT, true, phi_k_gated);
+  cv.load(GT, true, g_v);
+  cv.load(VT, true, value);
+  __syncthreads();
+  {
+    float a[4][4] = {}, p[4][4] = {};
+    tile_mac<4>(a, QT, KT, dh, tx, ty);
+    tile_mac<4>(p, GT, VT, dh, tx, ty);
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = 4 * ty + r, j = tx + 16 * c;
+        const bool causal = j <= i;
+        A[i * kTile + j] = causal ? a[r][c] : 0.f;
+        const float pij = causal ? p[r][c] + gz[i] : 0.f;
+        P[i * kTile + j] = pij;
+        PT[j * kTile + i] = pij;
+      }
+  }
+  __syncthreads();
+  // dQ̃ = G·[S | z]ᵀ + P·K̃  (S transposed into slot 7, K̃ natural over Q̃ᵀ in slot 0)
+  float* ST = slot[7];
+  float* K = slot[0];
+  if (dq) {
+    cv.load_state(ST, z, true, before);
+    cv.load(K, false, phi_k_gated);
+    __syncthreads();
+    float acc[4][NB] = {};
+    tile_mac<NB>(acc, GT, ST, dh, tx, ty);
+    tile_mac<NB>(acc, PT, K, kTile, tx, ty);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int i = 4 * ty + r;
+      if (i >= cv.tn) continue;
+#pragma unroll
+      for (int c = 0; c < NB; ++c) {
+        const int e = tx + 16 * c;
+        if (e >= dh) continue;
+        const long at = cv.at(i, e);
+        dq[at] += (acc[r][c] + gz[i] * z[e]) * feature_grad(q[at], cv.scale);
+      }
+    }
+    __syncthreads();
+  }
+  if (!dk && !dv && !dmu) return;
+  // dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃ and dV = K̃·dS + Aᵀ·G: dS transposed (slot 7) and natural (slot 0), Q̃
+  // natural (slot 2, over Gᵀ), G natural (slot 5, over Pᵀ).
+  float* dST = slot[7];
+  float* dS = slot[0];
+  float* Q = slot[2];
+  float* G = slot[5];
+  cv.load_state(dST, z, true, after);
+  cv.load_state(dS, z, false, after);
+  cv.load(Q, false, phi_q);
+  cv.load(G, false, g_v);
+  __syncthreads();
+  if (dk || dmu) {
+    float acc[4][NB] = {};
+    tile_mac<NB>(acc, VT, dST, dh, tx, ty);
+    tile_mac<NB>(acc, P, Q, kTile, tx, ty);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int j = 4 * ty + r;
+      float dgate = 0.f;
+#pragma unroll
+      for (int c = 0; c < NB; ++c) {
+        const int e = tx + 16 * c;
+        if (j >= cv.tn || e >= dh) continue;
+        const long at = cv.at(j, e);
+        const float dphi = acc[r][c] + z[e];
+        if (dk) dk[at] += gate[j] * dphi * feature_grad(k[at], cv.scale);
+        dgate += feature(k[at], cv.scale) * dphi;
+      }
+      dgate = half_warp_sum(dgate);
+      if (dmu && tx == 0 && j < cv.tn) dmu[cv.row(j) * H + cv.h] += dgate;
+    }
+  }
+  if (dv) {
+    float acc[4][NB] = {};
+    tile_mac<NB>(acc, KT, dS, dh, tx, ty);
+    tile_mac<NB>(acc, A, G, kTile, tx, ty);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int j = 4 * ty + r;
+      if (j >= cv.tn) continue;
+#pragma unroll
+      for (int c = 0; c < NB; ++c)
+        if (tx + 16 * c < dh) dv[cv.at(j, tx + 16 * c)] += acc[r][c];
+    }
+  }
+}
+
+constexpr size_t kNumeratorSmem = sizeof(float) * (5 * kTile * kTile + 2 * kTile);
+constexpr size_t kGradientSmem = sizeof(float) * (8 * kTile * kTile + 4 * kTile);
+
 template <class Kernel> void prepare_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
     MUSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
@@ -557,6 +849,42 @@ void backward_impl(float* dq, float* dk, float* dv, float* dmu, const float* d_o
   }
 }
 
+// The chunked form (d_h ≤ 64, workspace given): NB = ⌈d_h/16⌉ column groups per thread.
+template <int NB>
+void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
+                     const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
+                     cudaStream_t stream) {
+  const int P = segments(N);
+  const float* states = P > 1 ? workspace : nullptr;
+  if (states) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
+  prepare_smem(chunk_numerator_kernel<NB, false>, kNumeratorSmem);
+  chunk_numerator_kernel<NB, false><<<dim3(P, H, B), kChunkThreads, kNumeratorSmem, stream>>>(
+      o, zeta, final_S, final_z, nullptr, q, k, v, mu, nullptr, nullptr, states, N, D, H);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+// Backward workspace: dζ, then the kind-0 states (before each chunk), then the kind-1 states (after).
+template <int NB>
+void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
+                      const float* q, const float* k, const float* v, const float* mu, int B, int N, int D, int H,
+                      float* workspace, cudaStream_t stream) {
+  const int P = segments(N);
+  float* dzeta = workspace;
+  float* before = P > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
+  float* after = P > 1 ? before + state_floats(B, N, D, H) : nullptr;
+  if (before) segment_states(before, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
+  const dim3 grid(P, H, B);
+  prepare_smem(chunk_numerator_kernel<NB, true>, kNumeratorSmem);
+  chunk_numerator_kernel<NB, true><<<grid, kChunkThreads, kNumeratorSmem, stream>>>(
+      nullptr, nullptr, nullptr, nullptr, dzeta, q, k, v, mu, d_o, zeta, before, N, D, H);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
+  prepare_smem(chunk_gradient_kernel<NB>, kGradientSmem);
+  chunk_gradient_kernel<NB><<<grid, kChunkThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k,
+                                                                             v, mu, before, after, N, D, H);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 size_t linear_attn_forward_workspace_floats(int B, int N, int D, int H) {
@@ -581,6 +909,14 @@ void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, 
     if (final_z) MUSE_CUDA_CHECK(cudaMemsetAsync(final_z, 0, sizeof(float) * B * H * dh, stream));
     return;
   }
+  if (workspace && D / H <= kChunkMaxHeadDim) {
+    switch ((D / H + 15) / 16) {
+      case 1: chunked_forward<1>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 2: chunked_forward<2>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 3: chunked_forward<3>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      default: chunked_forward<4>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
+    }
+  }
   switch (rows_per_thread(D / H)) {
     case 1: forward_impl<1>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
     case 2: forward_impl<2>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
@@ -593,7 +929,9 @@ void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, 
 
 size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H) {
   if (B <= 0 || N <= 0 || H <= 0 || D <= 0) return 0;
-  return dzeta_floats(B, N, H) + state_floats(B, N, D, H);
+  // The chunked form keeps the states before and after each chunk at once; the scans reuse one set.
+  const size_t state_sets = D / H <= kChunkMaxHeadDim ? 2 : 1;
+  return dzeta_floats(B, N, H) + state_sets * state_floats(B, N, D, H);
 }
 
 void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
@@ -605,6 +943,14 @@ void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const flo
   if (B == 0 || N == 0) return;
   if ((dk || dv || dmu) && !workspace)
     throw std::invalid_argument("linear_attn_backward (cuda): dk/dv/dmu need a workspace");
+  if (workspace && D / H <= kChunkMaxHeadDim) {
+    switch ((D / H + 15) / 16) {
+      case 1: chunked_backward<1>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 2: chunked_backward<2>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 3: chunked_backward<3>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      default: chunked_backward<4>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+    }
+  }
   switch (rows_per_thread(D / H)) {
     case 1: backward_impl<1>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
     case 2: backward_impl<2>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;

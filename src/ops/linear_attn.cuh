@@ -1,8 +1,8 @@
 // CUDA causal tangent-space linear attention with the key gate (SPEC §2.7, §6 item 4): the same contract
-// as ops/linear_attn.h on device pointers, fp32. One block per (b, h) scans the sequence with the
-// d_h × (d_h + 1) state [S | z] in registers; the backward replays the states exactly like the CPU op
-// (a forward pass for dq and dζ, a reverse pass with the adjoint states for dk, dv, dμ). See
-// docs/kernels/attention.md.
+// as ops/linear_attn.h on device pointers, fp32. With a workspace and d_h ≤ 64 it runs in 64-token chunks
+// as matrix products (the states between chunks summed first); otherwise one block per (b, h) scans the
+// sequence with the d_h × (d_h + 1) state [S | z] in registers, the backward replaying the states like the
+// CPU op. See docs/kernels/attention.md.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -15,17 +15,17 @@ namespace muse::cuda {
 void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                          const float* v, const float* mu, int B, int N, int D, int H, cudaStream_t stream = 0);
 
-// With a workspace (linear_attn_forward_workspace_floats(B, N, D, H) floats) and too few (b, h) pairs to
-// fill the GPU (under ~512), the scan is split along the sequence into segments (multiples of 64 tokens)
-// run in parallel: the state each one starts from is summed first (an outer-product sum per 64 tokens, then
-// a prefix over them). Without a workspace, one block per (b, h) scans the whole sequence.
+// With a workspace (linear_attn_forward_workspace_floats(B, N, D, H) floats): the chunked form for d_h ≤ 64;
+// for wider heads, when the (b, h) pairs alone leave the GPU short of blocks (under ~512), the scan is split
+// into segments (multiples of 64 tokens) that start from states summed first. Without a workspace, one
+// block per (b, h) scans the whole sequence.
 size_t linear_attn_forward_workspace_floats(int B, int N, int D, int H);
 void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                          const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
                          cudaStream_t stream = 0);
 
-// Floats of device workspace linear_attn_backward needs: dζ of every (b, i, h), and the segment states
-// that split both backward scans along the sequence as in the forward.
+// Floats of device workspace linear_attn_backward needs: dζ of every (b, i, h), and the states between
+// 64-token chunks (both directions at once in the chunked form).
 size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H);
 
 // Accumulates (+=) into dq, dk, dv [B, N, D] and dmu [B, N, H] (each may be null; dmu is ignored when mu
