@@ -328,6 +328,142 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Forward, tiled (window ≤ 65 and d_h ≤ 64: every preset): block (64-query tile, h, b) of 16 × 16 threads.
+// Every key the tile can see (from its first query's window start to its last query: at most
+// 64 + window − 1 ≤ 128) is staged at once, so the scores need no online rescaling: the 64 × 128 dot
+// products are one shared-memory product (thread (tx, ty) owns queries 4ty…4ty+3 and keys tx + 16b; both
+// operands stored with d_h outermost, so a step is one float4 broadcast and a contiguous 16-float run per
+// half warp), scores and the softmax statistics stay in registers (half-warp reductions), and O = P·V is a
+// second product. Masked pairs get probability 0 and their values are skipped, never multiplied by 0.
+constexpr int kTiledQueries = 64, kTiledKeys = 128, kTiledMaxHeadDim = 64, kTiledThreads = 256;
+constexpr int kTiledMaxWindow = kTiledKeys - kTiledQueries + 1;
+
+__device__ __forceinline__ float half_warp_max(float x) {
+  for (int offset = 8; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+__device__ __forceinline__ float half_warp_sum(float x) {
+  for (int offset = 8; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <class Token> size_t tiled_forward_smem_bytes() {
+  const size_t floats = size_t(kTiledMaxHeadDim) * (kTiledQueries + kTiledKeys) + size_t(kTiledKeys) *
+                        (kTiledMaxHeadDim + kTiledQueries) + kTiledQueries + kTiledKeys;
+  return floats * sizeof(float) + (kTiledQueries + kTiledKeys) * sizeof(Token);
+}
+
+template <class Params, int NB>  // NB = ⌈d_h/16⌉
+__global__ void __launch_bounds__(kTiledThreads)
+    attn_forward_tiled_kernel(float* o, float* lse, const float* q, const float* k, const float* v, Geometry geo,
+                              Params params) {
+  using Score = typename Params::Score;
+  using Token = typename Score::Token;
+  constexpr int KB = kTiledKeys / 16;  // key columns per thread
+  const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kTiledQueries;
+  const int dh = geo.dh, tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int i_last = min(i0 + kTiledQueries, geo.N) - 1;
+  const int key_lo = geo.window_start(i0), keys = i_last - key_lo + 1;
+  const Score pol = params.at(b, h);
+
+  extern __shared__ float smem[];
+  SmemCursor cur{smem};
+  float* QT = cur.take(kTiledMaxHeadDim * kTiledQueries);  // [d_h][query]
+  float* KT = cur.take(kTiledMaxHeadDim * kTiledKeys);     // [d_h][key]
+  float* V = cur.take(kTiledKeys * kTiledMaxHeadDim);      // [key][d_h] (row stride 64)
+  float* PT = cur.take(kTiledKeys * kTiledQueries);        // [key][query] probabilities
+  float* sq = cur.take(kTiledQueries + kTiledKeys);        // squared norms: queries, then keys
+  Token* Qt = reinterpret_cast<Token*>(cur.at);
+  Token* Kt = Qt + kTiledQueries;
+
+  for (int idx = threadIdx.x; idx < kTiledQueries * kTiledMaxHeadDim; idx += kTiledThreads) {
+    const int t = idx / kTiledMaxHeadDim, e = idx % kTiledMaxHeadDim;
+    QT[e * kTiledQueries + t] = i0 + t <= i_last && e < dh ? q[geo.row(b, i0 + t, h) + e] : 0.f;
+  }
+  for (int idx = threadIdx.x; idx < kTiledKeys * kTiledMaxHeadDim; idx += kTiledThreads) {
+    const int t = idx / kTiledMaxHeadDim, e = idx % kTiledMaxHeadDim;
+    const bool in = t < keys && e < dh;
+    KT[e * kTiledKeys + t] = in ? k[geo.row(b, key_lo + t, h) + e] : 0.f;
+    V[idx] = in ? v[geo.row(b, key_lo + t, h) + e] : 0.f;
+  }
+  __syncthreads();
+  if (Score::kNeedsNorm) {
+    for (int t = threadIdx.x; t < kTiledQueries + kTiledKeys; t += kTiledThreads) {
+      const bool query = t < kTiledQueries;
+      const float* col = query ? QT + t : KT + (t - kTiledQueries);
+      const int stride = query ? kTiledQueries : kTiledKeys;
+      float s = 0.f;
+      for (int e = 0; e < dh; ++e) s += col[e * stride] * col[e * stride];
+      sq[t] = s;
+    }
+    __syncthreads();
+  }
+  for (int t = threadIdx.x; t < kTiledQueries + kTiledKeys; t += kTiledThreads)
+    (t < kTiledQueries ? Qt[t] : Kt[t - kTiledQueries]) = pol.token(Score::kNeedsNorm ? sq[t] : 0.f);
+
+  float s[4][KB] = {};
+  for (int e = 0; e < dh; ++e) {
+    const float4 l = *reinterpret_cast<const float4*>(QT + e * kTiledQueries + 4 * ty);
+#pragma unroll
+    for (int c = 0; c < KB; ++c) {
+      const float r = KT[e * kTiledKeys + tx + 16 * c];
+      s[0][c] += l.x * r;
+      s[1][c] += l.y * r;
+      s[2][c] += l.z * r;
+      s[3][c] += l.w * r;
+    }
+  }
+  __syncthreads();  // the tokens
+  float row_max[4], row_sum[4];
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    const int t = 4 * ty + a, i = i0 + t;
+    const int lo = geo.window_start(i);
+    float m = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < KB; ++c) {
+      const int j = key_lo + tx + 16 * c;
+      const bool valid = i <= i_last && j >= lo && j <= i;
+      s[a][c] = valid ? pol.score(i, j, Qt[t], Kt[tx + 16 * c], s[a][c]) : -INFINITY;
+      m = fmaxf(m, s[a][c]);
+    }
+    m = half_warp_max(m);
+    float sum = 0.f;
+#pragma unroll
+    for (int c = 0; c < KB; ++c) {
+      const float p = s[a][c] == -INFINITY ? 0.f : expf(s[a][c] - m);
+      PT[(tx + 16 * c) * kTiledQueries + t] = p;
+      sum += p;
+    }
+    row_max[a] = m;
+    row_sum[a] = half_warp_sum(sum);
+  }
+  __syncthreads();
+  float out[4][NB] = {};
+  for (int j = 0; j < keys; ++j) {
+    const float4 l = *reinterpret_cast<const float4*>(PT + j * kTiledQueries + 4 * ty);
+    const float p[4] = {l.x, l.y, l.z, l.w};
+#pragma unroll
+    for (int c = 0; c < NB; ++c) {
+      const float r = V[j * kTiledMaxHeadDim + tx + 16 * c];
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+        if (p[a] != 0.f) out[a][c] += p[a] * r;
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    const int i = i0 + 4 * ty + a;
+    if (i > i_last) continue;
+    float* oi = o + geo.row(b, i, h);
+#pragma unroll
+    for (int c = 0; c < NB; ++c)
+      if (tx + 16 * c < dh) oi[tx + 16 * c] = out[a][c] / row_sum[a];
+    if (tx == 0) lse[geo.lse_index(b, i, h)] = row_max[a] + logf(row_sum[a]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Backward, query side: block (query tile, h, b) → dq, and per-block partials of dc and dβ_h
 // (partials[block] and partials[blocks + block]).
 template <class Params>
@@ -674,9 +810,27 @@ DotParams dot_params(const WindowedAttnArgs& a) {
 
 int tiles(int N, int tile) { return (N + tile - 1) / tile; }
 
+template <class Params, int NB>
+void launch_tiled_forward(float* o, float* lse, const float* q, const float* k, const float* v, const Geometry& geo,
+                          const Params& params, int B, cudaStream_t stream) {
+  const size_t smem = tiled_forward_smem_bytes<typename Params::Score::Token>();
+  prepare_smem(attn_forward_tiled_kernel<Params, NB>, smem);
+  const dim3 grid(tiles(geo.N, kTiledQueries), geo.H, B);
+  attn_forward_tiled_kernel<Params, NB><<<grid, kTiledThreads, smem, stream>>>(o, lse, q, k, v, geo, params);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
 template <class Params>
 void launch_forward(float* o, float* lse, const float* q, const float* k, const float* v, const Geometry& geo,
                     const Params& params, int B, cudaStream_t stream) {
+  if (geo.window <= kTiledMaxWindow && geo.dh <= kTiledMaxHeadDim) {
+    switch ((geo.dh + 15) / 16) {
+      case 1: launch_tiled_forward<Params, 1>(o, lse, q, k, v, geo, params, B, stream); return;
+      case 2: launch_tiled_forward<Params, 2>(o, lse, q, k, v, geo, params, B, stream); return;
+      case 3: launch_tiled_forward<Params, 3>(o, lse, q, k, v, geo, params, B, stream); return;
+      default: launch_tiled_forward<Params, 4>(o, lse, q, k, v, geo, params, B, stream); return;
+    }
+  }
   using Token = typename Params::Score::Token;
   const size_t smem = forward_smem_bytes<Token>(geo.dh);
   prepare_smem(attn_forward_kernel<Params>, smem);
