@@ -2,6 +2,7 @@
 // docs/kernels/bk_ssm_hybrid.md). fp32 storage and arithmetic.
 #include <algorithm>
 
+#include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
 #include "common/math.h"
 #include "ops/bk.cuh"
@@ -17,9 +18,6 @@ constexpr int kRowWarps = 8;           // warps per block for one-warp-per-row k
 constexpr int kReduceThreads = 256;    // block size of the first stage of the scalar reductions
 constexpr int kReduceMaxBlocks = 256;  // fixed upper bound of its grid (the grid depends on rows only)
 constexpr int kLayerScanMaxSegments = 32;  // warps of the layer scan's block (segments of the sequence)
-constexpr int kColTile = 32;           // column reductions: 32 columns × kColRowsPerChunk rows per block
-constexpr int kColLanesY = 8;
-constexpr int kColRowsPerChunk = 256;
 
 int ceil_div(long a, long b) { return int((a + b - 1) / b); }
 
@@ -245,8 +243,8 @@ __global__ void layer_projection_kernel(float* v, float* J_prev_half, float* J_c
   }
 }
 
-// A Möbius map g ↦ (a·g + b)/(c·g + d): one causal step g_t = 1/(c_t − J²_t·g_{t−1}) is [[0, 1], [−J²_t, c_t]]
-// with c_t = a_t − E0 − iη, and a run of steps is the product of theirs.
+// A Möbius map g ↦ (a·g + b)/(c·g + d): one causal step g_t = 1/(c_t − J²_t·g_{t−1}) is
+// [[0, 1], [−J²_t, c_t]] with c_t = a_t − E0 − iη, and a run of steps is the product of theirs.
 struct Mobius {
   Complex a, b, c, d;
 };
@@ -288,7 +286,7 @@ __global__ void layer_scan_forward_kernel(float* g, float* F, float* v_saved, fl
                                           int N, int seg_len) {
   __shared__ float boundary_half[kLayerScanMaxSegments];  // the u_{t−1} half of the token before a segment
   __shared__ Mobius segment_map[kLayerScanMaxSegments];
-  __shared__ Complex segment_in[kLayerScanMaxSegments];   // g_{begin−1} of each segment
+  __shared__ Complex segment_in[kLayerScanMaxSegments];  // g_{begin−1} of each segment
   const int lane = threadIdx.x, seg = threadIdx.y;
   const long base = (long)blockIdx.x * N;
   const int begin = min(N, seg * seg_len), end = min(N, begin + seg_len);
@@ -357,10 +355,8 @@ struct LayerWorkspace {
   float* d_pre_v;   // [rows]  ∂L/∂(w_v·u + b_v)
   float* d_pre_J;   // [rows]  ∂L/∂(w_J·[u_{t−1}; u_t] + b_J)
   float* row_part;  // [B, 4]  per batch row: Σ Re w (E0), dη, Σ d_pre_v (b_v), Σ d_pre_J (b_J)
-  float* col_part;  // [chunks, 3, D]  column partial sums of dw_v, dw_J (u_{t−1} half), dw_J (u_t half)
+  float* col_part;  // the column reduction's partials of dw_v and dw_J's two halves
 };
-
-int column_chunks(int rows) { return std::max(1, ceil_div(rows, kColRowsPerChunk)); }
 
 LayerWorkspace layer_workspace(float* w, int B, int N) {
   const long rows = (long)B * N;
@@ -450,53 +446,21 @@ __global__ void layer_du_kernel(float* du, LayerWorkspace ws, const float* w_v, 
   du[i] += s;
 }
 
-// First stage of dw_v, dw_J: block (32 columns × 8 row lanes) over one chunk of kColRowsPerChunk rows;
-// col_part[(chunk·3 + k)·D + d].
-__global__ void layer_dw_partial_kernel(LayerWorkspace ws, const float* u, bool hopping, int rows, int N, int D) {
-  __shared__ float acc_shared[3][kColLanesY][kColTile + 1];
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  const int d = blockIdx.x * kColTile + tx;
-  const int chunk = blockIdx.y;
-  const long r0 = (long)chunk * kColRowsPerChunk;
-  const long r1 = r0 + kColRowsPerChunk < rows ? r0 + kColRowsPerChunk : rows;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f;
-  if (d < D) {
-    for (long r = r0 + ty; r < r1; r += kColLanesY) {
-      const float x = u[r * D + d];
-      a0 += ws.d_pre_v[r] * x;
-      if (hopping) {
-        if (int(r % N) + 1 < N) a1 += ws.d_pre_J[r + 1] * x;
-        a2 += ws.d_pre_J[r] * x;
-      }
+// The terms of dw_v, dw_J (u_{t−1} half), dw_J (u_t half) for common/column_reduce.cuh: row r adds
+// d_pre_v[r]·u_r, d_pre_J[r+1]·u_r (within its sequence) and d_pre_J[r]·u_r.
+struct WeightTerms {
+  const float *d_pre_v, *d_pre_J, *u;
+  bool hopping;
+  int N, D;
+  __device__ void operator()(long r, int d, float (&acc)[3]) const {
+    const float x = u[r * D + d];
+    acc[0] += d_pre_v[r] * x;
+    if (hopping) {
+      if (int(r % N) + 1 < N) acc[1] += d_pre_J[r + 1] * x;
+      acc[2] += d_pre_J[r] * x;
     }
   }
-  acc_shared[0][ty][tx] = a0;
-  acc_shared[1][ty][tx] = a1;
-  acc_shared[2][ty][tx] = a2;
-  __syncthreads();
-  if (ty < 3 && d < D) {
-    float s = 0.f;
-    for (int y = 0; y < kColLanesY; ++y) s += acc_shared[ty][y][tx];
-    ws.col_part[((long)chunk * 3 + ty) * D + d] = s;
-  }
-}
-
-// Second stage: one thread per column sums the chunks in order.
-__global__ void layer_dw_finish_kernel(float* dw_v, float* dw_J, LayerWorkspace ws, bool hopping, int chunks, int D) {
-  const int d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (d >= D) return;
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f;
-  for (int c = 0; c < chunks; ++c) {
-    s0 += ws.col_part[((long)c * 3) * D + d];
-    s1 += ws.col_part[((long)c * 3 + 1) * D + d];
-    s2 += ws.col_part[((long)c * 3 + 2) * D + d];
-  }
-  if (dw_v) dw_v[d] += s0;
-  if (hopping && dw_J) {
-    dw_J[d] += s1;
-    dw_J[D + d] += s2;
-  }
-}
+};
 
 // The scalar gradients from the per-batch-row partials (one warp; lane k < 4 sums column k in row order).
 __global__ void layer_scalars_kernel(BkGrads<float> grads, LayerWorkspace ws, const float* eps_p, bool hopping,
@@ -643,7 +607,7 @@ void bk_layer_forward(float* g, float* F, const BkSaved<float>& saved, const flo
 
 size_t bk_layer_backward_workspace_floats(int B, int N, int D) {
   const long rows = (long)std::max(B, 0) * std::max(N, 0);
-  return size_t(2 * rows + 4L * std::max(B, 0) + (long)column_chunks(int(rows)) * 3 * std::max(D, 0));
+  return size_t(2 * rows + 4L * std::max(B, 0)) + column_reduce_workspace_floats<3>(rows, std::max(D, 0));
 }
 
 void bk_layer_backward(float* du, const BkGrads<float>& grads, const float* dg, const float* dF, const float* u,
@@ -665,12 +629,10 @@ void bk_layer_backward(float* du, const BkGrads<float>& grads, const float* dg, 
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if ((grads.w_v || (hopping && grads.w_J)) && D > 0) {
-    const int chunks = column_chunks(rows);
-    const dim3 grid(ceil_div(D, kColTile), chunks), block(kColTile, kColLanesY);
-    layer_dw_partial_kernel<<<grid, block, 0, stream>>>(ws, u, hopping, rows, N, D);
-    MUSE_CUDA_CHECK(cudaGetLastError());
-    layer_dw_finish_kernel<<<ceil_div(D, 256), 256, 0, stream>>>(grads.w_v, grads.w_J, ws, hopping, chunks, D);
-    MUSE_CUDA_CHECK(cudaGetLastError());
+    float* dw_J = hopping ? grads.w_J : nullptr;
+    const WeightTerms terms{ws.d_pre_v, ws.d_pre_J, u, hopping, N, D};
+    column_reduce<3>({grads.w_v, dw_J, dw_J ? dw_J + D : nullptr}, terms, rows, D, ws.col_part,
+                     column_reduce_workspace_floats<3>(rows, D), stream);
   }
 }
 
