@@ -509,7 +509,8 @@ struct ChunkView {
       tile[transposed ? e * kTile + t : idx] = x;
     }
   }
-  // A [d_h × C] state (null: zeros): its [d_h × d_h] part natural or transposed, its last column into z.
+  // A [d_h × C] state (null: zeros): its [d_h × d_h] part natural or transposed, its last column into z
+  // (unless z is null).
   __device__ void load_state(float* tile, float* z, bool transposed, const float* states) const {
     const float* src = states ? states + (((long)b * H + h) * gridDim.x + chunk) * dh * C : nullptr;
     for (int idx = threadIdx.x; idx < kTile * kTile; idx += kChunkThreads) {
@@ -517,7 +518,8 @@ struct ChunkView {
       const float x = src && r < dh && c < dh ? src[r * C + c] : 0.f;
       tile[transposed ? c * kTile + r : idx] = x;
     }
-    for (int r = threadIdx.x; r < kTile; r += kChunkThreads) z[r] = src && r < dh ? src[r * C + dh] : 0.f;
+    if (z)
+      for (int r = threadIdx.x; r < kTile; r += kChunkThreads) z[r] = src && r < dh ? src[r * C + dh] : 0.f;
   }
 };
 
@@ -700,7 +702,7 @@ __global__ void __launch_bounds__(kChunkThreads)
   float* Q = slot[2];
   float* G = slot[5];
   cv.load_state(dST, z, true, after);
-  cv.load_state(dS, z, false, after);
+  cv.load_state(dS, nullptr, false, after);
   cv.load(Q, false, phi_q);
   cv.load(G, false, g_v);
   __syncthreads();

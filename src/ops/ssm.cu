@@ -86,36 +86,52 @@ struct TapTerms {
 // each chunk adds its carry's decayed contribution. Channels r sit next to each other in memory, so the
 // lanes of a chunk read a contiguous run.
 //
+// What thread (lane, chunk) of a scan block works on: channel r of batch row blockIdx.y (element
+// base + t·R at token t), tokens [t0, t1), and the channel's λ and 1 − λ (1 and 1 for the prefix sum).
+struct ScanLane {
+  int lane, chunk, r;
+  bool active;  // r < R
+  long base;
+  int t0, t1;
+  float lambda, one_minus;
+};
+
+__device__ ScanLane scan_lane(const float* ell, int N, int R) {
+  ScanLane s;
+  s.lane = threadIdx.x, s.chunk = threadIdx.y;
+  s.r = blockIdx.x * kScanLanes + s.lane;
+  s.active = s.r < R;
+  s.base = (long)blockIdx.y * N * R + s.r;
+  const int len = (N + kScanChunks - 1) / kScanChunks;
+  s.t0 = min(N, s.chunk * len), s.t1 = min(N, s.t0 + len);
+  s.lambda = ell && s.active ? sigmoid(ell[s.r]) : 1.f;
+  s.one_minus = ell && s.active ? sigmoid(-ell[s.r]) : 1.f;
+  return s;
+}
+
 // Forward: S_t = λ·S_{t−1} + (1 − λ)·p_t (or S_{t−1} + p_t), S_{−1} = 0.
 __global__ void __launch_bounds__(kScanLanes* kScanChunks)
     scan_forward_kernel(float* S, const float* p, const float* ell, int N, int R) {
   __shared__ float chunk_end[kScanChunks][kScanLanes];    // a chunk's last state from a zero carry
   __shared__ float chunk_decay[kScanChunks][kScanLanes];  // λ^(chunk length)
-  const int lane = threadIdx.x, chunk = threadIdx.y;
-  const int r = blockIdx.x * kScanLanes + lane;
-  const bool active = r < R;
-  const long base = (long)blockIdx.y * N * R + r;
-  const int len = (N + kScanChunks - 1) / kScanChunks;
-  const int t0 = min(N, chunk * len), t1 = min(N, t0 + len);
-  const float lambda = ell && active ? sigmoid(ell[r]) : 1.f;
-  const float one_minus = ell && active ? sigmoid(-ell[r]) : 1.f;
+  const ScanLane sl = scan_lane(ell, N, R);
   float state = 0.f, decay = 1.f;
-  if (active)
-    for (int t = t0; t < t1; ++t) {
-      const long o = base + (long)t * R;
-      state = ell ? lambda * state + one_minus * p[o] : state + p[o];
+  if (sl.active)
+    for (int t = sl.t0; t < sl.t1; ++t) {
+      const long o = sl.base + (long)t * R;
+      state = ell ? sl.lambda * state + sl.one_minus * p[o] : state + p[o];
       S[o] = state;
-      decay *= lambda;
+      decay *= sl.lambda;
     }
-  chunk_end[chunk][lane] = state;
-  chunk_decay[chunk][lane] = decay;
+  chunk_end[sl.chunk][sl.lane] = state;
+  chunk_decay[sl.chunk][sl.lane] = decay;
   __syncthreads();
-  float carry = 0.f;  // the true state just before t0
-  for (int c = 0; c < chunk; ++c) carry = chunk_decay[c][lane] * carry + chunk_end[c][lane];
-  if (!active || carry == 0.f) return;
-  for (int t = t0; t < t1; ++t) {
-    carry *= lambda;
-    S[base + (long)t * R] += carry;
+  float carry = 0.f;  // the true state just before the chunk's first token
+  for (int c = 0; c < sl.chunk; ++c) carry = chunk_decay[c][sl.lane] * carry + chunk_end[c][sl.lane];
+  if (!sl.active || carry == 0.f) return;
+  for (int t = sl.t0; t < sl.t1; ++t) {
+    carry *= sl.lambda;
+    S[sl.base + (long)t * R] += carry;
   }
 }
 
@@ -128,40 +144,33 @@ __global__ void __launch_bounds__(kScanLanes* kScanChunks)
   __shared__ float chunk_first[kScanChunks][kScanLanes];  // G at a chunk's first token from a zero carry
   __shared__ float chunk_decay[kScanChunks][kScanLanes];
   __shared__ float chunk_acc[kScanChunks][kScanLanes];
-  const int lane = threadIdx.x, chunk = threadIdx.y;
-  const int r = blockIdx.x * kScanLanes + lane;
-  const bool active = r < R;
-  const long base = (long)blockIdx.y * N * R + r;
-  const int len = (N + kScanChunks - 1) / kScanChunks;
-  const int t0 = min(N, chunk * len), t1 = min(N, t0 + len);
-  const float lambda = ell && active ? sigmoid(ell[r]) : 1.f;
-  const float one_minus = ell && active ? sigmoid(-ell[r]) : 1.f;
+  const ScanLane sl = scan_lane(ell, N, R);
   float G = 0.f, decay = 1.f;
-  if (active)
-    for (int t = t1 - 1; t >= t0; --t) {
-      G = dS[base + (long)t * R] + lambda * G;
-      decay *= lambda;
+  if (sl.active)
+    for (int t = sl.t1 - 1; t >= sl.t0; --t) {
+      G = dS[sl.base + (long)t * R] + sl.lambda * G;
+      decay *= sl.lambda;
     }
-  chunk_first[chunk][lane] = G;
-  chunk_decay[chunk][lane] = decay;
+  chunk_first[sl.chunk][sl.lane] = G;
+  chunk_decay[sl.chunk][sl.lane] = decay;
   __syncthreads();
-  G = 0.f;  // the true G at t1 (the next chunk's first token)
-  for (int c = kScanChunks - 1; c > chunk; --c) G = chunk_decay[c][lane] * G + chunk_first[c][lane];
+  G = 0.f;  // the true G at the next chunk's first token
+  for (int c = kScanChunks - 1; c > sl.chunk; --c) G = chunk_decay[c][sl.lane] * G + chunk_first[c][sl.lane];
   float acc = 0.f;
-  if (active)
-    for (int t = t1 - 1; t >= t0; --t) {
-      const long o = base + (long)t * R;
-      G = dS[o] + lambda * G;
-      if (dp) dp[o] += ell ? one_minus * G : G;
+  if (sl.active)
+    for (int t = sl.t1 - 1; t >= sl.t0; --t) {
+      const long o = sl.base + (long)t * R;
+      G = dS[o] + sl.lambda * G;
+      if (dp) dp[o] += ell ? sl.one_minus * G : G;
       if (partial) acc += G * ((t > 0 ? S[o - R] : 0.f) - p[o]);
     }
   if (!partial) return;
-  chunk_acc[chunk][lane] = acc;
+  chunk_acc[sl.chunk][sl.lane] = acc;
   __syncthreads();
-  if (chunk != 0 || !active) return;
+  if (sl.chunk != 0 || !sl.active) return;
   float total = 0.f;
-  for (int c = 0; c < kScanChunks; ++c) total += chunk_acc[c][lane];
-  partial[(long)blockIdx.y * R + r] = total;
+  for (int c = 0; c < kScanChunks; ++c) total += chunk_acc[c][sl.lane];
+  partial[(long)blockIdx.y * R + sl.r] = total;
 }
 
 // dell[r] += λ(1−λ)·Σ_b partial[b·R + r], batches in order.
