@@ -1,12 +1,17 @@
 // Windowed attention engine (local_attn: hyperbolic score; causal_attn: dot-product score) and the
 // local_attn launchers. Layout and design: docs/kernels/attention.md.
 //
-// Mapping (all three kernels): 256 threads = 8 warps per block; a block owns one (b, h) and a tile of
-// queries (forward, backward dq pass) or keys (backward dk/dv pass). The other side is streamed through
-// shared memory in chunks of 32 tokens; within a chunk lane l of a warp owns pair (row, chunk start + l):
-// it computes the two dot products of the pair from shared memory and the score (and its gradient), then
-// the warp accumulates its row's d_h-vector with lanes over the d_h columns. Per-row accumulators live in
-// shared memory, so d_h is a runtime value (≤ 256) and the code has no per-d_h template.
+// Two families of kernels:
+// * Tiled (window ≤ 65 and d_h ≤ 64: every preset). 64-token tiles; a query's window lies in its own tile
+//   and the one before. Products of the tile (q·k, dO·v, P·V, Pᵀ·dO, Xᵀ·Q, X·K) are register-tiled fp32
+//   micro-kernels on shared-memory operands; scores, distances and softmax statistics stay in fp32
+//   registers. The forward is one block per query tile, the backward one block per key tile that scores
+//   each pair once (dq's part from the previous key tile goes through a workspace "carry").
+// * Streaming (wider windows or heads, causal_attn beyond N = 65, a backward without workspace): 256
+//   threads = 8 warps per block own one (b, h) and a tile of queries (forward, backward dq pass) or keys
+//   (backward dk/dv pass); the other side is streamed through shared memory in chunks of 32 tokens, lane l
+//   owns pair (row, chunk start + l), and the warp accumulates its row's d_h-vector in shared memory, so
+//   d_h is a runtime value (≤ 256).
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -328,15 +333,24 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward, tiled (window ≤ 65 and d_h ≤ 64: every preset): block (64-query tile, h, b) of 16 × 16 threads.
-// Every key the tile can see (from its first query's window start to its last query: at most
-// 64 + window − 1 ≤ 128) is staged at once, so the scores need no online rescaling: the 64 × 128 dot
-// products are one shared-memory product (thread (tx, ty) owns queries 4ty…4ty+3 and keys tx + 16b; both
-// operands stored with d_h outermost, so a step is one float4 broadcast and a contiguous 16-float run per
-// half warp), scores and the softmax statistics stay in registers (half-warp reductions), and O = P·V is a
-// second product. Masked pairs get probability 0 and their values are skipped, never multiplied by 0.
+// Tiled kernels (window ≤ 65 and d_h ≤ 64: every preset). Register-tiled fp32 products on shared-memory
+// operands: in a product out[r][c] = Σ_x A[x][r]·B[x][c] a thread owns a few rows r and columns c; A is
+// stored with the summed index x outermost, so a step reads the thread's rows as one float4 that the
+// lanes of a warp share (broadcast), and B so that the lanes read consecutive columns (no bank conflict).
 constexpr int kTiledQueries = 64, kTiledKeys = 128, kTiledMaxHeadDim = 64, kTiledThreads = 256;
 constexpr int kTiledMaxWindow = kTiledKeys - kTiledQueries + 1;
+
+// Row strides. An A operand (read as float4) needs a multiple of 4. Staged arrays are written by
+// stage_transposed below, whose stores are conflict-free when stride ≡ 32/lanes_along_e (mod 32); the
+// probability and coefficient arrays are written by the owners of the score tile (see each kernel).
+constexpr int kFwdQueryStride = kTiledQueries + 8;  // QT [e][query], ≡ 8: A operand, staged 4 lanes along e
+constexpr int kFwdKeyStride = kTiledKeys + 1;       // KT [e][key], ≡ 1: B operand, staged 32 lanes along e
+constexpr int kFwdProbStride = kTiledQueries + 4;   // PT [key][query], ≡ 4: float4 stores by lanes over keys
+static_assert(kFwdQueryStride % 32 == 8 && kFwdKeyStride % 32 == 1 && kFwdProbStride % 32 == 4);
+// PT overlays QT and KT, which are dead once the scores are in registers.
+constexpr int kFwdStagedFloats = kTiledMaxHeadDim * (kFwdQueryStride + kFwdKeyStride);
+constexpr int kFwdOverlayFloats =
+    kFwdStagedFloats > kTiledKeys * kFwdProbStride ? kFwdStagedFloats : kTiledKeys * kFwdProbStride;
 
 __device__ __forceinline__ float half_warp_max(float x) {
   for (int offset = 8; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
@@ -347,51 +361,81 @@ __device__ __forceinline__ float half_warp_sum(float x) {
   return x;
 }
 
+// dst[e·stride + r] = row t0 + r, column e of head h of a [B, N, D] tensor, for r < rows_pad and
+// e < e_pad (zero for r ≥ valid or e ≥ d_h). kLanesAlongE consecutive lanes read consecutive columns of
+// one row (coalesced) and the warp's other lanes the next rows, so with stride ≡ 32/kLanesAlongE (mod 32)
+// and rows_pad a multiple of that the 32 stores of a warp fall in 32 distinct banks.
+template <int kLanesAlongE>
+__device__ void stage_transposed(float* dst, int stride, const float* src, const Geometry& geo, int b, int h, int t0,
+                                 int valid, int rows_pad, int e_pad) {
+  for (int idx = threadIdx.x; idx < rows_pad * e_pad; idx += blockDim.x) {
+    const int along = idx % kLanesAlongE, rest = idx / kLanesAlongE;
+    const int r = rest % rows_pad, e = along + kLanesAlongE * (rest / rows_pad);
+    dst[e * stride + r] = r < valid && e < geo.dh ? src[geo.row(b, t0 + r, h) + e] : 0.f;
+  }
+}
+
+// dst[r·stride + e], same rows and zero fill, lanes along e.
+__device__ void stage_rows(float* dst, int stride, const float* src, const Geometry& geo, int b, int h, int t0,
+                           int valid, int rows_pad, int e_pad) {
+  for (int idx = threadIdx.x; idx < rows_pad * e_pad; idx += blockDim.x) {
+    const int r = idx / e_pad, e = idx % e_pad;
+    dst[r * stride + e] = r < valid && e < geo.dh ? src[geo.row(b, t0 + r, h) + e] : 0.f;
+  }
+}
+
+// The union of the windows of queries [first, last] is the contiguous key range [window_start(first),
+// last], so a block of pairs (queries [qa, qb], keys [ka, kb]) holds a valid pair iff it meets it.
+__device__ __forceinline__ bool pairs_meet_windows(const Geometry& geo, int qa, int qb, int ka, int kb) {
+  return qa <= qb && ka <= kb && ka <= qb && kb >= geo.window_start(qa);
+}
+
+// Forward: block (64-query tile, h, b) of 16 × 16 threads. Every key the tile can see (from its first
+// query's window start to its last query: at most 64 + window − 1 ≤ 128) is staged at once, so the
+// scores need no online rescaling. Thread (tx, ty) owns queries 4ty…4ty+3 and keys tx + 16c (c < 8) of
+// the 64 × 128 score tile (dot products QT·KT), keeps scores and softmax statistics in registers
+// (half-warp reductions), writes the probabilities to PT (over the dead QT and KT) and computes O = P·V
+// with columns tx + 16c (c < NB). Warp w's queries 8w…8w+7 see at most 71 consecutive keys: column
+// blocks of 16 keys outside them are skipped in the score product, and P·V runs over those keys only.
+// Masked pairs get probability 0 and their values are skipped, never multiplied by 0.
 template <class Token> size_t tiled_forward_smem_bytes() {
-  const size_t floats = size_t(kTiledMaxHeadDim) * (kTiledQueries + kTiledKeys) + size_t(kTiledKeys) *
-                        (kTiledMaxHeadDim + kTiledQueries) + kTiledQueries + kTiledKeys;
+  const size_t floats = size_t(kFwdOverlayFloats) + size_t(kTiledKeys) * kTiledMaxHeadDim + kTiledQueries + kTiledKeys;
   return floats * sizeof(float) + (kTiledQueries + kTiledKeys) * sizeof(Token);
 }
 
 template <class Params, int NB>  // NB = ⌈d_h/16⌉
-__global__ void __launch_bounds__(kTiledThreads)
+__global__ void __launch_bounds__(kTiledThreads, 2)
     attn_forward_tiled_kernel(float* o, float* lse, const float* q, const float* k, const float* v, Geometry geo,
                               Params params) {
   using Score = typename Params::Score;
   using Token = typename Score::Token;
   constexpr int KB = kTiledKeys / 16;  // key columns per thread
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kTiledQueries;
-  const int dh = geo.dh, tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int dh = geo.dh, tx = threadIdx.x % 16, ty = threadIdx.x / 16, warp = threadIdx.x / kWarp;
   const int i_last = min(i0 + kTiledQueries, geo.N) - 1;
   const int key_lo = geo.window_start(i0), keys = i_last - key_lo + 1;
   const Score pol = params.at(b, h);
 
   extern __shared__ float smem[];
   SmemCursor cur{smem};
-  float* QT = cur.take(kTiledMaxHeadDim * kTiledQueries);  // [d_h][query]
-  float* KT = cur.take(kTiledMaxHeadDim * kTiledKeys);     // [d_h][key]
-  float* V = cur.take(kTiledKeys * kTiledMaxHeadDim);      // [key][d_h] (row stride 64)
-  float* PT = cur.take(kTiledKeys * kTiledQueries);        // [key][query] probabilities
+  float* QT = cur.take(kFwdOverlayFloats);                 // [e][query]
+  float* KT = QT + kTiledMaxHeadDim * kFwdQueryStride;     // [e][key]
+  float* PT = QT;                                          // [key][query], once QT and KT are dead
+  float* V = cur.take(kTiledKeys * kTiledMaxHeadDim);      // [key][e]
   float* sq = cur.take(kTiledQueries + kTiledKeys);        // squared norms: queries, then keys
   Token* Qt = reinterpret_cast<Token*>(cur.at);
   Token* Kt = Qt + kTiledQueries;
 
-  for (int idx = threadIdx.x; idx < kTiledQueries * kTiledMaxHeadDim; idx += kTiledThreads) {
-    const int t = idx / kTiledMaxHeadDim, e = idx % kTiledMaxHeadDim;
-    QT[e * kTiledQueries + t] = i0 + t <= i_last && e < dh ? q[geo.row(b, i0 + t, h) + e] : 0.f;
-  }
-  for (int idx = threadIdx.x; idx < kTiledKeys * kTiledMaxHeadDim; idx += kTiledThreads) {
-    const int t = idx / kTiledMaxHeadDim, e = idx % kTiledMaxHeadDim;
-    const bool in = t < keys && e < dh;
-    KT[e * kTiledKeys + t] = in ? k[geo.row(b, key_lo + t, h) + e] : 0.f;
-    V[idx] = in ? v[geo.row(b, key_lo + t, h) + e] : 0.f;
-  }
+  const int e_pad = (dh + 31) / 32 * 32;
+  stage_transposed<4>(QT, kFwdQueryStride, q, geo, b, h, i0, i_last - i0 + 1, kTiledQueries, e_pad);
+  stage_transposed<32>(KT, kFwdKeyStride, k, geo, b, h, key_lo, keys, kTiledKeys, e_pad);
+  stage_rows(V, kTiledMaxHeadDim, v, geo, b, h, key_lo, keys, kTiledKeys, 16 * NB);
   __syncthreads();
   if (Score::kNeedsNorm) {
     for (int t = threadIdx.x; t < kTiledQueries + kTiledKeys; t += kTiledThreads) {
       const bool query = t < kTiledQueries;
       const float* col = query ? QT + t : KT + (t - kTiledQueries);
-      const int stride = query ? kTiledQueries : kTiledKeys;
+      const int stride = query ? kFwdQueryStride : kFwdKeyStride;
       float s = 0.f;
       for (int e = 0; e < dh; ++e) s += col[e * stride] * col[e * stride];
       sq[t] = s;
@@ -401,19 +445,27 @@ __global__ void __launch_bounds__(kTiledThreads)
   for (int t = threadIdx.x; t < kTiledQueries + kTiledKeys; t += kTiledThreads)
     (t < kTiledQueries ? Qt[t] : Kt[t - kTiledQueries]) = pol.token(Score::kNeedsNorm ? sq[t] : 0.f);
 
+  // This warp's queries and the column blocks that meet their windows (warp-uniform).
+  const int row_first = i0 + 8 * warp, row_last = min(row_first + 7, i_last);
+  unsigned live = 0;
+#pragma unroll
+  for (int c = 0; c < KB; ++c)
+    if (pairs_meet_windows(geo, row_first, row_last, key_lo + 16 * c, key_lo + 16 * c + 15)) live |= 1u << c;
+
   float s[4][KB] = {};
   for (int e = 0; e < dh; ++e) {
-    const float4 l = *reinterpret_cast<const float4*>(QT + e * kTiledQueries + 4 * ty);
+    const float4 l = *reinterpret_cast<const float4*>(QT + e * kFwdQueryStride + 4 * ty);
 #pragma unroll
     for (int c = 0; c < KB; ++c) {
-      const float r = KT[e * kTiledKeys + tx + 16 * c];
+      if (!(live & (1u << c))) continue;
+      const float r = KT[e * kFwdKeyStride + tx + 16 * c];
       s[0][c] += l.x * r;
       s[1][c] += l.y * r;
       s[2][c] += l.z * r;
       s[3][c] += l.w * r;
     }
   }
-  __syncthreads();  // the tokens
+  __syncthreads();  // the tokens are written; QT and KT are read by everyone before PT overwrites them
   float row_max[4], row_sum[4];
 #pragma unroll
   for (int a = 0; a < 4; ++a) {
@@ -423,7 +475,7 @@ __global__ void __launch_bounds__(kTiledThreads)
 #pragma unroll
     for (int c = 0; c < KB; ++c) {
       const int j = key_lo + tx + 16 * c;
-      const bool valid = i <= i_last && j >= lo && j <= i;
+      const bool valid = (live & (1u << c)) && i <= i_last && j >= lo && j <= i;
       s[a][c] = valid ? pol.score(i, j, Qt[t], Kt[tx + 16 * c], s[a][c]) : -INFINITY;
       m = fmaxf(m, s[a][c]);
     }
@@ -431,24 +483,29 @@ __global__ void __launch_bounds__(kTiledThreads)
     float sum = 0.f;
 #pragma unroll
     for (int c = 0; c < KB; ++c) {
-      const float p = s[a][c] == -INFINITY ? 0.f : expf(s[a][c] - m);
-      PT[(tx + 16 * c) * kTiledQueries + t] = p;
-      sum += p;
+      s[a][c] = s[a][c] == -INFINITY ? 0.f : expf(s[a][c] - m);  // the probability from here on
+      sum += s[a][c];
     }
     row_max[a] = m;
     row_sum[a] = half_warp_sum(sum);
   }
+#pragma unroll
+  for (int c = 0; c < KB; ++c)  // one float4 per key; lanes tx of a quarter warp hit 32 distinct banks
+    *reinterpret_cast<float4*>(PT + (tx + 16 * c) * kFwdProbStride + 4 * ty) =
+        make_float4(s[0][c], s[1][c], s[2][c], s[3][c]);
   __syncthreads();
   float out[4][NB] = {};
-  for (int j = 0; j < keys; ++j) {
-    const float4 l = *reinterpret_cast<const float4*>(PT + j * kTiledQueries + 4 * ty);
-    const float p[4] = {l.x, l.y, l.z, l.w};
+  if (row_first <= i_last) {
+    for (int j = geo.window_start(row_first) - key_lo; j <= row_last - key_lo; ++j) {
+      const float4 l = *reinterpret_cast<const float4*>(PT + j * kFwdProbStride + 4 * ty);
+      const float p[4] = {l.x, l.y, l.z, l.w};
 #pragma unroll
-    for (int c = 0; c < NB; ++c) {
-      const float r = V[j * kTiledMaxHeadDim + tx + 16 * c];
+      for (int c = 0; c < NB; ++c) {
+        const float r = V[j * kTiledMaxHeadDim + tx + 16 * c];
 #pragma unroll
-      for (int a = 0; a < 4; ++a)
-        if (p[a] != 0.f) out[a][c] += p[a] * r;
+        for (int a = 0; a < 4; ++a)
+          if (p[a] != 0.f) out[a][c] += p[a] * r;
+      }
     }
   }
 #pragma unroll
@@ -747,6 +804,304 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Backward, tiled: block (64-key tile, h, b) of 8 warps computes every pair of its keys once. The
+// queries that see key tile [j0, j0 + 63] are [j0, last_query(j0 + 63)] (≤ 128 with window ≤ 65); they
+// are taken 32 at a time. Per step:
+//   (a, b) S = Q·Kᵀ and dP = dO·Vᵀ (32 × 64, summed over e): lane l of warp w owns queries 4w…4w+3 and
+//          keys l, l + 32 (QT, GT read as broadcast float4, KT, VT by consecutive lanes);
+//   (pair) PairGrad from the saved lse: p, the cross coefficient x, the self terms, dscore, dc, dβ;
+//          p → PS, x → XS [query][key] and XT [key][query];
+//   (d, e) dV += Pᵀ·dO, dK += Xᵀ·Q (64 × d_h, summed over the step's queries): warp w owns keys
+//          8w…8w+7, lane l columns l, l + 32 (PS, XS broadcast, dO and Q row-major);
+//   (f)    dQ = X·K + (Σ self_q)·q (32 × d_h, summed over the tile's keys): warp w owns queries
+//          4w…4w+3, lane l columns l, l + 32 (XT broadcast, K from KT by consecutive lanes).
+// dk, dv and dlog μ of the tile are complete at the end (column sums of self_k and dscore are reduced
+// across warps in warp order). A query's dq gets terms from its own 64-key tile and, when its window
+// starts earlier, from the previous one: the own tile's part is added to dq here, the previous tile's
+// part (from block t − 1) is written to `carry` and added by add_dq_carry_kernel afterwards. No pair is
+// scored twice and no element has two writers. Each warp skips the pair blocks (4 queries × 32 keys),
+// queries (d, e) and keys (f) outside its windows; a masked coefficient is exactly 0 and skipped, so a
+// masked value is never multiplied by 0.
+constexpr int kBwdTiledKeys = 64, kBwdTiledStep = 32;
+constexpr int kBwdStepStride = kBwdTiledStep + 8;  // QT, GT [e][query], ≡ 8: A operand, staged 4 lanes along e
+constexpr int kBwdKeyStride = kBwdTiledKeys + 1;   // KT, VT [e][key], ≡ 1: staged 32 lanes along e; read along
+                                                   // keys in (a, b) and along e in (f), both conflict-free
+constexpr int kBwdCoefStride = kBwdTiledKeys;      // PS, XS [query][key]: lanes store consecutive keys
+constexpr int kBwdCoefTStride = kBwdTiledStep + 4; // XT [key][query], ≡ 4: float4 stores by lanes over keys
+static_assert(kBwdStepStride % 32 == 8 && kBwdKeyStride % 32 == 1 && kBwdCoefTStride % 32 == 4);
+static_assert(kBwdTiledKeys + kTiledMaxWindow - 1 <= 2 * kBwdTiledKeys, "a query's window spans two key tiles");
+
+template <class Token> size_t tiled_backward_smem_bytes() {
+  const size_t floats = size_t(2) * kTiledMaxHeadDim * kBwdKeyStride       // KT, VT
+                        + size_t(2) * kTiledMaxHeadDim * kBwdStepStride    // QT, GT
+                        + size_t(2) * kBwdTiledStep * kTiledMaxHeadDim     // Qr, Gr
+                        + size_t(2) * kBwdTiledStep * kBwdCoefStride       // PS, XS
+                        + size_t(kBwdTiledKeys) * kBwdCoefTStride          // XT
+                        + 2 * kBwdTiledStep                                // lse, dO·o of the step's queries
+                        + size_t(2) * kWarps * kBwdTiledKeys + 2 * kBwdTiledKeys + 2 * kWarps;  // reductions
+  return floats * sizeof(float) + (kBwdTiledKeys + kBwdTiledStep) * sizeof(Token);
+}
+
+template <class Params, int EB>  // EB = ⌈d_h/32⌉
+__global__ void __launch_bounds__(kTiledThreads, 2)
+    attn_backward_tiled_kernel(float* dq, float* carry, float* dk, float* dv, float* dlog_mu, float* partials,
+                               const float* d_o, const float* o, const float* lse, const float* q, const float* k,
+                               const float* v, Geometry geo, Params params) {
+  using Score = typename Params::Score;
+  using Token = typename Score::Token;
+  const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kBwdTiledKeys;
+  const int dh = geo.dh, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int j_last = min(j0 + kBwdTiledKeys, geo.N) - 1, query_hi = geo.last_query(j_last);
+  const Score pol = params.at(b, h);
+
+  extern __shared__ float smem[];
+  SmemCursor cur{smem};
+  float* KT = cur.take(kTiledMaxHeadDim * kBwdKeyStride);
+  float* VT = cur.take(kTiledMaxHeadDim * kBwdKeyStride);
+  float* QT = cur.take(kTiledMaxHeadDim * kBwdStepStride);
+  float* GT = cur.take(kTiledMaxHeadDim * kBwdStepStride);  // dO, transposed
+  float* Qr = cur.take(kBwdTiledStep * kTiledMaxHeadDim);   // q, row-major
+  float* Gr = cur.take(kBwdTiledStep * kTiledMaxHeadDim);   // dO, row-major
+  float* PS = cur.take(kBwdTiledStep * kBwdCoefStride);
+  float* XS = cur.take(kBwdTiledStep * kBwdCoefStride);
+  float* XT = cur.take(kBwdTiledKeys * kBwdCoefTStride);
+  float* LSEs = cur.take(kBwdTiledStep);
+  float* GOs = cur.take(kBwdTiledStep);                     // dO_i·o_i
+  float* ColSelf = cur.take(kWarps * kBwdTiledKeys);        // per-warp column sums of self_k
+  float* ColScore = cur.take(kWarps * kBwdTiledKeys);       // per-warp column sums of dscore
+  float* KeySelf = cur.take(kBwdTiledKeys);
+  float* KeyScore = cur.take(kBwdTiledKeys);
+  float* Red = cur.take(2 * kWarps);
+  Token* Kt = reinterpret_cast<Token*>(cur.at);
+  Token* Qt = Kt + kBwdTiledKeys;
+
+  const int e_pad = 32 * EB;
+  stage_transposed<32>(KT, kBwdKeyStride, k, geo, b, h, j0, j_last - j0 + 1, kBwdTiledKeys, e_pad);
+  stage_transposed<32>(VT, kBwdKeyStride, v, geo, b, h, j0, j_last - j0 + 1, kBwdTiledKeys, e_pad);
+  __syncthreads();
+  for (int t = warp; t < kBwdTiledKeys; t += kWarps) {
+    float sq = 0.f;
+    if (Score::kNeedsNorm) {
+      for (int e = lane; e < dh; e += kWarp) sq += KT[e * kBwdKeyStride + t] * KT[e * kBwdKeyStride + t];
+      sq = warp_sum(sq);
+    }
+    if (lane == 0) Kt[t] = pol.token(sq);
+  }
+
+  const bool want_dq = dq != nullptr, want_dk = dk != nullptr, want_dv = dv != nullptr;
+  float dv_acc[8][EB] = {}, dk_acc[8][EB] = {};  // keys 8·warp + a, columns lane + 32c
+  float col_self[2] = {}, col_score[2] = {};     // keys lane + 32c, this warp's queries
+  float dc_acc = 0.f, dbeta_acc = 0.f;
+  const int key_first = j0 + 8 * warp, key_last = min(key_first + 7, j_last);  // (d, e) rows of this warp
+
+  for (int step0 = j0; step0 <= query_hi; step0 += kBwdTiledStep) {
+    const int rows = min(kBwdTiledStep, query_hi - step0 + 1);
+    __syncthreads();  // the previous step's operands and coefficients are no longer read (and Kt is written)
+    stage_transposed<4>(QT, kBwdStepStride, q, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
+    stage_transposed<4>(GT, kBwdStepStride, d_o, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
+    stage_rows(Qr, kTiledMaxHeadDim, q, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
+    stage_rows(Gr, kTiledMaxHeadDim, d_o, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
+    __syncthreads();
+    for (int t = warp; t < rows; t += kWarps) {
+      const long at = geo.row(b, step0 + t, h);
+      float sq = 0.f, go = 0.f;
+      for (int e = lane; e < dh; e += kWarp) {
+        sq += Qr[t * kTiledMaxHeadDim + e] * Qr[t * kTiledMaxHeadDim + e];
+        go += Gr[t * kTiledMaxHeadDim + e] * o[at + e];
+      }
+      if (Score::kNeedsNorm) sq = warp_sum(sq);
+      go = warp_sum(go);
+      if (lane == 0) {
+        Qt[t] = pol.token(sq);
+        LSEs[t] = lse[geo.lse_index(b, step0 + t, h)];
+        GOs[t] = go;
+      }
+    }
+    __syncthreads();
+
+    // (a, b): this warp's queries against the 32-key blocks that meet their windows.
+    const int row_first = step0 + 4 * warp, row_last = min(row_first + 3, step0 + rows - 1);
+    unsigned live = 0;
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      if (pairs_meet_windows(geo, row_first, row_last, j0 + 32 * c, min(j0 + 32 * c + 31, j_last))) live |= 1u << c;
+    float dot_qk[4][2] = {}, dot_gv[4][2] = {};
+    if (live) {
+      for (int e = 0; e < dh; ++e) {
+        const float4 qa = *reinterpret_cast<const float4*>(QT + e * kBwdStepStride + 4 * warp);
+        const float4 ga = *reinterpret_cast<const float4*>(GT + e * kBwdStepStride + 4 * warp);
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          if (!(live & (1u << c))) continue;
+          const float kr = KT[e * kBwdKeyStride + lane + 32 * c], vr = VT[e * kBwdKeyStride + lane + 32 * c];
+          dot_qk[0][c] += qa.x * kr;
+          dot_qk[1][c] += qa.y * kr;
+          dot_qk[2][c] += qa.z * kr;
+          dot_qk[3][c] += qa.w * kr;
+          dot_gv[0][c] += ga.x * vr;
+          dot_gv[1][c] += ga.y * vr;
+          dot_gv[2][c] += ga.z * vr;
+          dot_gv[3][c] += ga.w * vr;
+        }
+      }
+    }
+
+    // Pair gradients; dot_qk is reused for the cross coefficients.
+    float row_self[4] = {};
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const int t = 4 * warp + a, i = step0 + t;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int j = j0 + lane + 32 * c;
+        const bool valid = (live & (1u << c)) && i <= row_last && j <= j_last && j >= geo.window_start(i) && j <= i;
+        float p = 0.f, cross = 0.f;
+        if (valid) {
+          const PairGrad pg = pol.pair_grad(i, j, Qt[t], Kt[lane + 32 * c], dot_qk[a][c], dot_gv[a][c], LSEs[t],
+                                            GOs[t]);
+          p = pg.p;
+          cross = pg.cross;
+          row_self[a] += pg.self_q;
+          col_self[c] += pg.self_k;
+          col_score[c] += pg.dscore;
+          dc_acc -= pg.dc;
+          dbeta_acc -= pg.dbeta;
+        }
+        PS[t * kBwdCoefStride + lane + 32 * c] = p;
+        XS[t * kBwdCoefStride + lane + 32 * c] = cross;
+        dot_qk[a][c] = cross;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < 2; ++c)  // one float4 per key; lanes of a quarter warp hit 32 distinct banks
+      *reinterpret_cast<float4*>(XT + (lane + 32 * c) * kBwdCoefTStride + 4 * warp) =
+          make_float4(dot_qk[0][c], dot_qk[1][c], dot_qk[2][c], dot_qk[3][c]);
+    if (want_dq)
+#pragma unroll
+      for (int a = 0; a < 4; ++a) row_self[a] = warp_sum(row_self[a]);
+    __syncthreads();
+
+    // (d, e): dV and dK of keys 8·warp … over the step's queries that see them.
+    if ((want_dv || want_dk) && key_first <= j_last) {
+      const int t_lo = max(key_first, step0) - step0, t_hi = min(geo.last_query(key_last), step0 + rows - 1) - step0;
+      for (int t = t_lo; t <= t_hi; ++t) {
+        const float4 p_lo = *reinterpret_cast<const float4*>(PS + t * kBwdCoefStride + 8 * warp);
+        const float4 p_hi = *reinterpret_cast<const float4*>(PS + t * kBwdCoefStride + 8 * warp + 4);
+        const float4 x_lo = *reinterpret_cast<const float4*>(XS + t * kBwdCoefStride + 8 * warp);
+        const float4 x_hi = *reinterpret_cast<const float4*>(XS + t * kBwdCoefStride + 8 * warp + 4);
+        const float p[8] = {p_lo.x, p_lo.y, p_lo.z, p_lo.w, p_hi.x, p_hi.y, p_hi.z, p_hi.w};
+        const float x[8] = {x_lo.x, x_lo.y, x_lo.z, x_lo.w, x_hi.x, x_hi.y, x_hi.z, x_hi.w};
+#pragma unroll
+        for (int c = 0; c < EB; ++c) {
+          const float g = Gr[t * kTiledMaxHeadDim + lane + 32 * c], qv = Qr[t * kTiledMaxHeadDim + lane + 32 * c];
+#pragma unroll
+          for (int a = 0; a < 8; ++a) {
+            if (p[a] != 0.f) dv_acc[a][c] += p[a] * g;
+            if (x[a] != 0.f) dk_acc[a][c] += x[a] * qv;
+          }
+        }
+      }
+    }
+
+    // (f): dq of this warp's queries over the tile's keys in their windows.
+    if (want_dq && row_first <= row_last) {
+      float dq_acc[4][EB] = {};
+      const int k_lo = max(geo.window_start(row_first), j0) - j0, k_hi = min(row_last, j_last) - j0;
+      for (int kk = k_lo; kk <= k_hi; ++kk) {
+        const float4 xa = *reinterpret_cast<const float4*>(XT + kk * kBwdCoefTStride + 4 * warp);
+        const float x[4] = {xa.x, xa.y, xa.z, xa.w};
+#pragma unroll
+        for (int c = 0; c < EB; ++c) {
+          const float kr = KT[(lane + 32 * c) * kBwdKeyStride + kk];
+#pragma unroll
+          for (int a = 0; a < 4; ++a)
+            if (x[a] != 0.f) dq_acc[a][c] += x[a] * kr;
+        }
+      }
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+        const int t = 4 * warp + a, i = step0 + t;
+        if (i > row_last) continue;
+        const long at = geo.row(b, i, h);
+        const bool own_tile = i < j0 + kBwdTiledKeys;
+#pragma unroll
+        for (int c = 0; c < EB; ++c) {
+          const int e = lane + 32 * c;
+          if (e >= dh) continue;
+          const float value = dq_acc[a][c] + row_self[a] * Qr[t * kTiledMaxHeadDim + e];
+          if (own_tile)
+            dq[at + e] += value;
+          else
+            carry[at + e] = value;
+        }
+      }
+    }
+  }
+
+  // Column sums across warps in warp order, then the key-side outputs.
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    ColSelf[warp * kBwdTiledKeys + lane + 32 * c] = col_self[c];
+    ColScore[warp * kBwdTiledKeys + lane + 32 * c] = col_score[c];
+  }
+  __syncthreads();
+  if (threadIdx.x < kBwdTiledKeys) {
+    float self = 0.f, score = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      self += ColSelf[w * kBwdTiledKeys + threadIdx.x];
+      score += ColScore[w * kBwdTiledKeys + threadIdx.x];
+    }
+    KeySelf[threadIdx.x] = self;
+    KeyScore[threadIdx.x] = score;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int a = 0; a < 8; ++a) {
+    const int t = 8 * warp + a, j = j0 + t;
+    if (j > j_last) break;
+    const long at = geo.row(b, j, h);
+#pragma unroll
+    for (int c = 0; c < EB; ++c) {
+      const int e = lane + 32 * c;
+      if (e >= dh) continue;
+      if (dk) dk[at + e] += dk_acc[a][c] + KeySelf[t] * KT[e * kBwdKeyStride + t];
+      if (dv) dv[at + e] += dv_acc[a][c];
+    }
+    if (dlog_mu && lane == 0) dlog_mu[((long)b * geo.N + j) * geo.H + h] += KeyScore[t];
+  }
+  if (Params::kHasParamGrads && partials) {
+    dc_acc = warp_sum(dc_acc);
+    dbeta_acc = warp_sum(dbeta_acc);
+    if (lane == 0) {
+      Red[warp] = dc_acc;
+      Red[kWarps + warp] = dbeta_acc;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float dc_sum = 0.f, dbeta_sum = 0.f;
+      for (int w = 0; w < kWarps; ++w) {
+        dc_sum += Red[w];
+        dbeta_sum += Red[kWarps + w];
+      }
+      const long blocks = (long)gridDim.x * gridDim.y * gridDim.z;
+      const long block = ((long)b * gridDim.y + h) * gridDim.x + blockIdx.x;
+      partials[block] = dc_sum;
+      partials[blocks + block] = dbeta_sum;
+    }
+  }
+}
+
+// dq += carry for the queries whose window starts in the key tile before their own (the part the tiled
+// backward's block t − 1 wrote); one thread per element of dq.
+__global__ void add_dq_carry_kernel(float* dq, const float* carry, Geometry geo, long elements) {
+  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= elements) return;
+  const int i = (int)((idx / geo.D) % geo.N);
+  const int tile_start = i - i % kBwdTiledKeys;
+  if (geo.window_start(i) < tile_start) dq[idx] += carry[idx];
+}
+
 // dc += Σ_blocks partials[block]; dβ_h += Σ_{blocks of head h} partials[blocks + block]. Block x < H
 // reduces dβ_x, block H reduces dc; fixed strided assignment and a fixed tree: deterministic.
 __global__ void __launch_bounds__(kReduceThreads)
@@ -839,6 +1194,26 @@ void launch_forward(float* o, float* lse, const float* q, const float* k, const 
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
+// The tiled kernels serve every preset; wider windows and heads (and causal_attn beyond N = 65) stream.
+bool tiled_kernels_apply(const Geometry& geo) { return geo.window <= kTiledMaxWindow && geo.dh <= kTiledMaxHeadDim; }
+
+// Workspace layout: dc and dβ partials (2 per block of whichever backward runs), then, for the tiled
+// backward, dq's carry [B, N, D].
+size_t param_partials_floats(int B, int H, int N) { return size_t(2) * B * H * tiles(N, kBwdQueryTile); }
+static_assert(kBwdQueryTile <= kBwdTiledKeys, "the partials region fits either backward's blocks");
+
+template <class Params, int EB>
+void launch_tiled_backward(float* dq, float* dk, float* dv, float* dlog_mu, float* partials, float* carry,
+                           const float* d_o, const float* o, const float* lse, const float* q, const float* k,
+                           const float* v, const Geometry& geo, const Params& params, int B, cudaStream_t stream) {
+  const size_t smem = tiled_backward_smem_bytes<typename Params::Score::Token>();
+  prepare_smem(attn_backward_tiled_kernel<Params, EB>, smem);
+  const dim3 grid(tiles(geo.N, kBwdTiledKeys), geo.H, B);
+  attn_backward_tiled_kernel<Params, EB><<<grid, kTiledThreads, smem, stream>>>(dq, carry, dk, dv, dlog_mu, partials,
+                                                                               d_o, o, lse, q, k, v, geo, params);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
 template <class Params>
 void launch_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu, const float* d_o,
                      const float* o, const float* lse, const float* q, const float* k, const float* v,
@@ -847,15 +1222,41 @@ void launch_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, f
   const bool want_params = Params::kHasParamGrads && (dc || dbeta);
   if (want_params && !workspace)
     throw std::invalid_argument("local_attn_backward (cuda): dc/dbeta need a workspace");
+  float* partials = want_params ? workspace : nullptr;
+
+  // Tiled: one kernel, plus dq's carry and the parameter reduction. It needs the workspace for dq's carry.
+  if (tiled_kernels_apply(geo) && (workspace || !dq)) {
+    float* carry = dq ? workspace + param_partials_floats(B, geo.H, geo.N) : nullptr;
+    if (geo.dh <= 32)
+      launch_tiled_backward<Params, 1>(dq, dk, dv, dlog_mu, partials, carry, d_o, o, lse, q, k, v, geo, params, B,
+                                       stream);
+    else
+      launch_tiled_backward<Params, 2>(dq, dk, dv, dlog_mu, partials, carry, d_o, o, lse, q, k, v, geo, params, B,
+                                       stream);
+    if (want_params) {
+      reduce_param_partials_kernel<<<geo.H + 1, kReduceThreads, 0, stream>>>(dc, dbeta, partials, B, geo.H,
+                                                                              tiles(geo.N, kBwdTiledKeys));
+      MUSE_CUDA_CHECK(cudaGetLastError());
+    }
+    if (dq) {
+      const long elements = (long)B * geo.N * geo.D;
+      const int threads = 256;
+      add_dq_carry_kernel<<<(unsigned)((elements + threads - 1) / threads), threads, 0, stream>>>(dq, carry, geo,
+                                                                                                 elements);
+      MUSE_CUDA_CHECK(cudaGetLastError());
+    }
+    return;
+  }
+
   if (dq || want_params) {
     const size_t smem = backward_query_smem_bytes<Token>(geo.dh);
     prepare_smem(attn_backward_query_kernel<Params>, smem);
     const dim3 grid(tiles(geo.N, kBwdQueryTile), geo.H, B);
-    attn_backward_query_kernel<Params><<<grid, kThreads, smem, stream>>>(
-        dq, want_params ? workspace : nullptr, d_o, o, lse, q, k, v, geo, params);
+    attn_backward_query_kernel<Params><<<grid, kThreads, smem, stream>>>(dq, partials, d_o, o, lse, q, k, v, geo,
+                                                                         params);
     MUSE_CUDA_CHECK(cudaGetLastError());
     if (want_params) {
-      reduce_param_partials_kernel<<<geo.H + 1, kReduceThreads, 0, stream>>>(dc, dbeta, workspace, B, geo.H,
+      reduce_param_partials_kernel<<<geo.H + 1, kReduceThreads, 0, stream>>>(dc, dbeta, partials, B, geo.H,
                                                                               (int)grid.x);
       MUSE_CUDA_CHECK(cudaGetLastError());
     }
@@ -885,7 +1286,9 @@ void windowed_attn_forward(float* o, float* lse, const float* q, const float* k,
 
 size_t windowed_attn_workspace_floats(const WindowedAttnArgs& args) {
   if (args.B <= 0 || args.N <= 0 || args.H <= 0) return 0;
-  return size_t(2) * args.B * args.H * tiles(args.N, kBwdQueryTile);
+  const size_t partials = param_partials_floats(args.B, args.H, args.N);
+  if (args.D % args.H != 0 || !tiled_kernels_apply(geometry(args))) return partials;
+  return partials + size_t(args.B) * args.N * args.D;
 }
 
 void windowed_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu,

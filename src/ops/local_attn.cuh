@@ -1,7 +1,8 @@
 // CUDA windowed hyperbolic attention (SPEC §2.5, §2.3 alibi, §2.7 key-gate bias, §6 item 3): the same
-// contract as ops/local_attn.h on device pointers, fp32 storage and arithmetic. Flash-style: one block
-// per (b, h, tile of queries), keys streamed through shared memory 32 at a time, online softmax; the
-// backward recomputes scores from the saved lse. See docs/kernels/attention.md.
+// contract as ops/local_attn.h on device pointers, fp32 storage and arithmetic. Flash-style: for
+// window ≤ 65 and d_h ≤ 64 (every preset) register-tiled kernels on 64-token tiles (the backward scores
+// each pair once, per key tile); otherwise keys streamed through shared memory 32 at a time with an online
+// softmax. The backward recomputes scores from the saved lse. See docs/kernels/attention.md.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -22,14 +23,16 @@ void local_attn_forward(float* o, float* lse, const float* q, const float* k, co
 void local_attn_forward(float* o, float* lse, const float* q, const float* k, const float* v, const float* c,
                         const float* beta, const float* log_mu, const LocalAttnConfig& cfg, cudaStream_t stream = 0);
 
-// Floats of device workspace local_attn_backward needs for its dc/dβ partials (0 when B·N = 0).
+// Floats of device workspace local_attn_backward needs: its dc/dβ partials, and with window ≤ 65 and
+// d_h ≤ 64 also dq's carry between key tiles, B·N·D floats (0 when B·N = 0).
 size_t local_attn_backward_workspace_floats(const LocalAttnConfig& cfg);
 
 // Accumulates (+=) into dq, dk, dv [B, N, D], dc (one float), dbeta [H] and dlog_mu [B, N, H]; each may
 // be null (dlog_mu is ignored when log_mu is null). workspace: local_attn_backward_workspace_floats(cfg)
-// floats of device memory, needed only when dc or dbeta is non-null. dc and dβ are reduced in a fixed
-// order (per-block partials, then one reduction kernel), so results are run-to-run deterministic;
-// every other gradient element is written by exactly one thread.
+// floats of device memory; required when dc or dbeta is non-null. Null is accepted otherwise, at the
+// price of the slower streaming kernels when dq is requested. dc and dβ are reduced in a fixed order
+// (per-block partials, then one reduction kernel) and no atomics are used, so results are run-to-run
+// deterministic: every other gradient element is written by one thread per kernel, in a fixed kernel order.
 void local_attn_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, float* dlog_mu, const float* d_o,
                          const float* o, const float* lse, const float* q, const float* k, const float* v, float c,
                          const float* beta, const float* log_mu, const LocalAttnConfig& cfg, float* workspace,

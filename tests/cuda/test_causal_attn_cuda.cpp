@@ -111,6 +111,9 @@ TEST(causal_attn_cuda, odd_shapes_match_cpu) {
   check_case({1, 100, 256, 2, false});       // d_h = 128 (> 48 KiB shared memory)
   check_case({1, 65, 400, 2, true});         // d_h = 200
   check_case({2, 33, 5, 5, true});           // d_h = 1
+  check_case({2, 64, 512, 8, true});         // N = 64 and 65: the widest window of the tiled forward
+  check_case({1, 65, 64, 1, false});
+  check_case({1, 66, 64, 1, true});          // and the first beyond it
 }
 
 TEST(causal_attn_cuda, partial_gradients_match_cpu) {

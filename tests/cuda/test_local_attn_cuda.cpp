@@ -64,9 +64,11 @@ std::string describe(const Case& cs) {
          (c.alibi ? " +alibi" : "") + (cs.gate ? " +gate" : "") + " qk_std " + std::to_string(cs.qk_std);
 }
 
-// Which gradients a backward call asks for.
+// Which gradients a backward call asks for, and whether it gets a workspace (without one, and without dc and
+// dβ, the streaming kernels run instead of the tiled backward).
 struct Wanted {
   bool dq = true, dk = true, dv = true, dc = true, dbeta = true, dlog_mu = true;
+  bool workspace = true;
 };
 
 // Inputs (rounded to float once; the double reference runs on the same rounded values), CPU float and
@@ -126,13 +128,13 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}) {
 
   DeviceBuffer<float> gdo(d_o), gocpu(o), glsecpu(lse), gdq(dq0), gdk(dk0), gdv(dv0), gdc(dc0), gdbeta(dbeta0),
       gdlog_mu(dlog_mu0);
-  DeviceBuffer<float> workspace(cuda::local_attn_backward_workspace_floats(cfg));
+  DeviceBuffer<float> workspace(want.workspace ? cuda::local_attn_backward_workspace_floats(cfg) : 0);
   auto run_gpu_backward = [&] {
     cuda::local_attn_backward(want.dq ? gdq.get() : nullptr, want.dk ? gdk.get() : nullptr,
                               want.dv ? gdv.get() : nullptr, want.dc ? gdc.get() : nullptr,
                               want.dbeta ? gdbeta.get() : nullptr, want.dlog_mu ? gdlog_mu.get() : nullptr, gdo.get(),
                               gocpu.get(), glsecpu.get(), gq.get(), gk.get(), gv.get(), c, gbeta.get(), glog_mu_ptr,
-                              cfg, workspace.get());
+                              cfg, want.workspace ? workspace.get() : nullptr);
   };
   run_gpu_backward();
   expect_matches(gdq.download(), dq, dq0, dqd, kGradRel, "dq", cs.abs_floor);
@@ -142,15 +144,22 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}) {
   expect_matches(gdc.download(), dc, dc0, dcd, kParamRel, "dc", cs.abs_floor);
   expect_matches(gdbeta.download(), dbeta, dbeta0, dbetad, kParamRel, "dbeta", cs.abs_floor);
 
-  // The fixed-order reductions make a second call add exactly the same amounts again: reset and rerun.
-  if (want.dc || want.dbeta) {
-    const auto dc_first = gdc.download(), dbeta_first = gdbeta.download();
-    gdc.upload(dc0);
-    gdbeta.upload(dbeta0);
-    run_gpu_backward();
-    EXPECT_EQ(gdc.download(), dc_first) << "dc is not run-to-run deterministic";
-    EXPECT_EQ(gdbeta.download(), dbeta_first) << "dbeta is not run-to-run deterministic";
-  }
+  // No atomics and fixed-order reductions: a second call adds exactly the same amounts again.
+  const auto dq_first = gdq.download(), dk_first = gdk.download(), dv_first = gdv.download(),
+             dc_first = gdc.download(), dbeta_first = gdbeta.download(), dlog_mu_first = gdlog_mu.download();
+  gdq.upload(dq0);
+  gdk.upload(dk0);
+  gdv.upload(dv0);
+  gdc.upload(dc0);
+  gdbeta.upload(dbeta0);
+  gdlog_mu.upload(dlog_mu0);
+  run_gpu_backward();
+  EXPECT_EQ(gdq.download(), dq_first) << "dq is not run-to-run deterministic";
+  EXPECT_EQ(gdk.download(), dk_first) << "dk is not run-to-run deterministic";
+  EXPECT_EQ(gdv.download(), dv_first) << "dv is not run-to-run deterministic";
+  EXPECT_EQ(gdc.download(), dc_first) << "dc is not run-to-run deterministic";
+  EXPECT_EQ(gdbeta.download(), dbeta_first) << "dbeta is not run-to-run deterministic";
+  EXPECT_EQ(gdlog_mu.download(), dlog_mu_first) << "dlog_mu is not run-to-run deterministic";
   MUSE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
@@ -168,8 +177,8 @@ LocalAttnConfig config(int B, int N, int D, int H, int window, bool sliding, boo
 
 }  // namespace
 
-// phase8-small: D = 512, H = 8 (d_h = 64), W = 64; N = 150 spans three forward tiles (64) and five backward
-// tiles (32), and W does not divide N.
+// phase8-small: D = 512, H = 8 (d_h = 64), W = 64; N = 150 spans three 64-token tiles (a partial last one,
+// whose queries' windows start in the tile before), and W does not divide N.
 TEST(local_attn_cuda, phase8_small_shape_matches_cpu) {
   MUSE_REQUIRE_GPU();
   check_case({config(2, 150, 512, 8, 64, true, true), true});
@@ -178,7 +187,7 @@ TEST(local_attn_cuda, phase8_small_shape_matches_cpu) {
 }
 
 // Every combination of mode × alibi × gate at an odd head width (d_h = 17, D = 51) with W = 5 not
-// dividing N = 37 (which crosses a 32-token backward tile).
+// dividing N = 37 (which crosses a 32-query step of the tiled backward).
 TEST(local_attn_cuda, all_modes_at_odd_head_width_match_cpu) {
   MUSE_REQUIRE_GPU();
   for (bool sliding : {true, false})
@@ -199,6 +208,33 @@ TEST(local_attn_cuda, edge_shapes_match_cpu) {
   check_case({config(1, 100, 256, 2, 70, true, true), true});    // d_h = 128 (> 48 KiB shared memory)
   check_case({config(1, 65, 400, 2, 33, false, true), true});    // d_h = 200
   check_case({config(1, 97, 45, 5, 16, true, true), true});      // d_h = 9
+}
+
+// The tiled kernels (window ≤ 65, d_h ≤ 64) work on 64-token tiles: a query's window reaches into the
+// previous tile (dq's carry), the tiled backward takes a key tile's queries 32 at a time (up to 128), and
+// each warp skips pair blocks outside its windows. Shapes around those boundaries, in both modes.
+TEST(local_attn_cuda, tile_boundaries_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (bool sliding : {true, false}) {
+    check_case({config(2, 64, 128, 2, 64, sliding, true), true});   // N = one tile, W = N
+    check_case({config(1, 65, 128, 2, 64, sliding, false), true});  // one query in a second tile
+    check_case({config(1, 128, 64, 4, 65, sliding, true), true});   // W = 65: widest tiled window
+    check_case({config(1, 129, 64, 2, 64, sliding, true), false});  // N = 2·64 + 1
+    check_case({config(2, 200, 64, 4, 7, sliding, true), true});    // block mode: blocks of 7 straddle tiles
+    check_case({config(1, 47, 64, 2, 33, sliding, false), true});   // N < 64, not a multiple of W
+    check_case({config(1, 190, 32, 1, 48, sliding, false), true});  // d_h = 32 (one column per lane)
+    check_case({config(2, 150, 64, 4, 64, sliding, true), true});   // d_h = 16 (tiny preset)
+  }
+  check_case({config(1, 130, 64, 1, 66, true, true), true});  // d_h = 64, W = 66: streaming kernels
+}
+
+// Without a workspace (and so without dc and dβ) the backward falls back to the streaming kernels.
+TEST(local_attn_cuda, backward_without_workspace_matches_cpu) {
+  MUSE_REQUIRE_GPU();
+  Wanted no_workspace;
+  no_workspace.dc = no_workspace.dbeta = no_workspace.workspace = false;
+  check_case({config(2, 150, 512, 8, 64, true, true), true}, no_workspace);
+  check_case({config(2, 37, 51, 3, 5, false, false), true}, no_workspace);
 }
 
 // Tangent norms 2–6 (ρ up to ~20, the regime where dc's terms cancel) and subsets of the gradients:
