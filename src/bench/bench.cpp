@@ -16,6 +16,10 @@
 #include "ops/htt.h"
 #include "train/optimizer.h"
 #include "train/trainer.h"
+#ifdef MUSE_HAVE_CUDA
+#include "common/cuda_check.cuh"
+#include "infer/cuda_decoder.h"
+#endif
 
 namespace muse {
 
@@ -78,43 +82,93 @@ double decode_flops(const ModelConfig& c, int B, int context) {
 
 namespace {
 
-// Prefills `batch` streams with random prompts of `context` tokens, then times single decode steps of all
-// streams together.
-BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
-  if (o.context < 1) throw std::invalid_argument("--context must be at least 1");
-  check_generation_length(config, o.context, o.warmup + o.iters);
-  Model<float> model(config);
-  model.init(1);
-  Decoder<float> decoder(model, o.batch);
-  Rng rng(2);
-  std::vector<int32_t> prompt(o.context);
-  for (int s = 0; s < o.batch; ++s) {
-    for (auto& id : prompt) id = int32_t(rng.below(config.vocab_size));
-    decoder.prefill(s, prompt.data(), o.context);
-  }
-  std::vector<int32_t> tokens(o.batch);
-  auto step = [&] {
-    for (auto& id : tokens) id = int32_t(rng.below(config.vocab_size));
-    decoder.step(tokens.data());
-  };
-  const double median = median_seconds(o.warmup, o.iters, step);
+// The fields of a decode record, from the median seconds per step of all streams.
+BenchRecord decode_record(const BenchOptions& o, const ModelConfig& config, double median_s, long long parameters) {
   BenchRecord r;
   r.preset = o.preset;
   r.mode = o.mode;
-  r.device = "cpu";
   r.batch = o.batch;
   r.seq = o.context;
   r.context = o.context;
   r.threads = omp_get_max_threads();
   r.iters = o.iters;
-  r.median_ms = median * 1e3;
-  r.tokens_per_s = o.batch / median;
-  r.tokens_per_s_per_stream = 1 / median;
-  r.peak_mem_mb = peak_resident_mb();
+  r.median_ms = median_s * 1e3;
+  r.tokens_per_s = o.batch / median_s;
+  r.tokens_per_s_per_stream = 1 / median_s;
   r.gflop_per_iter = decode_flops(config, o.batch, o.context) / 1e9;
-  r.parameters = (long long)model.table().count();
+  r.parameters = parameters;
   return r;
 }
+
+// Random prompts of `context` tokens, one per stream, the same for either device.
+template <class Prefill>
+void prefill_random_prompts(const BenchOptions& o, const ModelConfig& config, Rng& rng, Prefill&& prefill) {
+  std::vector<int32_t> prompt(o.context);
+  for (int s = 0; s < o.batch; ++s) {
+    for (auto& id : prompt) id = int32_t(rng.below(config.vocab_size));
+    prefill(s, prompt);
+  }
+}
+
+// Prefills `batch` streams with random prompts of `context` tokens, then times single decode steps of all
+// streams together.
+BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
+  Model<float> model(config);
+  model.init(1);
+  Decoder<float> decoder(model, o.batch);
+  Rng rng(2);
+  prefill_random_prompts(o, config, rng,
+                         [&](int s, const std::vector<int32_t>& ids) { decoder.prefill(s, ids.data(), o.context); });
+  std::vector<int32_t> tokens(o.batch);
+  auto step = [&] {
+    for (auto& id : tokens) id = int32_t(rng.below(config.vocab_size));
+    decoder.step(tokens.data());
+  };
+  BenchRecord r = decode_record(o, config, median_seconds(o.warmup, o.iters, step), (long long)model.table().count());
+  r.device = "cpu";
+  r.peak_mem_mb = peak_resident_mb();
+  return r;
+}
+
+#ifdef MUSE_HAVE_CUDA
+size_t device_bytes_in_use() {
+  size_t free_bytes = 0, total_bytes = 0;
+  MUSE_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return total_bytes - free_bytes;
+}
+
+// The same measurement with the GPU decoder (infer/cuda_decoder.h): a timed step is one CUDA graph of the
+// step's kernels and a synchronisation, with the logits left on the device (a sampler on the host would add
+// their copy). Memory: the device memory the run holds (weights, E, states, step buffers).
+BenchRecord run_cuda_decode_bench(const BenchOptions& o, const ModelConfig& config) {
+  MUSE_CUDA_CHECK(cudaFree(nullptr));  // create the context first, so the baseline excludes it
+  const size_t baseline = device_bytes_in_use();
+  Model<float> model(config);
+  model.init(1);
+  cuda::Decoder decoder(model, o.batch);
+  Rng rng(2);
+  prefill_random_prompts(o, config, rng,
+                         [&](int s, const std::vector<int32_t>& ids) { decoder.prefill(s, ids.data(), o.context); });
+  std::vector<int32_t> tokens(o.batch);
+  auto step = [&] {
+    for (auto& id : tokens) id = int32_t(rng.below(config.vocab_size));
+    decoder.step(tokens.data());
+    MUSE_CUDA_CHECK(cudaStreamSynchronize(decoder.stream()));
+  };
+  // The GPU head is the product with the materialised E, not the factored one decode_flops counts for HTT.
+  ModelConfig counted = config;
+  counted.embedding = EmbeddingKind::dense;
+  BenchRecord r = decode_record(o, counted, median_seconds(o.warmup, o.iters, step), (long long)model.table().count());
+  cudaDeviceProp prop{};
+  int device = 0;
+  MUSE_CUDA_CHECK(cudaGetDevice(&device));
+  MUSE_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  r.device = std::string("cuda (") + prop.name + ")";
+  r.gpu_math = "fp32";  // the decode kernels' arithmetic; --gpu-math sets the forward/train GEMMs only
+  r.peak_mem_mb = double(device_bytes_in_use() - baseline) / double(1 << 20);
+  return r;
+}
+#endif
 
 }  // namespace
 
@@ -140,11 +194,15 @@ BenchRecord run_bench(const BenchOptions& o) {
   if (o.batch < 1 || o.seq < 1 || o.iters < 1)
     throw std::invalid_argument("--batch, --seq and --iters must be positive");
   const ModelConfig config = resolve_model_config(o.preset, "", o.overrides);
-  if (resolve_device(o.device) == "cuda") {
-    if (o.mode == "decode")
-      throw std::invalid_argument("--mode decode runs on the CPU in this version: add --device cpu");
+  if (o.mode == "decode") {
+    if (o.context < 1) throw std::invalid_argument("--context must be at least 1");
+    check_generation_length(config, o.context, o.warmup + o.iters);
+  }
+  // The GPU decoder serves Phase 7/8 models; auto decodes arch = gpt (a growing KV cache) on the CPU.
+  const bool cpu_decode_only = o.mode == "decode" && o.device == "auto" && config.arch == Arch::gpt;
+  if (resolve_device(o.device) == "cuda" && !cpu_decode_only) {
 #ifdef MUSE_HAVE_CUDA
-    return run_cuda_bench(o, config);
+    return o.mode == "decode" ? run_cuda_decode_bench(o, config) : run_cuda_bench(o, config);
 #endif
   }
   if (o.mode == "decode") return run_decode_bench(o, config);

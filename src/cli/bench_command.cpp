@@ -21,7 +21,7 @@ void add_bench_command(CLI::App& app) {
       "Throughput (median tokens/s) and peak memory of forward passes, train steps or decode steps, or a\n"
       "tokenizer's encoding speed (--tokenizer). --mode decode prefills --batch streams with --context random\n"
       "tokens each, then times single recurrent decode steps of all streams together: tokens/s in total and\n"
-      "per stream.");
+      "per stream (on the GPU: one CUDA graph per step, fp32, logits left on the device).");
   cmd->add_option("--preset,-p", o->preset, "Preset to benchmark (required unless --tokenizer is given)");
   cmd->add_option("--tokenizer", *tokenizer_spec,
                   "Benchmark this tokenizer instead (byte, gpt2, spm:PATH): single-thread encode/decode MB/s on --text");
@@ -37,7 +37,9 @@ void add_bench_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--warmup", o->warmup, "Untimed iterations first")->capture_default_str();
   cmd->add_option("--iters", o->iters, "Timed iterations (the median is reported)")->capture_default_str();
-  add_device_flag(cmd, o->device, "the GPU when one is visible; decode runs on the CPU in this version");
+  add_device_flag(cmd, o->device,
+                  "the GPU when one is visible; decode of arch = gpt, whose KV cache only the CPU decoder keeps,\n"
+                  "runs on the CPU");
   add_gpu_math_flag(cmd, o->gpu_math);
   cmd->add_flag("--json", *as_json, "Print one JSON record");
   cmd->add_flag("--profile", o->profile,

@@ -2,13 +2,19 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/device_flags.h"
 #include "cli/generation_flags.h"
+#include "common/device.h"
 #include "infer/chat_template.h"
 #include "infer/decoder.h"
+#ifdef MUSE_HAVE_CUDA
+#include "infer/cuda_decoder.h"
+#endif
 #include "infer/generation.h"
 #include "train/checkpoint.h"
 
@@ -21,7 +27,54 @@ struct ChatOptions {
   int max_tokens = 512;
   SamplingOptions sampling;
   std::vector<std::string> stop;
+  std::string device = "cpu";
 };
+
+// The conversation's recurrent decoder (stream 0) on the CPU or the GPU, as the chat loop uses it: host
+// logits out (for the sampler), states in the CPU decoder's form (the history's snapshots).
+struct ChatDecoder {
+  std::function<void()> reset;
+  std::function<const float*(const std::vector<int32_t>&)> prefill, feed;
+  std::function<const float*(int32_t)> step;
+  std::function<int()> position;
+  std::function<DecodeState<float>()> snapshot;
+  std::function<void(const DecodeState<float>&)> restore;
+};
+
+ChatDecoder chat_decoder(Decoder<float>& d) {
+  ChatDecoder c;
+  c.reset = [&d] { d.reset(0); };
+  c.prefill = [&d](const std::vector<int32_t>& ids) { return d.prefill(0, ids.data(), int(ids.size())); };
+  c.feed = [&d](const std::vector<int32_t>& ids) { return d.feed(0, ids.data(), int(ids.size())); };
+  c.step = [&d](int32_t token) { return d.step(0, token); };
+  c.position = [&d] { return d.position(0); };
+  c.snapshot = [&d] { return d.snapshot(0); };
+  c.restore = [&d](const DecodeState<float>& state) { d.restore(0, state); };
+  return c;
+}
+
+#ifdef MUSE_HAVE_CUDA
+ChatDecoder chat_decoder(cuda::Decoder& d) {
+  ChatDecoder c;
+  c.reset = [&d] { d.reset(0); };
+  c.prefill = [&d](const std::vector<int32_t>& ids) {
+    d.prefill(0, ids.data(), int(ids.size()));
+    return d.host_logits();
+  };
+  c.feed = [&d](const std::vector<int32_t>& ids) {
+    d.feed(0, ids.data(), int(ids.size()));
+    return d.host_logits();
+  };
+  c.step = [&d](int32_t token) {
+    d.step(0, token);
+    return d.host_logits();
+  };
+  c.position = [&d] { return d.position(0); };
+  c.snapshot = [&d] { return d.snapshot(0); };
+  c.restore = [&d](const DecodeState<float>& state) { d.restore(0, state); };
+  return c;
+}
+#endif
 
 ChatTemplate resolve_template(const ChatOptions& o, const LoadedModel& m) {
   if (!o.template_file.empty()) {
@@ -104,32 +157,48 @@ void add_chat_command(CLI::App& app) {
                   "checkpoint's")
       ->check(CLI::ExistingFile);
   add_sampling_flags(cmd, o->sampling, o->stop);
+  add_device_flag(cmd, o->device,
+                  "auto: the GPU when one is visible, except for arch = gpt, whose growing KV cache only the CPU\n"
+                  "decoder keeps; default cpu. On cuda the history's state stays on the GPU");
   cmd->callback([o] {
     validate(o->sampling);
     LoadedModel m = load_model(o->model_dir);
     const ModelConfig& c = m.model.config();
     const ChatTemplate chat = resolve_template(*o, m);
     const Tokenizer& tokenizer = *m.tokenizer;
-    Decoder<float> decoder(m.model);
+    const bool gpu = resolve_device(o->device) == "cuda" && !(o->device == "auto" && c.arch == Arch::gpt);
+    std::unique_ptr<Decoder<float>> cpu_decoder;
+    ChatDecoder decoder;
+#ifdef MUSE_HAVE_CUDA
+    std::unique_ptr<cuda::Decoder> gpu_decoder;
+    if (gpu) {
+      gpu_decoder = std::make_unique<cuda::Decoder>(m.model);
+      decoder = chat_decoder(*gpu_decoder);
+    }
+#endif
+    if (!gpu) {
+      cpu_decoder = std::make_unique<Decoder<float>>(m.model);
+      decoder = chat_decoder(*cpu_decoder);
+    }
     Sampler sampler(o->sampling, std::min(c.vocab_size, tokenizer.vocab_size()));  // only decodable tokens
     std::vector<std::string> stops = o->stop;
     if (!chat.assistant_suffix().empty()) stops.push_back(chat.assistant_suffix());
 
     // The conversation's start: empty, or the system text prefilled.
     auto start_conversation = [&] {
-      decoder.reset(0);
+      decoder.reset();
       sampler.clear();
       if (chat.system.empty()) return;
       const std::vector<int32_t> ids = tokenizer.encode(chat.system);
-      decoder.prefill(0, ids.data(), int(ids.size()));
+      decoder.prefill(ids);
       sampler.add_context(ids.data(), int(ids.size()));
     };
     // Appends text to the history: a parallel prefill when the history is empty, else token by token.
     auto append = [&](const std::vector<int32_t>& ids) -> const float* {
       if (ids.empty()) return nullptr;
       sampler.add_context(ids.data(), int(ids.size()));
-      if (decoder.position(0) == 0) return decoder.prefill(0, ids.data(), int(ids.size()));
-      return decoder.feed(0, ids.data(), int(ids.size()));
+      if (decoder.position() == 0) return decoder.prefill(ids);
+      return decoder.feed(ids);
     };
 
     InterruptCatcher catcher;
@@ -156,23 +225,23 @@ void add_chat_command(CLI::App& app) {
       }
       if (line.empty()) continue;
 
-      const DecodeState<float> before_turn = decoder.snapshot(0);
+      const DecodeState<float> before_turn = decoder.snapshot();
       try {
         const std::vector<int32_t> turn = tokenizer.encode(chat.user_turn(line) + chat.assistant_prefix());
-        check_generation_length(c, decoder.position(0) + int(turn.size()), o->max_tokens);
+        check_generation_length(c, decoder.position() + int(turn.size()), o->max_tokens);
         const float* logits = append(turn);
-        const DecodeState<float> after_prompt = decoder.snapshot(0);
+        const DecodeState<float> after_prompt = decoder.snapshot();
         sampler.begin_completion();
         g_interrupted.store(false);
         const GenerationResult r =
-            generate_tokens(decoder, 0, logits, sampler, tokenizer, o->max_tokens, stops, show_reply, &g_interrupted);
+            generate_tokens(decoder.step, logits, sampler, tokenizer, o->max_tokens, stops, show_reply, &g_interrupted);
         print(r.finish == FinishReason::interrupted ? " [stopped]\n" : "\n");
         // The history keeps the reply as shown, closed by the template's suffix (whatever the model wrote
         // after a stop string is not part of it).
-        decoder.restore(0, after_prompt);
+        decoder.restore(after_prompt);
         append(tokenizer.encode(r.text + chat.assistant_suffix()));
       } catch (const std::invalid_argument& e) {
-        decoder.restore(0, before_turn);
+        decoder.restore(before_turn);
         print(std::string("[error: ") + e.what() + "; /reset starts a new conversation]\n");
       }
     }

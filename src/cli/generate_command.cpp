@@ -9,7 +9,7 @@
 #include "common/device.h"
 #include "infer/decoder.h"
 #ifdef MUSE_HAVE_CUDA
-#include "infer/cuda_generator.h"
+#include "infer/cuda_decoder.h"
 #endif
 #include "infer/generation.h"
 #include "train/checkpoint.h"
@@ -42,8 +42,9 @@ void add_generate_command(CLI::App& app) {
       ->check(CLI::Range(1, 1 << 30));
   add_sampling_flags(cmd, o->sampling, o->stop);
   add_device_flag(cmd, o->device,
-                  "default cpu, the recurrent decoder: constant cost per token; cuda re-runs the GPU forward over\n"
-                  "the whole context for each token: exact, O(context) per token; the recurrent GPU decoder is to come");
+                  "auto: the GPU when one is visible, except for arch = gpt, whose growing KV cache only the CPU\n"
+                  "decoder keeps. Both decode recurrently at a cost per token that does not grow with the context;\n"
+                  "cuda keeps the state on the GPU and replays each step as one CUDA graph");
   cmd->callback([o] {
     validate(o->sampling);
     LoadedModel m = load_model(o->model_dir);
@@ -54,11 +55,11 @@ void add_generate_command(CLI::App& app) {
     // A model may have more rows than its tokenizer has tokens (--set vocab_size=…): those are never sampled.
     Sampler sampler(o->sampling, std::min(c.vocab_size, m.tokenizer->vocab_size()));
     sampler.add_context(ids.data(), int(ids.size()));
-    const bool gpu = resolve_device(o->device) == "cuda";
+    const bool gpu = resolve_device(o->device) == "cuda" && !(o->device == "auto" && c.arch == Arch::gpt);
     std::unique_ptr<Decoder<float>> decoder;
     std::function<const float*(int32_t)> feed;
 #ifdef MUSE_HAVE_CUDA
-    std::unique_ptr<cuda::RecomputeGenerator> generator;
+    std::unique_ptr<cuda::Decoder> gpu_decoder;
 #endif
 
     std::fwrite(o->prompt.data(), 1, o->prompt.size(), stdout);
@@ -67,9 +68,14 @@ void add_generate_command(CLI::App& app) {
     const float* logits = nullptr;
 #ifdef MUSE_HAVE_CUDA
     if (gpu) {
-      generator = std::make_unique<cuda::RecomputeGenerator>(m.model);
-      logits = generator->prefill(ids.data(), int(ids.size()));
-      feed = [&](int32_t token) { return generator->step(token); };
+      // The sampler reads host logits: each step's row comes back over PCIe (Vp floats).
+      gpu_decoder = std::make_unique<cuda::Decoder>(m.model);
+      gpu_decoder->prefill(0, ids.data(), int(ids.size()));
+      logits = gpu_decoder->host_logits();
+      feed = [&](int32_t token) {
+        gpu_decoder->step(0, token);
+        return gpu_decoder->host_logits();
+      };
     }
 #endif
     if (!gpu) {

@@ -1,0 +1,156 @@
+// The kernels of one recurrent decode step on the GPU (infer/cuda_decoder.h; SPEC §4, §6): a Phase 7/8
+// block is four to seven launches, each serving every stream of the step at once, and the head one more.
+//
+//   block_input   LayerNorm (+ radius δ) of each row (the embedding too, in layer 0), then one GEMV over u
+//                 for q, k, v, the AR-SSM gate's first layer, W_U, W_V and the BK projections w_v, w_J
+//   mixer         per row: the BK step (g, F); per (row, head): push the new key into the ring, windowed
+//                 hyperbolic attention, linear-attention update, curvature mix; per row: the AR-SSM step
+//                 (gate, mask, scan, readout, W_O, conv)
+//   gemv          y_att = W_o·mixed; the low-rank FFN's U₁ (+GELU, cap), V₂ and U₂ (+b₂, + residual)
+//   residual_mix  ξ, cap30, LN_h and the residual add of each row, LN_ffn, then the GEMV V₁
+//   head          LN_final, logits = x·Eᵀ, and every stepped stream's position advances
+//
+// Rows are the step's streams (at most kRowsPerChunk per block; gridDim.y covers more). The kernels that
+// start with a row-wise prologue (block_input, residual_mix, head) give each row of their chunk to one
+// warp, keep the prologue's output in shared memory, and then share the GEMV engine with the plain gemv
+// kernel: one warp per output (or `split` warps over slices of K for narrow outputs), 16-byte loads of
+// the weight row, every row of the chunk against it, a warp reduction. Each output is summed in an order
+// that depends on neither the number of rows nor the grid, so a stream's logits do not depend on which
+// other streams step with it, and every run is bit-identical (no atomics).
+//
+// Everything is fp32; the scalar functions are common/math.h's and ops/poincare.h's, as the CPU ops use.
+//
+// Overlapped launches (programmatic dependent launch, sm_90): a kernel launched with `overlap` may start
+// while the previous one still runs; it prefetches its first weight rows into L2, then waits for the
+// previous kernel to finish (and, through it, every earlier one) before it reads anything a kernel wrote.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace muse::cuda::decode {
+
+inline constexpr int kRowsPerChunk = 8;   // rows of a step one block serves (one warp each in the prologues)
+inline constexpr int kMaxSegments = 8;    // weight matrices one GEMV launch can cover
+inline constexpr int kGemvBlocksPerSm = 4;  // 256-thread GEMV blocks resident per SM (registers capped to fit)
+
+enum class Epilogue : int { none, relu, gelu_cap10 };
+
+// One weight matrix of a GEMV: y[row, j] = epilogue(W[j]·x[row] + bias[j]) + residual[row, j].
+struct GemvSegment {
+  const float* W = nullptr;         // [out, K] row-major
+  const float* bias = nullptr;      // [out] or null
+  const float* residual = nullptr;  // [rows, out], added after the epilogue, or null
+  float* y = nullptr;               // [rows, out]
+  int out = 0;
+  Epilogue epilogue = Epilogue::none;
+};
+
+// Weight matrices that read the same input x [rows, K], as one launch.
+struct GemvPlan {
+  GemvSegment segments[kMaxSegments];
+  int count = 0;    // segments in use
+  int K = 0;        // input width
+  int total = 0;    // Σ out
+  int split = 1;    // warps per output (1, 2, 4 or 8): slices of K, summed in slice order
+  bool vec4 = false;  // K % 4 == 0 and every W 16-byte aligned: float4 loads
+};
+
+// A plan over `segments` (at most kMaxSegments) with the split chosen for the output count and K.
+GemvPlan make_gemv_plan(const std::vector<GemvSegment>& segments, int K);
+
+// The rows of one step: stream, token and the streams' positions (tokens consumed so far).
+struct StepRows {
+  const int* streams = nullptr;     // [count]
+  const int32_t* tokens = nullptr;  // [count]
+  int* positions = nullptr;         // [streams of the decoder]; the head advances the stepped ones
+  int count = 0;
+};
+
+// One layer's recurrent state (SPEC §4) for stream 0; stream s's is at + s·stream_floats for every
+// pointer. Keys sit in ring slot position % W (block mode too: a block starts at a multiple of W), so
+// which slots are valid follows from the position alone.
+struct LayerState {
+  float* keys = nullptr;       // [W, D] tangent keys
+  float* values = nullptr;     // [W, D]
+  float* key_norms = nullptr;  // [W, H, 4]: ‖k‖ (floored), a = √c‖k‖, ln sinh 2a, coth 2a (ops/poincare.h)
+  float* log_mu = nullptr;     // [W, H] key-gate bias, or null without the gate
+  float* bk = nullptr;         // [2, 4] by position parity: g_{t−1} (Re, Im), w_J,prev·u_{t−1}, unused
+  float* ssm_S = nullptr;      // [R]
+  float* conv_tail = nullptr;  // [2, D]: u_{t−2}, u_{t−1}
+  float* lin_S = nullptr;      // [H, d_h, d_h], or null without linear attention
+  float* lin_z = nullptr;      // [D], or null
+  size_t stream_floats = 0;
+};
+
+// The parameters and buffers the kernels of one MUSE block read and write (device pointers; a null
+// parameter means the config has no such tensor).
+struct BlockArgs {
+  int D = 0, H = 0, W = 0, R = 0;
+  bool phase8 = false, sliding = true, linear_attn = false, curvature_mix = false;
+  // block input
+  const float *ln_gain = nullptr, *ln_bias = nullptr;
+  // BK step (w_v and w_J run in block_input's GEMV)
+  bool hopping = false;
+  const float *bk_b_J = nullptr, *bk_eps_p = nullptr, *bk_E0 = nullptr;
+  float j_max = 1;
+  // attention
+  const float *c_raw = nullptr, *beta = nullptr, *key_gate_w = nullptr, *key_gate_b = nullptr;
+  const float* alibi_slopes = nullptr;  // [H], or null without alibi
+  // AR-SSM
+  const float *ssm_w2 = nullptr, *ssm_b2 = nullptr, *ssm_w_o = nullptr, *ssm_b_o = nullptr, *conv = nullptr;
+  const float* ssm_ell = nullptr;  // null: Phase 7's plain prefix sum
+  const float *rank_w1 = nullptr, *rank_b1 = nullptr, *rank_w2 = nullptr, *rank_b2 = nullptr, *pi_w = nullptr,
+              *pi_b = nullptr;  // null rank_w1: no rank mask
+  // mix
+  const float *xi_w = nullptr, *xi_b = nullptr, *xi_s = nullptr;
+  const float *ln_h_gain = nullptr, *ln_h_bias = nullptr;
+  const float *ln_ffn_gain = nullptr, *ln_ffn_bias = nullptr;  // null: no FFN
+  LayerState state;
+};
+
+// Step scratch, [count, ·] each.
+struct StepBuffers {
+  float *u = nullptr, *delta = nullptr, *g = nullptr, *F = nullptr;  // D, 1, 2, 3
+  float *bk_v = nullptr, *bk_J = nullptr;  // 1: w_v·u + b_v; 2: w_J,prev·u, w_J,cur·u (hopping only)
+  float *q = nullptr, *k = nullptr, *v = nullptr;                   // D each
+  float *ssm_hidden = nullptr, *proj_u = nullptr, *proj_v = nullptr;  // D/4, R, R
+  float *mixed = nullptr, *y_att = nullptr, *y_glob = nullptr;      // D each
+};
+
+// The embedding that layer 0's block_input gathers: h = E[token] (+ P[position]).
+struct Embedding {
+  const float* E = nullptr;          // [Vp, D]
+  const float* positions = nullptr;  // [max_seq, D], or null
+};
+
+// Shared memory of the mixer kernel for width D, H heads, window W, SSM rank R (and linear attention).
+size_t mixer_shared_bytes(int D, int H, int W, int R, bool linear_attn);
+// Lets the kernels ask for the shared memory such a model needs beyond the 48 KiB default (a per-kernel
+// attribute: call before the first launch).
+void configure_kernels(int D, int H, int W, int R, bool linear_attn);
+
+// h_in [count, D] (or, with embedding, the embedded tokens, which are also written to h_in) → u and δ of
+// every row, then `plan` over u.
+void block_input(const StepRows& rows, float* h_in, const Embedding* embedding, const BlockArgs& b,
+                 const StepBuffers& s, const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream);
+
+// The BK step, the attention paths and the AR-SSM step of every row: s.g, s.F, s.mixed and s.y_glob; the
+// BK, ring, linear-attention and SSM states advance.
+void mixer(const StepRows& rows, const BlockArgs& b, const StepBuffers& s, bool overlap, cudaStream_t stream);
+
+// plan over x [count, plan.K].
+void gemv(const float* x, int count, const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream);
+
+// h_mid = h_in + LN_h(cap30(ξ·y_att + (1−ξ)·y_glob)) of every row; then, with an FFN, `plan` over
+// LN_ffn(h_mid) (without one, plan must be empty and h_mid is the block's output).
+void residual_mix(int count, const float* h_in, float* h_mid, const BlockArgs& b, const StepBuffers& s,
+                  const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream);
+
+// `plan` (the head: E, logits) over LN_final(h) of every row; advances positions[streams[r]].
+void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,
+          int max_blocks, bool overlap, cudaStream_t stream);
+
+}  // namespace muse::cuda::decode
