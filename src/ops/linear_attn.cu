@@ -32,7 +32,6 @@ constexpr int kMaxThreads = 160 * kGroups;  // CX ≤ 160 for d_h ≤ 128
 // Tokens per segment: with a workspace the scans are split along the sequence into segments of this many
 // tokens, each block starting from the state summed over the segments before (or after) it.
 constexpr int kSegment = 64;
-constexpr int kSumThreads = 256;
 // Segments only pay when (b, h) alone leaves the GPU short of blocks: the scans get about this many.
 constexpr int kTargetBlocks = 512;
 
@@ -95,49 +94,143 @@ __device__ __forceinline__ void load_state(float (&S)[RA], const float* init, lo
   }
 }
 
+// Register-tiled matrix products in shared memory (the segment sums and the chunked form): a 64 × (64 or
+// d_h) result, thread (tx, ty) of 16 × 16 owning rows 4ty…4ty+3 and columns tx + 16b (b < NB, NB·16 ≥ the
+// columns wanted). Both operands are stored with the summed index outermost ("κ-major", rows of ld floats,
+// kTile unless wider), so a thread reads its 4 rows as one float4 (broadcast in the warp) and the warp's 16
+// columns as one contiguous run.
+constexpr int kTile = kSegment;    // tokens per chunk = the segment sums' length
+constexpr int kTileThreads = 256;  // 16 × 16
+constexpr int kFillBatch = kTile * kTile / kTileThreads;  // elements per thread of a 64 × 64 tile
+
+// acc[a][b] += Σ_κ<K Lt[κ][4ty + a]·R[κ][tx + 16b].
+template <int NB>
+__device__ __forceinline__ void tile_mac(float (&acc)[4][NB], const float* Lt, const float* R, int K, int tx, int ty,
+                                         int ld = kTile) {
+  for (int kk = 0; kk < K; ++kk) {
+    const float4 l = *reinterpret_cast<const float4*>(Lt + kk * ld + 4 * ty);
+    float r[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) r[b] = R[kk * ld + tx + 16 * b];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+      acc[0][b] += l.x * r[b];
+      acc[1][b] += l.y * r[b];
+      acc[2][b] += l.z * r[b];
+      acc[3][b] += l.w * r[b];
+    }
+  }
+}
+
+// Sum over the 16 lanes (tx) of a half warp.
+__device__ __forceinline__ float half_warp_sum(float x) {
+  for (int offset = 8; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// A 64 × 64 tile of value(t, e) (t, e < 64) into shared memory at tile[t·ld + e] or, transposed, tile[e·ld + t].
+// Each thread issues all its kFillBatch global loads before its first store, so a block waits for memory
+// once per tile rather than once per element. Natural: a warp reads 32 consecutive e of one t (coalesced,
+// conflict-free stores). Transposed: a warp reads 4 consecutive e of 8 tokens, so its stores (bank t mod 32)
+// conflict 4-way rather than the 32-way of one token per warp.
+template <class F>
+__device__ __forceinline__ void fill_tile(float* tile, int ld, bool transposed, F value) {
+  static_assert(kTile == 64 && kTileThreads == 256, "the fill mappings below cover 64 × 64 with 256 threads");
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  float x[kFillBatch];
+#pragma unroll
+  for (int m = 0; m < kFillBatch; ++m) {
+    const int t = transposed ? 8 * warp + lane / 4 : 4 * m + threadIdx.x / kTile;
+    const int e = transposed ? 4 * m + lane % 4 : threadIdx.x % kTile;
+    x[m] = value(t, e);
+  }
+#pragma unroll
+  for (int m = 0; m < kFillBatch; ++m) {
+    const int t = transposed ? 8 * warp + lane / 4 : 4 * m + threadIdx.x / kTile;
+    const int e = transposed ? 4 * m + lane % 4 : threadIdx.x % kTile;
+    tile[transposed ? e * ld + t : t * ld + e] = x[m];
+  }
+}
+
 // Sums over one segment of tokens of the outer products that build a scan's state:
 //   forward (kind 0): Σ_t μ_t·φ(k_t) ⊗ (v_t, 1)          — what [S | z] gains over the segment
 //   reverse (kind 1): Σ_t φ(q_t) ⊗ (do_t/n_t, dζ_t)       — what the adjoint [dS | dz] gains
-// out [B, H, P, d_h, C]; one block per (h, b, segment).
-__global__ void __launch_bounds__(kSumThreads)
+// out [B, H, P, d_h, C]; one block per (h, b, segment). The [d_h × d_h] part is tile_mac over the segment's
+// tokens (in token order), in 64 × 64 output blocks (one for d_h ≤ 64, NB = ⌈d_h/16⌉; up to four of NB = 4
+// for wider heads); the last column is summed per row over tokens t ≡ tx (mod 16), then across the half warp.
+template <int NB>
+__global__ void __launch_bounds__(kTileThreads)
     segment_sums_kernel(float* out, int kind, const float* q, const float* k, const float* v, const float* mu,
                         const float* d_o, const float* zeta, const float* dzeta, int N, int D, int H) {
   const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z, P = gridDim.z;
-  const int dh = D / H, C = dh + 1;
+  const int dh = D / H, C = dh + 1, ld = (dh + kTile - 1) / kTile * kTile;
   const float scale = 1.f / sqrtf(float(dh));
   const int begin = seg * kSegment, tn = min(kSegment, N - begin);
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   extern __shared__ float smem[];
-  float* A = smem;                 // [kSegment][dh]
-  float* Bv = A + kSegment * dh;   // [kSegment][C]
-  for (int idx = threadIdx.x; idx < tn * C; idx += blockDim.x) {
-    const int t = idx / C, e = idx - t * C;
-    const long row = (long)b * N + begin + t;
-    const long at = row * D + (long)h * dh;
-    if (kind == 0) {
-      if (e < dh) {
-        A[t * dh + e] = (mu ? mu[row * H + h] : 1.f) * feature(k[at + e], scale);
-        Bv[t * C + e] = v[at + e];
-      } else {
-        Bv[t * C + e] = 1.f;
-      }
-    } else {
-      if (e < dh) {
-        A[t * dh + e] = feature(q[at + e], scale);
-        Bv[t * C + e] = d_o[at + e] / fmaxf(zeta[row * H + h], kFloor);
-      } else {
-        Bv[t * C + e] = dzeta[((long)b * H + h) * N + begin + t];
-      }
-    }
+  float* A = smem;                   // [kSegment][ld] μ·φ(k) or φ(q)
+  float* Bv = A + kSegment * ld;     // [kSegment][ld] v or do/n
+  float* Bz = Bv + kSegment * ld;    // [kSegment] 1 or dζ: the state's last column
+  float* per_token = Bz + kSegment;  // [kSegment] μ or n, loaded once per token rather than per element
+  const long first_row = (long)b * N + begin;
+  for (int t = threadIdx.x; t < tn; t += kTileThreads) {
+    const long row = first_row + t;
+    per_token[t] = kind == 0 ? (mu ? mu[row * H + h] : 1.f) : fmaxf(zeta[row * H + h], kFloor);
+  }
+  for (int t = threadIdx.x; t < kSegment; t += kTileThreads)
+    Bz[t] = t >= tn ? 0.f : kind == 0 ? 1.f : dzeta[((long)b * H + h) * N + begin + t];
+  __syncthreads();
+  const float* phi_in = (kind == 0 ? k : q) + first_row * D + (long)h * dh;
+  const float* value_in = (kind == 0 ? v : d_o) + first_row * D + (long)h * dh;
+  for (int e0 = 0; e0 < ld; e0 += kTile) {
+    fill_tile(A + e0, ld, false, [&](int t, int e) {
+      if (t >= tn || e0 + e >= dh) return 0.f;
+      const float phi = feature(phi_in[(long)t * D + e0 + e], scale);
+      return kind == 0 ? per_token[t] * phi : phi;
+    });
+    fill_tile(Bv + e0, ld, false, [&](int t, int e) {
+      if (t >= tn || e0 + e >= dh) return 0.f;
+      const float x = value_in[(long)t * D + e0 + e];
+      return kind == 0 ? x : x / per_token[t];
+    });
   }
   __syncthreads();
   float* dst = out + (((long)b * H + h) * P + seg) * dh * C;
-  for (int idx = threadIdx.x; idx < dh * C; idx += blockDim.x) {
-    const int r = idx / C, e = idx - r * C;
-    float acc = 0.f;
-    for (int t = 0; t < tn; ++t) acc += A[t * dh + r] * Bv[t * C + e];
-    dst[idx] = acc;
+  for (int r0 = 0; r0 < dh; r0 += kTile) {
+    for (int c0 = 0; c0 < dh; c0 += kTile) {
+      float acc[4][NB] = {};
+      tile_mac<NB>(acc, A + r0, Bv + c0, tn, tx, ty, ld);
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+        const int r = r0 + 4 * ty + a;
+#pragma unroll
+        for (int j = 0; j < NB; ++j) {
+          const int c = c0 + tx + 16 * j;
+          if (r < dh && c < dh) dst[r * C + c] = acc[a][j];
+        }
+      }
+    }
+    float last[4] = {};
+    for (int t = tx; t < tn; t += 16) {
+      const float4 a = *reinterpret_cast<const float4*>(A + t * ld + r0 + 4 * ty);
+      const float bz = Bz[t];
+      last[0] += a.x * bz;
+      last[1] += a.y * bz;
+      last[2] += a.z * bz;
+      last[3] += a.w * bz;
+    }
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const float sum = half_warp_sum(last[a]);
+      const int r = r0 + 4 * ty + a;
+      if (tx == 0 && r < dh) dst[r * C + dh] = sum;
+    }
   }
 }
+
+// Values of one scan that a thread loads before storing any: the scan's memory latency is paid once per
+// batch rather than once per segment.
+constexpr int kScanBatch = 16;
 
 // In place over the P segment sums of each (b, h) and element: the exclusive prefix (what came before a
 // segment) or, with reverse, the exclusive suffix (what comes after it). Summed in a fixed order.
@@ -146,12 +239,18 @@ __global__ void segment_scan_kernel(float* states, long per_bh, int P, long tota
   if (i >= total) return;
   const long bh = i / per_bh, e = i - bh * per_bh;
   float* base = states + bh * P * per_bh + e;
+  auto at = [&](int step) { return base + (long)(reverse ? P - 1 - step : step) * per_bh; };
   float run = 0.f;
-  for (int step = 0; step < P; ++step) {
-    const int s = reverse ? P - 1 - step : step;
-    const float x = base[(long)s * per_bh];
-    base[(long)s * per_bh] = run;
-    run += x;
+  for (int first = 0; first < P; first += kScanBatch) {
+    float x[kScanBatch];
+#pragma unroll
+    for (int j = 0; j < kScanBatch; ++j) x[j] = first + j < P ? *at(first + j) : 0.f;
+#pragma unroll
+    for (int j = 0; j < kScanBatch; ++j) {
+      if (first + j >= P) break;
+      *at(first + j) = run;
+      run += x[j];
+    }
   }
 }
 
@@ -462,37 +561,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 //   num = Q̃·S + mask(Q̃K̃ᵀ)·V,   ζ = Q̃·z + mask(Q̃K̃ᵀ)·1        (mask: key j ≤ query i)
 // and the backward, with G = (do/n, dζ) and [dS | dz] summed over the chunks after (kind 1), is
 //   P = mask(G·(V, 1)ᵀ),  dQ̃ = G·[S | z]ᵀ + P·K̃,  dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃,  dV = K̃·dS + mask(Q̃K̃ᵀ)ᵀ·G.
-// Each product is a 64 × (64 or d_h) tile in shared memory: thread (tx, ty) of 16 × 16 owns rows 4ty…4ty+3
-// and columns tx + 16b (b < NB, d_h ≤ 16·NB); both operands are stored with the summed index outermost
-// ("κ-major", rows of kTile floats), so a thread reads its 4 rows as one float4 (broadcast in the warp) and
-// the warp's 16 columns as one contiguous run. Tokens past the sequence and columns past d_h are zeros.
-constexpr int kTile = kSegment;     // tokens per chunk = the segment sums' length
-constexpr int kChunkThreads = 256;  // 16 × 16
+// Each product is one tile_mac (above). Tokens past the sequence and columns past d_h are zeros.
 constexpr int kChunkMaxHeadDim = 64;
-
-// acc[a][b] += Σ_κ<K Lt[κ][4ty + a]·R[κ][tx + 16b].
-template <int NB>
-__device__ __forceinline__ void tile_mac(float (&acc)[4][NB], const float* Lt, const float* R, int K, int tx, int ty) {
-  for (int kk = 0; kk < K; ++kk) {
-    const float4 l = *reinterpret_cast<const float4*>(Lt + kk * kTile + 4 * ty);
-    float r[NB];
-#pragma unroll
-    for (int b = 0; b < NB; ++b) r[b] = R[kk * kTile + tx + 16 * b];
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      acc[0][b] += l.x * r[b];
-      acc[1][b] += l.y * r[b];
-      acc[2][b] += l.z * r[b];
-      acc[3][b] += l.w * r[b];
-    }
-  }
-}
-
-// Sum over the 16 lanes (tx) of a half warp.
-__device__ __forceinline__ float half_warp_sum(float x) {
-  for (int offset = 8; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 // Where one chunk sits, and its loads.
 struct ChunkView {
@@ -503,23 +573,15 @@ struct ChunkView {
   // A [tokens × d_h] input into smem, natural (tile[t][e]) or transposed (tile[e][t]); f maps (t, e) → value.
   template <class F>
   __device__ void load(float* tile, bool transposed, F f) const {
-    for (int idx = threadIdx.x; idx < kTile * kTile; idx += kChunkThreads) {
-      const int t = idx / kTile, e = idx % kTile;
-      const float x = t < tn && e < dh ? f(t, e) : 0.f;
-      tile[transposed ? e * kTile + t : idx] = x;
-    }
+    fill_tile(tile, kTile, transposed, [&](int t, int e) { return t < tn && e < dh ? f(t, e) : 0.f; });
   }
   // A [d_h × C] state (null: zeros): its [d_h × d_h] part natural or transposed, its last column into z
   // (unless z is null).
   __device__ void load_state(float* tile, float* z, bool transposed, const float* states) const {
     const float* src = states ? states + (((long)b * H + h) * gridDim.x + chunk) * dh * C : nullptr;
-    for (int idx = threadIdx.x; idx < kTile * kTile; idx += kChunkThreads) {
-      const int r = idx / kTile, c = idx % kTile;
-      const float x = src && r < dh && c < dh ? src[r * C + c] : 0.f;
-      tile[transposed ? c * kTile + r : idx] = x;
-    }
+    fill_tile(tile, kTile, transposed, [&](int r, int c) { return src && r < dh && c < dh ? src[r * C + c] : 0.f; });
     if (z)
-      for (int r = threadIdx.x; r < kTile; r += kChunkThreads) z[r] = src && r < dh ? src[r * C + dh] : 0.f;
+      for (int r = threadIdx.x; r < kTile; r += kTileThreads) z[r] = src && r < dh ? src[r * C + dh] : 0.f;
   }
 };
 
@@ -537,7 +599,7 @@ __device__ ChunkView chunk_view(int N, int D, int H) {
 // kDzeta = true: the backward's first pass, dζ_i = −do_i·num_i / n_i² where the forward's ζ_i > floor (into
 // dzeta_out [B, H, N]).
 template <int NB, bool kDzeta>
-__global__ void __launch_bounds__(kChunkThreads)
+__global__ void __launch_bounds__(kTileThreads)
     chunk_numerator_kernel(float* o, float* zeta, float* final_S, float* final_z, float* dzeta_out, const float* q,
                            const float* k, const float* v, const float* mu, const float* d_o, const float* zeta_in,
                            const float* states, int N, int D, int H) {
@@ -607,7 +669,7 @@ __global__ void __launch_bounds__(kChunkThreads)
   if (cv.chunk != gridDim.x - 1 || (!final_S && !final_z)) return;
   // The state after the sequence: the one before this chunk plus its own K̃ᵀ·(V, 1).
   const long state = (long)cv.b * H + cv.h;
-  for (int idx = threadIdx.x; idx < dh * cv.C; idx += kChunkThreads) {
+  for (int idx = threadIdx.x; idx < dh * cv.C; idx += kTileThreads) {
     const int r = idx / cv.C, c = idx % cv.C;
     float s = c < dh ? S[r * kTile + c] : z[r];
     for (int j = 0; j < cv.tn; ++j) s += KT[r * kTile + j] * (c < dh ? V[j * kTile + c] : 1.f);
@@ -621,22 +683,26 @@ __global__ void __launch_bounds__(kChunkThreads)
 
 // The gradients of one chunk (each may be null), accumulated: dq, dk, dv [B, N, D], dmu [B, N, H]. before:
 // the kind-0 states (the chunks before), after: the kind-1 states (the chunks after); null for one chunk.
-// Eight 64 × 64 tiles of shared memory, refilled between the three products.
+// Six 64 × 64 tiles of shared memory (97 KB: two blocks per SM), refilled in three steps. Each gradient's
+// two products accumulate in registers, in the order of the formulas, so a tile is overwritten as soon as
+// its last product has read it rather than when the gradient is done.
+constexpr int kGradientSlots = 6;
+
 template <int NB>
-__global__ void __launch_bounds__(kChunkThreads)
+__global__ void __launch_bounds__(kTileThreads, 2)
     chunk_gradient_kernel(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
                           const float* dzeta, const float* q, const float* k, const float* v, const float* mu,
                           const float* before, const float* after, int N, int D, int H) {
   const ChunkView cv = chunk_view(N, D, H);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, dh = cv.dh;
   extern __shared__ float smem[];
-  float* slot[8];
-  for (int s = 0; s < 8; ++s) slot[s] = smem + s * kTile * kTile;
-  float* z = smem + 8 * kTile * kTile;  // [d_h] z before, then dz after
-  float* gz = z + kTile;                // [tokens] dζ
-  float* inv_n = gz + kTile;            // [tokens] 1/n
-  float* gate = inv_n + kTile;          // [tokens] μ
-  for (int t = threadIdx.x; t < kTile; t += kChunkThreads) {
+  float* slot[kGradientSlots];
+  for (int s = 0; s < kGradientSlots; ++s) slot[s] = smem + s * kTile * kTile;
+  float* z = smem + kGradientSlots * kTile * kTile;  // [d_h] z before, then dz after
+  float* gz = z + kTile;                             // [tokens] dζ
+  float* inv_n = gz + kTile;                         // [tokens] 1/n
+  float* gate = inv_n + kTile;                       // [tokens] μ
+  for (int t = threadIdx.x; t < kTile; t += kTileThreads) {
     const bool in = t < cv.tn;
     gz[t] = in ? dzeta[((long)cv.b * H + cv.h) * N + cv.t0 + t] : 0.f;
     inv_n[t] = in ? 1.f / fmaxf(zeta[cv.row(t) * H + cv.h], kFloor) : 0.f;
@@ -647,16 +713,25 @@ __global__ void __launch_bounds__(kChunkThreads)
   auto phi_k_gated = [&](int t, int e) { return gate[t] * feature(k[cv.at(t, e)], cv.scale); };
   auto g_v = [&](int t, int e) { return d_o[cv.at(t, e)] * inv_n[t]; };
   auto value = [&](int t, int e) { return v[cv.at(t, e)]; };
-  float *QT = slot[0], *KT = slot[1], *GT = slot[2], *VT = slot[3], *P = slot[4], *PT = slot[5], *A = slot[6];
+  // Step 1: Q̃K̃ᵀ and G·(V, 1)ᵀ from the transposed inputs, dQ̃'s G·[S | z]ᵀ (S transposed) and, once those
+  // are read, dV's K̃·dS (dS natural).
+  float *QT = slot[0], *KT = slot[1], *GT = slot[2], *VT = slot[3], *ST = slot[4], *dS = slot[5];
   cv.load(QT, true, phi_q);
   cv.load(KT, true, phi_k_gated);
   cv.load(GT, true, g_v);
   cv.load(VT, true, value);
+  if (dq) cv.load_state(ST, z, true, before);
+  if (dv) cv.load_state(dS, nullptr, false, after);
   __syncthreads();
+  // A = mask(Q̃K̃ᵀ), P and Pᵀ go over Q̃ᵀ, Gᵀ and Sᵀ once the products below have read them.
+  float *A = slot[0], *P = slot[2], *PT = slot[4];
+  float dq_acc[4][NB] = {}, dv_acc[4][NB] = {};
   {
     float a[4][4] = {}, p[4][4] = {};
     tile_mac<4>(a, QT, KT, dh, tx, ty);
     tile_mac<4>(p, GT, VT, dh, tx, ty);
+    if (dq) tile_mac<NB>(dq_acc, GT, ST, dh, tx, ty);
+    __syncthreads();
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -669,17 +744,15 @@ __global__ void __launch_bounds__(kChunkThreads)
         PT[j * kTile + i] = pij;
       }
   }
+  if (dv) tile_mac<NB>(dv_acc, KT, dS, dh, tx, ty);
   __syncthreads();
-  // dQ̃ = G·[S | z]ᵀ + P·K̃  (S transposed into slot 7, K̃ natural over Q̃ᵀ in slot 0)
-  float* ST = slot[7];
-  float* K = slot[0];
+  // Step 2: dQ̃ = G·[S | z]ᵀ + P·K̃ and dV = K̃·dS + Aᵀ·G, with K̃ natural over K̃ᵀ and G natural over dS.
+  float *K = slot[1], *G = slot[5];
+  if (dq) cv.load(K, false, phi_k_gated);
+  if (dv) cv.load(G, false, g_v);
+  __syncthreads();
   if (dq) {
-    cv.load_state(ST, z, true, before);
-    cv.load(K, false, phi_k_gated);
-    __syncthreads();
-    float acc[4][NB] = {};
-    tile_mac<NB>(acc, GT, ST, dh, tx, ty);
-    tile_mac<NB>(acc, PT, K, kTile, tx, ty);
+    tile_mac<NB>(dq_acc, PT, K, kTile, tx, ty);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int i = 4 * ty + r;
@@ -689,61 +762,51 @@ __global__ void __launch_bounds__(kChunkThreads)
         const int e = tx + 16 * c;
         if (e >= dh) continue;
         const long at = cv.at(i, e);
-        dq[at] += (acc[r][c] + gz[i] * z[e]) * feature_grad(q[at], cv.scale);
+        dq[at] += (dq_acc[r][c] + gz[i] * z[e]) * feature_grad(q[at], cv.scale);
       }
-    }
-    __syncthreads();
-  }
-  if (!dk && !dv && !dmu) return;
-  // dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃ and dV = K̃·dS + Aᵀ·G: dS transposed (slot 7) and natural (slot 0), Q̃
-  // natural (slot 2, over Gᵀ), G natural (slot 5, over Pᵀ).
-  float* dST = slot[7];
-  float* dS = slot[0];
-  float* Q = slot[2];
-  float* G = slot[5];
-  cv.load_state(dST, z, true, after);
-  cv.load_state(dS, nullptr, false, after);
-  cv.load(Q, false, phi_q);
-  cv.load(G, false, g_v);
-  __syncthreads();
-  if (dk || dmu) {
-    float acc[4][NB] = {};
-    tile_mac<NB>(acc, VT, dST, dh, tx, ty);
-    tile_mac<NB>(acc, P, Q, kTile, tx, ty);
-#pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int j = 4 * ty + r;
-      float dgate = 0.f;
-#pragma unroll
-      for (int c = 0; c < NB; ++c) {
-        const int e = tx + 16 * c;
-        if (j >= cv.tn || e >= dh) continue;
-        const long at = cv.at(j, e);
-        const float dphi = acc[r][c] + z[e];
-        if (dk) dk[at] += gate[j] * dphi * feature_grad(k[at], cv.scale);
-        dgate += feature(k[at], cv.scale) * dphi;
-      }
-      dgate = half_warp_sum(dgate);
-      if (dmu && tx == 0 && j < cv.tn) dmu[cv.row(j) * H + cv.h] += dgate;
     }
   }
   if (dv) {
-    float acc[4][NB] = {};
-    tile_mac<NB>(acc, KT, dS, dh, tx, ty);
-    tile_mac<NB>(acc, A, G, kTile, tx, ty);
+    tile_mac<NB>(dv_acc, A, G, kTile, tx, ty);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int j = 4 * ty + r;
       if (j >= cv.tn) continue;
 #pragma unroll
       for (int c = 0; c < NB; ++c)
-        if (tx + 16 * c < dh) dv[cv.at(j, tx + 16 * c)] += acc[r][c];
+        if (tx + 16 * c < dh) dv[cv.at(j, tx + 16 * c)] += dv_acc[r][c];
     }
+  }
+  if (!dk && !dmu) return;
+  __syncthreads();
+  // Step 3: dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃, with dS transposed over A and Q̃ natural over K̃; Vᵀ and P stay.
+  float *dST = slot[0], *Q = slot[1];
+  cv.load_state(dST, z, true, after);
+  cv.load(Q, false, phi_q);
+  __syncthreads();
+  float acc[4][NB] = {};
+  tile_mac<NB>(acc, VT, dST, dh, tx, ty);
+  tile_mac<NB>(acc, P, Q, kTile, tx, ty);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int j = 4 * ty + r;
+    float dgate = 0.f;
+#pragma unroll
+    for (int c = 0; c < NB; ++c) {
+      const int e = tx + 16 * c;
+      if (j >= cv.tn || e >= dh) continue;
+      const long at = cv.at(j, e);
+      const float dphi = acc[r][c] + z[e];
+      if (dk) dk[at] += gate[j] * dphi * feature_grad(k[at], cv.scale);
+      dgate += feature(k[at], cv.scale) * dphi;
+    }
+    dgate = half_warp_sum(dgate);
+    if (dmu && tx == 0 && j < cv.tn) dmu[cv.row(j) * H + cv.h] += dgate;
   }
 }
 
 constexpr size_t kNumeratorSmem = sizeof(float) * (5 * kTile * kTile + 2 * kTile);
-constexpr size_t kGradientSmem = sizeof(float) * (8 * kTile * kTile + 4 * kTile);
+constexpr size_t kGradientSmem = sizeof(float) * (kGradientSlots * kTile * kTile + 4 * kTile);
 
 template <class Kernel> void prepare_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
@@ -796,16 +859,30 @@ size_t dzeta_floats(int B, int N, int H) { return (size_t(B) * N * H + 63) / 64 
 
 // Each segment's starting state (kind 0: [S | z] from the tokens before it) or adjoint (kind 1: [dS | dz]
 // from the tokens after it), into states.
+template <int NB>
+void segment_sums(float* states, int kind, const float* q, const float* k, const float* v, const float* mu,
+                  const float* d_o, const float* zeta, const float* dzeta, int B, int N, int D, int H,
+                  cudaStream_t stream) {
+  const int dh = D / H, ld = (dh + kTile - 1) / kTile * kTile;
+  const size_t smem = sizeof(float) * (size_t(2) * kSegment * ld + 2 * kSegment);
+  prepare_smem(segment_sums_kernel<NB>, smem);
+  segment_sums_kernel<NB><<<dim3(H, B, segments(N)), kTileThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o,
+                                                                                    zeta, dzeta, N, D, H);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
 void segment_states(float* states, int kind, const float* q, const float* k, const float* v, const float* mu,
                     const float* d_o, const float* zeta, const float* dzeta, int B, int N, int D, int H,
                     cudaStream_t stream) {
   const Layout l = layout(D, H);
   const int P = segments(N);
-  const size_t smem = sizeof(float) * size_t(kSegment) * (l.dh + l.C);
-  prepare_smem(segment_sums_kernel, smem);
-  segment_sums_kernel<<<dim3(H, B, P), kSumThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o, zeta, dzeta, N,
-                                                                     D, H);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  // Column groups of the sums' 64 × 64 output blocks: ⌈d_h/16⌉, all four for heads wider than one block.
+  switch ((std::min(l.dh, kTile) + 15) / 16) {
+    case 1: segment_sums<1>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
+    case 2: segment_sums<2>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
+    case 3: segment_sums<3>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
+    default: segment_sums<4>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
+  }
   const long per_bh = long(l.dh) * l.C, total = long(B) * H * per_bh;
   segment_scan_kernel<<<int((total + 255) / 256), 256, 0, stream>>>(states, per_bh, P, total, kind == 1);
   MUSE_CUDA_CHECK(cudaGetLastError());
@@ -860,7 +937,7 @@ void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, cons
   const float* states = P > 1 ? workspace : nullptr;
   if (states) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
   prepare_smem(chunk_numerator_kernel<NB, false>, kNumeratorSmem);
-  chunk_numerator_kernel<NB, false><<<dim3(P, H, B), kChunkThreads, kNumeratorSmem, stream>>>(
+  chunk_numerator_kernel<NB, false><<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(
       o, zeta, final_S, final_z, nullptr, q, k, v, mu, nullptr, nullptr, states, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
@@ -877,12 +954,12 @@ void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* 
   if (before) segment_states(before, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
   const dim3 grid(P, H, B);
   prepare_smem(chunk_numerator_kernel<NB, true>, kNumeratorSmem);
-  chunk_numerator_kernel<NB, true><<<grid, kChunkThreads, kNumeratorSmem, stream>>>(
+  chunk_numerator_kernel<NB, true><<<grid, kTileThreads, kNumeratorSmem, stream>>>(
       nullptr, nullptr, nullptr, nullptr, dzeta, q, k, v, mu, d_o, zeta, before, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
   prepare_smem(chunk_gradient_kernel<NB>, kGradientSmem);
-  chunk_gradient_kernel<NB><<<grid, kChunkThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k,
+  chunk_gradient_kernel<NB><<<grid, kTileThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k,
                                                                              v, mu, before, after, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
