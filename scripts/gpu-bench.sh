@@ -25,6 +25,7 @@
 #   SMALL_SHAPES="B:N ..." MEDIUM_SHAPES="B:N ..." LONG_SEQS="N ..." DECODE_BATCHES="B ..." DECODE_CONTEXT=1000
 #                            (override what GRID chose)
 #   ITERS=10 WARMUP=2        muse timed / warm-up iterations;  DECODE_ITERS=20 DECODE_WARMUP=2
+#   DECODE_DEVICE=DEVICE     cpu: time the CPU recurrent decoder instead of the GPU one
 #   PEER_ITERS=ITERS PEER_WARMUP=3 PEER_ARGS=""   (e.g. PEER_ARGS=--no-compile)
 #   TIMEOUT=120              seconds per muse command;  PEER_TIMEOUT=300 per peer process (a whole grid)
 #   BUDGET_S=570             stop starting commands after this many seconds (the rest are recorded as
@@ -85,8 +86,8 @@ SMALL_SHAPES="${SMALL_SHAPES:-$small_shapes}"
 MEDIUM_SHAPES="${MEDIUM_SHAPES:-$medium_shapes}"
 LONG_SEQS="${LONG_SEQS:-$long_seqs}"
 DECODE_BATCHES="${DECODE_BATCHES:-$decode_batches}"
-# Decode runs on the CPU's recurrent decoder in this version (muse bench refuses --mode decode on cuda).
-DECODE_DEVICE="${DECODE_DEVICE:-cpu}"
+# Decode runs on the GPU recurrent decoder (DECODE_DEVICE=cpu: the CPU one, for comparison).
+DECODE_DEVICE="${DECODE_DEVICE:-$DEVICE}"
 
 mkdir -p "$DIR/logs" || exit 1
 MUSE_JSONL="$DIR/muse.jsonl"
