@@ -82,21 +82,27 @@ double decode_flops(const ModelConfig& c, int B, int context) {
 
 namespace {
 
-// The fields of a decode record, from the median seconds per step of all streams.
-BenchRecord decode_record(const BenchOptions& o, const ModelConfig& config, double median_s, long long parameters) {
+// The fields every timed record has: what ran, the threads, the iterations and their median.
+BenchRecord timed_record(const BenchOptions& o, double median_s, long long parameters) {
   BenchRecord r;
   r.preset = o.preset;
   r.mode = o.mode;
   r.batch = o.batch;
-  r.seq = o.context;
-  r.context = o.context;
   r.threads = omp_get_max_threads();
   r.iters = o.iters;
   r.median_ms = median_s * 1e3;
+  r.parameters = parameters;
+  return r;
+}
+
+// The fields of a decode record, from the median seconds per step of all streams.
+BenchRecord decode_record(const BenchOptions& o, const ModelConfig& config, double median_s, long long parameters) {
+  BenchRecord r = timed_record(o, median_s, parameters);
+  r.seq = o.context;
+  r.context = o.context;
   r.tokens_per_s = o.batch / median_s;
   r.tokens_per_s_per_stream = 1 / median_s;
   r.gflop_per_iter = decode_flops(config, o.batch, o.context) / 1e9;
-  r.parameters = parameters;
   return r;
 }
 
@@ -174,17 +180,10 @@ BenchRecord run_cuda_decode_bench(const BenchOptions& o, const ModelConfig& conf
 
 BenchRecord throughput_record(const BenchOptions& o, const ModelConfig& config, double median_s,
                               long long parameters) {
-  BenchRecord r;
-  r.preset = o.preset;
-  r.mode = o.mode;
-  r.batch = o.batch;
+  BenchRecord r = timed_record(o, median_s, parameters);
   r.seq = o.seq;
-  r.threads = omp_get_max_threads();
-  r.iters = o.iters;
-  r.median_ms = median_s * 1e3;
   r.tokens_per_s = double(o.batch) * o.seq / median_s;
   r.gflop_per_iter = forward_flops(config, o.batch, o.seq) * (o.mode == "train" ? 3 : 1) / 1e9;
-  r.parameters = parameters;
   return r;
 }
 

@@ -5,6 +5,7 @@
 #include <string>
 
 #include "common/cuda_check.cuh"
+#include "common/cuda_graph.cuh"
 #include "infer/cuda_decode_kernels.cuh"
 #include "ops/ffn.h"
 #include "ops/htt.cuh"
@@ -483,11 +484,9 @@ const float* Decoder::step(const int* streams, const int32_t* tokens, int count)
   if (count > this->streams())
     throw std::invalid_argument("decoder step: " + std::to_string(count) + " rows for " +
                                 std::to_string(this->streams()) + " streams");
+  for (int r = 0; r < count; ++r) check_stream(streams[r]);
+  require_distinct_streams(streams, count);
   for (int r = 0; r < count; ++r) {
-    check_stream(streams[r]);
-    for (int e = 0; e < r; ++e)
-      if (streams[e] == streams[r])
-        throw std::invalid_argument("decoder step: stream " + std::to_string(streams[r]) + " given twice");
     check_token(tokens[r]);
     check_position(streams[r], positions_[streams[r]]);
   }
@@ -564,23 +563,7 @@ void Decoder::run_step(int count) {
     return;
   }
   cudaGraphExec_t& exec = graphs_[count];
-  if (!exec) {
-    cudaGraph_t graph = nullptr;
-    MUSE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    try {
-      enqueue_step(count);
-    } catch (...) {
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph) cudaGraphDestroy(graph);
-      cudaGetLastError();
-      throw;
-    }
-    MUSE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
-    cudaGraphDestroy(graph);
-    if (status != cudaSuccess) exec = nullptr;
-    MUSE_CUDA_CHECK(status);
-  }
+  if (!exec) exec = capture_graph(stream_, [&] { enqueue_step(count); });
   MUSE_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
 }
 

@@ -360,11 +360,9 @@ template <typename T>
 const T* Decoder<T>::step(const int* streams, const int32_t* tokens, int count) {
   if (count < 1) throw std::invalid_argument("decoder step: no streams given");
   std::vector<int> positions(count);
+  for (int r = 0; r < count; ++r) check_stream(streams[r]);
+  require_distinct_streams(streams, count);
   for (int r = 0; r < count; ++r) {
-    check_stream(streams[r]);
-    for (int e = 0; e < r; ++e)
-      if (streams[e] == streams[r])
-        throw std::invalid_argument("decoder step: stream " + std::to_string(streams[r]) + " given twice");
     check_token(tokens[r]);
     positions[r] = states_[streams[r]].position;
     check_position(positions[r]);
@@ -403,6 +401,13 @@ const T* Decoder<T>::feed(int stream, const int32_t* ids, int n) {
   const T* logits = nullptr;
   for (int i = 0; i < n; ++i) logits = step(stream, ids[i]);
   return logits;
+}
+
+void require_distinct_streams(const int* streams, int count) {
+  for (int r = 0; r < count; ++r)
+    for (int e = 0; e < r; ++e)
+      if (streams[e] == streams[r])
+        throw std::invalid_argument("decoder step: stream " + std::to_string(streams[r]) + " given twice");
 }
 
 template class Decoder<float>;

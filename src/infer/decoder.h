@@ -116,4 +116,7 @@ class Decoder {
 extern template class Decoder<float>;
 extern template class Decoder<double>;
 
+// A step names each stream at most once (both decoders' step()): throws naming the repeated stream.
+void require_distinct_streams(const int* streams, int count);
+
 }  // namespace muse

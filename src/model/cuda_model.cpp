@@ -9,6 +9,7 @@
 #include <string>
 
 #include "common/cuda_check.cuh"
+#include "common/cuda_graph.cuh"
 #include "model/cuda_glue.cuh"
 #include "model/muse_block.h"
 #include "ops/bk.cuh"
@@ -770,22 +771,7 @@ void Model::run_pass(int pass, float scale, const std::function<void()>& body) {
     body();
     return;
   }
-  if (!entry.exec) {
-    cudaGraph_t graph = nullptr;
-    MUSE_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    try {
-      body();
-    } catch (...) {
-      cudaStreamEndCapture(stream_, &graph);
-      if (graph) cudaGraphDestroy(graph);
-      cudaGetLastError();
-      throw;
-    }
-    MUSE_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-    const cudaError_t status = cudaGraphInstantiate(&entry.exec, graph, 0);
-    cudaGraphDestroy(graph);
-    MUSE_CUDA_CHECK(status);
-  }
+  if (!entry.exec) entry.exec = capture_graph(stream_, body);
   MUSE_CUDA_CHECK(cudaGraphLaunch(entry.exec, stream_));
 }
 

@@ -546,6 +546,31 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   }
 }
 
+// The block's partial sums of dc and dβ_h (each thread's, summed over its warp, then over the warps in
+// order) into partials[block] and partials[blocks + block]. Red: 2·kWarps floats of shared memory; every
+// thread of the block calls it.
+__device__ void write_param_partials(float* partials, float dc_acc, float dbeta_acc, float* Red, int b, int h) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  dc_acc = warp_sum(dc_acc);
+  dbeta_acc = warp_sum(dbeta_acc);
+  if (lane == 0) {
+    Red[warp] = dc_acc;
+    Red[kWarps + warp] = dbeta_acc;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float dc_sum = 0.f, dbeta_sum = 0.f;
+    for (int w = 0; w < kWarps; ++w) {
+      dc_sum += Red[w];
+      dbeta_sum += Red[kWarps + w];
+    }
+    const long blocks = (long)gridDim.x * gridDim.y * gridDim.z;
+    const long block = ((long)b * gridDim.y + h) * gridDim.x + blockIdx.x;
+    partials[block] = dc_sum;
+    partials[blocks + block] = dbeta_sum;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Backward, query side: block (query tile, h, b) → dq, and per-block partials of dc and dβ_h
 // (partials[block] and partials[blocks + block]).
@@ -669,26 +694,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int e = lane; e < dh; e += kWarp) dqi[e] += DQs[t * dh + e] + self * Qs[t * dh + e];
     }
   }
-  if (Params::kHasParamGrads && partials) {
-    dc_acc = warp_sum(dc_acc);
-    dbeta_acc = warp_sum(dbeta_acc);
-    if (lane == 0) {
-      Red[warp] = dc_acc;
-      Red[kWarps + warp] = dbeta_acc;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float dc_sum = 0.f, dbeta_sum = 0.f;
-      for (int w = 0; w < kWarps; ++w) {
-        dc_sum += Red[w];
-        dbeta_sum += Red[kWarps + w];
-      }
-      const long blocks = (long)gridDim.x * gridDim.y * gridDim.z;
-      const long block = ((long)b * gridDim.y + h) * gridDim.x + blockIdx.x;
-      partials[block] = dc_sum;
-      partials[blocks + block] = dbeta_sum;
-    }
-  }
+  if (Params::kHasParamGrads && partials) write_param_partials(partials, dc_acc, dbeta_acc, Red, b, h);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1096,26 +1102,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     }
     if (dlog_mu && lane == 0) dlog_mu[((long)b * geo.N + j) * geo.H + h] += KeyScore[t];
   }
-  if (Params::kHasParamGrads && partials) {
-    dc_acc = warp_sum(dc_acc);
-    dbeta_acc = warp_sum(dbeta_acc);
-    if (lane == 0) {
-      Red[warp] = dc_acc;
-      Red[kWarps + warp] = dbeta_acc;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float dc_sum = 0.f, dbeta_sum = 0.f;
-      for (int w = 0; w < kWarps; ++w) {
-        dc_sum += Red[w];
-        dbeta_sum += Red[kWarps + w];
-      }
-      const long blocks = (long)gridDim.x * gridDim.y * gridDim.z;
-      const long block = ((long)b * gridDim.y + h) * gridDim.x + blockIdx.x;
-      partials[block] = dc_sum;
-      partials[blocks + block] = dbeta_sum;
-    }
-  }
+  if (Params::kHasParamGrads && partials) write_param_partials(partials, dc_acc, dbeta_acc, Red, b, h);
 }
 
 // dq += carry for the queries whose window starts in the key tile before their own (the part the tiled

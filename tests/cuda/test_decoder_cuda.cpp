@@ -26,6 +26,7 @@
 #include "model/config.h"
 #include "model/cuda_model.h"
 #include "model/model.h"
+#include "support/decoder_checks.h"
 
 namespace muse::test {
 namespace {
@@ -424,17 +425,7 @@ TEST(decode_cuda, learned_positions_stop_at_max_seq_with_a_clear_error) {
   c.max_seq = 8;
   const Model<float> model = make_model(c, 71);
   cuda::Decoder decoder(model);
-  std::vector<int32_t> ids(9, 3);
-  EXPECT_THROW(decoder.prefill(0, ids.data(), 9), std::invalid_argument);
-  decoder.prefill(0, ids.data(), 7);
-  decoder.step(0, 1);  // position 7: the last one
-  try {
-    decoder.step(0, 1);
-    FAIL() << "decoding past max_seq was accepted";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("max_seq = 8"), std::string::npos) << e.what();
-  }
-  EXPECT_EQ(decoder.position(0), 8);  // the refused step changed nothing
+  expect_decoding_stops_at_max_seq_8(decoder);
 }
 
 TEST(decode_cuda, bad_tokens_streams_and_states_are_refused) {

@@ -8,6 +8,7 @@
 
 #include "infer/decoder.h"
 #include "model/model.h"
+#include "support/decoder_checks.h"
 #include "support/test_util.h"
 
 namespace muse::test {
@@ -238,22 +239,7 @@ TEST(decode_positions, learned_positions_stop_at_max_seq_with_a_clear_error) {
   c.max_seq = 8;
   Model<float> model = make_model<float>(c, 41);
   Decoder<float> decoder(model);
-  std::vector<int32_t> ids(9, 3);
-  try {
-    decoder.prefill(0, ids.data(), 9);
-    FAIL() << "a 9-token prompt was accepted with max_seq = 8";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("max_seq = 8"), std::string::npos) << e.what();
-  }
-  decoder.prefill(0, ids.data(), 7);
-  decoder.step(0, 1);  // position 7: the last one
-  try {
-    decoder.step(0, 1);
-    FAIL() << "decoding past max_seq was accepted";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_NE(std::string(e.what()).find("max_seq = 8"), std::string::npos) << e.what();
-  }
-  EXPECT_EQ(decoder.position(0), 8);  // the refused step changed nothing
+  expect_decoding_stops_at_max_seq_8(decoder);
 }
 
 TEST(decode_positions, alibi_and_none_decode_far_past_max_seq_in_constant_state) {
