@@ -106,14 +106,22 @@ BenchRecord decode_record(const BenchOptions& o, const ModelConfig& config, doub
   return r;
 }
 
-// Random prompts of `context` tokens, one per stream, the same for either device.
-template <class Prefill>
-void prefill_random_prompts(const BenchOptions& o, const ModelConfig& config, Rng& rng, Prefill&& prefill) {
-  std::vector<int32_t> prompt(o.context);
+// Prefills every stream with a random prompt of `context` tokens (the same for either device), then the
+// median seconds of one decode step of all streams on random tokens; `finish` ends a timed step (the GPU
+// decoder's synchronisation).
+template <class AnyDecoder, class Finish>
+double time_decode_steps(const BenchOptions& o, const ModelConfig& config, AnyDecoder& decoder, Finish finish) {
+  Rng rng(2);
+  std::vector<int32_t> tokens(std::max(o.context, o.batch));
   for (int s = 0; s < o.batch; ++s) {
-    for (auto& id : prompt) id = int32_t(rng.below(config.vocab_size));
-    prefill(s, prompt);
+    for (int i = 0; i < o.context; ++i) tokens[i] = int32_t(rng.below(config.vocab_size));
+    decoder.prefill(s, tokens.data(), o.context);
   }
+  return median_seconds(o.warmup, o.iters, [&] {
+    for (int s = 0; s < o.batch; ++s) tokens[s] = int32_t(rng.below(config.vocab_size));
+    decoder.step(tokens.data());
+    finish();
+  });
 }
 
 // Prefills `batch` streams with random prompts of `context` tokens, then times single decode steps of all
@@ -122,15 +130,8 @@ BenchRecord run_decode_bench(const BenchOptions& o, const ModelConfig& config) {
   Model<float> model(config);
   model.init(1);
   Decoder<float> decoder(model, o.batch);
-  Rng rng(2);
-  prefill_random_prompts(o, config, rng,
-                         [&](int s, const std::vector<int32_t>& ids) { decoder.prefill(s, ids.data(), o.context); });
-  std::vector<int32_t> tokens(o.batch);
-  auto step = [&] {
-    for (auto& id : tokens) id = int32_t(rng.below(config.vocab_size));
-    decoder.step(tokens.data());
-  };
-  BenchRecord r = decode_record(o, config, median_seconds(o.warmup, o.iters, step), (long long)model.table().count());
+  const double median = time_decode_steps(o, config, decoder, [] {});
+  BenchRecord r = decode_record(o, config, median, (long long)model.table().count());
   r.device = "cpu";
   r.peak_mem_mb = peak_resident_mb();
   return r;
@@ -152,19 +153,12 @@ BenchRecord run_cuda_decode_bench(const BenchOptions& o, const ModelConfig& conf
   Model<float> model(config);
   model.init(1);
   cuda::Decoder decoder(model, o.batch);
-  Rng rng(2);
-  prefill_random_prompts(o, config, rng,
-                         [&](int s, const std::vector<int32_t>& ids) { decoder.prefill(s, ids.data(), o.context); });
-  std::vector<int32_t> tokens(o.batch);
-  auto step = [&] {
-    for (auto& id : tokens) id = int32_t(rng.below(config.vocab_size));
-    decoder.step(tokens.data());
-    MUSE_CUDA_CHECK(cudaStreamSynchronize(decoder.stream()));
-  };
+  const double median =
+      time_decode_steps(o, config, decoder, [&] { MUSE_CUDA_CHECK(cudaStreamSynchronize(decoder.stream())); });
   // The GPU head is the product with the materialised E, not the factored one decode_flops counts for HTT.
   ModelConfig counted = config;
   counted.embedding = EmbeddingKind::dense;
-  BenchRecord r = decode_record(o, counted, median_seconds(o.warmup, o.iters, step), (long long)model.table().count());
+  BenchRecord r = decode_record(o, counted, median, (long long)model.table().count());
   cudaDeviceProp prop{};
   int device = 0;
   MUSE_CUDA_CHECK(cudaGetDevice(&device));

@@ -433,17 +433,9 @@ TEST(decode_cuda, bad_tokens_streams_and_states_are_refused) {
   const ModelConfig c = variant_config({});
   const Model<float> model = make_model(c, 81);
   cuda::Decoder decoder(model, 2);
-  const int32_t bad = c.vocab_size;
-  EXPECT_THROW(decoder.prefill(0, &bad, 1), std::invalid_argument);
-  EXPECT_THROW(decoder.step(0, -1), std::invalid_argument);
-  EXPECT_THROW(decoder.step(2, 1), std::out_of_range);
-  const int twice[2] = {1, 1};
-  const int32_t tokens[2] = {1, 2};
-  EXPECT_THROW(decoder.step(twice, tokens, 2), std::invalid_argument);
-  EXPECT_THROW(decoder.prefill(0, tokens, 0), std::invalid_argument);
-  DecodeState<float> wrong;
-  EXPECT_THROW(decoder.restore(0, wrong), std::invalid_argument);
+  expect_bad_input_refused(decoder, c.vocab_size, DecodeState<float>{});
   // A state whose ring does not fit its position.
+  const int32_t tokens[2] = {1, 2};
   decoder.prefill(0, tokens, 2);
   DecodeState<float> state = decoder.snapshot(0);
   state.position = 5;

@@ -32,4 +32,19 @@ void expect_decoding_stops_at_max_seq_8(AnyDecoder& decoder) {
   EXPECT_EQ(decoder.position(0), 8);  // the refused step changed nothing
 }
 
+// A decoder of 2 streams for a model of `vocab` tokens refuses a token outside the vocabulary, a stream that
+// does not exist, a stream given twice in one step, an empty prompt and a state of the wrong shape.
+template <class AnyDecoder, class State>
+void expect_bad_input_refused(AnyDecoder& decoder, int vocab, const State& wrong_state) {
+  const int32_t bad = vocab;
+  EXPECT_THROW(decoder.prefill(0, &bad, 1), std::invalid_argument);
+  EXPECT_THROW(decoder.step(0, -1), std::invalid_argument);
+  EXPECT_THROW(decoder.step(2, 1), std::out_of_range);
+  const int twice[2] = {1, 1};
+  const int32_t tokens[2] = {1, 2};
+  EXPECT_THROW(decoder.step(twice, tokens, 2), std::invalid_argument);
+  EXPECT_THROW(decoder.prefill(0, tokens, 0), std::invalid_argument);
+  EXPECT_THROW(decoder.restore(0, wrong_state), std::invalid_argument);
+}
+
 }  // namespace muse::test
