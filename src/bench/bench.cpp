@@ -191,9 +191,8 @@ BenchRecord run_bench(const BenchOptions& o) {
     if (o.context < 1) throw std::invalid_argument("--context must be at least 1");
     check_generation_length(config, o.context, o.warmup + o.iters);
   }
-  // The GPU decoder serves Phase 7/8 models; auto decodes arch = gpt (a growing KV cache) on the CPU.
-  const bool cpu_decode_only = o.mode == "decode" && o.device == "auto" && config.arch == Arch::gpt;
-  if (resolve_device(o.device) == "cuda" && !cpu_decode_only) {
+  const std::string device = o.mode == "decode" ? resolve_decode_device(o.device, config) : resolve_device(o.device);
+  if (device == "cuda") {
 #ifdef MUSE_HAVE_CUDA
     return o.mode == "decode" ? run_cuda_decode_bench(o, config) : run_cuda_bench(o, config);
 #endif

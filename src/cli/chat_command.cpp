@@ -9,7 +9,6 @@
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/generation_flags.h"
-#include "common/device.h"
 #include "infer/chat_template.h"
 #include "infer/decoder.h"
 #ifdef MUSE_HAVE_CUDA
@@ -41,40 +40,25 @@ struct ChatDecoder {
   std::function<void(const DecodeState<float>&)> restore;
 };
 
-ChatDecoder chat_decoder(Decoder<float>& d) {
-  ChatDecoder c;
-  c.reset = [&d] { d.reset(0); };
-  c.prefill = [&d](const std::vector<int32_t>& ids) { return d.prefill(0, ids.data(), int(ids.size())); };
-  c.feed = [&d](const std::vector<int32_t>& ids) { return d.feed(0, ids.data(), int(ids.size())); };
-  c.step = [&d](int32_t token) { return d.step(0, token); };
-  c.position = [&d] { return d.position(0); };
-  c.snapshot = [&d] { return d.snapshot(0); };
-  c.restore = [&d](const DecodeState<float>& state) { d.restore(0, state); };
-  return c;
-}
-
+// The logits of a decoder call on the host: the CPU decoder returns them; the GPU one leaves them on the
+// device until host_logits().
+const float* host(Decoder<float>&, const float* logits) { return logits; }
 #ifdef MUSE_HAVE_CUDA
-ChatDecoder chat_decoder(cuda::Decoder& d) {
+const float* host(cuda::Decoder& d, const float*) { return d.host_logits(); }
+#endif
+
+template <class AnyDecoder>
+ChatDecoder chat_decoder(AnyDecoder& d) {
   ChatDecoder c;
   c.reset = [&d] { d.reset(0); };
-  c.prefill = [&d](const std::vector<int32_t>& ids) {
-    d.prefill(0, ids.data(), int(ids.size()));
-    return d.host_logits();
-  };
-  c.feed = [&d](const std::vector<int32_t>& ids) {
-    d.feed(0, ids.data(), int(ids.size()));
-    return d.host_logits();
-  };
-  c.step = [&d](int32_t token) {
-    d.step(0, token);
-    return d.host_logits();
-  };
+  c.prefill = [&d](const std::vector<int32_t>& ids) { return host(d, d.prefill(0, ids.data(), int(ids.size()))); };
+  c.feed = [&d](const std::vector<int32_t>& ids) { return host(d, d.feed(0, ids.data(), int(ids.size()))); };
+  c.step = [&d](int32_t token) { return host(d, d.step(0, token)); };
   c.position = [&d] { return d.position(0); };
   c.snapshot = [&d] { return d.snapshot(0); };
   c.restore = [&d](const DecodeState<float>& state) { d.restore(0, state); };
   return c;
 }
-#endif
 
 ChatTemplate resolve_template(const ChatOptions& o, const LoadedModel& m) {
   if (!o.template_file.empty()) {
@@ -166,7 +150,7 @@ void add_chat_command(CLI::App& app) {
     const ModelConfig& c = m.model.config();
     const ChatTemplate chat = resolve_template(*o, m);
     const Tokenizer& tokenizer = *m.tokenizer;
-    const bool gpu = resolve_device(o->device) == "cuda" && !(o->device == "auto" && c.arch == Arch::gpt);
+    const bool gpu = resolve_decode_device(o->device, c) == "cuda";
     std::unique_ptr<Decoder<float>> cpu_decoder;
     ChatDecoder decoder;
 #ifdef MUSE_HAVE_CUDA

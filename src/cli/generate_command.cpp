@@ -6,7 +6,6 @@
 #include "cli/commands.h"
 #include "cli/device_flags.h"
 #include "cli/generation_flags.h"
-#include "common/device.h"
 #include "infer/decoder.h"
 #ifdef MUSE_HAVE_CUDA
 #include "infer/cuda_decoder.h"
@@ -55,7 +54,7 @@ void add_generate_command(CLI::App& app) {
     // A model may have more rows than its tokenizer has tokens (--set vocab_size=…): those are never sampled.
     Sampler sampler(o->sampling, std::min(c.vocab_size, m.tokenizer->vocab_size()));
     sampler.add_context(ids.data(), int(ids.size()));
-    const bool gpu = resolve_device(o->device) == "cuda" && !(o->device == "auto" && c.arch == Arch::gpt);
+    const bool gpu = resolve_decode_device(o->device, c) == "cuda";
     std::unique_ptr<Decoder<float>> decoder;
     std::function<const float*(int32_t)> feed;
 #ifdef MUSE_HAVE_CUDA

@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/device.h"
 #include "model/muse_block.h"
 #include "ops/bk.h"
 #include "ops/causal_attn.h"
@@ -408,6 +409,11 @@ void require_distinct_streams(const int* streams, int count) {
     for (int e = 0; e < r; ++e)
       if (streams[e] == streams[r])
         throw std::invalid_argument("decoder step: stream " + std::to_string(streams[r]) + " given twice");
+}
+
+std::string resolve_decode_device(const std::string& requested, const ModelConfig& config) {
+  if (requested == "auto" && config.arch == Arch::gpt) return "cpu";
+  return resolve_device(requested);
 }
 
 template class Decoder<float>;

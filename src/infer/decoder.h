@@ -20,6 +20,7 @@
 // the dense table.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "model/layout.h"
@@ -118,5 +119,9 @@ extern template class Decoder<double>;
 
 // A step names each stream at most once (both decoders' step()): throws naming the repeated stream.
 void require_distinct_streams(const int* streams, int count);
+
+// Where a decoder of this model runs for --device cpu|cuda|auto: "cpu" or "cuda". auto takes the GPU when one
+// is visible, except for arch = gpt, whose growing KV cache only the CPU decoder keeps.
+std::string resolve_decode_device(const std::string& requested, const ModelConfig& config);
 
 }  // namespace muse
