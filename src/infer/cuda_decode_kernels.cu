@@ -23,7 +23,13 @@ constexpr int kWarp = 32;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * kWarp;
-constexpr int kMixerThreads = 128;
+constexpr int kMixerThreads = 256;
+// Shared memory up to which the mixer stages a head's ring (so that a few mixer blocks still fit on an SM).
+constexpr size_t kRingStagingBytes = 96 * 1024;
+// Shared memory up to which residual_mix stages its chunk's h_in and y_glob rows before the wait.
+constexpr size_t kPrologueStagingBytes = 64 * 1024;
+// Bytes of the AR-SSM gate's W₂ up to which the mixer stages it.
+constexpr size_t kSsmGateStagingBytes = 32 * 1024;
 constexpr int kMixerWarps = kMixerThreads / kWarp;
 constexpr float kPotentialCap = 5.0f;                 // v = cap_5(w_v·u + b_v), as ops/bk.cpp
 constexpr float kMaskSlope = 4.0f;                    // as ops/ssm.cpp
@@ -93,7 +99,8 @@ __device__ __forceinline__ void warp_row_pass(int D, Load load, Store store) {
 }
 
 // One row x[0, D) in shared memory, owned by one warp, is replaced by LN(x)·gain + bias as ops/layernorm.cpp
-// computes it: the mean, then the variance of x − mean. Returns Σx² of the input (for the radius δ).
+// computes it: the mean, then the variance of x − mean. Returns Σx² of the input (for the radius δ). gain
+// and bias may be in shared memory (staged) or global memory.
 __device__ float warp_layernorm(float* x, const float* gain, const float* bias, int D) {
   const int lane = threadIdx.x % kWarp;
   float sum = 0.f, squares = 0.f;
@@ -109,9 +116,46 @@ __device__ float warp_layernorm(float* x, const float* gain, const float* bias, 
   }
   const float rstd = 1.f / sqrtf(warp_sum(var) / float(D) + float(kLayerNormEps));
   warp_row_pass(
-      D, [&](int i) { return (x[i] - mean) * rstd * __ldg(gain + i) + __ldg(bias + i); },
+      D, [&](int i) { return (x[i] - mean) * rstd * gain[i] + bias[i]; },
       [&](int i, float v) { x[i] = v; });
   return warp_sum(squares);
+}
+
+// Asynchronous copies from global to shared memory (cp.async, sm_80+), issued before the kernel waits for the
+// previous one and completed by wait_async_copies(). The 16-byte form reads through L2 only.
+__device__ __forceinline__ void copy_async_4(float* shared, const float* global) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(unsigned(__cvta_generic_to_shared(shared))),
+               "l"(__cvta_generic_to_global(global)));
+}
+__device__ __forceinline__ void copy_async_16(float* shared, const float* global) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(unsigned(__cvta_generic_to_shared(shared))),
+               "l"(__cvta_generic_to_global(global)));
+}
+__device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// rows × cols floats from global (row stride `from_stride`) into shared memory (row stride `to_stride`),
+// skipping row `skip` (−1: none), by the whole block: 16 bytes a copy where both sides allow it. The thread's
+// (row, unit) advances by the block's stride without a division per copy.
+__device__ void stage_rows(float* to, int to_stride, const float* from, int from_stride, int rows, int cols,
+                           int skip) {
+  const bool vec4 = cols % 4 == 0 && to_stride % 4 == 0 && from_stride % 4 == 0 &&
+                    reinterpret_cast<uintptr_t>(to) % 16 == 0 && reinterpret_cast<uintptr_t>(from) % 16 == 0;
+  const int width = vec4 ? 4 : 1, units = cols / width;
+  const int row_step = blockDim.x / units, unit_step = blockDim.x % units;
+  int row = threadIdx.x / units, unit = threadIdx.x % units;
+  while (row < rows) {
+    if (row != skip) {
+      float* t = to + size_t(row) * to_stride + unit * width;
+      const float* f = from + size_t(row) * from_stride + unit * width;
+      if (vec4)
+        copy_async_16(t, f);
+      else
+        copy_async_4(t, f);
+    }
+    row += row_step;
+    unit += unit_step;
+    if (unit >= units) unit -= units, ++row;
+  }
 }
 
 // ---- the GEMV engine ----------------------------------------------------------------------------------
@@ -232,6 +276,45 @@ __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row
   }
 }
 
+// ---- the prologue kernels' shared memory ---------------------------------------------------------------
+
+// Shared memory of a prologue kernel (block_input, residual_mix, head) whose chunks hold `rows` rows of width D:
+// the rows x, `params` LayerNorm vectors, and for residual_mix (when the block stays within
+// kPrologueStagingBytes) the chunk's h_in and y_glob rows. Everything but the rows the previous kernel writes
+// is copied in before the wait: parameters, and rows that kernels before the previous one wrote.
+struct PrologueShared {
+  float *x, *params, *h_in, *y_glob;  // h_in, y_glob: null when not staged
+};
+
+__host__ __device__ inline bool stage_residual_rows(int rows, int D) {
+  return size_t(3 * rows + 4) * D * sizeof(float) <= kPrologueStagingBytes;
+}
+
+__host__ __device__ inline size_t prologue_floats(int rows, int D, int params, bool residual_rows) {
+  return size_t(rows + params + (residual_rows ? 2 * rows : 0)) * D;
+}
+
+__device__ PrologueShared prologue_shared(float* smem, int rows, int D, int params, bool residual_rows) {
+  PrologueShared p{};
+  p.x = smem;
+  p.params = p.x + size_t(rows) * D;
+  if (residual_rows) {
+    p.h_in = p.params + size_t(params) * D;
+    p.y_glob = p.h_in + size_t(rows) * D;
+  }
+  return p;
+}
+
+// The rows [row0, row0 + n) of a [·, D] buffer into `to`, asynchronously.
+__device__ void stage_chunk(float* to, const float* from, int row0, int n, int D) {
+  stage_rows(to, D, from + size_t(row0) * D, D, n, D, -1);
+}
+
+// A parameter vector [D] into slot i of the staged parameters (nothing when it is absent).
+__device__ void stage_param(const PrologueShared& p, int i, const float* param, int D) {
+  if (param) stage_rows(p.params + size_t(i) * D, D, param, D, 1, D, -1);
+}
+
 // ---- kernels --------------------------------------------------------------------------------------------
 
 template <bool kVec4>
@@ -249,32 +332,37 @@ template <bool kVec4>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     block_input_kernel(StepRows rows, float* h_in, Embedding embedding, const __grid_constant__ BlockArgs b,
                        StepBuffers s, const __grid_constant__ GemvPlan plan) {
-  extern __shared__ float x[];  // [rows of the chunk, D]: u
+  extern __shared__ float smem[];
   __shared__ float partial[kGemvWarps][kRowsPerChunk];
+  const int D = b.D, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int chunk_rows = min(kRowsPerChunk, rows.count);
+  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
+  const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: u
   prefetch_first_tile(plan);
+  stage_param(p, 0, b.ln_gain, D);
+  stage_param(p, 1, b.ln_bias, D);
   wait_for_previous_kernel();
   allow_next_kernel();
-  const int D = b.D, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
+  if (!embedding.E) stage_chunk(p.x, h_in, row0, n, D);
+  wait_async_copies();
+  __syncthreads();
   // Every block normalises its rows for its own GEMV; block 0 also writes what later kernels read.
   const bool writer = blockIdx.x == 0;
   if (warp < n) {
     const int r = row0 + warp, stream = rows.streams[r], position = rows.positions[stream];
-    float* xr = x + size_t(warp) * D;
-    float* hr = h_in + size_t(r) * D;
+    float* xr = p.x + size_t(warp) * D;
     if (embedding.E) {
+      float* hr = h_in + size_t(r) * D;
       const float* e = embedding.E + size_t(rows.tokens[r]) * D;
-      const float* p = embedding.positions ? embedding.positions + size_t(position) * D : nullptr;
+      const float* pos = embedding.positions ? embedding.positions + size_t(position) * D : nullptr;
       warp_row_pass(
-          D, [&](int i) { return p ? __ldg(e + i) + __ldg(p + i) : __ldg(e + i); },
+          D, [&](int i) { return pos ? __ldg(e + i) + __ldg(pos + i) : __ldg(e + i); },
           [&](int i, float v) {
             xr[i] = v;
             if (writer) hr[i] = v;
           });
-    } else {
-      warp_row_pass(D, [&](int i) { return hr[i]; }, [&](int i, float v) { xr[i] = v; });
     }
-    const float squares = warp_layernorm(xr, b.ln_gain, b.ln_bias, D);
+    const float squares = warp_layernorm(xr, p.params, p.params + D, D);
     if (writer) {
       float* ur = s.u + size_t(r) * D;
       warp_row_pass(D, [&](int i) { return xr[i]; }, [&](int i, float v) { ur[i] = v; });
@@ -282,7 +370,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     }
   }
   __syncthreads();
-  run_gemv<kVec4>(plan, x, n, row0, partial);
+  run_gemv<kVec4>(plan, p.x, n, row0, partial);
 }
 
 // The BK step of one row (ops/bk.cpp's bk_decode_step) from the block_input GEMV's v_pre = w_v·u + b_v and
@@ -316,38 +404,131 @@ __device__ BkStep bk_step(const BlockArgs& b, const StepBuffers& s, int r, int s
   return step;
 }
 
-// Σ of v over the mixer's block (every thread gets it). scratch: kMixerWarps floats of shared memory.
-__device__ float block_sum(float v, float* scratch) {
+// Σ of N values over the mixer's block (every thread gets the sums). scratch: N·kMixerWarps floats of shared
+// memory. The warps' partial sums are added in warp order, so the result does not depend on timing.
+template <int N>
+__device__ void block_sum(float (&v)[N], float* scratch) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  v = warp_sum(v);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    v[i] = warp_sum(v[i]);
+    if (lane == 0) scratch[i * kMixerWarps + warp] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    v[i] = 0.f;
+    for (int w = 0; w < kMixerWarps; ++w) v[i] += scratch[i * kMixerWarps + w];
+  }
+  __syncthreads();
+}
+
+// The maximum of v over the mixer's block, as block_sum.
+__device__ float block_max(float v, float* scratch) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = fmaxf(v, __shfl_xor_sync(kFull, v, offset));
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < kMixerWarps; ++w) total += scratch[w];
+  v = -INFINITY;
+  for (int w = 0; w < kMixerWarps; ++w) v = fmaxf(v, scratch[w]);
   __syncthreads();
-  return total;
+  return v;
+}
+
+// The shared memory of an attention block (floats, in this order): the head's ring of keys and values
+// (when staged, in rows padded as ring_stride says), the
+// linear-attention state S, the key norms and gates of the ring, then the per-token vectors.
+struct AttentionShared {
+  float *keys, *values;  // [W, ring_stride] when staged, else null
+  float *S;              // [dh, dh] (linear attention)
+  float4* norms;         // [W]
+  float *log_mu, *q, *k, *v, *z, *phi_k, *phi_q, *scores, *partial_local, *partial_linear, *scratch;
+};
+
+// Rows of the staged ring: 16-byte aligned for the copies, and 4 floats longer than a key so that the 32
+// threads of a warp (8 keys × 4 interleaved runs of elements) read 32 different banks.
+__host__ __device__ inline int ring_stride(int dh) { return dh % 4 == 0 ? dh + 4 : dh + 1; }
+
+// Region sizes are rounded up to 4 floats so that the float4 key norms stay 16-byte aligned.
+__host__ __device__ inline size_t round4(size_t floats) { return (floats + 3) / 4 * 4; }
+__host__ __device__ inline size_t ring_floats(int dh, int W) { return round4(size_t(W) * ring_stride(dh)); }
+__host__ __device__ inline size_t partial_floats(int dh) { return kMixerThreads > dh ? kMixerThreads : dh; }
+
+// Shared floats of an attention block besides the staged ring: S, the norms, then the per-token vectors.
+__host__ __device__ inline size_t attention_floats(int dh, int W, bool linear_attn) {
+  return (linear_attn ? round4(size_t(dh) * dh) : 0) + 4 * size_t(W) + W + 6 * size_t(dh) + W +
+         2 * partial_floats(dh) + 3 * kMixerWarps;
+}
+
+// Whether the attention blocks stage the head's ring in shared memory: when it fits the budget that keeps
+// several mixer blocks on an SM. A wider window reads the ring from global memory (L2) instead.
+__host__ __device__ inline bool stage_ring(int dh, int W, bool linear_attn) {
+  return (2 * ring_floats(dh, W) + attention_floats(dh, W, linear_attn)) * sizeof(float) <= kRingStagingBytes;
+}
+
+__device__ AttentionShared attention_shared(float* smem, int dh, int W, bool linear_attn) {
+  AttentionShared a{};
+  float* at = smem;
+  if (stage_ring(dh, W, linear_attn)) {
+    a.keys = at, at += ring_floats(dh, W);
+    a.values = at, at += ring_floats(dh, W);
+  }
+  if (linear_attn) a.S = at, at += round4(size_t(dh) * dh);
+  a.norms = reinterpret_cast<float4*>(at), at += 4 * W;
+  a.log_mu = at, at += W;
+  a.q = at, at += dh;
+  a.k = at, at += dh;
+  a.v = at, at += dh;
+  a.phi_k = at, at += dh;
+  a.phi_q = at, at += dh;
+  a.z = at, at += dh;
+  a.scores = at, at += W;
+  a.partial_local = at, at += partial_floats(dh);
+  a.partial_linear = at, at += partial_floats(dh);
+  a.scratch = at;
+  return a;
+}
+
+// Before the wait: the parts of head h's state that only the previous step wrote (the ring but for the slot
+// this token replaces, the ring's key norms and gates, the linear state) start their copies into shared memory.
+__device__ void stage_attention_state(const BlockArgs& b, const AttentionShared& a, int stream, int position,
+                                      int h) {
+  const int D = b.D, H = b.H, W = b.W, dh = D / H, slot = position % W;
+  const LayerState& st = b.state;
+  const size_t at = size_t(stream) * st.stream_floats;
+  if (a.keys) {
+    stage_rows(a.keys, ring_stride(dh), st.keys + at + h * dh, D, W, dh, slot);
+    stage_rows(a.values, ring_stride(dh), st.values + at + h * dh, D, W, dh, slot);
+  }
+  stage_rows(reinterpret_cast<float*>(a.norms), 4, st.key_norms + at + 4 * h, 4 * H, W, 4, slot);
+  if (st.log_mu) stage_rows(a.log_mu, 1, st.log_mu + at + h, H, W, 1, slot);
+  if (a.S) {
+    stage_rows(a.S, dh, st.lin_S + at + size_t(h) * dh * dh, dh, dh, dh, -1);
+    stage_rows(a.z, dh, st.lin_z + at + h * dh, dh, 1, dh, -1);
+  }
+}
+
+// After the wait: the token's q, k, v of head h (block_input's) join the copies.
+__device__ void stage_token(const StepBuffers& s, const AttentionShared& a, int r, int D, int dh, int h) {
+  const size_t at = size_t(r) * D + h * dh;
+  stage_rows(a.q, dh, s.q + at, dh, 1, dh, -1);
+  stage_rows(a.k, dh, s.k + at, dh, 1, dh, -1);
+  stage_rows(a.v, dh, s.v + at, dh, 1, dh, -1);
 }
 
 // Windowed hyperbolic attention of head h for row r (ops/local_attn.cpp's decode push and step), then the
-// linear-attention update and the curvature mix (ops/linear_attn.cpp, ops/hybrid.cpp), into s.mixed.
-__device__ void attention_head(const BlockArgs& b, const StepBuffers& s, int r, int stream, int position, int h,
-                               const float* F, float* smem) {
-  const int D = b.D, H = b.H, W = b.W, dh = D / H, tid = threadIdx.x;
-  float* q = smem;                 // [dh]
-  float* scores = q + dh;          // [W]
-  float* phi_k = scores + W;       // [dh]
-  float* phi_q = phi_k + dh;       // [dh]
-  float* z_new = phi_q + dh;       // [dh]
-  float* o_local = z_new + dh;     // [dh]
-  float* o_linear = o_local + dh;  // [dh]
-  float* scratch = o_linear + dh;  // [kMixerWarps]
-  float* S_old = scratch + kMixerWarps;  // [dh, dh] linear-attention state before this token
+// linear-attention update and the curvature mix (ops/linear_attn.cpp, ops/hybrid.cpp), into s.mixed. Every
+// stage spreads over the whole block: scores a group of threads per key, the weighted sum and the linear
+// state's update a part of the keys (rows) per thread, added in part order.
+__device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const AttentionShared& a, int r,
+                               int stream, int position, int h, const float* F) {
+  const int D = b.D, H = b.H, W = b.W, dh = D / H, tid = threadIdx.x, slot = position % W;
   const LayerState& st = b.state;
   const size_t at = size_t(stream) * st.stream_floats;
-  float* keys = st.keys + at;
-  float* values = st.values + at;
-  float* key_norms = st.key_norms + at;
-  float* ring_log_mu = st.log_mu ? st.log_mu + at : nullptr;
+  // The ring as the scores read it: staged, or in global memory.
+  const float* keys = a.keys ? a.keys : st.keys + at + h * dh;
+  const float* values = a.values ? a.values : st.values + at + h * dh;
+  const int stride = a.keys ? ring_stride(dh) : D;
 
   const float c = curvature_of(b.c_raw[0]), sqrt_c = sqrtf(c);
   float mu = 1.f, log_mu = 0.f;
@@ -356,139 +537,193 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, int r, 
     mu = sigmoid(w[0] * F[0] + w[1] * F[1] + w[2] * F[2] + b.key_gate_b[h]);
     log_mu = logf(mu);
   }
-  const float* qh = s.q + size_t(r) * D + h * dh;
-  const float* kh = s.k + size_t(r) * D + h * dh;
-  const float* vh = s.v + size_t(r) * D + h * dh;
+  const float scale = 1.f / sqrtf(float(dh));
+  wait_async_copies();
+  __syncthreads();  // the staged state and the token's vectors are in shared memory
 
-  // Push: the new key and value go to slot position % W, which holds a key no query from here on sees.
-  const int slot = position % W;
-  float q_squares = 0.f, k_squares = 0.f;
+  // The token's q, k, v; the push of k and v into slot position % W (which holds a key no query from here on
+  // sees); φ(q), φ̃(k) = μ·φ(k) and z + φ̃(k) of the linear path. Sums: ‖q‖², ‖k‖², ζ = (z + φ̃(k))·φ(q).
+  float sums[3] = {0.f, 0.f, 0.f};
   for (int e = tid; e < dh; e += blockDim.x) {
-    const float qe = qh[e], ke = kh[e];
-    q[e] = qe;
-    q_squares += qe * qe;
-    k_squares += ke * ke;
-    keys[size_t(slot) * D + h * dh + e] = ke;
-    values[size_t(slot) * D + h * dh + e] = vh[e];
+    const float qe = a.q[e], ke = a.k[e], ve = a.v[e];
+    sums[0] += qe * qe;
+    sums[1] += ke * ke;
+    st.keys[at + size_t(slot) * D + h * dh + e] = ke;
+    st.values[at + size_t(slot) * D + h * dh + e] = ve;
+    if (a.keys) {
+      a.keys[size_t(slot) * ring_stride(dh) + e] = ke;
+      a.values[size_t(slot) * ring_stride(dh) + e] = ve;
+    }
+    if (b.linear_attn) {
+      const float phi_k = mu * linear_feature(ke, scale), phi_q = linear_feature(qe, scale);
+      const float z_new = a.z[e] + phi_k;
+      a.phi_k[e] = phi_k;
+      a.phi_q[e] = phi_q;
+      st.lin_z[at + h * dh + e] = z_new;
+      sums[2] += z_new * phi_q;
+    }
   }
-  q_squares = block_sum(q_squares, scratch);
-  k_squares = block_sum(k_squares, scratch);
-  const TangentNorm<float> q_norm = tangent_norm_from_squared(q_squares, sqrt_c);
+  block_sum(sums, a.scratch);
+  const TangentNorm<float> q_norm = tangent_norm_from_squared(sums[0], sqrt_c);
+  const TangentNorm<float> k_norm = tangent_norm_from_squared(sums[1], sqrt_c);
+  const float4 new_norms = make_float4(k_norm.norm, k_norm.a, k_norm.ls2a, k_norm.coth2a);
   if (tid == 0) {
-    const TangentNorm<float> k_norm = tangent_norm_from_squared(k_squares, sqrt_c);
-    reinterpret_cast<float4*>(key_norms)[slot * H + h] = make_float4(k_norm.norm, k_norm.a, k_norm.ls2a, k_norm.coth2a);
-    if (ring_log_mu) ring_log_mu[slot * H + h] = log_mu;
+    reinterpret_cast<float4*>(st.key_norms + at)[slot * H + h] = new_norms;
+    if (st.log_mu) st.log_mu[at + slot * H + h] = log_mu;
   }
-  __syncthreads();  // the new key is in the ring
 
-  // Scores of the window's keys, one thread per key, oldest first.
+  // Scores of the window's keys, `group` threads per key (a power of two, so a key's threads share a warp),
+  // oldest key first; thread `sub` of a key takes its elements sub, sub + group, …
   const int first = b.sliding ? max(0, position - W + 1) : position - position % W;
-  const int n = position - first + 1;
+  const int n = position - first + 1, first_slot = first % W;
   const float temperature = softplus(b.beta[h]);
   const float slope = b.alibi_slopes ? b.alibi_slopes[h] : 0.f;
-  for (int m = tid; m < n; m += blockDim.x) {
-    const int j = first + m, key_slot = j % W;
-    const float* kj = keys + size_t(key_slot) * D + h * dh;
+  int group = kWarp;
+  while (group > 1 && group * W > int(blockDim.x)) group /= 2;
+  const int per_pass = blockDim.x / group, sub = tid % group;
+  for (int base = 0; base < n; base += per_pass) {
+    const int m = base + tid / group;
+    int key_slot = first_slot + m;
+    if (key_slot >= W) key_slot -= W;
     float dot = 0.f;
-    if (dh % 4 == 0) {
-      const float4* k4 = reinterpret_cast<const float4*>(kj);
-      const float4* q4 = reinterpret_cast<const float4*>(q);
-      for (int e = 0; e < dh / 4; ++e) {
-        const float4 kv = k4[e], qv = q4[e];
-        dot += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
-      }
-    } else {
-      for (int e = 0; e < dh; ++e) dot += q[e] * kj[e];
+    if (m < n) {
+      const float* kj = keys + size_t(key_slot) * stride;
+#pragma unroll 8
+      for (int e = sub; e < dh; e += group) dot += a.q[e] * kj[e];
     }
-    const float4 norms = reinterpret_cast<const float4*>(key_norms)[key_slot * H + h];
-    const TangentNorm<float> k_norm{norms.x, norms.y, norms.z, norms.w, false};
-    const float rho = scaled_distance(q_norm, k_norm, dot);
-    float score = -temperature * rho / sqrt_c - slope * float(position - j);
-    if (ring_log_mu) score += ring_log_mu[key_slot * H + h];
-    scores[m] = score;
+    for (int offset = group / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(kFull, dot, offset);
+    if (m < n && sub == 0) {
+      const float4 norms = key_slot == slot ? new_norms : a.norms[key_slot];
+      const TangentNorm<float> kn{norms.x, norms.y, norms.z, norms.w, false};
+      float score = -temperature * scaled_distance(q_norm, kn, dot) / sqrt_c - slope * float(position - first - m);
+      if (st.log_mu) score += key_slot == slot ? log_mu : a.log_mu[key_slot];
+      a.scores[m] = score;
+    }
   }
   __syncthreads();
-  float max_score = -INFINITY;
-  for (int m = 0; m < n; ++m) max_score = fmaxf(max_score, scores[m]);
-  __syncthreads();  // every thread has read the scores before they become weights
-  for (int m = tid; m < n; m += blockDim.x) scores[m] = expf(scores[m] - max_score);
-  __syncthreads();
-  float sum = 0.f;
-  for (int m = 0; m < n; ++m) sum += scores[m];
-  for (int e = tid; e < dh; e += blockDim.x) {
+  float local_max = -INFINITY;
+  for (int m = tid; m < n; m += blockDim.x) local_max = fmaxf(local_max, a.scores[m]);
+  const float max_score = block_max(local_max, a.scratch);
+  float weight_sum[1] = {0.f};
+  for (int m = tid; m < n; m += blockDim.x) {
+    const float p = expf(a.scores[m] - max_score);
+    a.scores[m] = p;
+    weight_sum[0] += p;
+  }
+  block_sum(weight_sum, a.scratch);  // its barriers also publish the weights
+
+  // Σ_m p_m v_m and the linear state's update S += φ̃(k)vᵀ with its read Sᵀφ(q): thread (part, e) takes
+  // the keys m ≡ part and the rows of S in part `part` (parts of the block's threads per element).
+  const int parts = max(1, int(blockDim.x) / dh);
+  float* S_global = b.linear_attn ? st.lin_S + at + size_t(h) * dh * dh : nullptr;
+  const int rows_per_part = (dh + parts - 1) / parts;
+  for (int i = tid; i < parts * dh; i += blockDim.x) {
+    const int e = i % dh, part = i / dh;
     float acc = 0.f;
-#pragma unroll 4
-    for (int m = 0; m < n; ++m) acc += scores[m] * values[size_t((first + m) % W) * D + h * dh + e];
-    o_local[e] = acc / sum;
-  }
-
-  float* mixed = s.mixed + size_t(r) * D + h * dh;
-  if (!b.linear_attn) {
-    for (int e = tid; e < dh; e += blockDim.x) mixed[e] = o_local[e];
-    return;
-  }
-
-  // Linear attention: S += φ̃(k)vᵀ, z += φ̃(k), o = Sᵀφ(q) / max(zᵀφ(q), floor), rows of S in order. S comes
-  // into shared memory in one batch of loads, so the update below streams its stores without waiting.
-  const float scale = 1.f / sqrtf(float(dh));
-  float* S = st.lin_S + at + size_t(h) * dh * dh;
-  float* z = st.lin_z + at + size_t(h) * dh;
-  batched_pass<16>(dh * dh, tid, blockDim.x, [&](int i) { return S[i]; }, [&](int i, float v) { S_old[i] = v; });
-  for (int e = tid; e < dh; e += blockDim.x) {
-    phi_k[e] = mu * linear_feature(kh[e], scale);
-    phi_q[e] = linear_feature(q[e], scale);
-  }
-  __syncthreads();
-  constexpr int kRows = 8;
-  for (int col = tid; col < dh; col += blockDim.x) {
-    const float v_col = vh[col];
-    float out = 0.f;
-    for (int row0 = 0; row0 < dh; row0 += kRows) {
-      float updated[kRows], weight[kRows];
-#pragma unroll
-      for (int k = 0; k < kRows; ++k) {
-        const int row = row0 + k;
-        updated[k] = row < dh ? S_old[size_t(row) * dh + col] + phi_k[row] * v_col : 0.f;
-        weight[k] = row < dh ? phi_q[row] : 0.f;
-      }
-#pragma unroll
-      for (int k = 0; k < kRows; ++k) {
-        const int row = row0 + k;
-        if (row < dh) {
-          S[size_t(row) * dh + col] = updated[k];
-          out += weight[k] * updated[k];
-        }
-      }
+    int key_slot = first_slot + part;
+    for (int m = part; m < n; m += parts) {
+      while (key_slot >= W) key_slot -= W;
+      acc += a.scores[m] * values[size_t(key_slot) * stride + e];
+      key_slot += parts;
     }
-    o_linear[col] = out;
-  }
-  for (int e = tid; e < dh; e += blockDim.x) {
-    z_new[e] = z[e] + phi_k[e];
-    z[e] = z_new[e];
+    a.partial_local[i] = acc;
+    if (b.linear_attn) {
+      const float v_e = a.v[e];
+      float out = 0.f;
+      const int row1 = min(dh, (part + 1) * rows_per_part);
+      for (int row = part * rows_per_part; row < row1; ++row) {
+        const float updated = a.S[size_t(row) * dh + e] + a.phi_k[row] * v_e;
+        S_global[size_t(row) * dh + e] = updated;
+        out += a.phi_q[row] * updated;
+      }
+      a.partial_linear[i] = out;
+    }
   }
   __syncthreads();
-  float zeta = 0.f;
-  for (int e = 0; e < dh; ++e) zeta += z_new[e] * phi_q[e];
-  const float inv_denominator = 1.f / fmaxf(zeta, float(kLinearAttnDenominatorFloor));
   // Without the curvature mix the paths are averaged: α(0.55) = 1/2.
   const float mix_c = b.curvature_mix ? c : float(kCurvatureMixCentre);
   const float alpha = sigmoid(float(kCurvatureMixSlope) * (mix_c - float(kCurvatureMixCentre)));
-  const float rest = 1.f - alpha;
-  for (int e = tid; e < dh; e += blockDim.x) mixed[e] = alpha * o_local[e] + rest * (o_linear[e] * inv_denominator);
+  const float inv_denominator = 1.f / fmaxf(sums[2], float(kLinearAttnDenominatorFloor));
+  float* mixed = s.mixed + size_t(r) * D + h * dh;
+  for (int e = tid; e < dh; e += blockDim.x) {
+    float local = 0.f, linear = 0.f;
+    for (int part = 0; part < parts; ++part) {
+      local += a.partial_local[part * dh + e];
+      linear += a.partial_linear[part * dh + e];
+    }
+    local /= weight_sum[0];
+    mixed[e] = b.linear_attn ? alpha * local + (1.f - alpha) * (linear * inv_denominator) : local;
+  }
+}
+
+// Shared memory of the AR-SSM block (floats): χ and the readout, and what it copies in before the wait: the
+// last step's scan state and conv tail, b₂, λ's ℓ, the rank mask's MLP_r, W₂ (when it fits
+// kSsmGateStagingBytes; else it is read from global memory), the conv taps w₀ w₁ w₂ and b_O.
+struct SsmShared {
+  float *chi, *readout, *omega, *w2, *b2, *ell, *S, *rank, *conv, *tail, *b_o;
+};
+
+__host__ __device__ inline bool stage_ssm_gate(int D, int R) {
+  return size_t(R) * (D / 4) * sizeof(float) <= kSsmGateStagingBytes;
+}
+
+__host__ __device__ inline size_t ssm_floats(int D, int R) {
+  return 5 * round4(R) + 4 + round4(3 * kSsmRankHidden) + (stage_ssm_gate(D, R) ? round4(size_t(R) * (D / 4)) : 0) +
+         6 * round4(D);
+}
+
+__device__ SsmShared ssm_shared(float* smem, int D, int R) {
+  SsmShared m{};
+  float* at = smem;
+  m.chi = at, at += round4(R);
+  m.S = at, at += round4(R);
+  m.readout = at, at += round4(R);
+  m.b2 = at, at += round4(R);
+  m.ell = at, at += round4(R);
+  m.omega = at, at += 4;
+  m.rank = at, at += round4(3 * kSsmRankHidden);
+  if (stage_ssm_gate(D, R)) m.w2 = at, at += round4(size_t(R) * (D / 4));
+  m.conv = at, at += 3 * round4(D);
+  m.tail = at, at += 2 * round4(D);
+  m.b_o = at;
+  return m;
+}
+
+// Before the wait: the AR-SSM's parameters and the row's scan state and conv tail (the last step's) are
+// copied in; W_O goes to L2 (every row's block reads it once the readout exists).
+__device__ void stage_ssm(const BlockArgs& b, const SsmShared& m, int stream) {
+  const int D = b.D, R = b.R;
+  const size_t at = size_t(stream) * b.state.stream_floats;
+  if (m.w2) stage_rows(m.w2, D / 4, b.ssm_w2, D / 4, R, D / 4, -1);
+  stage_rows(m.b2, R, b.ssm_b2, R, 1, R, -1);
+  if (b.ssm_ell) stage_rows(m.ell, R, b.ssm_ell, R, 1, R, -1);
+  stage_rows(m.S, R, b.state.ssm_S + at, R, 1, R, -1);
+  if (b.rank_w1) {
+    stage_rows(m.rank, kSsmRankHidden, b.rank_w1, kSsmRankHidden, 1, kSsmRankHidden, -1);
+    stage_rows(m.rank + kSsmRankHidden, kSsmRankHidden, b.rank_b1, kSsmRankHidden, 1, kSsmRankHidden, -1);
+    stage_rows(m.rank + 2 * kSsmRankHidden, kSsmRankHidden, b.rank_w2, kSsmRankHidden, 1, kSsmRankHidden, -1);
+  }
+  stage_rows(m.conv, round4(D), b.conv, D, 3, D, -1);
+  stage_rows(m.tail, round4(D), b.state.conv_tail + at, D, 2, D, -1);
+  stage_rows(m.b_o, D, b.ssm_b_o, D, 1, D, -1);
+  const char* wo = reinterpret_cast<const char*>(b.ssm_w_o);
+  for (size_t byte = threadIdx.x * 128; byte < size_t(D) * R * sizeof(float); byte += blockDim.x * 128)
+    prefetch_l2(wo + byte);
 }
 
 // The AR-SSM step of row r (ops/ssm.cpp's ssm_decode_step) from the block_input GEMV's ReLU(W₁u + b₁), W_U u
 // and W_V u: gate χ, rank mask, scan, readout, W_O, causal conv, into s.y_glob.
-__device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, int r, int stream, const float* F, float* smem) {
+__device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShared& m, int r, int stream,
+                         const float* F) {
   const int D = b.D, R = b.R, G = D / 4, tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
-  float* chi = smem;             // [R]
-  float* readout = chi + R;      // [R]
-  float* omega = readout + R;    // [1]
   const size_t at = size_t(stream) * b.state.stream_floats;
   const float* u = s.u + size_t(r) * D;
   const float* hidden = s.ssm_hidden + size_t(r) * G;
   const float* proj_u = s.proj_u + size_t(r) * R;
   const float* proj_v = s.proj_v + size_t(r) * R;
+  const float* w2 = m.w2 ? m.w2 : b.ssm_w2;
+  wait_async_copies();
+  __syncthreads();
 
   // χ = σ(W₂·hidden + b₂): `group` lanes per gate row (a power of two, so a row's lanes share a warp), all
   // R rows at once when R·group fits the block; the row loop's trip count is the same for every thread.
@@ -498,63 +733,64 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, int r, int st
   for (int base = 0; base < R; base += rows_per_pass) {
     const int i = base + tid / group;
     float dot = 0.f;
-    if (i < R)
-      for (int e = sub; e < G; e += group) dot += __ldg(b.ssm_w2 + size_t(i) * G + e) * hidden[e];
+    if (i < R) {
+#pragma unroll 16
+      for (int e = sub; e < G; e += group) dot += w2[size_t(i) * G + e] * hidden[e];
+    }
     for (int offset = group / 2; offset > 0; offset /= 2) dot += __shfl_xor_sync(kFull, dot, offset);
-    if (i < R && sub == 0) chi[i] = sigmoid(dot + b.ssm_b2[i]);
+    if (i < R && sub == 0) m.chi[i] = sigmoid(dot + m.b2[i]);
   }
   const bool mask = b.rank_w1 != nullptr;
   if (mask && warp == 0) {
     // ω = σ(MLP_r(δ))·σ(w_π·F + b_π): lane k holds hidden unit k of MLP_r.
     const float delta = s.delta[r];
-    const float unit = b.rank_w2[lane] * gelu(b.rank_w1[lane] * delta + b.rank_b1[lane]);
+    const float unit = m.rank[2 * kSsmRankHidden + lane] * gelu(m.rank[lane] * delta + m.rank[kSsmRankHidden + lane]);
     const float mlp = b.rank_b2[0] + warp_sum(unit);
     if (lane == 0)
-      omega[0] = sigmoid(mlp) * sigmoid(b.pi_w[0] * F[0] + b.pi_w[1] * F[1] + b.pi_w[2] * F[2] + b.pi_b[0]);
+      m.omega[0] = sigmoid(mlp) * sigmoid(b.pi_w[0] * F[0] + b.pi_w[1] * F[1] + b.pi_w[2] * F[2] + b.pi_b[0]);
   }
   __syncthreads();
   float* S = b.state.ssm_S + at;
   for (int i = tid; i < R; i += blockDim.x) {
-    float gate = chi[i];
+    float gate = m.chi[i];
     if (mask)
-      gate *= sigmoid(kMaskSlope * (float(kSsmRankMin) + omega[0] * float(R - kSsmRankMin) - float(i) - 0.5f));
+      gate *= sigmoid(kMaskSlope * (float(kSsmRankMin) + m.omega[0] * float(R - kSsmRankMin) - float(i) - 0.5f));
     const float scan_in = proj_u[i] * gate;
     // λ = σ(ℓ) and 1 − λ = σ(−ℓ) (Phase 8); Phase 7 has no ℓ and sums.
-    const float state = b.ssm_ell ? sigmoid(b.ssm_ell[i]) * S[i] + sigmoid(-b.ssm_ell[i]) * scan_in : S[i] + scan_in;
+    const float state = b.ssm_ell ? sigmoid(m.ell[i]) * m.S[i] + sigmoid(-m.ell[i]) * scan_in : m.S[i] + scan_in;
     S[i] = state;
-    readout[i] = state * (proj_v[i] * gate);
+    m.readout[i] = state * (proj_v[i] * gate);
   }
   __syncthreads();
-  // y = W_O·readout + b_O + (w₀⊙u_{t−2} + w₁⊙u_{t−1}) + w₂⊙u_t, and the conv tail moves on; every load of
-  // a batch of kUnroll channels comes before its stores.
-  constexpr int kUnroll = 4;
+  // y = W_O·readout + b_O + (w₀⊙u_{t−2} + w₁⊙u_{t−1}) + w₂⊙u_t, and the conv tail moves on (in global memory;
+  // the staged copy is the last step's).
+  const bool wo_vec4 = R % 4 == 0 && reinterpret_cast<uintptr_t>(b.ssm_w_o) % 16 == 0;
   float* tail = b.state.conv_tail + at;
   float* y_glob = s.y_glob + size_t(r) * D;
-  const float* w0 = b.conv;
-  const float* w1 = b.conv + D;
-  const float* w2 = b.conv + 2 * D;
-  for (int base = tid; base < D; base += blockDim.x * kUnroll) {
-    float y[kUnroll], u_now[kUnroll], u_prev[kUnroll];
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int d = base + k * blockDim.x;
-      if (d >= D) continue;
+  const float* w0 = m.conv;
+  const float* w1 = m.conv + round4(D);
+  const float* w2c = m.conv + 2 * round4(D);
+  const float* u_prev2 = m.tail;
+  const float* u_prev = m.tail + round4(D);
+  for (int d = tid; d < D; d += blockDim.x) {
+    float acc = 0.f;
+    if (wo_vec4) {
+      const float4* wo = reinterpret_cast<const float4*>(b.ssm_w_o + size_t(d) * R);
+#pragma unroll 8
+      for (int i = 0; i < R / 4; ++i) {
+        const float4 w = __ldg(wo + i);
+        acc += w.x * m.readout[4 * i] + w.y * m.readout[4 * i + 1] + w.z * m.readout[4 * i + 2] +
+               w.w * m.readout[4 * i + 3];
+      }
+    } else {
       const float* wo = b.ssm_w_o + size_t(d) * R;
-      float acc = 0.f;
-      for (int i = 0; i < R; ++i) acc += __ldg(wo + i) * readout[i];
-      u_now[k] = u[d];
-      u_prev[k] = tail[D + d];
-      y[k] = acc + __ldg(b.ssm_b_o + d);
-      y[k] += (__ldg(w0 + d) * tail[d] + __ldg(w1 + d) * u_prev[k]) + __ldg(w2 + d) * u_now[k];
+#pragma unroll 8
+      for (int i = 0; i < R; ++i) acc += __ldg(wo + i) * m.readout[i];
     }
-#pragma unroll
-    for (int k = 0; k < kUnroll; ++k) {
-      const int d = base + k * blockDim.x;
-      if (d >= D) continue;
-      y_glob[d] = y[k];
-      tail[d] = u_prev[k];
-      tail[D + d] = u_now[k];
-    }
+    const float u_now = u[d];
+    y_glob[d] = acc + m.b_o[d] + (w0[d] * u_prev2[d] + w1[d] * u_prev[d]) + w2c[d] * u_now;
+    tail[d] = u_prev[d];
+    tail[D + d] = u_now;
   }
 }
 
@@ -563,15 +799,26 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, int r, int st
 // and F for the residual mix and writes the BK state of the next position (the current one's slot, which
 // the other blocks read, stays as it is). Each block owns its slices of the stream's state (head h's ring
 // columns, norms and linear state; the SSM's), so no two blocks write the same state.
+//
+// The state a block reads was written by this layer's mixer one step earlier, a whole graph launch ago, so
+// its copies into shared memory (and the SSM weights' prefetch) start before the wait for block_input.
 __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, const __grid_constant__ BlockArgs b,
                                                               StepBuffers s) {
   extern __shared__ float smem[];
+  const int r = blockIdx.y, stream = rows.streams[r], position = rows.positions[stream];
+  const bool attention = int(blockIdx.x) < b.H;
+  const AttentionShared shared = attention ? attention_shared(smem, b.D / b.H, b.W, b.linear_attn) : AttentionShared{};
+  const SsmShared ssm = attention ? SsmShared{} : ssm_shared(smem, b.D, b.R);
+  if (attention)
+    stage_attention_state(b, shared, stream, position, blockIdx.x);
+  else
+    stage_ssm(b, ssm, stream);
   wait_for_previous_kernel();
   allow_next_kernel();
-  const int r = blockIdx.y, stream = rows.streams[r], position = rows.positions[stream];
+  if (attention) stage_token(s, shared, r, b.D, b.D / b.H, blockIdx.x);
   const BkStep bk = bk_step(b, s, r, stream, position);
-  if (int(blockIdx.x) < b.H) {
-    attention_head(b, s, r, stream, position, blockIdx.x, bk.F, smem);
+  if (attention) {
+    attention_head(b, s, shared, r, stream, position, blockIdx.x, bk.F);
     return;
   }
   if (threadIdx.x == 0) {
@@ -584,34 +831,48 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
     next[2] = bk.prev_half;
     next[3] = 0.f;
   }
-  ssm_step(b, s, r, stream, bk.F, smem);
+  ssm_step(b, s, ssm, r, stream, bk.F);
 }
 
 template <bool kVec4>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     residual_mix_kernel(int count, const float* h_in, float* h_mid, const __grid_constant__ BlockArgs b,
                         StepBuffers s, const __grid_constant__ GemvPlan plan) {
-  extern __shared__ float x[];  // [rows of the chunk, D]: h_mid, then LN_ffn(h_mid)
+  extern __shared__ float smem[];
   __shared__ float partial[kGemvWarps][kRowsPerChunk];
+  const int D = b.D, warp = threadIdx.x / kWarp;
+  const int chunk_rows = min(kRowsPerChunk, count);
+  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
+  // x: y_att, then h_mid, then LN_ffn(h_mid). h_in (two or more kernels back) and y_glob (the mixer's) are
+  // complete when this kernel starts.
+  const PrologueShared p = prologue_shared(smem, chunk_rows, D, 4, stage_residual_rows(chunk_rows, D));
   prefetch_first_tile(plan);
+  stage_param(p, 0, b.ln_h_gain, D);
+  stage_param(p, 1, b.ln_h_bias, D);
+  stage_param(p, 2, b.ln_ffn_gain, D);
+  stage_param(p, 3, b.ln_ffn_bias, D);
+  if (p.h_in) {
+    stage_chunk(p.h_in, h_in, row0, n, D);
+    stage_chunk(p.y_glob, s.y_glob, row0, n, D);
+  }
   wait_for_previous_kernel();
   allow_next_kernel();
-  const int D = b.D, warp = threadIdx.x / kWarp;
-  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
+  stage_chunk(p.x, s.y_att, row0, n, D);
+  wait_async_copies();
+  __syncthreads();
   if (warp < n) {
     const int r = row0 + warp;
-    float* xr = x + size_t(warp) * D;
+    float* xr = p.x + size_t(warp) * D;
     const float* F = s.F + 3 * r;
     const float xi = b.phase8 ? sigmoid(b.xi_w[0] * F[0] + b.xi_w[1] * F[1] + b.xi_w[2] * F[2] + b.xi_b[0])
                               : sigmoid(b.xi_s[0] * fabsf(s.g[2 * r + 1]));
     const float rest = 1.f - xi;
-    const float* y_att = s.y_att + size_t(r) * D;
-    const float* y_glob = s.y_glob + size_t(r) * D;
+    const float* y_glob = p.y_glob ? p.y_glob + size_t(warp) * D : s.y_glob + size_t(r) * D;
     warp_row_pass(
-        D, [&](int i) { return cap(xi * y_att[i] + rest * y_glob[i], float(kResidualCap)); },
+        D, [&](int i) { return cap(xi * xr[i] + rest * y_glob[i], float(kResidualCap)); },
         [&](int i, float v) { xr[i] = v; });
-    warp_layernorm(xr, b.ln_h_gain, b.ln_h_bias, D);
-    const float* hr = h_in + size_t(r) * D;
+    warp_layernorm(xr, p.params, p.params + D, D);
+    const float* hr = p.h_in ? p.h_in + size_t(warp) * D : h_in + size_t(r) * D;
     float* mid = h_mid + size_t(r) * D;
     warp_row_pass(
         D, [&](int i) { return hr[i] + xr[i]; },
@@ -619,34 +880,38 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
           xr[i] = v;
           if (blockIdx.x == 0) mid[i] = v;
         });
-    if (b.ln_ffn_gain) warp_layernorm(xr, b.ln_ffn_gain, b.ln_ffn_bias, D);
+    if (b.ln_ffn_gain) warp_layernorm(xr, p.params + 2 * D, p.params + 3 * D, D);
   }
   __syncthreads();
-  run_gemv<kVec4>(plan, x, n, row0, partial);
+  run_gemv<kVec4>(plan, p.x, n, row0, partial);
 }
 
 template <bool kVec4>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     head_kernel(StepRows rows, const float* h, const float* gain, const float* bias, int D,
                 const __grid_constant__ GemvPlan plan) {
-  extern __shared__ float x[];  // [rows of the chunk, D]: LN_final(h)
+  extern __shared__ float smem[];
   __shared__ float partial[kGemvWarps][kRowsPerChunk];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int chunk_rows = min(kRowsPerChunk, rows.count);
+  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
+  const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: LN_final(h)
   prefetch_first_tile(plan);
+  stage_param(p, 0, gain, D);
+  stage_param(p, 1, bias, D);
   wait_for_previous_kernel();
   allow_next_kernel();
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
+  stage_chunk(p.x, h, row0, n, D);
+  wait_async_copies();
+  __syncthreads();
   if (warp < n) {
     const int r = row0 + warp;
-    float* xr = x + size_t(warp) * D;
-    const float* hr = h + size_t(r) * D;
-    warp_row_pass(D, [&](int i) { return hr[i]; }, [&](int i, float v) { xr[i] = v; });
-    warp_layernorm(xr, gain, bias, D);
+    warp_layernorm(p.x + size_t(warp) * D, p.params, p.params + D, D);
     // No kernel of this step reads a position after this one starts.
     if (blockIdx.x == 0 && lane == 0) rows.positions[rows.streams[r]] += 1;
   }
   __syncthreads();
-  run_gemv<kVec4>(plan, x, n, row0, partial);
+  run_gemv<kVec4>(plan, p.x, n, row0, partial);
 }
 
 // ---- launches -------------------------------------------------------------------------------------------
@@ -677,8 +942,14 @@ int gemv_blocks(const GemvPlan& plan, int max_blocks) {
   return std::max(1, std::min(tiles, max_blocks));
 }
 
-size_t prologue_bytes(int D) { return size_t(kRowsPerChunk) * D * sizeof(float); }
-
+// Shared bytes of block_input and head (one LayerNorm) and of residual_mix, for a step of `rows` rows.
+size_t layer_norm_prologue_bytes(int rows, int D) {
+  return prologue_floats(std::min(rows, kRowsPerChunk), D, 2, false) * sizeof(float);
+}
+size_t residual_mix_bytes(int rows, int D) {
+  const int chunk_rows = std::min(rows, kRowsPerChunk);
+  return prologue_floats(chunk_rows, D, 4, stage_residual_rows(chunk_rows, D)) * sizeof(float);
+}
 
 void allow_shared(const void* kernel, size_t bytes) {
   if (bytes > 48 * 1024)
@@ -706,13 +977,21 @@ GemvPlan make_gemv_plan(const std::vector<GemvSegment>& segments, int K) {
 }
 
 size_t mixer_shared_bytes(int D, int H, int W, int R, bool linear_attn) {
-  const size_t dh = D / H;
-  const size_t attention = 6 * dh + W + kMixerWarps + (linear_attn ? dh * dh : 0);
-  return std::max(attention, size_t(2 * R + 1)) * sizeof(float);
+  const int dh = D / H;
+  size_t attention = attention_floats(dh, W, linear_attn);
+  if (stage_ring(dh, W, linear_attn)) attention += 2 * ring_floats(dh, W);
+  return std::max(attention, ssm_floats(D, R)) * sizeof(float);
+}
+
+size_t prologue_shared_bytes(int D) {
+  size_t bytes = 0;
+  for (int rows = 1; rows <= kRowsPerChunk; ++rows)
+    bytes = std::max({bytes, layer_norm_prologue_bytes(rows, D), residual_mix_bytes(rows, D)});
+  return bytes;
 }
 
 void configure_kernels(int D, int H, int W, int R, bool linear_attn) {
-  const size_t prologue = prologue_bytes(D);
+  const size_t prologue = prologue_shared_bytes(D);
   for (const void* k : {reinterpret_cast<const void*>(&block_input_kernel<true>),
                         reinterpret_cast<const void*>(&block_input_kernel<false>),
                         reinterpret_cast<const void*>(&residual_mix_kernel<true>),
@@ -728,7 +1007,7 @@ void block_input(const StepRows& rows, float* h_in, const Embedding* embedding, 
   const dim3 grid(gemv_blocks(plan, max_blocks), chunks(rows.count));
   const Embedding e = embedding ? *embedding : Embedding{};
   launch(plan.vec4 ? &block_input_kernel<true> : &block_input_kernel<false>, grid, dim3(kGemvThreads),
-         prologue_bytes(b.D), overlap, stream, rows, h_in, e, b, s, plan);
+         layer_norm_prologue_bytes(rows.count, b.D), overlap, stream, rows, h_in, e, b, s, plan);
 }
 
 void mixer(const StepRows& rows, const BlockArgs& b, const StepBuffers& s, bool overlap, cudaStream_t stream) {
@@ -746,14 +1025,14 @@ void residual_mix(int count, const float* h_in, float* h_mid, const BlockArgs& b
                   const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream) {
   const dim3 grid(gemv_blocks(plan, max_blocks), chunks(count));
   launch(plan.vec4 || plan.count == 0 ? &residual_mix_kernel<true> : &residual_mix_kernel<false>, grid,
-         dim3(kGemvThreads), prologue_bytes(b.D), overlap, stream, count, h_in, h_mid, b, s, plan);
+         dim3(kGemvThreads), residual_mix_bytes(count, b.D), overlap, stream, count, h_in, h_mid, b, s, plan);
 }
 
 void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,
           int max_blocks, bool overlap, cudaStream_t stream) {
   const dim3 grid(gemv_blocks(plan, max_blocks), chunks(rows.count));
-  launch(plan.vec4 ? &head_kernel<true> : &head_kernel<false>, grid, dim3(kGemvThreads), prologue_bytes(D), overlap,
-         stream, rows, h, gain, bias, D, plan);
+  launch(plan.vec4 ? &head_kernel<true> : &head_kernel<false>, grid, dim3(kGemvThreads),
+         layer_norm_prologue_bytes(rows.count, D), overlap, stream, rows, h, gain, bias, D, plan);
 }
 
 }  // namespace muse::cuda::decode

@@ -22,7 +22,10 @@
 //
 // Overlapped launches (programmatic dependent launch, sm_90): a kernel launched with `overlap` may start
 // while the previous one still runs; it prefetches its first weight rows into L2, then waits for the
-// previous kernel to finish (and, through it, every earlier one) before it reads anything a kernel wrote.
+// previous kernel to finish (and, through it, every earlier one) before it reads what that kernel wrote.
+// What it reads from earlier kernels is complete when it starts (the previous kernel lets it start only
+// after its own wait), and so is the recurrent state of the last step: those, and the parameters, are copied
+// into shared memory before the wait (cp.async), so the wait is followed by one round of loads, not several.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -126,6 +129,8 @@ struct Embedding {
   const float* positions = nullptr;  // [max_seq, D], or null
 };
 
+// Largest shared memory a prologue kernel (block_input, residual_mix, head) asks for at width D.
+size_t prologue_shared_bytes(int D);
 // Shared memory of the mixer kernel for width D, H heads, window W, SSM rank R (and linear attention).
 size_t mixer_shared_bytes(int D, int H, int W, int R, bool linear_attn);
 // Lets the kernels ask for the shared memory such a model needs beyond the 48 KiB default (a per-kernel

@@ -246,10 +246,9 @@ void Decoder::build(const float* device_params) {
   // One resident wave of GEMV blocks: the head's grid loops over its 6,288 tiles (phase8-small) rather than
   // repeating its LayerNorm prologue in thousands of blocks.
   max_blocks_ = sms * decode::kGemvBlocksPerSm;
-  const size_t row_bytes = size_t(decode::kRowsPerChunk) * D * sizeof(float);
-  if (row_bytes > size_t(shared_optin))
+  if (decode::prologue_shared_bytes(D) > size_t(shared_optin))
     throw std::invalid_argument("GPU decoding: d_model = " + std::to_string(D) + " is too wide (the kernels keep " +
-                                std::to_string(decode::kRowsPerChunk) + " rows of it in " +
+                                std::to_string(decode::kRowsPerChunk) + " rows and the LayerNorm vectors of it in " +
                                 std::to_string(shared_optin) + " bytes of shared memory)");
   if (decode::mixer_shared_bytes(D, H, c.window, R, linear) > size_t(shared_optin))
     throw std::invalid_argument("GPU decoding: window = " + std::to_string(c.window) + " with d_model / n_heads = " +
