@@ -14,9 +14,14 @@ constexpr double kCurvatureMin = 0.01, kCurvatureMax = 10.0, kMixCentre = 0.55; 
 
 int blocks_for(size_t n) { return int(std::min<size_t>((n + kThreads - 1) / kThreads, 65535)); }
 
-__global__ void add_inplace_kernel(float* y, const float* x, size_t n) {
+__global__ void add_scaled_kernel(float* y, const float* x, float scale, size_t n) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    y[i] += x[i];
+    y[i] += scale * x[i];
+}
+
+__global__ void scale_kernel(float* y, float scale, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    y[i] *= scale;
 }
 
 __global__ void add_row_bias_kernel(float* y, const float* b, size_t n, int cols) {
@@ -76,9 +81,18 @@ __global__ void accumulate_loss_kernel(double* acc, const float* result, double 
 
 }  // namespace
 
-void add_inplace(float* y, const float* x, size_t n, cudaStream_t stream) {
+void add_scaled(float* y, const float* x, float scale, size_t n, cudaStream_t stream) {
   if (n == 0) return;
-  add_inplace_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, x, n);
+  add_scaled_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, x, scale, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+// 1·x[i] is x[i] exactly, so this is the plain sum.
+void add_inplace(float* y, const float* x, size_t n, cudaStream_t stream) { add_scaled(y, x, 1.f, n, stream); }
+
+void scale_inplace(float* y, float scale, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  scale_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, scale, n);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

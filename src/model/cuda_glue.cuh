@@ -11,6 +11,10 @@ namespace muse::cuda {
 
 // y[i] += x[i], n elements.
 void add_inplace(float* y, const float* x, size_t n, cudaStream_t stream);
+// y[i] += scale·x[i].
+void add_scaled(float* y, const float* x, float scale, size_t n, cudaStream_t stream);
+// y[i] *= scale.
+void scale_inplace(float* y, float scale, size_t n, cudaStream_t stream);
 
 // y[r, i] += b[i] over rows × cols.
 void add_row_bias(float* y, const float* b, int rows, int cols, cudaStream_t stream);

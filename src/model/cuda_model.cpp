@@ -139,6 +139,7 @@ struct Model::Profiler {
 
 struct Model::Arena {
   int B = 0, N = 0;
+  int head_chunk = 0;     // rows of the training head's logits chunk
   bool backward = false;  // the backward's buffers are bound
   bool serving = false;   // bf16 head buffers instead of fp32 logits and the per-pass E
   unsigned generation = 0;  // counts re-plans: captured graphs hold the buffer addresses of one plan
@@ -148,7 +149,10 @@ struct Model::Arena {
   std::vector<BlockBuffers> blocks;
   float *E = nullptr, *htt_saved = nullptr, *dE = nullptr;
   float *x_final = nullptr, *final_mean = nullptr, *final_rstd = nullptr;
+  // logits: [rows, Vp] (inference) or, training, one chunk of them [head_chunk, Vp], then their gradient.
   float *logits = nullptr, *row_loss = nullptr, *row_lse = nullptr, *loss_result = nullptr;
+  float* logits_on_demand = nullptr;  // a training model's whole logits, for logits() (not in the arena)
+  size_t logits_on_demand_floats = 0;
   __nv_bfloat16 *x_final_bf16 = nullptr, *logits_bf16 = nullptr;  // serving
   int32_t *ids = nullptr, *targets = nullptr;
   // backward scratch
@@ -162,16 +166,25 @@ struct Model::Arena {
 
   ~Arena() {
     if (base) cudaFree(base);
+    if (logits_on_demand) cudaFree(logits_on_demand);
   }
 };
 
 namespace {
 
+// Rows of the training head's logits chunk for `rows` rows: `requested` when positive, else as many as keep
+// the chunk within kHeadChunkBytes (5,336 rows of the GPT-2 vocabulary), never more than the batch.
+constexpr size_t kHeadChunkBytes = size_t(1) << 30;
+int head_chunk_for(int rows, int Vp, int requested) {
+  const size_t fit = std::max<size_t>(1, kHeadChunkBytes / (size_t(Vp) * sizeof(float)));
+  return int(std::min<size_t>(size_t(rows), requested > 0 ? size_t(requested) : fit));
+}
+
 // Walks every buffer the model needs at B×N, handing each (pointer, floats) to `take`: once to count, once
 // to assign, so the two can never disagree.
 template <class Take>
 void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
-                  bool serving, Take&& take) {
+                  bool serving, int head_chunk, Take&& take) {
   const bool muse = c.arch != Arch::gpt, phase8 = c.arch == Arch::phase8;
   const size_t rows = size_t(B) * N, D = c.d_model, H = c.n_heads, R = c.ssm_rank, Vp = c.padded_vocab();
   const size_t RD = rows * D, F4 = rows * ffn_hidden(c.d_model), L = m.blocks.size();
@@ -240,7 +253,8 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     a.x_final_bf16 = reinterpret_cast<__nv_bfloat16*>(x_bf16);
     a.logits_bf16 = reinterpret_cast<__nv_bfloat16*>(logits_bf16);
   } else {
-    take(a.logits, rows * Vp), take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
+    take(a.logits, (backward ? size_t(head_chunk) : rows) * Vp);
+    take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
   }
   float *ids = nullptr, *targets = nullptr;  // int32 share the float slots' size
   take(ids, rows), take(targets, rows);
@@ -253,7 +267,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     return;
   }
 
-  if (m.embed == kAbsent) take(a.dE, Vp * D);
+  take(a.dE, Vp * D);  // the head's gradient of E (with HTT, the embedding's too)
 
   take(a.dh, RD), take(a.du, RD), take(a.dq, RD), take(a.dk, RD), take(a.dv, RD), take(a.dmixed, RD);
   take(a.du2, RD);
@@ -284,10 +298,12 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
 
 // Points every buffer of `a` into its storage for a B×N batch, growing the storage first if needed.
 void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
-                bool serving) {
-  if (a.base && a.B == B && a.N == N && a.backward == backward && a.serving == serving) return;  // steady state
+                bool serving, int head_chunk_rows) {
+  const int head_chunk = head_chunk_for(B * N, c.padded_vocab(), head_chunk_rows);
+  if (a.base && a.B == B && a.N == N && a.backward == backward && a.serving == serving && a.head_chunk == head_chunk)
+    return;  // steady state
   size_t total = 0;
-  plan_buffers(a, c, m, B, N, backward, serving, [&](auto*& ptr, size_t n) {
+  plan_buffers(a, c, m, B, N, backward, serving, head_chunk, [&](auto*& ptr, size_t n) {
     ptr = nullptr;
     total += aligned(n);
   });
@@ -299,7 +315,7 @@ void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int
     a.capacity = total;
   }
   size_t at = 0;
-  plan_buffers(a, c, m, B, N, backward, serving, [&](auto*& ptr, size_t n) {
+  plan_buffers(a, c, m, B, N, backward, serving, head_chunk, [&](auto*& ptr, size_t n) {
     ptr = a.base + at;
     at += aligned(n);
   });
@@ -307,6 +323,7 @@ void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int
   a.N = N;
   a.backward = backward;
   a.serving = serving;
+  a.head_chunk = head_chunk;
   ++a.generation;
 }
 
@@ -416,13 +433,13 @@ void Model::set_inference_only(bool inference_only) {
 
 void Model::reserve(int B, int N) {
   if (B < 1 || N < 1) throw std::invalid_argument("reserve: batch and sequence length must be positive");
-  bind_arena(*arena_, config_, layout_, B, N, !inference_only_, serving_);
+  bind_arena(*arena_, config_, layout_, B, N, !inference_only_, serving_, head_chunk_rows_);
 }
 
 size_t Model::device_bytes() const {
   size_t serving = 0;
   if (serving_E_bf16_) serving = size_t(config_.padded_vocab()) * config_.d_model * sizeof(__nv_bfloat16);
-  return ((grads_ ? 2 : 1) * size() + arena_->capacity) * sizeof(float) + serving;
+  return ((grads_ ? 2 : 1) * size() + arena_->capacity + arena_->logits_on_demand_floats) * sizeof(float) + serving;
 }
 
 void Model::stage_tokens(int32_t* device, const int32_t* host, size_t n, size_t slot) {
@@ -456,7 +473,7 @@ void Model::forward(const int32_t* ids, int B, int N) {
       throw std::invalid_argument("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
                                   " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
   Arena& a = *arena_;
-  bind_arena(a, c, m, B, N, !inference_only_, serving_);
+  bind_arena(a, c, m, B, N, !inference_only_, serving_, head_chunk_rows_);
   B_ = B;
   N_ = N;
   stage_tokens(a.ids, ids, rows, 0);
@@ -489,6 +506,8 @@ void Model::forward_pass() {
   layernorm_forward(a.x_final, a.final_mean, a.final_rstd, nullptr, a.h.back(), p + m.final_gain, p + m.final_bias,
                     int(rows), D, stream_);
   mark("fwd layernorm");
+  // A training model's head runs in loss(), a chunk of rows at a time.
+  if (a.backward) return;
   if (serving_) {
     to_bf16(a.x_final_bf16, a.x_final, rows * D, stream_);
     gemm_bf16(false, true, int(rows), Vp, D, a.x_final_bf16, D, serving_E_bf16_, D, a.logits_bf16, Vp, stream_);
@@ -496,6 +515,45 @@ void Model::forward_pass() {
     linear_forward(a.logits, a.x_final, E, nullptr, int(rows), D, Vp, stream_);
   }
   mark("fwd head gemm");
+}
+
+const float* Model::head_weights() const {
+  return layout_.embed != kAbsent ? params_ + layout_.embed : arena_->E;
+}
+
+void Model::head_pass(bool with_gradient, float accumulate_scale) {
+  const ModelConfig& c = config_;
+  Arena& a = *arena_;
+  const int D = c.d_model, Vp = c.padded_vocab(), rows = B_ * N_;
+  if (!a.backward) {
+    xent_forward(a.row_loss, a.row_lse, a.loss_result, a.logits, a.targets, rows, c.vocab_size, Vp, smoothing_,
+                 kIgnore, stream_);
+    mark("fwd cross-entropy");
+  } else {
+    const float* E = head_weights();
+    // The gradient of the mean loss needs the batch's count before the first chunk; backward() applies its
+    // scale to du and dE.
+    if (with_gradient) {
+      xent_count(a.loss_result, a.targets, rows, kIgnore, stream_);
+      zero(a.dE, size_t(Vp) * D);
+    }
+    for (int first = 0; first < rows; first += a.head_chunk) {
+      const int n = std::min(a.head_chunk, rows - first);
+      const float* x = a.x_final + size_t(first) * D;
+      linear_forward(a.logits, x, E, nullptr, n, D, Vp, stream_);
+      mark("fwd head gemm");
+      xent_rows(a.row_loss + first, a.row_lse + first, a.logits, a.targets + first, n, c.vocab_size, Vp, smoothing_,
+                with_gradient ? a.loss_result : nullptr, kIgnore, stream_);
+      mark(with_gradient ? "cross-entropy and its gradient" : "fwd cross-entropy");
+      if (!with_gradient) continue;
+      // du rows of this chunk (beta = 0 on a fresh row range) and dE += dlogitsᵀ·x.
+      zero(a.du + size_t(first) * D, size_t(n) * D);
+      linear_backward(a.du + size_t(first) * D, a.dE, nullptr, a.logits, x, E, n, D, Vp, stream_);
+      mark("bwd head gemm");
+    }
+    xent_mean(a.loss_result, a.row_loss, a.targets, rows, kIgnore, stream_);
+  }
+  if (accumulate_scale != 0) accumulate_loss(loss_sum_, a.loss_result, accumulate_scale, stream_);
 }
 
 void Model::materialize_embedding(float* E, float* saved) {
@@ -537,7 +595,23 @@ void Model::end_serving() {
 
 const float* Model::logits() const {
   if (serving_) throw std::logic_error("logits(): a serving model writes bf16 logits (logits_bf16())");
-  return arena_->logits;
+  Arena& a = *arena_;
+  if (!a.backward) return a.logits;
+  if (B_ == 0) throw std::logic_error("logits(): no forward has run");
+  const size_t n = size_t(B_) * N_ * config_.padded_vocab();
+  if (a.logits_on_demand_floats < n) {
+    if (a.logits_on_demand) MUSE_CUDA_CHECK(cudaFree(a.logits_on_demand));
+    a.logits_on_demand = nullptr;
+    a.logits_on_demand_floats = 0;
+    MUSE_CUDA_CHECK(cudaMalloc(&a.logits_on_demand, n * sizeof(float)));
+    a.logits_on_demand_floats = n;
+  }
+  const GemmMathScope math(gemm_math_);
+  linear_forward(a.logits_on_demand, a.x_final, head_weights(), nullptr, B_ * N_, config_.d_model,
+                 config_.padded_vocab(), stream_);
+  // Callers copy them on other streams (cudaMemcpy): they must be there when this returns.
+  MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return a.logits_on_demand;
 }
 
 const __nv_bfloat16* Model::logits_bf16() const {
@@ -706,9 +780,11 @@ void Model::ssm_forward(int layer, float* y) {
 
 // ---- loss and backward ---------------------------------------------------------------------------------
 
-void Model::loss(const int32_t* targets, double label_smoothing, double accumulate_scale) {
+void Model::loss(const int32_t* targets, double label_smoothing, double accumulate_scale, bool with_gradient) {
   if (B_ == 0) throw std::logic_error("loss(): no forward has run");
   if (serving_) throw std::logic_error("loss(): a serving model keeps no fp32 logits");
+  if (with_gradient && !arena_->backward)
+    throw std::logic_error("loss(): an inference-only model has no backward to compute a gradient for");
   Arena& a = *arena_;
   const size_t rows = size_t(B_) * N_;
   for (size_t i = 0; i < rows; ++i)
@@ -716,10 +792,10 @@ void Model::loss(const int32_t* targets, double label_smoothing, double accumula
       throw std::invalid_argument("target id " + std::to_string(targets[i]) + " is outside the vocabulary");
   stage_tokens(a.targets, targets, rows, 1);
   smoothing_ = float(label_smoothing);
-  xent_forward(a.row_loss, a.row_lse, a.loss_result, a.logits, a.targets, int(rows), config_.vocab_size,
-               config_.padded_vocab(), smoothing_, kIgnore, stream_);
-  if (accumulate_scale != 0) accumulate_loss(loss_sum_, a.loss_result, accumulate_scale, stream_);
-  mark("fwd cross-entropy");
+  head_gradient_ready_ = false;
+  run_pass(with_gradient ? 3 : 2, float(accumulate_scale),
+           [this, with_gradient, accumulate_scale] { head_pass(with_gradient, float(accumulate_scale)); });
+  head_gradient_ready_ = with_gradient;
 }
 
 const float* Model::loss_result() const { return arena_->loss_result; }
@@ -743,6 +819,9 @@ double Model::take_loss_sum() {
 void Model::backward(double scale) {
   if (B_ == 0) throw std::logic_error("backward(): no forward has run");
   if (!arena_->backward) throw std::logic_error("backward(): the model is set to inference only");
+  if (!head_gradient_ready_)
+    throw std::logic_error("backward(): call loss(targets, smoothing, accumulate_scale, /*with_gradient=*/true) first");
+  head_gradient_ready_ = false;
   grads();
   run_pass(1, float(scale), [this, scale] { backward_pass(scale); });
 }
@@ -764,7 +843,7 @@ void Model::run_pass(int pass, float scale, const std::function<void()>& body) {
     graphs_->clear();
     graphs_->generation = arena_->generation;
   }
-  const Graphs::Key key{pass, B_, N_, serving_, int(gemm_math_), scale, pass == 1 ? smoothing_ : 0.f};
+  const Graphs::Key key{pass, B_, N_, serving_, int(gemm_math_), scale, pass >= 2 ? smoothing_ : 0.f};
   Graphs::Entry& entry = graphs_->entries[key];
   // A shape seen once (the last, shorter batch of an evaluation) runs as it is; the second run captures.
   if (!entry.exec && ++entry.runs < 2) {
@@ -783,17 +862,14 @@ void Model::backward_pass(double scale) {
   const size_t RD = size_t(rows) * D;
   const float* p = params_;
   float* g = grads_;
-  const float* E = m.embed != kAbsent ? p + m.embed : a.E;
   float* dE = m.embed != kAbsent ? g + m.embed : a.dE;
-  if (m.embed == kAbsent) zero(a.dE, size_t(Vp) * D);
-
-  float* dlogits = a.logits;  // the logits are not needed past their gradient
-  xent_backward_in_place(dlogits, float(scale), a.row_lse, a.targets, rows, c.vocab_size, Vp, smoothing_,
-                         a.loss_result, kIgnore, stream_);
-  mark("bwd cross-entropy");
-  zero(a.du, RD);
-  linear_backward(a.du, dE, nullptr, dlogits, a.x_final, E, rows, D, Vp, stream_);
-  mark("bwd head gemm");
+  // loss() left the head's gradients of the unscaled loss in du and a.dE.
+  if (scale != 1.0) scale_inplace(a.du, float(scale), RD, stream_);
+  if (m.embed != kAbsent)
+    add_scaled(dE, a.dE, float(scale), size_t(Vp) * D, stream_);
+  else if (scale != 1.0)
+    scale_inplace(a.dE, float(scale), size_t(Vp) * D, stream_);
+  mark("bwd head scale");
   zero(a.dh, RD);
   layernorm_backward(a.dh, g + m.final_gain, g + m.final_bias, a.du, nullptr, a.h.back(), p + m.final_gain,
                      a.final_mean, a.final_rstd, rows, D, stream_);

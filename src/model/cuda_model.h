@@ -70,17 +70,28 @@ class Model {
   // Bytes of device memory held: parameters, gradients, activations and workspaces.
   size_t device_bytes() const;
 
-  // Runs the model on host ids [B, N] (each < vocab_size, checked on the host) and keeps the activations.
+  // Runs the model on host ids [B, N] (each < vocab_size, checked on the host) and keeps the activations. An
+  // inference-only model writes the logits; a training model stops at the final LayerNorm, and its head runs
+  // in loss() (SPEC §6.7: the B·N×Vp logits never exist at once).
   void forward(const int32_t* ids, int B, int N);
   // Device logits [B·N, Vp] of the last forward (columns ≥ vocab_size are padding); logits_bf16() when
-  // serving.
+  // serving. A training model computes them on demand into a buffer of their own (a GEMM and B·N·Vp floats
+  // held from then on: for tests and inspection; training never calls it), valid until the next call; it
+  // synchronises.
   const float* logits() const;
   const __nv_bfloat16* logits_bf16() const;
 
   // Cross-entropy of the last forward against host targets [B, N] (−1 = ignored). The mean over counted
   // targets and the count stay on the device (loss_result()); with accumulate_scale ≠ 0 the mean times that
-  // scale is also added to the device accumulator that loss_sum() reads.
-  void loss(const int32_t* targets, double label_smoothing = 0.0, double accumulate_scale = 0.0);
+  // scale is also added to the device accumulator that loss_sum() reads. A training model runs its head here,
+  // head_chunk_rows() rows at a time: the logits GEMM, one kernel for the rows' losses and (with_gradient)
+  // the gradient over the chunk, and with_gradient the chunk's share of the head's backward GEMMs. backward()
+  // needs with_gradient; an evaluation leaves it off and skips those GEMMs.
+  void loss(const int32_t* targets, double label_smoothing = 0.0, double accumulate_scale = 0.0,
+            bool with_gradient = false);
+  // Rows of the training head's chunk: 0 (default) sizes it to 1 GiB of fp32 logits (5,336 rows of the GPT-2
+  // vocabulary), capped by the batch; tests set a few rows to run several chunks.
+  void set_head_chunk_rows(int rows) { head_chunk_rows_ = rows; }
   // Device pair {mean loss, count} of the last loss().
   const float* loss_result() const;
 
@@ -104,12 +115,15 @@ class Model {
   void read_loss(double* total_nats, int64_t* count) const;
   // Reads (synchronises) and clears the accumulator.
   double take_loss_sum();
-  // Backward of scale· the last loss(): accumulates into grads(). The logits are overwritten by their
-  // gradient (logits() is not valid after it).
+  // Backward of scale· the last loss(), which must have run with_gradient: accumulates into grads().
   void backward(double scale = 1.0);
 
  private:
   void forward_pass();
+  // loss()'s kernels: the cross-entropy, and for a training model the chunked head.
+  void head_pass(bool with_gradient, float accumulate_scale);
+  // E as the head reads it: the dense table, or the HTT materialisation of the last forward.
+  const float* head_weights() const;
   void backward_pass(double scale);
   // Runs body (one pass's kernels on stream_) through the graph cache: captured on first use of the key.
   void run_pass(int pass, float scale, const std::function<void()>& body);
@@ -143,6 +157,8 @@ class Model {
   std::unique_ptr<Arena> arena_;
   int B_ = 0, N_ = 0;
   float smoothing_ = 0;
+  int head_chunk_rows_ = 0;
+  bool head_gradient_ready_ = false;  // the last loss() left the head's gradient for backward()
   bool inference_only_ = false;
   bool serving_ = false;
   __nv_bfloat16* serving_E_bf16_ = nullptr;

@@ -4,8 +4,8 @@
 //   xent_forward writes row_loss[rows], row_lse[rows] (as the CPU op) and result[2] = {mean_loss, count}
 //   (fp32; count is exact up to 2^24 rows), where mean_loss = Σ kept row losses / count (summed in double,
 //   in a fixed order) and 0 when count = 0.
-//   xent_backward_in_place reads count from that same device pair (result[1]) instead of a host int, and
-//   writes the gradient over the logits.
+//   xent_rows (the training head, a chunk of rows at a time) reads the count from such a pair (result[1],
+//   from xent_count) instead of a host int, and writes the gradient over the logits.
 //
 // One block per row; fp32 statistics (online max/sum-exp per thread, fixed-order block combination).
 // A row whose target is neither ignore_index nor in [0, V) gets row_loss = NaN (the CPU op's behaviour
@@ -20,12 +20,19 @@ namespace muse::cuda {
 void xent_forward(float* row_loss, float* row_lse, float* result, const float* logits, const int32_t* targets,
                   int rows, int V, int Vp, float smoothing, int32_t ignore_index = -1, cudaStream_t stream = 0);
 
-// dloss·∂loss/∂logits (dloss: the upstream gradient of mean_loss; result: the forward's device pair, of which
-// only the count is read), written over the logits it comes from (logits_in_dlogits_out [rows, Vp]): every
-// element is overwritten, with 0 in the padded columns, in ignored rows and everywhere when count = 0. The training
-// step needs the logits only until their gradient exists, so the head keeps one [rows, Vp] buffer, not two.
-void xent_backward_in_place(float* logits_in_dlogits_out, float dloss, const float* row_lse, const int32_t* targets,
-                            int rows, int V, int Vp, float smoothing, const float* result, int32_t ignore_index = -1,
-                            cudaStream_t stream = 0);
+// The training head's pass over one chunk of rows (logits [rows, Vp]): row_loss and row_lse as xent_forward,
+// and with `result` (the device pair from xent_count: result[1] is the whole batch's number of counted
+// targets) each row is then overwritten by the gradient of the batch's mean loss, (softmax − smoothed
+// one-hot)/count for v < V and 0 in the padded columns and in ignored rows. One kernel reads each row twice
+// (the second time from L2) and writes it once. Without `result` the logits are only read.
+void xent_rows(float* row_loss, float* row_lse, float* logits, const int32_t* targets, int rows, int V, int Vp,
+               float smoothing, const float* result, int32_t ignore_index = -1, cudaStream_t stream = 0);
+
+// result = {mean of the kept rows' row_loss, count} over `rows` rows (fixed-order double sums).
+void xent_mean(float* result, const float* row_loss, const int32_t* targets, int rows, int32_t ignore_index = -1,
+               cudaStream_t stream = 0);
+
+// result = {0, count of targets ≠ ignore_index}: the count xent_rows' gradient needs before any loss exists.
+void xent_count(float* result, const int32_t* targets, int rows, int32_t ignore_index = -1, cudaStream_t stream = 0);
 
 }  // namespace muse::cuda

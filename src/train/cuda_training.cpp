@@ -23,7 +23,7 @@ Training::StepResult Training::step(const std::function<Batch()>& next_batch, in
   for (int a = 0; a < grad_accum; ++a) {
     const Batch batch = next_batch();
     model_.forward(batch.inputs.data(), batch.B, batch.N);
-    model_.loss(batch.targets.data(), label_smoothing, 1.0 / grad_accum);
+    model_.loss(batch.targets.data(), label_smoothing, 1.0 / grad_accum, /*with_gradient=*/true);
     model_.backward(1.0 / grad_accum);
   }
   grad_norm(norm_, model_.grads(), model_.size(), partials_, stream);

@@ -81,6 +81,7 @@ TEST_P(CudaModelTest, forward_loss_and_gradients_match_cpu) {
   cpu.init(7);
   cuda::Model gpu(c);
   gpu.upload_params(cpu.params().data());
+  gpu.set_head_chunk_rows(40);  // the head in chunks of 40, 40 and 31 rows
 
   Rng rng(11);
   const std::vector<int32_t> ids = random_ids(size_t(B) * N, c.vocab_size, rng);
@@ -98,14 +99,15 @@ TEST_P(CudaModelTest, forward_loss_and_gradients_match_cpu) {
                             GetParam().name + " logits");
 
   const double cpu_loss = cpu.loss(targets.data());
-  gpu.loss(targets.data(), 0.0, 1.0);
+  gpu.loss(targets.data(), 0.0, 1.0, /*with_gradient=*/true);
   const double gpu_loss = gpu.take_loss_sum();
   EXPECT_NEAR(gpu_loss, cpu_loss, 1e-4) << GetParam().name;
 
+  // A scale other than 1 (what gradient accumulation passes) reaches the head's share of the gradient too.
   cpu.zero_grads();
-  cpu.backward(1.0);
+  cpu.backward(0.5);
   gpu.zero_grads();
-  gpu.backward(1.0);
+  gpu.backward(0.5);
   std::vector<float> gpu_grads(gpu.size());
   gpu.download_grads(gpu_grads.data());
   // Per tensor: ‖Δ‖ ≤ 2e-3·‖g_cpu‖ + 1e-5·‖g_all‖. The floor covers gradients that are zero up to rounding:
@@ -122,6 +124,29 @@ TEST_P(CudaModelTest, forward_loss_and_gradients_match_cpu) {
 
 INSTANTIATE_TEST_SUITE_P(model_cuda, CudaModelTest, ::testing::ValuesIn(variants()),
                          [](const auto& info) { return info.param.name; });
+
+// An evaluation's loss (no head gradient) is the training loss's, bit for bit, and backward() refuses to run
+// after it, naming what it needs.
+TEST(model_cuda, backward_needs_a_loss_with_gradient) {
+  MUSE_REQUIRE_GPU();
+  const ModelConfig c = variant_config({"tiny", {}});
+  Model<float> cpu(c);
+  cpu.init(5);
+  cuda::Model gpu(c);
+  gpu.upload_params(cpu.params().data());
+  Rng rng(4);
+  const std::vector<int32_t> ids = random_ids(64, c.vocab_size, rng), targets = random_ids(64, c.vocab_size, rng);
+  gpu.forward(ids.data(), 2, 32);
+  gpu.loss(targets.data());
+  double evaluated = 0, trained = 0;
+  gpu.read_loss(&evaluated, nullptr);
+  EXPECT_THROW(gpu.backward(), std::logic_error);
+  gpu.loss(targets.data(), 0.0, 0.0, /*with_gradient=*/true);
+  gpu.read_loss(&trained, nullptr);
+  EXPECT_EQ(evaluated, trained);
+  EXPECT_NO_THROW(gpu.backward());
+  EXPECT_THROW(gpu.backward(), std::logic_error) << "one backward per loss";
+}
 
 // 20 optimizer steps (forward, loss, backward, clip, AdamW) on each device from the same initialisation:
 // within `tolerance` nats at every step, with the GPU's GEMMs in `math`.
@@ -164,7 +189,7 @@ void expect_twenty_steps_match_cpu(cuda::GemmMath math, double tolerance) {
 
     gpu.zero_grads();
     gpu.forward(ids.data(), B, N);
-    gpu.loss(targets.data(), 0.0, 1.0);
+    gpu.loss(targets.data(), 0.0, 1.0, /*with_gradient=*/true);
     gpu.backward(1.0);
     cuda::grad_norm(norm.get(), gpu.grads(), gpu.size(), partials.get(), gpu.stream());
     gpu_adam.step(gpu.params(), gpu.grads(), lr, gpu.stream(), norm.get(), clip);
@@ -225,7 +250,7 @@ TEST(model_cuda, profile_names_every_group_and_leaves_results_alone) {
 
   gpu.set_profiling(true);
   gpu.forward(ids.data(), 2, 32);
-  gpu.loss(targets.data());
+  gpu.loss(targets.data(), 0.0, 0.0, /*with_gradient=*/true);
   gpu.backward();
   gpu.read_loss(&profiled, nullptr);
   const auto groups = gpu.profile();
@@ -347,7 +372,7 @@ TEST(model_cuda, graphs_replay_the_eager_passes_bit_exactly) {
       logits.emplace_back(n);
       MUSE_CUDA_CHECK(cudaStreamSynchronize(m->stream()));
       MUSE_CUDA_CHECK(cudaMemcpy(logits.back().data(), m->logits(), n * sizeof(float), cudaMemcpyDeviceToHost));
-      m->loss(targets.data(), 0.1);
+      m->loss(targets.data(), 0.1, 0.0, /*with_gradient=*/true);
       m->backward(0.5);
       grads.emplace_back(m->size());
       m->download_grads(grads.back().data());

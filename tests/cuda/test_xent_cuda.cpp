@@ -1,5 +1,6 @@
 #include "ops/xent.cuh"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -63,21 +64,33 @@ void check_xent(int rows, int V, float smoothing, int ignore_mode, int32_t ignor
   EXPECT_NEAR(result[0], cpu.mean_loss, kLossAtol + kLossRtol * std::abs(cpu.mean_loss)) << "mean_loss";
   EXPECT_EQ(result[1], float(cpu.count)) << "count";
 
-  // Backward, in place: the CPU op's gradient from zero, written over the logits, with zeros in the padded
-  // columns (NaN before: they must be overwritten, never read) and in ignored rows.
-  const float dloss = 0.7f;
+  // The training head's pass, a chunk of rows at a time (chunks of 1, 16 and all rows): the same losses,
+  // and each chunk overwritten by the CPU op's gradient of the batch's mean loss (from zero, dloss = 1), with
+  // zeros in the padded columns (NaN before: they must be overwritten, never read) and in ignored rows.
   std::vector<float> from_zero(logits.size(), 0.f);
-  xent_backward(from_zero.data(), dloss, logits.data(), row_lse.data(), targets.data(), rows, V, Vp, smoothing,
-                cpu.count, ignore_index);
-  cuda::xent_backward_in_place(glogits.get(), dloss, glse.get(), gtargets.get(), rows, V, Vp, smoothing, gresult.get(),
-                               ignore_index);
+  xent_backward(from_zero.data(), 1.f, logits.data(), row_lse.data(), targets.data(), rows, V, Vp, smoothing, cpu.count,
+                ignore_index);
   const double scale = max_abs_difference(from_zero, std::vector<float>(from_zero.size(), 0.f));  // 0 if count = 0
-  expect_close_to_reference(glogits.download(), from_zero, kGradRel * scale, kGradRel, "dlogits in place");
+  for (int chunk : {1, 16, rows}) {
+    SCOPED_TRACE("chunk " + std::to_string(chunk));
+    DeviceBuffer<float> gchunked(logits), gcount(std::vector<float>(2, std::nanf(""))),
+        gloss2(std::vector<float>(rows, std::nanf(""))), glse2(std::vector<float>(rows, std::nanf("")));
+    cuda::xent_count(gcount.get(), gtargets.get(), rows, ignore_index);
+    for (int first = 0; first < rows; first += chunk) {
+      const int n = std::min(chunk, rows - first);
+      cuda::xent_rows(gloss2.get() + first, glse2.get() + first, gchunked.get() + size_t(first) * Vp,
+                      gtargets.get() + first, n, V, Vp, smoothing, gcount.get(), ignore_index);
+    }
+    EXPECT_EQ(gcount.download()[1], float(cpu.count)) << "count";
+    EXPECT_EQ(gloss2.download(), gloss.download()) << "row_loss: the same kernel with or without the gradient";
+    EXPECT_EQ(glse2.download(), glse.download()) << "row_lse";
+    expect_close_to_reference(gchunked.download(), from_zero, kGradRel * scale, kGradRel, "dlogits");
+  }
 }
 
 }  // namespace
 
-TEST(xent_cuda, forward_backward_match_cpu) {
+TEST(xent_cuda, forward_and_chunked_gradient_match_cpu) {
   MUSE_REQUIRE_GPU();
   for (int V : {37, 50257})
     for (int rows : {1, 37, 256})
