@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common/async_copy.cuh"
 #include "common/cuda_check.cuh"
 #include "common/math.h"
 #include "ops/bk.h"
@@ -120,18 +121,6 @@ __device__ float warp_layernorm(float* x, const float* gain, const float* bias, 
       [&](int i, float v) { x[i] = v; });
   return warp_sum(squares);
 }
-
-// Asynchronous copies from global to shared memory (cp.async, sm_80+), issued before the kernel waits for the
-// previous one and completed by wait_async_copies(). The 16-byte form reads through L2 only.
-__device__ __forceinline__ void copy_async_4(float* shared, const float* global) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(unsigned(__cvta_generic_to_shared(shared))),
-               "l"(__cvta_generic_to_global(global)));
-}
-__device__ __forceinline__ void copy_async_16(float* shared, const float* global) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(unsigned(__cvta_generic_to_shared(shared))),
-               "l"(__cvta_generic_to_global(global)));
-}
-__device__ __forceinline__ void wait_async_copies() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // rows × cols floats from global (row stride `from_stride`) into shared memory (row stride `to_stride`),
 // skipping row `skip` (−1: none), by the whole block: 16 bytes a copy where both sides allow it. The thread's

@@ -2,6 +2,7 @@
 #include <cstdint>
 #include <stdexcept>
 
+#include "common/async_copy.cuh"
 #include "common/cuda_check.cuh"
 #include "ops/xent.cuh"
 
@@ -56,8 +57,8 @@ __device__ __forceinline__ void fold(MaxSum& acc, float& sum_z, float zv) {
 // warps combine by butterfly shuffles, then thread 0 combines the warp results in warp order
 // (deterministic). With `result`, the row is then overwritten by its gradient: (1/count)·(exp(z_v − lse) −
 // ε/V) for v < V, then −(1/count)·(1−ε) at the target (the CPU op's two additions, from zero); zeros
-// elsewhere. With `staged` the first pass also copies the row into shared memory (Vp floats), so the second
-// reads it from there instead of from global memory a second time.
+// elsewhere. With `staged` the block first copies the row into shared memory (Vp floats) with every copy in
+// flight at once (one block fills an SM then), and both passes read it from there.
 __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, float* row_lse, float* logits,
                                                              const int32_t* targets, int V, int Vp, float smoothing,
                                                              const float* result, int32_t ignore_index, bool staged) {
@@ -76,6 +77,13 @@ __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, fl
       for (int i = threadIdx.x; i < all4; i += kThreads) z[i] = make_float4(0.f, 0.f, 0.f, 0.f);
     return;
   }
+  const float4* source = z;
+  if (staged) {
+    for (int i = threadIdx.x; i < real4; i += kThreads) copy_async_16(staged_row + i, z + i);
+    wait_async_copies();
+    __syncthreads();
+    source = staged_row;
+  }
   MaxSum acc{-INFINITY, 0.f};
   float sum_z = 0.f;
   for (int base = threadIdx.x; base < real4; base += kBatch * kThreads) {
@@ -83,13 +91,12 @@ __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, fl
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int i = base + k * kThreads;
-      if (i < real4) q[k] = z[i];
+      if (i < real4) q[k] = source[i];
     }
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
       const int i = base + k * kThreads;
       if (i >= real4) continue;
-      if (staged) staged_row[i] = q[k];
       const int v = 4 * i;  // v < V: i < real4
       fold(acc, sum_z, q[k].x);
       if (v + 1 < V) fold(acc, sum_z, q[k].y);
@@ -127,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, fl
     }
   }
   if (!gradient) return;  // block-uniform
-  __syncthreads();  // row_lse_shared (and the staged row) are written
+  __syncthreads();  // row_lse_shared is written
   const float lse = row_lse_shared;
   const float scale = counted > 0 ? 1.f / float(counted) : 0.f;  // this row counts, so counted ≥ 1
   const float uniform = smoothing / float(V);
@@ -140,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, fl
   };
   for (int i = threadIdx.x; i < all4; i += kThreads) {
     float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (i < real4) q = staged ? staged_row[i] : z[i];
+    if (i < real4) q = source[i];
     const int v = 4 * i;
     z[i] = make_float4(gradient_of(q.x, v), gradient_of(q.y, v + 1), gradient_of(q.z, v + 2), gradient_of(q.w, v + 3));
   }
