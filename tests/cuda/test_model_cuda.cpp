@@ -59,6 +59,21 @@ double l2_difference(const float* a, const float* b, size_t n) {
   return std::sqrt(s);
 }
 
+// The tiny preset on the GPU from a CPU model's initialisation (init_seed), with 2×32 random ids and targets.
+struct TinyOnGpu {
+  TinyOnGpu(uint64_t init_seed, uint64_t data_seed) : config(variant_config({"tiny", {}})), gpu(config) {
+    Model<float> cpu(config);
+    cpu.init(init_seed);
+    gpu.upload_params(cpu.params().data());
+    Rng rng(data_seed);
+    ids = random_ids(64, config.vocab_size, rng);
+    targets = random_ids(64, config.vocab_size, rng);
+  }
+  ModelConfig config;
+  cuda::Model gpu;
+  std::vector<int32_t> ids, targets;
+};
+
 const std::vector<Variant>& variants() {
   static const std::vector<Variant> v = {
       {"phase8_tiny", {}},
@@ -129,14 +144,10 @@ INSTANTIATE_TEST_SUITE_P(model_cuda, CudaModelTest, ::testing::ValuesIn(variants
 // after it, naming what it needs.
 TEST(model_cuda, backward_needs_a_loss_with_gradient) {
   MUSE_REQUIRE_GPU();
-  const ModelConfig c = variant_config({"tiny", {}});
-  Model<float> cpu(c);
-  cpu.init(5);
-  cuda::Model gpu(c);
-  gpu.upload_params(cpu.params().data());
-  Rng rng(4);
-  const std::vector<int32_t> ids = random_ids(64, c.vocab_size, rng), targets = random_ids(64, c.vocab_size, rng);
-  gpu.forward(ids.data(), 2, 32);
+  TinyOnGpu tiny(5, 4);
+  cuda::Model& gpu = tiny.gpu;
+  const std::vector<int32_t>& targets = tiny.targets;
+  gpu.forward(tiny.ids.data(), 2, 32);
   gpu.loss(targets.data());
   double evaluated = 0, trained = 0;
   gpu.read_loss(&evaluated, nullptr);
@@ -236,13 +247,10 @@ namespace {
 // forward's result does not change when it is on.
 TEST(model_cuda, profile_names_every_group_and_leaves_results_alone) {
   MUSE_REQUIRE_GPU();
-  const ModelConfig c = variant_config({"tiny", {}});
-  Model<float> cpu(c);
-  cpu.init(1);
-  cuda::Model gpu(c);
-  gpu.upload_params(cpu.params().data());
-  Rng rng(3);
-  const std::vector<int32_t> ids = random_ids(64, c.vocab_size, rng), targets = random_ids(64, c.vocab_size, rng);
+  TinyOnGpu tiny(1, 3);
+  cuda::Model& gpu = tiny.gpu;
+  const std::vector<int32_t>& ids = tiny.ids;
+  const std::vector<int32_t>& targets = tiny.targets;
   gpu.forward(ids.data(), 2, 32);
   gpu.loss(targets.data());
   double plain = 0, profiled = 0;
