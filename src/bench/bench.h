@@ -23,7 +23,7 @@ struct BenchOptions {
   int warmup = 2, iters = 10;
   std::string device = "cpu";    // cpu, cuda or auto
   bool profile = false;          // GPU: time each group of kernels (BenchRecord::profile)
-  std::string gpu_math = "tf32"; // GPU GEMMs: tf32 or fp32
+  std::string gpu_math = "tf32"; // GPU GEMMs: tf32, bf16 or fp32
 };
 
 struct BenchRecord {

@@ -140,6 +140,7 @@ struct Model::Profiler {
 struct Model::Arena {
   int B = 0, N = 0;
   int head_chunk = 0;     // rows of the training head's logits chunk
+  bool bf16_head = false;  // the training head multiplies bf16 copies (bf16 GEMM math)
   bool backward = false;  // the backward's buffers are bound
   bool serving = false;   // bf16 head buffers instead of fp32 logits and the per-pass E
   unsigned generation = 0;  // counts re-plans: captured graphs hold the buffer addresses of one plan
@@ -153,7 +154,8 @@ struct Model::Arena {
   float *logits = nullptr, *row_loss = nullptr, *row_lse = nullptr, *loss_result = nullptr;
   float* logits_on_demand = nullptr;  // a training model's whole logits, for logits() (not in the arena)
   size_t logits_on_demand_floats = 0;
-  __nv_bfloat16 *x_final_bf16 = nullptr, *logits_bf16 = nullptr;  // serving
+  __nv_bfloat16 *x_final_bf16 = nullptr, *logits_bf16 = nullptr;  // serving; x_final_bf16 also the bf16 head's
+  __nv_bfloat16 *E_bf16 = nullptr, *dlogits_bf16 = nullptr;         // the bf16 training head
   int32_t *ids = nullptr, *targets = nullptr;
   // backward scratch
   float *dh = nullptr, *du = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *dmixed = nullptr;
@@ -184,7 +186,7 @@ int head_chunk_for(int rows, int Vp, int requested) {
 // to assign, so the two can never disagree.
 template <class Take>
 void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
-                  bool serving, int head_chunk, Take&& take) {
+                  bool serving, int head_chunk, bool bf16_head, Take&& take) {
   const bool muse = c.arch != Arch::gpt, phase8 = c.arch == Arch::phase8;
   const size_t rows = size_t(B) * N, D = c.d_model, H = c.n_heads, R = c.ssm_rank, Vp = c.padded_vocab();
   const size_t RD = rows * D, F4 = rows * ffn_hidden(c.d_model), L = m.blocks.size();
@@ -256,6 +258,13 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(a.logits, (backward ? size_t(head_chunk) : rows) * Vp);
     take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
   }
+  if (bf16_head) {
+    float *x_bf16 = nullptr, *E_bf16 = nullptr, *dlogits_bf16 = nullptr;  // bf16 pairs share a float slot
+    take(x_bf16, (RD + 1) / 2), take(E_bf16, (Vp * D + 1) / 2), take(dlogits_bf16, (size_t(head_chunk) * Vp + 1) / 2);
+    a.x_final_bf16 = reinterpret_cast<__nv_bfloat16*>(x_bf16);
+    a.E_bf16 = reinterpret_cast<__nv_bfloat16*>(E_bf16);
+    a.dlogits_bf16 = reinterpret_cast<__nv_bfloat16*>(dlogits_bf16);
+  }
   float *ids = nullptr, *targets = nullptr;  // int32 share the float slots' size
   take(ids, rows), take(targets, rows);
   a.ids = reinterpret_cast<int32_t*>(ids);
@@ -298,12 +307,14 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
 
 // Points every buffer of `a` into its storage for a B×N batch, growing the storage first if needed.
 void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
-                bool serving, int head_chunk_rows) {
+                bool serving, int head_chunk_rows, GemmMath math) {
   const int head_chunk = head_chunk_for(B * N, c.padded_vocab(), head_chunk_rows);
-  if (a.base && a.B == B && a.N == N && a.backward == backward && a.serving == serving && a.head_chunk == head_chunk)
+  const bool bf16_head = backward && math == GemmMath::bf16;
+  if (a.base && a.B == B && a.N == N && a.backward == backward && a.serving == serving && a.head_chunk == head_chunk &&
+      a.bf16_head == bf16_head)
     return;  // steady state
   size_t total = 0;
-  plan_buffers(a, c, m, B, N, backward, serving, head_chunk, [&](auto*& ptr, size_t n) {
+  plan_buffers(a, c, m, B, N, backward, serving, head_chunk, bf16_head, [&](auto*& ptr, size_t n) {
     ptr = nullptr;
     total += aligned(n);
   });
@@ -315,7 +326,7 @@ void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int
     a.capacity = total;
   }
   size_t at = 0;
-  plan_buffers(a, c, m, B, N, backward, serving, head_chunk, [&](auto*& ptr, size_t n) {
+  plan_buffers(a, c, m, B, N, backward, serving, head_chunk, bf16_head, [&](auto*& ptr, size_t n) {
     ptr = a.base + at;
     at += aligned(n);
   });
@@ -324,6 +335,7 @@ void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int
   a.backward = backward;
   a.serving = serving;
   a.head_chunk = head_chunk;
+  a.bf16_head = bf16_head;
   ++a.generation;
 }
 
@@ -433,7 +445,7 @@ void Model::set_inference_only(bool inference_only) {
 
 void Model::reserve(int B, int N) {
   if (B < 1 || N < 1) throw std::invalid_argument("reserve: batch and sequence length must be positive");
-  bind_arena(*arena_, config_, layout_, B, N, !inference_only_, serving_, head_chunk_rows_);
+  bind_arena(*arena_, config_, layout_, B, N, !inference_only_, serving_, head_chunk_rows_, gemm_math_);
 }
 
 size_t Model::device_bytes() const {
@@ -473,7 +485,7 @@ void Model::forward(const int32_t* ids, int B, int N) {
       throw std::invalid_argument("token id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
                                   " is outside the vocabulary [0, " + std::to_string(c.vocab_size) + ")");
   Arena& a = *arena_;
-  bind_arena(a, c, m, B, N, !inference_only_, serving_, head_chunk_rows_);
+  bind_arena(a, c, m, B, N, !inference_only_, serving_, head_chunk_rows_, gemm_math_);
   B_ = B;
   N_ = N;
   stage_tokens(a.ids, ids, rows, 0);
@@ -537,18 +549,35 @@ void Model::head_pass(bool with_gradient, float accumulate_scale) {
       xent_count(a.loss_result, a.targets, rows, kIgnore, stream_);
       zero(a.dE, size_t(Vp) * D);
     }
+    // bf16 math: the head's GEMMs multiply bf16 copies of x and E (and bf16 dlogits) into fp32.
+    const bool bf16 = a.bf16_head;
+    if (bf16) {
+      to_bf16(a.x_final_bf16, a.x_final, size_t(rows) * D, stream_);
+      to_bf16(a.E_bf16, E, size_t(Vp) * D, stream_);
+      mark("head bf16 copies");
+    }
     for (int first = 0; first < rows; first += a.head_chunk) {
       const int n = std::min(a.head_chunk, rows - first);
       const float* x = a.x_final + size_t(first) * D;
-      linear_forward(a.logits, x, E, nullptr, n, D, Vp, stream_);
+      const __nv_bfloat16* x_bf16 = bf16 ? a.x_final_bf16 + size_t(first) * D : nullptr;
+      float* du = a.du + size_t(first) * D;
+      if (bf16)
+        gemm(false, true, n, Vp, D, 1.f, x_bf16, D, a.E_bf16, D, 0.f, a.logits, Vp, stream_);
+      else
+        linear_forward(a.logits, x, E, nullptr, n, D, Vp, stream_);
       mark("fwd head gemm");
       xent_rows(a.row_loss + first, a.row_lse + first, a.logits, a.targets + first, n, c.vocab_size, Vp, smoothing_,
-                with_gradient ? a.loss_result : nullptr, kIgnore, stream_);
+                with_gradient ? a.loss_result : nullptr, bf16 ? a.dlogits_bf16 : nullptr, kIgnore, stream_);
       mark(with_gradient ? "cross-entropy and its gradient" : "fwd cross-entropy");
       if (!with_gradient) continue;
-      // du rows of this chunk (beta = 0 on a fresh row range) and dE += dlogitsᵀ·x.
-      zero(a.du + size_t(first) * D, size_t(n) * D);
-      linear_backward(a.du + size_t(first) * D, a.dE, nullptr, a.logits, x, E, n, D, Vp, stream_);
+      // This chunk's rows of du (a fresh row range) and dE += dlogitsᵀ·x.
+      if (bf16) {
+        gemm(false, false, n, D, Vp, 1.f, a.dlogits_bf16, Vp, a.E_bf16, D, 0.f, du, D, stream_);
+        gemm(true, false, Vp, D, n, 1.f, a.dlogits_bf16, Vp, x_bf16, D, 1.f, a.dE, D, stream_);
+      } else {
+        zero(du, size_t(n) * D);
+        linear_backward(du, a.dE, nullptr, a.logits, x, E, n, D, Vp, stream_);
+      }
       mark("bwd head gemm");
     }
     xent_mean(a.loss_result, a.row_loss, a.targets, rows, kIgnore, stream_);

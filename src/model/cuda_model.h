@@ -64,7 +64,8 @@ class Model {
   void prepare_serving();
   bool serving() const { return serving_; }
   // The math of the model's GEMMs (ops/linear.cuh): fp32 (default; the reference mode the tests compare
-  // with the CPU) or tf32 (tensor cores: the fast mode `muse train/bench/eval --device cuda` use).
+  // with the CPU), tf32 (tensor cores: the fast mode `muse train/bench/eval --device cuda` use) or bf16 (bf16
+  // tensor cores; the training head then multiplies bf16 copies of x and E, and bf16 dlogits, into fp32).
   void set_gemm_math(GemmMath math) { gemm_math_ = math; }
   GemmMath gemm_math() const { return gemm_math_; }
   // Bytes of device memory held: parameters, gradients, activations and workspaces.

@@ -117,13 +117,28 @@ int batch_alignment(const void* p, long long stride, size_t element_bytes) {
   return std::min(base, alignment_of(reinterpret_cast<const void*>(uintptr_t(stride) * element_bytes)));
 }
 
-// RAII holders for the cuBLASLt descriptors. Element types: fp32 storage (with the BlasLt's GemmMath) or
-// bf16 storage, which always accumulates in plain fp32.
+// The element types of one GEMM: A and B hold `operands`, C holds `output` (each CUDA_R_32F or CUDA_R_16BF).
+struct ElementTypes {
+  cudaDataType_t operands, output;
+};
+
+size_t element_bytes(cudaDataType_t type) { return type == CUDA_R_32F ? sizeof(float) : sizeof(__nv_bfloat16); }
+
+// What the cache key records of the types and the math: the GemmMath for fp32 operands (it picks the compute
+// type), and for bf16 operands, which always accumulate in plain fp32, the output type.
+int types_key(const ElementTypes& types, GemmMath math) {
+  if (types.operands == CUDA_R_32F) return int(math);
+  return types.output == CUDA_R_16BF ? -1 : -2;
+}
+
+// RAII holders for the cuBLASLt descriptors. fp32 operands multiply in the BlasLt's GemmMath; bf16
+// operands always accumulate in plain fp32.
 struct MatmulDesc {
   cublasLtMatmulDesc_t desc = nullptr;
-  MatmulDesc(GemmMath math, cudaDataType_t storage) {
-    const cublasComputeType_t compute =
-        storage == CUDA_R_32F && math == GemmMath::tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
+  MatmulDesc(GemmMath math, cudaDataType_t operands) {
+    cublasComputeType_t compute = CUBLAS_COMPUTE_32F;
+    if (operands == CUDA_R_32F && math == GemmMath::tf32) compute = CUBLAS_COMPUTE_32F_FAST_TF32;
+    if (operands == CUDA_R_32F && math == GemmMath::bf16) compute = CUBLAS_COMPUTE_32F_FAST_16BF;
     MUSE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, compute, CUDA_R_32F));
   }
   ~MatmulDesc() { cublasLtMatmulDescDestroy(desc); }
@@ -156,12 +171,12 @@ struct Preference {
 // Row-major C[M×N] is column-major Cᵀ[N×M] with the same stride, so the call is Cᵀ = op(B)ᵀ·op(A)ᵀ:
 // cuBLASLt's "A" is our B and its "B" is our A, each with its own transpose flag. The bias of the BIAS
 // epilogue runs along cuBLASLt's m = N dimension, i.e. one value per column of our row-major C.
-// A, B and C hold `storage` elements (CUDA_R_32F or CUDA_R_16BF); the bias is fp32. With batch.count > 1
-// the call runs that many GEMMs of the same shape at strided addresses (no bias then).
-bool matmul(BlasLt& blas, cudaDataType_t storage, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
+// A and B hold types.operands elements, C types.output ones; the bias is fp32. With batch.count > 1 the
+// call runs that many GEMMs of the same shape at strided addresses (no bias then).
+bool matmul(BlasLt& blas, const ElementTypes& types, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
             const void* A, int lda, const void* B, int ldb, float beta, void* C, int ldc, const float* bias,
             cudaStream_t stream, const Batch& batch = Batch{}) {
-  MatmulDesc op(blas.math(), storage);
+  MatmulDesc op(blas.math(), types.operands);
   const cublasOperation_t op_lt_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our B
   const cublasOperation_t op_lt_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our A
   MUSE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_lt_a, sizeof(op_lt_a)));
@@ -176,16 +191,15 @@ bool matmul(BlasLt& blas, cudaDataType_t storage, bool trans_a, bool trans_b, in
   }
   // Column-major shapes as stored (before the op): our B is [K×N] (or [N×K] when transposed) row-major,
   // i.e. column-major [N×K] (or [K×N]).
-  Layout lt_a(storage, trans_b ? K : N, trans_b ? N : K, ldb, batch.count, batch.stride_b);
-  Layout lt_b(storage, trans_a ? M : K, trans_a ? K : M, lda, batch.count, batch.stride_a);
-  Layout lt_c(storage, N, M, ldc, batch.count, batch.stride_c);
+  Layout lt_a(types.operands, trans_b ? K : N, trans_b ? N : K, ldb, batch.count, batch.stride_b);
+  Layout lt_b(types.operands, trans_a ? M : K, trans_a ? K : M, lda, batch.count, batch.stride_a);
+  Layout lt_c(types.output, N, M, ldc, batch.count, batch.stride_c);
 
-  const size_t element_bytes = storage == CUDA_R_32F ? sizeof(float) : sizeof(__nv_bfloat16);
-  const int align_a = batch_alignment(A, batch.stride_a, element_bytes);
-  const int align_b = batch_alignment(B, batch.stride_b, element_bytes);
-  const int align_c = batch_alignment(C, batch.stride_c, element_bytes);
+  const int align_a = batch_alignment(A, batch.stride_a, element_bytes(types.operands));
+  const int align_b = batch_alignment(B, batch.stride_b, element_bytes(types.operands));
+  const int align_c = batch_alignment(C, batch.stride_c, element_bytes(types.output));
   const int align_bias = bias ? alignment_of(bias) : 0;
-  const int math_key = storage == CUDA_R_32F ? int(blas.math()) : -1;
+  const int math_key = types_key(types, blas.math());
   // A shared (stride 0) operand changes the problem cuBLASLt sees, so the key records which are shared.
   const int shared = (batch.stride_a == 0 ? 1 : 0) | (batch.stride_b == 0 ? 2 : 0) | (batch.stride_c == 0 ? 4 : 0);
   const BlasLt::Key key{M, N, K, lda, ldb, ldc, int(trans_a), int(trans_b), bias ? 1 : 0,
@@ -220,9 +234,10 @@ bool matmul(BlasLt& blas, cudaDataType_t storage, bool trans_a, bool trans_b, in
   }
   if (!available) {
     if (bias) return false;
-    throw std::runtime_error(std::string("cuBLASLt has no ") + (storage == CUDA_R_32F ? "fp32" : "bf16") +
-                             " algorithm for a " + std::to_string(M) + "x" + std::to_string(N) + "x" +
-                             std::to_string(K) + " GEMM");
+    auto name = [](cudaDataType_t type) { return type == CUDA_R_32F ? std::string("fp32") : std::string("bf16"); };
+    throw std::runtime_error("cuBLASLt has no algorithm for a " + std::to_string(M) + "x" + std::to_string(N) + "x" +
+                             std::to_string(K) + " GEMM of " + name(types.operands) + " operands into " +
+                             name(types.output));
   }
   // cuBLASLt's A = our B, B = our A; C = D = our C (in place).
   MUSE_CUBLAS_CHECK(cublasLtMatmul(blas.handle(), op.desc, &alpha, B, lt_a.layout, A, lt_b.layout, &beta, C,
@@ -231,16 +246,10 @@ bool matmul(BlasLt& blas, cudaDataType_t storage, bool trans_a, bool trans_b, in
   return true;
 }
 
-}  // namespace
-
-GemmMath gemm_math_from_string(const std::string& name) {
-  if (name == "fp32") return GemmMath::fp32;
-  if (name == "tf32") return GemmMath::tf32;
-  throw std::invalid_argument("--gpu-math " + name + ": expected tf32 or fp32");
-}
-
-void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
-          const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream) {
+// gemm() into an fp32 C for operands of either type, empty sizes included (K = 0 only scales C by beta).
+void gemm_into_fp32(BlasLt& blas, cudaDataType_t operands, bool trans_a, bool trans_b, int M, int N, int K,
+                    float alpha, const void* A, int lda, const void* B, int ldb, float beta, float* C, int ldc,
+                    cudaStream_t stream) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     if (beta == 1.f) return;
@@ -248,7 +257,28 @@ void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float a
     MUSE_CUDA_CHECK(cudaGetLastError());
     return;
   }
-  matmul(blas, CUDA_R_32F, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr, stream);
+  matmul(blas, {operands, CUDA_R_32F}, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr,
+         stream);
+}
+
+}  // namespace
+
+GemmMath gemm_math_from_string(const std::string& name) {
+  if (name == "fp32") return GemmMath::fp32;
+  if (name == "tf32") return GemmMath::tf32;
+  if (name == "bf16") return GemmMath::bf16;
+  throw std::invalid_argument("--gpu-math " + name + ": expected tf32, bf16 or fp32");
+}
+
+void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream) {
+  gemm_into_fp32(blas, CUDA_R_32F, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, stream);
+}
+
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
+          const __nv_bfloat16* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream) {
+  gemm_into_fp32(BlasLt::current(), CUDA_R_16BF, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc,
+                 stream);
 }
 
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda, const float* B,
@@ -266,8 +296,8 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float
            stream);
     return;
   }
-  matmul(BlasLt::current(), CUDA_R_32F, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, nullptr,
-         stream, Batch{batch, stride_a, stride_b, stride_c});
+  matmul(BlasLt::current(), {CUDA_R_32F, CUDA_R_32F}, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C,
+         ldc, nullptr, stream, Batch{batch, stride_a, stride_b, stride_c});
 }
 
 void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,
@@ -278,8 +308,8 @@ void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloa
                                       size_t(M), stream));
     return;
   }
-  matmul(BlasLt::current(), CUDA_R_16BF, trans_a, trans_b, M, N, K, 1.f, A, lda, B, ldb, 0.f, C, ldc, nullptr,
-         stream);
+  matmul(BlasLt::current(), {CUDA_R_16BF, CUDA_R_16BF}, trans_a, trans_b, M, N, K, 1.f, A, lda, B, ldb, 0.f, C, ldc,
+         nullptr, stream);
 }
 
 void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream) {
@@ -305,13 +335,14 @@ void linear_forward(float* y, const float* x, const float* W, const float* b, in
   // The BIAS epilogue only for a 16-byte aligned bias: cuBLASLt's alignment preferences do not cover the
   // bias pointer, and kernels assuming 16 bytes have been reported to fault on a less aligned one.
   if (b && alignment_of(b) >= 16 &&
-      matmul(blas, CUDA_R_32F, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
+      matmul(blas, {CUDA_R_32F, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
     return;
   if (b) {
     broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, rows, out);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
-  matmul(blas, CUDA_R_32F, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out, nullptr, stream);
+  matmul(blas, {CUDA_R_32F, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out,
+         nullptr, stream);
 }
 
 void linear_backward(float* dx, float* dW, float* db, const float* dy, const float* x, const float* W, int rows,

@@ -1,11 +1,12 @@
 // CUDA linear layer and GEMM on cuBLASLt: the same contract as ops/linear.h and common/blas.h, on device
-// pointers (fp32 storage).
+// pointers (fp32 storage, plus bf16 operands where a caller keeps bf16 copies).
 //
 // Precision: by default every GEMM runs with CUBLAS_COMPUTE_32F and fp32 scale type — plain fp32 FMA, no
 // TF32 (cuBLASLt ignores the legacy handle math mode, and NVIDIA_TF32_OVERRIDE can only disable TF32) and no
 // BF16x9 emulation (not on sm_90, and no emulation descriptor is set). This is the fp32 reference mode of
 // SPEC §6: results match the CPU GEMM to summation-order rounding (~1e-6 relative for K up to a few
-// thousand). BlasLt::set_math(GemmMath::tf32) switches to tensor-core TF32 (the model's fast mode).
+// thousand). BlasLt::set_math switches fp32-storage GEMMs to the tensor cores: GemmMath::tf32 or
+// GemmMath::bf16 (the model's fast modes). GEMMs whose operands are stored in bf16 always accumulate in fp32.
 //
 // Determinism: cuBLASLt gives bit-identical results run to run for the same problem, algorithm, workspace
 // size and GPU model. The algorithm for a problem is chosen once (heuristic, cached in BlasLt) and reused.
@@ -33,10 +34,15 @@ namespace muse::cuda {
 // race on it, so keep the GEMMs and backward passes of one device on one stream.
 // How the GEMMs multiply: fp32 is plain fp32 FMA (the reference mode: results match the CPU to summation
 // order); tf32 runs the products on the tensor cores with 10-bit mantissas and fp32 accumulation
-// (CUBLAS_COMPUTE_32F_FAST_TF32: inputs and outputs stay fp32), several times faster, ~1e-3 relative.
-enum class GemmMath { fp32, tf32 };
+// (CUBLAS_COMPUTE_32F_FAST_TF32: inputs and outputs stay fp32), several times faster, ~1e-3 relative;
+// bf16 rounds the inputs to bf16 (8-bit mantissas) for the bf16 tensor cores with fp32 accumulation
+// (CUBLAS_COMPUTE_32F_FAST_16BF, which may also pick TF32 kernels: never less accurate than bf16), ~4e-3
+// relative per product; on fp32 storage it ran no faster than tf32 (H200, the model's GEMMs). In bf16 math
+// the GPU model's training head goes further and multiplies bf16 copies of its operands
+// (model/cuda_model.h): 2.5× faster than tf32 there.
+enum class GemmMath { fp32, tf32, bf16 };
 
-// "fp32" or "tf32" (the --gpu-math flag); throws std::invalid_argument naming the value otherwise.
+// "fp32", "tf32" or "bf16" (the --gpu-math flag); throws std::invalid_argument naming the value otherwise.
 GemmMath gemm_math_from_string(const std::string& name);
 
 class BlasLt {
@@ -85,6 +91,11 @@ void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float a
 void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
                           long long stride_a, const float* B, int ldb, long long stride_b, float beta, float* C,
                           int ldc, long long stride_c, int batch, cudaStream_t stream = 0);
+
+// The same GEMM with bf16 operands and an fp32 C, accumulated in fp32 whatever the GemmMath: the training
+// head's GEMMs in bf16 math (bf16 copies of x and E, bf16 dlogits; logits and gradients in fp32).
+void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
+          const __nv_bfloat16* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
 
 // Row-major C[M×N] = op(A)·op(B) with bf16 storage and fp32 accumulation (no alpha/beta: C is written).
 // The inference head's GEMM (bf16 logits, SPEC §7).

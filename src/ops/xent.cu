@@ -61,7 +61,8 @@ __device__ __forceinline__ void fold(MaxSum& acc, float& sum_z, float zv) {
 // flight at once (one block fills an SM then), and both passes read it from there.
 __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, float* row_lse, float* logits,
                                                              const int32_t* targets, int V, int Vp, float smoothing,
-                                                             const float* result, int32_t ignore_index, bool staged) {
+                                                             const float* result, __nv_bfloat16* dlogits_bf16,
+                                                             int32_t ignore_index, bool staged) {
   constexpr int kBatch = 4;
   extern __shared__ float4 staged_row[];
   __shared__ float warp_m[kWarps], warp_s[kWarps], warp_z[kWarps], row_lse_shared;
@@ -71,10 +72,20 @@ __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, fl
   const int real4 = (V + 3) / 4, all4 = Vp / 4;  // float4s holding real columns; all of them
   const bool gradient = result != nullptr;
   const int counted = gradient ? int(result[1]) : 0;
+  // The gradient goes over the logits, or (bf16 output) to this row of dlogits_bf16, 4 columns at a time.
+  __nv_bfloat162* out_bf16 = dlogits_bf16 ? reinterpret_cast<__nv_bfloat162*>(dlogits_bf16 + long(r) * Vp) : nullptr;
+  auto write_gradient = [&](int i, float4 d) {
+    if (out_bf16) {
+      out_bf16[2 * i] = __floats2bfloat162_rn(d.x, d.y);
+      out_bf16[2 * i + 1] = __floats2bfloat162_rn(d.z, d.w);
+    } else {
+      z[i] = d;
+    }
+  };
   if (y == ignore_index) {  // block-uniform
     if (threadIdx.x == 0) row_loss[r] = row_lse[r] = 0.f;
     if (gradient)
-      for (int i = threadIdx.x; i < all4; i += kThreads) z[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int i = threadIdx.x; i < all4; i += kThreads) write_gradient(i, make_float4(0.f, 0.f, 0.f, 0.f));
     return;
   }
   const float4* source = z;
@@ -149,7 +160,8 @@ __global__ void __launch_bounds__(kThreads) xent_rows_kernel(float* row_loss, fl
     float4 q = make_float4(0.f, 0.f, 0.f, 0.f);
     if (i < real4) q = source[i];
     const int v = 4 * i;
-    z[i] = make_float4(gradient_of(q.x, v), gradient_of(q.y, v + 1), gradient_of(q.z, v + 2), gradient_of(q.w, v + 3));
+    write_gradient(i, make_float4(gradient_of(q.x, v), gradient_of(q.y, v + 1), gradient_of(q.z, v + 2),
+                                  gradient_of(q.w, v + 3)));
   }
 }
 
@@ -186,7 +198,8 @@ __global__ void xent_mean_kernel(float* result, const float* row_loss, const int
 }  // namespace
 
 void xent_rows(float* row_loss, float* row_lse, float* logits, const int32_t* targets, int rows, int V, int Vp,
-               float smoothing, const float* result, int32_t ignore_index, cudaStream_t stream) {
+               float smoothing, const float* result, __nv_bfloat16* dlogits_bf16, int32_t ignore_index,
+               cudaStream_t stream) {
   if (rows <= 0) return;
   if (Vp % 4 != 0 || reinterpret_cast<uintptr_t>(logits) % 16 != 0)
     throw std::invalid_argument("xent: the padded vocabulary must be a multiple of 4 and the logits 16-byte aligned");
@@ -203,7 +216,7 @@ void xent_rows(float* row_loss, float* row_lse, float* logits, const int32_t* ta
   if (shared > 48 * 1024)
     MUSE_CUDA_CHECK(cudaFuncSetAttribute(xent_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
   xent_rows_kernel<<<rows, kThreads, shared, stream>>>(row_loss, row_lse, logits, targets, V, Vp, smoothing, result,
-                                                        ignore_index, staged);
+                                                        dlogits_bf16, ignore_index, staged);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -220,8 +233,8 @@ void xent_count(float* result, const int32_t* targets, int rows, int32_t ignore_
 void xent_forward(float* row_loss, float* row_lse, float* result, const float* logits, const int32_t* targets,
                   int rows, int V, int Vp, float smoothing, int32_t ignore_index, cudaStream_t stream) {
   // Without a count the kernel only reads the logits.
-  xent_rows(row_loss, row_lse, const_cast<float*>(logits), targets, rows, V, Vp, smoothing, nullptr, ignore_index,
-            stream);
+  xent_rows(row_loss, row_lse, const_cast<float*>(logits), targets, rows, V, Vp, smoothing, nullptr, nullptr,
+            ignore_index, stream);
   xent_mean(result, row_loss, targets, rows, ignore_index, stream);
 }
 

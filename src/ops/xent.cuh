@@ -11,6 +11,7 @@
 // A row whose target is neither ignore_index nor in [0, V) gets row_loss = NaN (the CPU op's behaviour
 // is undefined there), so the mean turns NaN and the trainer's non-finite check stops the run.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -23,10 +24,13 @@ void xent_forward(float* row_loss, float* row_lse, float* result, const float* l
 // The training head's pass over one chunk of rows (logits [rows, Vp]): row_loss and row_lse as xent_forward,
 // and with `result` (the device pair from xent_count: result[1] is the whole batch's number of counted
 // targets) each row is then overwritten by the gradient of the batch's mean loss, (softmax − smoothed
-// one-hot)/count for v < V and 0 in the padded columns and in ignored rows. One kernel reads each row twice
-// (the second time from L2) and writes it once. Without `result` the logits are only read.
+// one-hot)/count for v < V and 0 in the padded columns and in ignored rows. One kernel reads each row once
+// (into shared memory when it fits, else twice) and writes the gradient once. Without `result` the logits
+// are only read. With `dlogits_bf16` ([rows, Vp] bf16) the gradient goes there, rounded to bf16, and the
+// logits stay as they are.
 void xent_rows(float* row_loss, float* row_lse, float* logits, const int32_t* targets, int rows, int V, int Vp,
-               float smoothing, const float* result, int32_t ignore_index = -1, cudaStream_t stream = 0);
+               float smoothing, const float* result, __nv_bfloat16* dlogits_bf16 = nullptr,
+               int32_t ignore_index = -1, cudaStream_t stream = 0);
 
 // result = {mean of the kept rows' row_loss, count} over `rows` rows (fixed-order double sums).
 void xent_mean(float* result, const float* row_loss, const int32_t* targets, int rows, int32_t ignore_index = -1,
