@@ -1,5 +1,7 @@
 #include "ops/linear.cuh"
 
+#include <cuda_bf16.h>
+
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -22,12 +24,6 @@ namespace {
 // TF32 would miss this by ~100× (its 10-bit mantissa gives ~1e-3 relative errors), so the test also
 // proves TF32 is off.
 constexpr double kRel = 1e-5;
-
-double max_abs(const std::vector<float>& v) {
-  double m = 0;
-  for (float x : v) m = std::max(m, double(std::abs(x)));
-  return m;
-}
 
 void expect_close_scaled(const std::vector<float>& gpu, const std::vector<float>& cpu, const std::string& what) {
   expect_close_to_reference(gpu, cpu, kRel * max_abs(cpu), kRel, what);
@@ -159,6 +155,78 @@ TEST(linear_cuda, strided_batched_gemm_matches_cpu) {
                                  gC.get(), ldc, stride_c, batch);
       expect_close_scaled(gC.download(), C_cpu, "C");
     }
+}
+
+// Host values rounded to bf16 (to nearest), as bf16 and as the fp32 numbers they stand for.
+struct Bf16Values {
+  std::vector<__nv_bfloat16> bf16;
+  std::vector<float> widened;
+};
+Bf16Values round_to_bf16(const std::vector<float>& x) {
+  Bf16Values r;
+  for (float v : x) {
+    r.bf16.push_back(__float2bfloat16(v));
+    r.widened.push_back(__bfloat162float(r.bf16.back()));
+  }
+  return r;
+}
+
+// bf16 operands into an fp32 C (the training head's GEMMs in bf16 math): a product of two bf16 values is
+// exact in fp32, so against the CPU GEMM of the same values widened to fp32 only the summation order
+// differs, and kRel holds. The head's three shapes (logits x·Eᵀ, du = dlogits·E, dE = dlogitsᵀ·x), each
+// written (beta = 0 over NaN) and accumulated (beta = 1), and K = 0.
+TEST(linear_cuda, bf16_operand_gemm_matches_cpu_on_the_same_values) {
+  MUSE_REQUIRE_GPU();
+  const int rows = 37, D = 64, Vp = 384;
+  for (auto [ta, tb, M, N, K] : {std::tuple{false, true, rows, Vp, D}, std::tuple{false, false, rows, D, Vp},
+                                 std::tuple{true, false, Vp, D, rows}, std::tuple{true, false, Vp, D, 0}})
+    for (float beta : {0.f, 1.f}) {
+      SCOPED_TRACE("ta " + std::to_string(ta) + " tb " + std::to_string(tb) + " M " + std::to_string(M) + " N " +
+                   std::to_string(N) + " K " + std::to_string(K) + " beta " + std::to_string(beta));
+      Rng rng(M + N + K + ta + int(beta));
+      const int lda = ta ? M : K, ldb = tb ? K : N;
+      const Bf16Values A = round_to_bf16(random_normal<float>(size_t(std::max(ta ? K : M, 1)) * std::max(lda, 1), rng));
+      const Bf16Values B = round_to_bf16(random_normal<float>(size_t(std::max(tb ? N : K, 1)) * std::max(ldb, 1), rng));
+      const std::vector<float> C = beta == 0.f ? nan_vector(size_t(M) * N) : random_normal<float>(size_t(M) * N, rng);
+      std::vector<float> C_cpu = beta == 0.f ? std::vector<float>(C.size(), 0.f) : C;
+      gemm<float>(ta, tb, M, N, K, 1.f, A.widened.data(), lda, B.widened.data(), ldb, beta, C_cpu.data(), N);
+      DeviceBuffer<__nv_bfloat16> gA(A.bf16), gB(B.bf16);
+      DeviceBuffer<float> gC(C);
+      cuda::gemm(ta, tb, M, N, K, 1.f, gA.get(), lda, gB.get(), ldb, beta, gC.get(), N);
+      expect_close_scaled(gC.download(), C_cpu, "C");
+    }
+}
+
+// GemmMath::bf16 on fp32 storage (CUBLAS_COMPUTE_32F_FAST_16BF): the inputs are rounded to bf16 (≤ 2^-9
+// relative each), so a product is off by ~1.6e-3 of itself (rms) and a sum of K N(0,1) products by
+// ~1.6e-3·√K, against entries up to ~4·√K: the worst of a few thousand entries is within ~2e-3 of max|C|,
+// and the test allows 1e-2 of it (5× margin; a layout or transpose bug gives O(1) errors). The math is
+// restored afterwards (the BlasLt is shared by the process).
+TEST(linear_cuda, bf16_math_gemm_matches_cpu_to_bf16_rounding) {
+  MUSE_REQUIRE_GPU();
+  cuda::BlasLt& blas = cuda::BlasLt::current();
+  struct RestoreMath {
+    cuda::BlasLt& blas;
+    cuda::GemmMath saved;
+    ~RestoreMath() { blas.set_math(saved); }
+  } restore{blas, blas.math()};
+  blas.set_math(cuda::GemmMath::bf16);
+  for (auto [M, N, K] : {std::tuple{37, 96, 64}, std::tuple{64, 40, 128}})
+    for (bool ta : {false, true})
+      for (bool tb : {false, true}) {
+        SCOPED_TRACE("M " + std::to_string(M) + " N " + std::to_string(N) + " K " + std::to_string(K) + " ta " +
+                     std::to_string(ta) + " tb " + std::to_string(tb));
+        Rng rng(M * 7 + N + K + 2 * ta + tb);
+        const int lda = ta ? M : K, ldb = tb ? K : N;
+        const auto A = random_normal<float>(size_t(ta ? K : M) * lda, rng);
+        const auto B = random_normal<float>(size_t(tb ? N : K) * ldb, rng);
+        const auto C = random_normal<float>(size_t(M) * N, rng);
+        std::vector<float> C_cpu = C;
+        gemm<float>(ta, tb, M, N, K, 1.f, A.data(), lda, B.data(), ldb, 0.5f, C_cpu.data(), N);
+        DeviceBuffer<float> gA(A), gB(B), gC(C);
+        cuda::gemm(ta, tb, M, N, K, 1.f, gA.get(), lda, gB.get(), ldb, 0.5f, gC.get(), N);
+        expect_close_to_reference(gC.download(), C_cpu, 1e-2 * max_abs(C_cpu), 0.0, "C");
+      }
 }
 
 }  // namespace muse::test

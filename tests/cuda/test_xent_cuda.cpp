@@ -121,4 +121,33 @@ TEST(xent_cuda, ignored_rows_and_custom_ignore_index) {
   check_xent(37, 50257, 0.f, 1, 50256);   // ignore index = the last real column
 }
 
+// A target outside [0, V) that is not the ignore index: its row's loss and lse are NaN, so the mean is (the
+// trainer's non-finite check stops the run), its gradient row is NaN, and the other rows are untouched.
+TEST(xent_cuda, invalid_target_turns_its_row_and_the_mean_nan) {
+  MUSE_REQUIRE_GPU();
+  const int rows = 37, V = 50257, Vp = padded_vocab(V), bad = 3;
+  Rng rng(5);
+  std::vector<float> logits(size_t(rows) * Vp, 0.f);
+  for (float& z : logits) z = float(rng.normal());
+  std::vector<int32_t> targets(rows);
+  for (int32_t& t : targets) t = int32_t(rng.below(V));
+  targets[bad] = V + 5;
+  DeviceBuffer<float> glogits(logits), gloss{size_t(rows)}, glse{size_t(rows)}, gresult{size_t(2)};
+  DeviceBuffer<int32_t> gtargets(targets);
+  cuda::xent_count(gresult.get(), gtargets.get(), rows);
+  cuda::xent_rows(gloss.get(), glse.get(), glogits.get(), gtargets.get(), rows, V, Vp, 0.1f, gresult.get());
+  cuda::xent_mean(gresult.get(), gloss.get(), gtargets.get(), rows);
+  const std::vector<float> loss = gloss.download(), lse = glse.download(), result = gresult.download();
+  const std::vector<float> dlogits = glogits.download();
+  EXPECT_TRUE(std::isnan(loss[bad]) && std::isnan(lse[bad]));
+  EXPECT_TRUE(std::isnan(result[0])) << "mean";
+  EXPECT_EQ(result[1], float(rows)) << "count";
+  for (int v = 0; v < V; ++v) ASSERT_TRUE(std::isnan(dlogits[size_t(bad) * Vp + v])) << "column " << v;
+  for (int r = 0; r < rows; ++r)
+    if (r != bad) {
+      EXPECT_TRUE(std::isfinite(loss[r])) << "row " << r;
+      EXPECT_TRUE(std::isfinite(dlogits[size_t(r) * Vp])) << "row " << r;
+    }
+}
+
 }  // namespace muse::test
