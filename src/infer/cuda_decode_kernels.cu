@@ -425,8 +425,8 @@ __device__ float block_max(float v, float* scratch) {
 }
 
 // The shared memory of an attention block (floats, in this order): the head's ring of keys and values
-// (when staged, in rows padded as ring_stride says), the
-// linear-attention state S, the key norms and gates of the ring, then the per-token vectors.
+// (when staged, in rows padded as ring_stride says), the linear-attention state S, the key norms and gates
+// of the ring, then the per-token vectors.
 struct AttentionShared {
   float *keys, *values;  // [W, ring_stride] when staged, else null
   float *S;              // [dh, dh] (linear attention)
