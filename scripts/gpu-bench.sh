@@ -19,6 +19,7 @@
 #                            peer compiles with torch.compile for each size and mode): run PART=muse and
 #                            PART=peers as two calls and give both outputs to bench-report.py.
 #   MUSE=.gpu/muse  DEVICE=cuda  OUT=/tmp/muse-bench  PYTHON=python3
+#   GPU_MATH=tf32            muse's --gpu-math for the forward and train rows (tf32, bf16 or fp32)
 #   GRID=full|quick          full: SPEC §7 + throughput shapes; quick: a handful of shapes
 #   MODES="forward train"    SIZES="small medium"   MODELS="phase7 phase8 gpt"
 #   PEERS=1 LONG=1 DECODE=1  (0 leaves that part out)    LONG_MODELS="phase8 phase7"  (MODELS=none: peers only)
@@ -37,6 +38,7 @@ cd "$(dirname "$0")/.." || exit 1
 
 MUSE="${MUSE:-.gpu/muse}"
 DEVICE="${DEVICE:-cuda}"
+GPU_MATH="${GPU_MATH:-tf32}"
 DIR="${OUT:-/tmp/muse-bench}/bench"
 PYTHON="${PYTHON:-python3}"
 GRID="${GRID:-full}"
@@ -130,7 +132,7 @@ fi
 
 write_meta() {  # $1 = "start" or "end"
   META_PHASE="$1" GPU_INFO="$gpu_info" MUSE_VERSION="$muse_version" COMMIT="$commit" TORCH_VERSION="$torch_version" \
-  MUSE_BIN="$MUSE" DEVICE="$DEVICE" GRID="$GRID" MODES="$MODES" SIZES="$SIZES" MODELS="$MODELS" PEERS="$PEERS" \
+  MUSE_BIN="$MUSE" DEVICE="$DEVICE" GPU_MATH="$GPU_MATH" GRID="$GRID" MODES="$MODES" SIZES="$SIZES" MODELS="$MODELS" PEERS="$PEERS" \
   LONG="$LONG" DECODE="$DECODE" ITERS="$ITERS" WARMUP="$WARMUP" PEER_ITERS="$PEER_ITERS" PEER_WARMUP="$PEER_WARMUP" \
   PEER_ARGS="$PEER_ARGS" DECODE_ITERS="$DECODE_ITERS" DECODE_CONTEXT="$DECODE_CONTEXT" TIMEOUT="$TIMEOUT" \
   PEER_TIMEOUT="$PEER_TIMEOUT" BUDGET_S="$BUDGET_S" WALL_S="$(elapsed)" META="$META_JSON" PART="$PART" \
@@ -158,7 +160,7 @@ if e["META_PHASE"] == "start":
         "torch": e["TORCH_VERSION"] or None,
         "device": e["DEVICE"],
         "part": e["PART"],
-        "settings": {k.lower(): e[k] for k in ("GRID", "MODES", "SIZES", "MODELS", "PEERS", "LONG", "DECODE", "ITERS",
+        "settings": {k.lower(): e[k] for k in ("GPU_MATH", "GRID", "MODES", "SIZES", "MODELS", "PEERS", "LONG", "DECODE", "ITERS",
                                               "WARMUP", "PEER_ITERS", "PEER_WARMUP", "PEER_ARGS", "DECODE_ITERS",
                                               "DECODE_CONTEXT", "TIMEOUT", "PEER_TIMEOUT", "BUDGET_S")},
     }
@@ -325,7 +327,7 @@ run_muse() {  # LABEL MODE B N [extra muse args...]
   # shellcheck disable=SC2046
   run_cmd "$MUSE_JSONL" "$label" "$TIMEOUT" "$mode:$b:$n" -- \
     "$MUSE" bench $(muse_args "$label") "$@" --mode "$mode" -b "$b" -n "$n" --warmup "$WARMUP" --iters "$ITERS" \
-    --device "$DEVICE" --json
+    --device "$DEVICE" --gpu-math "$GPU_MATH" --json
 }
 
 run_peer() {  # SIZE MODE "B:N B:N ..."
