@@ -27,6 +27,7 @@
 #include "model/cuda_model.h"
 #include "model/model.h"
 #include "support/decoder_checks.h"
+#include "support/test_util.h"
 
 namespace muse::test {
 namespace {
@@ -48,27 +49,6 @@ ModelConfig variant_config(const std::vector<std::string>& overrides) {
   for (const std::string& o : overrides) apply_override(c, o);
   validate(c);
   return c;
-}
-
-// Initialised, then moved off the special init values (zero gate weights, zero biases), so every path of the
-// block carries a generic signal (as tests/infer/test_decoder.cpp does).
-Model<float> make_model(const ModelConfig& c, uint64_t seed) {
-  Model<float> m(c);
-  m.init(seed);
-  Rng rng(seed + 1);
-  for (float& p : m.params()) p += float(0.05 * rng.normal());
-  if (c.embedding == EmbeddingKind::dense) {  // padded vocabulary rows stay zero, as in a trained model
-    const ParamInfo& e = m.table().find("embed.weight");
-    std::fill(m.params().begin() + e.offset + size_t(c.vocab_size) * c.d_model, m.params().begin() + e.offset + e.size,
-              0.f);
-  }
-  return m;
-}
-
-std::vector<int32_t> random_ids(size_t n, int V, Rng& rng) {
-  std::vector<int32_t> ids(n);
-  for (auto& id : ids) id = int32_t(rng.below(V));
-  return ids;
 }
 
 // Largest |a − b| over the real vocabulary, relative to the logit scale max(1, scale).
@@ -161,7 +141,7 @@ class CudaDecoderVariants : public ::testing::TestWithParam<Variant> {};
 TEST_P(CudaDecoderVariants, decode_matches_cpu_decoder_and_forward) {
   MUSE_REQUIRE_GPU();
   const ModelConfig c = variant_config(GetParam().overrides);
-  const Model<float> model = make_model(c, 11);
+  const Model<float> model = make_model<float>(c, 11);
   const int W = c.window;
   Rng rng(12);
   const std::vector<int32_t> ids = random_ids(size_t(7 * W + 4), c.vocab_size, rng);  // decodes past 5W+3
@@ -177,7 +157,7 @@ TEST(decode_cuda, phase8_small_width_matches_cpu_decoder) {
   MUSE_REQUIRE_GPU();
   ModelConfig c = find_preset("phase8-small").model;
   c.n_layers = 2;
-  const Model<float> model = make_model(c, 21);
+  const Model<float> model = make_model<float>(c, 21);
   const int W = c.window;
   Rng rng(22);
   const std::vector<int32_t> ids = random_ids(size_t(5 * W + 3 + 8), c.vocab_size, rng);
@@ -189,7 +169,7 @@ TEST(decode_cuda, phase8_small_width_matches_cpu_decoder) {
 TEST(decode_cuda, batched_streams_at_different_positions_match_single_streams) {
   MUSE_REQUIRE_GPU();
   const ModelConfig c = variant_config({});
-  const Model<float> model = make_model(c, 31);
+  const Model<float> model = make_model<float>(c, 31);
   const int W = c.window, Vp = c.padded_vocab(), steps = W + 3;
   const std::vector<int> prompt_lengths = {1, 2, W - 1, W, W + 1, 2 * W, 3 * W + 5, 5 * W + 3, 7, 40};
   const int streams = int(prompt_lengths.size());
@@ -261,7 +241,7 @@ TEST(decode_cuda, batched_streams_at_different_positions_match_single_streams) {
 TEST(decode_cuda, graphs_and_overlapped_launches_give_the_plain_launches_logits) {
   MUSE_REQUIRE_GPU();
   const ModelConfig c = variant_config({});
-  const Model<float> model = make_model(c, 41);
+  const Model<float> model = make_model<float>(c, 41);
   const int W = c.window, Vp = c.padded_vocab();
   Rng rng(42);
   const std::vector<int32_t> prompt_a = random_ids(W + 3, c.vocab_size, rng), prompt_b = random_ids(5, c.vocab_size, rng);
@@ -340,7 +320,7 @@ TEST(decode_cuda, states_hand_over_between_cpu_and_gpu_decoders) {
   MUSE_REQUIRE_GPU();
   for (const char* mode : {"attn_mode=sliding", "attn_mode=block"}) {
     const ModelConfig c = variant_config({mode});
-    const Model<float> model = make_model(c, 51);
+    const Model<float> model = make_model<float>(c, 51);
     const int W = c.window, Vp = c.padded_vocab();
     for (int P : {2 * W, 2 * W + 5}) {
       SCOPED_TRACE(std::string(mode) + ", prompt length " + std::to_string(P));
@@ -400,7 +380,7 @@ TEST(decode_cuda, states_hand_over_between_cpu_and_gpu_decoders) {
 TEST(decode_cuda, decoder_on_a_gpu_models_parameters_matches_one_from_the_host_model) {
   MUSE_REQUIRE_GPU();
   const ModelConfig c = variant_config({});
-  const Model<float> model = make_model(c, 61);
+  const Model<float> model = make_model<float>(c, 61);
   cuda::Model gpu_model(c);
   gpu_model.upload_params(model.params().data());
   cuda::Decoder from_host(model), from_gpu_model(gpu_model);
@@ -423,7 +403,7 @@ TEST(decode_cuda, learned_positions_stop_at_max_seq_with_a_clear_error) {
   MUSE_REQUIRE_GPU();
   ModelConfig c = variant_config({"pos_embedding=learned"});
   c.max_seq = 8;
-  const Model<float> model = make_model(c, 71);
+  const Model<float> model = make_model<float>(c, 71);
   cuda::Decoder decoder(model);
   expect_decoding_stops_at_max_seq_8(decoder);
 }
@@ -431,7 +411,7 @@ TEST(decode_cuda, learned_positions_stop_at_max_seq_with_a_clear_error) {
 TEST(decode_cuda, bad_tokens_streams_and_states_are_refused) {
   MUSE_REQUIRE_GPU();
   const ModelConfig c = variant_config({});
-  const Model<float> model = make_model(c, 81);
+  const Model<float> model = make_model<float>(c, 81);
   cuda::Decoder decoder(model, 2);
   expect_bad_input_refused(decoder, c.vocab_size, DecodeState<float>{});
   // A state whose ring does not fit its position.

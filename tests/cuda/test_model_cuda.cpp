@@ -19,6 +19,7 @@
 #include "model/config.h"
 #include "model/cuda_model.h"
 #include "model/model.h"
+#include "support/test_util.h"
 #include "train/optimizer.cuh"
 #include "train/optimizer.h"
 
@@ -39,12 +40,6 @@ ModelConfig variant_config(const Variant& v) {
   for (const std::string& o : v.overrides) apply_override(c, o);
   validate(c);
   return c;
-}
-
-std::vector<int32_t> random_ids(size_t n, int V, Rng& rng) {
-  std::vector<int32_t> ids(n);
-  for (auto& id : ids) id = int32_t(rng.below(V));
-  return ids;
 }
 
 double l2(const float* x, size_t n) {

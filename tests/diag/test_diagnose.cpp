@@ -38,12 +38,6 @@ void jitter(Model<T>& m, Rng& rng, double scale) {
   for (auto& p : m.params()) p += T(scale * rng.normal());
 }
 
-std::vector<int32_t> random_ids(size_t n, int V, Rng& rng) {
-  std::vector<int32_t> ids(n);
-  for (auto& id : ids) id = int32_t(rng.below(V));
-  return ids;
-}
-
 // Views of every parameter tensor for expect_gradients_match, and a loss that copies them back first.
 struct ParamViews {
   std::vector<std::vector<double>> values, grads;

@@ -39,28 +39,6 @@ ModelConfig small_config(Arch arch, AttnMode mode) {
   return c;
 }
 
-// Initialised, then moved off the special init values (zero gate weights, zero biases), so every path
-// of the block — hopping, key gate, rank mask, hybrid gate — carries a generic signal.
-template <typename T>
-Model<T> make_model(const ModelConfig& c, uint64_t seed) {
-  Model<T> m(c);
-  m.init(seed);
-  Rng rng(seed + 1);
-  for (auto& p : m.params()) p += T(0.05 * rng.normal());
-  if (c.embedding == EmbeddingKind::dense) {  // padded vocabulary rows stay zero, as in a trained model
-    const ParamInfo& e = m.table().find("embed.weight");
-    std::fill(m.params().begin() + e.offset + size_t(c.vocab_size) * c.d_model, m.params().begin() + e.offset + e.size,
-              T(0));
-  }
-  return m;
-}
-
-std::vector<int32_t> random_ids(size_t n, int V, Rng& rng) {
-  std::vector<int32_t> ids(n);
-  for (auto& id : ids) id = int32_t(rng.below(V));
-  return ids;
-}
-
 // Largest |decode − forward| over the real vocabulary, relative to the logit scale max(1, max |logit|).
 template <typename T>
 double relative_error(const T* decoded, const T* forward, int V, double scale) {

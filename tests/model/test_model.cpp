@@ -69,12 +69,6 @@ ModelConfig tiny_config(Arch arch, AttnMode mode) {
   return c;
 }
 
-std::vector<int32_t> random_ids(size_t n, int V, Rng& rng) {
-  std::vector<int32_t> ids(n);
-  for (auto& id : ids) id = int32_t(rng.below(V));
-  return ids;
-}
-
 // Perturbs every parameter away from its special init values (zeros, gates at exactly 0), so the
 // gradient check sees a generic point.
 template <typename T>

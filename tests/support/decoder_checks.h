@@ -3,12 +3,32 @@
 #pragma once
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "common/rng.h"
+#include "model/model.h"
+
 namespace muse::test {
+
+// Initialised, then moved off the special init values (zero gate weights, zero biases), so every path
+// of the block — hopping, key gate, rank mask, hybrid gate — carries a generic signal.
+template <typename T>
+Model<T> make_model(const ModelConfig& c, uint64_t seed) {
+  Model<T> m(c);
+  m.init(seed);
+  Rng rng(seed + 1);
+  for (auto& p : m.params()) p += T(0.05 * rng.normal());
+  if (c.embedding == EmbeddingKind::dense) {  // padded vocabulary rows stay zero, as in a trained model
+    const ParamInfo& e = m.table().find("embed.weight");
+    std::fill(m.params().begin() + e.offset + size_t(c.vocab_size) * c.d_model, m.params().begin() + e.offset + e.size,
+              T(0));
+  }
+  return m;
+}
 
 // A model with learned positions and max_seq = 8: a prompt past the table and a step past it are refused
 // with a message naming max_seq, and the refused step changes nothing.

@@ -27,6 +27,13 @@ std::vector<T> random_uniform(size_t n, Rng& rng, double lo, double hi) {
   return v;
 }
 
+// n token ids uniform in [0, V).
+inline std::vector<int32_t> random_ids(size_t n, int V, Rng& rng) {
+  std::vector<int32_t> ids(n);
+  for (auto& id : ids) id = int32_t(rng.below(V));
+  return ids;
+}
+
 // Σ w_i·y_i: the scalar loss whose gradient with respect to y is w, used to drive backward passes.
 inline double weighted_sum(const std::vector<double>& y, const std::vector<double>& w) {
   double s = 0;
