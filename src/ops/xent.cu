@@ -203,18 +203,20 @@ void xent_rows(float* row_loss, float* row_lse, float* logits, const int32_t* ta
   if (rows <= 0) return;
   if (Vp % 4 != 0 || reinterpret_cast<uintptr_t>(logits) % 16 != 0)
     throw std::invalid_argument("xent: the padded vocabulary must be a multiple of 4 and the logits 16-byte aligned");
-  // The gradient pass reads the row again: from shared memory when a row fits in one block's.
+  // With a gradient the row is staged in shared memory when it fits one block's; the kernel may use all of
+  // it, which is allowed once (an attribute of the kernel), not on every call.
   const size_t row_bytes = size_t(Vp) * sizeof(float);
   static const size_t shared_limit = [] {
     int device = 0, limit = 0;
     MUSE_CUDA_CHECK(cudaGetDevice(&device));
     MUSE_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    return size_t(limit) - kStaticSharedBytes;
+    const size_t dynamic = size_t(limit) - kStaticSharedBytes;
+    MUSE_CUDA_CHECK(
+        cudaFuncSetAttribute(xent_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(dynamic)));
+    return dynamic;
   }();
   const bool staged = result != nullptr && row_bytes <= shared_limit;
   const size_t shared = staged ? row_bytes : 0;
-  if (shared > 48 * 1024)
-    MUSE_CUDA_CHECK(cudaFuncSetAttribute(xent_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared)));
   xent_rows_kernel<<<rows, kThreads, shared, stream>>>(row_loss, row_lse, logits, targets, V, Vp, smoothing, result,
                                                         dlogits_bf16, ignore_index, staged);
   MUSE_CUDA_CHECK(cudaGetLastError());
