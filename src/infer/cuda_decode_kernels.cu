@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cuda/atomic>
 #include <stdexcept>
 #include <string>
 
@@ -168,10 +169,7 @@ __device__ __forceinline__ void slice_range(const GemvPlan& plan, int slice, int
 __device__ __forceinline__ float finish_output(const GemvSegment& seg, float acc, int row, int j) {
   float y = acc;
   if (seg.bias) y += seg.bias[j];
-  if (seg.epilogue == Epilogue::relu)
-    y = y > 0.f ? y : 0.f;
-  else if (seg.epilogue == Epilogue::gelu_cap10)
-    y = cap(gelu(y), float(kFfnCap));
+  if (seg.epilogue == Epilogue::relu) y = y > 0.f ? y : 0.f;
   if (seg.residual) y += seg.residual[size_t(row) * seg.out + j];
   return y;
 }
@@ -903,6 +901,145 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   run_gemv<kVec4>(plan, p.x, n, row0, partial);
 }
 
+// ---- the fused low-rank FFN -----------------------------------------------------------------------------
+
+// See GridBarrier. Every block of the grid row must be resident (make_ffn_plan bounds the grid so); the
+// writes a block made before the barrier are visible to the others' loads after it.
+__device__ void grid_row_barrier(GridBarrier* barrier, unsigned blocks) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    ::cuda::atomic_ref<unsigned, ::cuda::thread_scope_device> arrived(barrier->arrived), generation(barrier->generation);
+    // Read before arriving: the generation cannot move on until this block has arrived.
+    const unsigned seen = generation.load(::cuda::memory_order_relaxed);
+    __threadfence();  // the block's writes (ordered before this thread by the barrier above) go first
+    if (arrived.fetch_add(1u, ::cuda::memory_order_acq_rel) == blocks - 1) {
+      arrived.store(0u, ::cuda::memory_order_relaxed);  // ready for the next use, which starts after the bump
+      generation.fetch_add(1u, ::cuda::memory_order_release);
+    } else {
+      while (generation.load(::cuda::memory_order_acquire) == seen) {
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// Shared memory of an ffn block (floats, in this order), copied in before the wait: its U₁ rows and V₂
+// columns and its U₂ rows, each transposed so that the threads of a warp, one output each, read
+// consecutive words; b₁ and b₂. Then the chunk's low1, hidden, low2 and h_mid rows and the slices' sums.
+struct FfnShared {
+  float *u1, *v2, *u2, *b1, *b2, *low1, *hidden, *low2, *h_mid, *sums;
+};
+
+// The runs' sums of low2: at most kGemvThreads / ρ runs (or one) of kRowsPerChunk·ρ values.
+__host__ __device__ inline size_t ffn_sum_floats(int rho) {
+  return size_t(kRowsPerChunk) * (rho > kGemvThreads ? rho : kGemvThreads);
+}
+
+__host__ __device__ inline size_t ffn_floats(const FfnPlan& f) {
+  const size_t rho = f.rho, outs = f.outputs_per_slice;
+  return 2 * rho * kFfnSlice + rho * outs + kFfnSlice + outs + kRowsPerChunk * (rho + kFfnSlice + rho + outs) +
+         ffn_sum_floats(f.rho);
+}
+
+__device__ FfnShared ffn_shared(float* smem, const FfnPlan& f) {
+  const size_t rho = f.rho, outs = f.outputs_per_slice;
+  FfnShared m{};
+  float* at = smem;
+  m.u1 = at, at += rho * kFfnSlice;  // [ρ][kFfnSlice]
+  m.v2 = at, at += kFfnSlice * rho;  // [kFfnSlice][ρ]
+  m.u2 = at, at += rho * outs;       // [ρ][outputs_per_slice]
+  m.b1 = at, at += kFfnSlice;
+  m.b2 = at, at += outs;
+  m.low1 = at, at += kRowsPerChunk * rho;
+  m.hidden = at, at += kRowsPerChunk * kFfnSlice;
+  m.low2 = at, at += kRowsPerChunk * rho;
+  m.h_mid = at, at += kRowsPerChunk * outs;
+  m.sums = at;
+  return m;
+}
+
+// to[c·rows + r] = from[r·from_stride + c] for r < rows, c < cols, asynchronously (4-byte copies: the global
+// reads run along rows, the shared writes across).
+__device__ void stage_transposed(float* to, const float* from, int from_stride, int rows, int cols) {
+  for (int t = threadIdx.x; t < rows * cols; t += blockDim.x) {
+    const int r = t / cols, c = t % cols;
+    copy_async_4(to + c * rows + r, from + size_t(r) * from_stride + c);
+  }
+}
+
+// Grid (slices, groups): block (x, y) serves the chunks y, y + groups, … of rows. Each thread computes
+// whole outputs (one hidden unit, one V₂ share, one U₂ output of one row), summing over K in order, so no
+// sum depends on the number of rows.
+__global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int count,
+                                                                             const __grid_constant__ FfnPlan f) {
+  extern __shared__ float smem[];
+  const FfnShared m = ffn_shared(smem, f);
+  const int tid = threadIdx.x, rho = f.rho, D = f.D;
+  const int slice = blockIdx.x, unit0 = slice * kFfnSlice, width = min(kFfnSlice, f.F - unit0);
+  const int out0 = slice * f.outputs_per_slice, outs = max(0, min(f.outputs_per_slice, D - out0));
+  stage_transposed(m.u1, f.u1 + size_t(unit0) * rho, rho, width, rho);  // u1[k·width + i] = U₁[unit0 + i, k]
+  stage_transposed(m.v2, f.v2 + unit0, f.F, rho, width);               // v2[i·ρ + o] = V₂[o, unit0 + i]
+  stage_rows(m.b1, width, f.b1 + unit0, width, 1, width, -1);
+  if (outs > 0) {
+    stage_transposed(m.u2, f.u2 + size_t(out0) * rho, rho, outs, rho);  // u2[k·outs + j] = U₂[out0 + j, k]
+    stage_rows(m.b2, outs, f.b2 + out0, outs, 1, outs, -1);
+  }
+  wait_for_previous_kernel();
+  allow_next_kernel();
+  for (int chunk = blockIdx.y; chunk * kRowsPerChunk < count; chunk += gridDim.y) {
+    const int row0 = chunk * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
+    stage_rows(m.low1, rho, f.low1 + size_t(row0) * rho, rho, n, rho, -1);
+    if (outs > 0) stage_rows(m.h_mid, outs, f.h_mid + size_t(row0) * D + out0, D, n, outs, -1);
+    wait_async_copies();
+    __syncthreads();
+    for (int t = tid; t < n * width; t += kGemvThreads) {
+      const int r = t / width, i = t % width;
+      float acc = 0.f;
+      for (int k = 0; k < rho; ++k) acc += m.u1[k * width + i] * m.low1[r * rho + k];
+      m.hidden[r * kFfnSlice + i] = cap(gelu(acc + m.b1[i]), float(kFfnCap));
+    }
+    __syncthreads();
+    // This slice's share of low2 = V₂·hidden.
+    for (int t = tid; t < n * rho; t += kGemvThreads) {
+      const int r = t / rho, o = t % rho;
+      float acc = 0.f;
+      for (int i = 0; i < width; ++i) acc += m.v2[i * rho + o] * m.hidden[r * kFfnSlice + i];
+      f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc;
+    }
+    grid_row_barrier(f.barriers + blockIdx.y, gridDim.x);
+    if (outs > 0) {
+      // low2 = Σ over slices in slice order: `groups` runs of slices per value, so that the loads of a
+      // thread are few and independent, then the runs' sums in run order. The runs do not depend on the
+      // chunk's row count, so a stream's sums are the same whichever streams step with it.
+      const int values = n * rho, groups = max(1, min(f.slices, kGemvThreads / rho));
+      const int per_group = (f.slices + groups - 1) / groups;
+      for (int t = tid; t < groups * values; t += kGemvThreads) {
+        const int g = t / values, v = t % values, r = v / rho, o = v % rho;
+        const int first = g * per_group, last = min(f.slices, first + per_group);
+        float sum = 0.f;
+#pragma unroll 16
+        for (int sl = first; sl < last; ++sl) sum += __ldcg(f.partials + (size_t(sl) * count + row0 + r) * rho + o);
+        m.sums[t] = sum;
+      }
+      __syncthreads();
+      for (int v = tid; v < values; v += kGemvThreads) {
+        float sum = 0.f;
+        for (int g = 0; g < groups; ++g) sum += m.sums[g * values + v];
+        m.low2[v] = sum;
+      }
+      __syncthreads();
+      for (int t = tid; t < n * outs; t += kGemvThreads) {
+        const int r = t / outs, j = t % outs;
+        float acc = 0.f;
+        for (int k = 0; k < rho; ++k) acc += m.u2[k * outs + j] * m.low2[r * rho + k];
+        f.h_out[size_t(row0 + r) * D + out0 + j] = acc + m.b2[j] + m.h_mid[r * outs + j];
+      }
+    }
+    __syncthreads();  // the chunk's shared rows are free for the next chunk
+  }
+}
+
 // ---- launches -------------------------------------------------------------------------------------------
 
 template <typename... Params, typename... Args>
@@ -1015,6 +1152,32 @@ void residual_mix(int count, const float* h_in, float* h_mid, const BlockArgs& b
   const dim3 grid(gemv_blocks(plan, max_blocks), chunks(count));
   launch(plan.vec4 || plan.count == 0 ? &residual_mix_kernel<true> : &residual_mix_kernel<false>, grid,
          dim3(kGemvThreads), residual_mix_bytes(count, b.D), overlap, stream, count, h_in, h_mid, b, s, plan);
+}
+
+FfnPlan make_ffn_plan(int D, int rho) {
+  FfnPlan f;
+  f.D = D, f.F = ffn_hidden(D), f.rho = rho;
+  f.slices = (f.F + kFfnSlice - 1) / kFfnSlice;
+  f.outputs_per_slice = (D + f.slices - 1) / f.slices;
+  const size_t bytes = ffn_floats(f) * sizeof(float);
+  allow_shared(reinterpret_cast<const void*>(&ffn_kernel), bytes);
+  int device = 0, sms = 0, per_sm = 0;
+  MUSE_CUDA_CHECK(cudaGetDevice(&device));
+  MUSE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  MUSE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ffn_kernel, kGemvThreads, bytes));
+  f.max_groups = per_sm * sms / f.slices;
+  if (f.max_groups < 1)
+    throw std::invalid_argument("GPU decoding: the FFN of d_model = " + std::to_string(D) + ", ffn_rank = " +
+                                std::to_string(rho) + " needs " + std::to_string(f.slices) +
+                                " blocks resident at once; this GPU holds " + std::to_string(per_sm * sms));
+  return f;
+}
+
+size_t ffn_partial_floats(const FfnPlan& plan, int rows) { return size_t(plan.slices) * rows * plan.rho; }
+
+void ffn(int count, const FfnPlan& plan, bool overlap, cudaStream_t stream) {
+  const dim3 grid(plan.slices, std::min(chunks(count), plan.max_groups));
+  launch(&ffn_kernel, grid, dim3(kGemvThreads), ffn_floats(plan) * sizeof(float), overlap, stream, count, plan);
 }
 
 void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,

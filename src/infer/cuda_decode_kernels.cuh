@@ -6,8 +6,10 @@
 //   mixer         per row: the BK step (g, F); per (row, head): push the new key into the ring, windowed
 //                 hyperbolic attention, linear-attention update, curvature mix; per row: the AR-SSM step
 //                 (gate, mask, scan, readout, W_O, conv)
-//   gemv          y_att = W_o·mixed; the low-rank FFN's U₁ (+GELU, cap), V₂ and U₂ (+b₂, + residual)
+//   gemv          y_att = W_o·mixed
 //   residual_mix  ξ, cap30, LN_h and the residual add of each row, LN_ffn, then the GEMV V₁
+//   ffn           the low-rank FFN's U₁ (+GELU, cap) and V₂ over slices of the hidden units, a barrier among
+//                 the blocks, then U₂ (+b₂, + residual): one launch where three GEMVs would be
 //   head          LN_final, logits = x·Eᵀ, and every stepped stream's position advances
 //
 // Rows are the step's streams (at most kRowsPerChunk per block; gridDim.y covers more). The kernels that
@@ -39,7 +41,7 @@ inline constexpr int kRowsPerChunk = 8;   // rows of a step one block serves (on
 inline constexpr int kMaxSegments = 8;    // weight matrices one GEMV launch can cover
 inline constexpr int kGemvBlocksPerSm = 4;  // 256-thread GEMV blocks resident per SM (registers capped to fit)
 
-enum class Epilogue : int { none, relu, gelu_cap10 };
+enum class Epilogue : int { none, relu };
 
 // One weight matrix of a GEMV: y[row, j] = epilogue(W[j]·x[row] + bias[j]) + residual[row, j].
 struct GemvSegment {
@@ -129,6 +131,41 @@ struct Embedding {
   const float* positions = nullptr;  // [max_seq, D], or null
 };
 
+// Blocks of one launch that wait for each other (a grid-wide barrier for the blocks along x of one grid
+// row): `arrived` counts them in, and the last one bumps `generation`, which the others watch. Zero-initialised
+// once; each use leaves it ready for the next, so a captured step can replay it.
+struct GridBarrier {
+  unsigned arrived = 0;
+  unsigned generation = 0;
+};
+
+// Hidden units of the low-rank FFN one ffn block owns.
+inline constexpr int kFfnSlice = 32;
+
+// The low-rank FFN of a block: h_out = h_mid + U₂·(V₂·cap10(GELU(U₁·low1 + b₁))) + b₂ (ops/ffn.cpp). Block x
+// of the launch owns hidden units [x·kFfnSlice, …) and writes its share of V₂·hidden into `partials`; after
+// the barrier each block adds the slices' shares (in slice order) and computes its outputs_per_slice of U₂.
+struct FfnPlan {
+  const float *u1 = nullptr, *b1 = nullptr;  // [F, ρ], [F]
+  const float* v2 = nullptr;                 // [ρ, F]
+  const float *u2 = nullptr, *b2 = nullptr;  // [D, ρ], [D]
+  int D = 0, F = 0, rho = 0;
+  int slices = 0;             // blocks along x: ⌈F / kFfnSlice⌉
+  int outputs_per_slice = 0;  // ⌈D / slices⌉
+  const float* low1 = nullptr;   // [rows, ρ]: residual_mix's V₁·LN_ffn(h_mid)
+  const float* h_mid = nullptr;  // [rows, D]
+  float* h_out = nullptr;        // [rows, D]
+  float* partials = nullptr;     // [slices, rows, ρ]
+  GridBarrier* barriers = nullptr;  // [max_groups]: one per grid row
+  int max_groups = 1;  // grid rows at most: the whole grid stays resident at once (the barrier needs that)
+};
+
+// The geometry of an FfnPlan for width D and rank ρ on this device: its slices and the largest grid that is
+// resident at once (throws when not even one grid row is). The caller fills in the pointers; partials and
+// barriers are its buffers (sizes: ffn_partial_floats, max_groups).
+FfnPlan make_ffn_plan(int D, int rho);
+size_t ffn_partial_floats(const FfnPlan& plan, int rows);
+
 // Largest shared memory a prologue kernel (block_input, residual_mix, head) asks for at width D.
 size_t prologue_shared_bytes(int D);
 // Shared memory of the mixer kernel for width D, H heads, window W, SSM rank R (and linear attention).
@@ -153,6 +190,9 @@ void gemv(const float* x, int count, const GemvPlan& plan, int max_blocks, bool 
 // LN_ffn(h_mid) (without one, plan must be empty and h_mid is the block's output).
 void residual_mix(int count, const float* h_in, float* h_mid, const BlockArgs& b, const StepBuffers& s,
                   const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream);
+
+// The FFN of every row (plan.low1 → plan.h_out).
+void ffn(int count, const FfnPlan& plan, bool overlap, cudaStream_t stream);
 
 // `plan` (the head: E, logits) over LN_final(h) of every row; advances positions[streams[r]].
 void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,

@@ -7,7 +7,6 @@
 #include "common/cuda_check.cuh"
 #include "common/cuda_graph.cuh"
 #include "infer/cuda_decode_kernels.cuh"
-#include "ops/ffn.h"
 #include "ops/htt.cuh"
 #include "ops/local_attn.h"
 #include "ops/poincare.h"
@@ -188,10 +187,12 @@ struct Decoder::Buffers {
   int* step_rows = nullptr;  // [2, streams]: stream indices, then tokens
   float* alibi = nullptr;    // [H]
   float* h[2] = {nullptr, nullptr};  // residual stream, alternating between layers
-  float *h_mid = nullptr, *low1 = nullptr, *ffn_hidden = nullptr, *low2 = nullptr, *logits = nullptr;
+  float *h_mid = nullptr, *low1 = nullptr, *ffn_partials = nullptr, *logits = nullptr;
+  decode::GridBarrier* ffn_barriers = nullptr;  // [ffn_plans' max_groups], shared by the layers' FFN launches
   decode::StepBuffers step;
   std::vector<decode::BlockArgs> blocks;
-  std::vector<decode::GemvPlan> input_plans, wo_plans, v1_plans, u1_plans, v2_plans, u2_plans;
+  std::vector<decode::GemvPlan> input_plans, wo_plans, v1_plans;
+  std::vector<decode::FfnPlan> ffn_plans;  // slices = 0: the block has no FFN
   decode::GemvPlan head_plan;
 
   ~Buffers() {
@@ -266,6 +267,10 @@ void Decoder::build(const float* device_params) {
     params_ = owned_params_;
   }
 
+  const bool any_ffn = std::any_of(layout_.blocks.begin(), layout_.blocks.end(),
+                                   [](const BlockLayout& bl) { return bl.ffn_v1 != kAbsent; });
+  const decode::FfnPlan ffn_shape = any_ffn ? decode::make_ffn_plan(D, rho) : decode::FfnPlan{};
+
   const LayerStateLayout lay = layer_state_layout(c, gated, linear);
   stream_floats_ = size_t(L) * lay.floats;
 
@@ -275,10 +280,12 @@ void Decoder::build(const float* device_params) {
   // Two passes over the same list: count, then assign.
   float* ints_positions = nullptr;
   float* ints_rows = nullptr;
+  float* ints_barriers = nullptr;
   auto plan = [&](auto&& take) {
     take(b.state, size_t(S) * stream_floats_);
     take(ints_positions, size_t(S));
     take(ints_rows, 2 * size_t(S));
+    take(ints_barriers, 2 * size_t(ffn_shape.max_groups));
     take(b.alibi, size_t(H));
     take(b.h[0], size_t(S) * D), take(b.h[1], size_t(S) * D), take(b.h_mid, size_t(S) * D);
     take(s.u, size_t(S) * D), take(s.delta, size_t(S)), take(s.g, 2 * size_t(S)), take(s.F, 3 * size_t(S));
@@ -286,7 +293,7 @@ void Decoder::build(const float* device_params) {
     take(s.q, size_t(S) * D), take(s.k, size_t(S) * D), take(s.v, size_t(S) * D);
     take(s.ssm_hidden, size_t(S) * G), take(s.proj_u, size_t(S) * R), take(s.proj_v, size_t(S) * R);
     take(s.mixed, size_t(S) * D), take(s.y_att, size_t(S) * D), take(s.y_glob, size_t(S) * D);
-    take(b.low1, size_t(S) * rho), take(b.ffn_hidden, size_t(S) * ffn_hidden(D)), take(b.low2, size_t(S) * rho);
+    take(b.low1, size_t(S) * rho), take(b.ffn_partials, decode::ffn_partial_floats(ffn_shape, S));
     take(b.logits, size_t(S) * Vp);
   };
   size_t total = 0;
@@ -302,6 +309,8 @@ void Decoder::build(const float* device_params) {
   });
   b.positions = reinterpret_cast<int*>(ints_positions);
   b.step_rows = reinterpret_cast<int*>(ints_rows);
+  b.ffn_barriers = reinterpret_cast<decode::GridBarrier*>(ints_barriers);
+  static_assert(sizeof(decode::GridBarrier) == 2 * sizeof(float));
   // A fresh stream is empty: zero state (g_{−1} = 0, S = 0, …) at position 0.
   MUSE_CUDA_CHECK(cudaMemsetAsync(b.base, 0, total * sizeof(float), stream_));
 
@@ -379,16 +388,15 @@ void Decoder::build(const float* device_params) {
     b.input_plans.push_back(decode::make_gemv_plan(input, D));
     b.wo_plans.push_back(decode::make_gemv_plan({{p + bl.w_o, nullptr, nullptr, s.y_att, D, Epilogue::none}}, D));
     if (bl.ffn_v1 != kAbsent) {
-      float* h_out = b.h[(l + 1) % 2];
-      const int F = ffn_hidden(D);
       b.v1_plans.push_back(decode::make_gemv_plan({{p + bl.ffn_v1, nullptr, nullptr, b.low1, rho, Epilogue::none}}, D));
-      b.u1_plans.push_back(decode::make_gemv_plan(
-          {{p + bl.ffn_u1, p + bl.ffn_b1, nullptr, b.ffn_hidden, F, Epilogue::gelu_cap10}}, rho));
-      b.v2_plans.push_back(decode::make_gemv_plan({{p + bl.ffn_v2, nullptr, nullptr, b.low2, rho, Epilogue::none}}, F));
-      b.u2_plans.push_back(
-          decode::make_gemv_plan({{p + bl.ffn_u2, p + bl.ffn_b2, b.h_mid, h_out, D, Epilogue::none}}, rho));
+      decode::FfnPlan f = ffn_shape;
+      f.u1 = p + bl.ffn_u1, f.b1 = p + bl.ffn_b1, f.v2 = p + bl.ffn_v2, f.u2 = p + bl.ffn_u2, f.b2 = p + bl.ffn_b2;
+      f.low1 = b.low1, f.h_mid = b.h_mid, f.h_out = b.h[(l + 1) % 2];
+      f.partials = b.ffn_partials, f.barriers = b.ffn_barriers;
+      b.ffn_plans.push_back(f);
     } else {
-      for (auto* plans : {&b.v1_plans, &b.u1_plans, &b.v2_plans, &b.u2_plans}) plans->push_back(decode::GemvPlan{});
+      b.v1_plans.push_back(decode::GemvPlan{});
+      b.ffn_plans.push_back(decode::FfnPlan{});
     }
   }
   b.head_plan = decode::make_gemv_plan({{b.E, nullptr, nullptr, b.logits, Vp, decode::Epilogue::none}}, D);
@@ -546,11 +554,7 @@ void Decoder::enqueue_step(int count) {
     decode::gemv(b.step.mixed, count, b.wo_plans[l], max_blocks_, overlap_, stream_);
     decode::residual_mix(count, h_in, ffn ? b.h_mid : h_out, a, b.step, b.v1_plans[l], max_blocks_, overlap_,
                          stream_);
-    if (ffn) {
-      decode::gemv(b.low1, count, b.u1_plans[l], max_blocks_, overlap_, stream_);
-      decode::gemv(b.ffn_hidden, count, b.v2_plans[l], max_blocks_, overlap_, stream_);
-      decode::gemv(b.low2, count, b.u2_plans[l], max_blocks_, overlap_, stream_);
-    }
+    if (ffn) decode::ffn(count, b.ffn_plans[l], overlap_, stream_);
   }
   decode::head(rows, b.h[L % 2], params_ + layout_.final_gain, params_ + layout_.final_bias, c.d_model, b.head_plan,
                max_blocks_, overlap_, stream_);
