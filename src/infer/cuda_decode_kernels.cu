@@ -263,6 +263,52 @@ __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row
   }
 }
 
+// The head of a one-row step (plan: one segment, K % 4 == 0, split 1): nothing else runs, and the GPU's
+// memory bandwidth is the limit, so each warp keeps the weight rows of kHeadRowsPerWarp consecutive outputs
+// in flight (run_gemv, whose registers hold the sums of kRowsPerChunk rows, keeps one). Warp w of block b
+// starts at output (b·kGemvWarps + w)·kHeadRowsPerWarp; each output is summed as run_gemv sums it.
+constexpr int kHeadRowsPerWarp = 2;
+
+__device__ __forceinline__ int first_head_output() {
+  return (blockIdx.x * kGemvWarps + threadIdx.x / kWarp) * kHeadRowsPerWarp;
+}
+
+__device__ void prefetch_head_rows(const GemvPlan& plan) {
+  const int o = first_head_output(), lane = threadIdx.x % kWarp;
+  const int rows = min(kHeadRowsPerWarp, plan.total - o);
+  const char* first = reinterpret_cast<const char*>(plan.segments[0].W + size_t(o) * plan.K);
+  for (int at = lane * 128; at < rows * plan.K * int(sizeof(float)); at += kWarp * 128) prefetch_l2(first + at);
+}
+
+__device__ void run_head_one_row(const GemvPlan& plan, const float* x, int row) {
+  const GemvSegment& s = plan.segments[0];
+  const int lane = threadIdx.x % kWarp, units = plan.K / 4;
+  const int stride = gridDim.x * kGemvWarps * kHeadRowsPerWarp;
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  for (int o = first_head_output(); o < plan.total; o += stride) {
+    const float4* w4 = reinterpret_cast<const float4*>(s.W) + size_t(o) * units;
+    float acc[kHeadRowsPerWarp];
+#pragma unroll
+    for (int p = 0; p < kHeadRowsPerWarp; ++p) acc[p] = 0.f;
+#pragma unroll 4
+    for (int i = lane; i < units; i += kWarp) {
+      float4 wv[kHeadRowsPerWarp];
+#pragma unroll
+      for (int p = 0; p < kHeadRowsPerWarp; ++p)
+        wv[p] = o + p < plan.total ? __ldg(w4 + size_t(p) * units + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const float4 xv = x4[i];
+#pragma unroll
+      for (int p = 0; p < kHeadRowsPerWarp; ++p)
+        acc[p] += wv[p].x * xv.x + wv[p].y * xv.y + wv[p].z * xv.z + wv[p].w * xv.w;
+    }
+#pragma unroll
+    for (int p = 0; p < kHeadRowsPerWarp; ++p) {
+      acc[p] = warp_sum(acc[p]);
+      if (lane == p && o + p < plan.total) s.y[size_t(row) * s.out + o + p] = finish_output(s, acc[p], row, o + p);
+    }
+  }
+}
+
 // ---- the prologue kernels' shared memory ---------------------------------------------------------------
 
 // Shared memory of a prologue kernel (block_input, residual_mix, head) whose chunks hold `rows` rows of width D:
@@ -645,7 +691,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
 
 // Shared memory of the AR-SSM block (floats): χ and the readout, and what it copies in before the wait: the
 // last step's scan state and conv tail, b₂, λ's ℓ, the rank mask's MLP_r, W₂ (when it fits
-// kSsmGateStagingBytes; else it is read from global memory), the conv taps w₀ w₁ w₂ and b_O.
+// kSsmGateStagingBytes; else it is read from global memory), the conv taps w₀ w₁ w₂ and b_O; and right
 struct SsmShared {
   float *chi, *readout, *omega, *w2, *b2, *ell, *S, *rank, *conv, *tail, *b_o;
 };
@@ -873,7 +919,8 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   run_gemv<kVec4>(plan, p.x, n, row0, partial);
 }
 
-template <bool kVec4>
+// kOneRow: a one-row step through run_head_one_row (head() checks that the plan qualifies).
+template <bool kVec4, bool kOneRow>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     head_kernel(StepRows rows, const float* h, const float* gain, const float* bias, int D,
                 const __grid_constant__ GemvPlan plan) {
@@ -883,7 +930,10 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   const int chunk_rows = min(kRowsPerChunk, rows.count);
   const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
   const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: LN_final(h)
-  prefetch_first_tile(plan);
+  if (kOneRow)
+    prefetch_head_rows(plan);
+  else
+    prefetch_first_tile(plan);
   stage_param(p, 0, gain, D);
   stage_param(p, 1, bias, D);
   wait_for_previous_kernel();
@@ -898,7 +948,10 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     if (blockIdx.x == 0 && lane == 0) rows.positions[rows.streams[r]] += 1;
   }
   __syncthreads();
-  run_gemv<kVec4>(plan, p.x, n, row0, partial);
+  if (kOneRow)
+    run_head_one_row(plan, p.x, row0);
+  else
+    run_gemv<kVec4>(plan, p.x, n, row0, partial);
 }
 
 // ---- the fused low-rank FFN -----------------------------------------------------------------------------
@@ -1122,8 +1175,9 @@ void configure_kernels(int D, int H, int W, int R, bool linear_attn) {
                         reinterpret_cast<const void*>(&block_input_kernel<false>),
                         reinterpret_cast<const void*>(&residual_mix_kernel<true>),
                         reinterpret_cast<const void*>(&residual_mix_kernel<false>),
-                        reinterpret_cast<const void*>(&head_kernel<true>),
-                        reinterpret_cast<const void*>(&head_kernel<false>)})
+                        reinterpret_cast<const void*>(&head_kernel<true, false>),
+                        reinterpret_cast<const void*>(&head_kernel<true, true>),
+                        reinterpret_cast<const void*>(&head_kernel<false, false>)})
     allow_shared(k, prologue);
   allow_shared(reinterpret_cast<const void*>(&mixer_kernel), mixer_shared_bytes(D, H, W, R, linear_attn));
 }
@@ -1182,8 +1236,13 @@ void ffn(int count, const FfnPlan& plan, bool overlap, cudaStream_t stream) {
 
 void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,
           int max_blocks, bool overlap, cudaStream_t stream) {
-  const dim3 grid(gemv_blocks(plan, max_blocks), chunks(rows.count));
-  launch(plan.vec4 ? &head_kernel<true> : &head_kernel<false>, grid, dim3(kGemvThreads),
+  // One row and one vec4 weight matrix with a warp per output: the streaming path.
+  const bool one_row = rows.count == 1 && plan.vec4 && plan.count == 1 && plan.split == 1;
+  const int one_row_blocks = (plan.total + kGemvWarps * kHeadRowsPerWarp - 1) / (kGemvWarps * kHeadRowsPerWarp);
+  const dim3 grid(one_row ? std::max(1, std::min(one_row_blocks, max_blocks)) : gemv_blocks(plan, max_blocks),
+                  chunks(rows.count));
+  launch(one_row ? &head_kernel<true, true> : plan.vec4 ? &head_kernel<true, false> : &head_kernel<false, false>,
+         grid, dim3(kGemvThreads),
          layer_norm_prologue_bytes(rows.count, D), overlap, stream, rows, h, gain, bias, D, plan);
 }
 
