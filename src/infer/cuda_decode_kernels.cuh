@@ -1,5 +1,6 @@
 // The kernels of one recurrent decode step on the GPU (infer/cuda_decoder.h; SPEC §4, §6): a Phase 7/8
-// block is four to seven launches, each serving every stream of the step at once, and the head one more.
+// block is four launches, five with the low-rank FFN, each serving every stream of the step at once, and
+// the head one more.
 //
 //   block_input   LayerNorm (+ radius δ) of each row (the embedding too, in layer 0), then one GEMV over u
 //                 for q, k, v, the AR-SSM gate's first layer, W_U, W_V and the BK projections w_v, w_J
@@ -18,7 +19,8 @@
 // kernel: one warp per output (or `split` warps over slices of K for narrow outputs), 16-byte loads of
 // the weight row, every row of the chunk against it, a warp reduction. Each output is summed in an order
 // that depends on neither the number of rows nor the grid, so a stream's logits do not depend on which
-// other streams step with it, and every run is bit-identical (no atomics).
+// other streams step with it, and every run is bit-identical (no sum uses atomics; the ffn kernel's
+// barrier counts its blocks with them).
 //
 // Everything is fp32; the scalar functions are common/math.h's and ops/poincare.h's, as the CPU ops use.
 //
