@@ -8,6 +8,7 @@
 
 #include "cuda/gpu_support.h"
 #include "ops/ffn.h"
+#include "support/ffn_params.h"
 #include "support/test_util.h"
 
 namespace muse::test {
@@ -37,19 +38,14 @@ void check_lowrank(int rows, int D, int rank) {
   SCOPED_TRACE("lowrank rows " + std::to_string(rows) + ", D " + std::to_string(D) + ", rank " + std::to_string(rank));
   const int F = ffn_hidden(D);
   Rng rng(rows * 1009 + D * 17 + rank);
-  // Scales as in the CPU test: GELU inputs over roughly ±15, part of the hidden units deep in the cap.
   auto x = random_normal<float>(size_t(rows) * D, rng);
-  auto V1 = random_normal<float>(size_t(rank) * D, rng, 1.0 / std::sqrt(double(D)));
-  auto U1 = random_normal<float>(size_t(F) * rank, rng, 2.5 / std::sqrt(double(rank)));
-  auto b1 = random_normal<float>(F, rng, 0.5);
-  auto V2 = random_normal<float>(size_t(rank) * F, rng, 1.0 / std::sqrt(double(F)));
-  auto U2 = random_normal<float>(size_t(D) * rank, rng, 1.0 / std::sqrt(double(rank)));
-  auto b2 = random_normal<float>(D, rng, 0.5);
+  const RandomLowRankFfn<float> w(D, rank, rng);
+  const std::vector<float>&V1 = w.V1, &U1 = w.U1, &b1 = w.b1, &V2 = w.V2, &U2 = w.U2, &b2 = w.b2;
   auto dy = random_normal<float>(size_t(rows) * D, rng);
 
   std::vector<float> y(size_t(rows) * D), low1(size_t(rows) * rank), pre(size_t(rows) * F), hidden(pre.size()),
       low2(low1.size());
-  const LowRankFfnParams<float> p{V1.data(), U1.data(), b1.data(), V2.data(), U2.data(), b2.data()};
+  const LowRankFfnParams<float> p = w.params();
   const LowRankFfnSaved<float> saved{low1.data(), pre.data(), hidden.data(), low2.data()};
   lowrank_ffn_forward<float>(y.data(), saved, x.data(), p, rows, D, rank);
 

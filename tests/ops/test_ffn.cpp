@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "ops/ffn.h"
+#include "support/ffn_params.h"
 #include "support/gradcheck.h"
 #include "support/test_util.h"
 
@@ -24,24 +25,7 @@ std::vector<double> naive_affine(const std::vector<double>& W, const double* b, 
   return y;
 }
 
-// Parameters of the low-rank FFN as plain vectors; scales chosen so the GELU inputs spread over roughly
-// ±15, which puts part of the hidden units well into the cap (cap10 differs from the identity by > 5 %
-// beyond 4) without saturating it.
-struct LowRank {
-  int D, rank, F;
-  std::vector<double> V1, U1, b1, V2, U2, b2;
-  LowRank(int D_, int rank_, Rng& rng) : D(D_), rank(rank_), F(ffn_hidden(D_)) {
-    V1 = random_normal(size_t(rank) * D, rng, 1.0 / std::sqrt(double(D)));
-    U1 = random_normal(size_t(F) * rank, rng, 2.5 / std::sqrt(double(rank)));
-    b1 = random_normal(F, rng, 0.5);
-    V2 = random_normal(size_t(rank) * F, rng, 1.0 / std::sqrt(double(F)));
-    U2 = random_normal(size_t(D) * rank, rng, 1.0 / std::sqrt(double(rank)));
-    b2 = random_normal(D, rng, 0.5);
-  }
-  LowRankFfnParams<double> params() const {
-    return {V1.data(), U1.data(), b1.data(), V2.data(), U2.data(), b2.data()};
-  }
-};
+using LowRank = RandomLowRankFfn<double>;
 
 // Runs the op forward in type T on double inputs; also returns the saved buffers.
 template <typename T>
