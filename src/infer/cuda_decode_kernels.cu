@@ -174,10 +174,16 @@ __device__ __forceinline__ float finish_output(const GemvSegment& seg, float acc
   return y;
 }
 
+// The warp asks L2 for bytes [from, from + bytes), a 128-byte line per lane at a time.
+__device__ void warp_prefetch_l2(const void* from, size_t bytes) {
+  const char* first = reinterpret_cast<const char*>(from);
+  for (size_t at = (threadIdx.x % kWarp) * 128; at < bytes; at += kWarp * 128) prefetch_l2(first + at);
+}
+
 // Weights do not depend on earlier kernels: before waiting for them, each warp asks L2 for the weight
 // bytes of its first output, so the GEMV starts on L2 hits.
 __device__ void prefetch_first_tile(const GemvPlan& plan) {
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
   const int per_tile = kGemvWarps / plan.split;
   const int o = blockIdx.x * per_tile + warp / plan.split;
   if (o >= plan.total) return;
@@ -187,7 +193,7 @@ __device__ void prefetch_first_tile(const GemvPlan& plan) {
   slice_range(plan, warp % plan.split, begin, end);
   const int unit_bytes = plan.vec4 ? 16 : 4;
   const char* row = reinterpret_cast<const char*>(plan.segments[seg].W + size_t(j) * plan.K);
-  for (int at = begin * unit_bytes + lane * 128; at < end * unit_bytes; at += kWarp * 128) prefetch_l2(row + at);
+  warp_prefetch_l2(row + begin * unit_bytes, size_t(end - begin) * unit_bytes);
 }
 
 // The plan's outputs for rows [row0, row0 + rows) (rows ≤ kRowsPerChunk) of x [rows, K] (shared or global
@@ -274,10 +280,8 @@ __device__ __forceinline__ int first_head_output() {
 }
 
 __device__ void prefetch_head_rows(const GemvPlan& plan) {
-  const int o = first_head_output(), lane = threadIdx.x % kWarp;
-  const int rows = min(kHeadRowsPerWarp, plan.total - o);
-  const char* first = reinterpret_cast<const char*>(plan.segments[0].W + size_t(o) * plan.K);
-  for (int at = lane * 128; at < rows * plan.K * int(sizeof(float)); at += kWarp * 128) prefetch_l2(first + at);
+  const int o = first_head_output(), rows = min(kHeadRowsPerWarp, plan.total - o);
+  if (rows > 0) warp_prefetch_l2(plan.segments[0].W + size_t(o) * plan.K, size_t(rows) * plan.K * sizeof(float));
 }
 
 __device__ void run_head_one_row(const GemvPlan& plan, const float* x, int row) {
@@ -691,7 +695,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
 
 // Shared memory of the AR-SSM block (floats): χ and the readout, and what it copies in before the wait: the
 // last step's scan state and conv tail, b₂, λ's ℓ, the rank mask's MLP_r, W₂ (when it fits
-// kSsmGateStagingBytes; else it is read from global memory), the conv taps w₀ w₁ w₂ and b_O; and right
+// kSsmGateStagingBytes; else it is read from global memory), the conv taps w₀ w₁ w₂ and b_O.
 struct SsmShared {
   float *chi, *readout, *omega, *w2, *b2, *ell, *S, *rank, *conv, *tail, *b_o;
 };

@@ -21,12 +21,6 @@ namespace {
 // relative, kRel = 3e-5 (the parameter gradients sum over up to 256 rows and 2048 hidden units).
 constexpr double kRel = 3e-5;
 
-double max_abs(const std::vector<float>& v) {
-  double m = 0;
-  for (float x : v) m = std::max(m, double(std::abs(x)));
-  return m;
-}
-
 void expect_close_scaled(const std::vector<float>& gpu, const std::vector<float>& cpu, const std::string& what) {
   expect_close_to_reference(gpu, cpu, kRel * max_abs(cpu), kRel, what);
 }

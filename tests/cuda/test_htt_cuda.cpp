@@ -18,12 +18,6 @@ namespace muse::test {
 
 namespace {
 
-double max_abs(const std::vector<float>& v) {
-  double m = 0;
-  for (float x : v) m = std::max(m, double(std::abs(x)));
-  return m;
-}
-
 // |gpu − cpu| ≤ rel·max|cpu| + rel·|cpu|: rounding errors scale with the tensor's largest entries.
 void expect_close_scaled(const std::vector<float>& gpu, const std::vector<float>& cpu, double rel,
                          const std::string& what) {
