@@ -196,11 +196,15 @@ __device__ void prefetch_first_tile(const GemvPlan& plan) {
   warp_prefetch_l2(row + begin * unit_bytes, size_t(end - begin) * unit_bytes);
 }
 
-// The plan's outputs for rows [row0, row0 + rows) (rows ≤ kRowsPerChunk) of x [rows, K] (shared or global
-// memory). Tiles of kGemvWarps / split outputs go round the grid's blocks; in a tile, warp w computes output
-// tile·(kGemvWarps / split) + w / split over K-slice w % split, and the slices' sums are added in slice
-// order. partial: shared [kGemvWarps][kRowsPerChunk].
-template <bool kVec4>
+// The plan's outputs for rows [row0, row0 + rows) (rows ≤ kRows ≤ kRowsPerChunk) of x [rows, K] (shared or
+// global memory). Tiles of kGemvWarps / split outputs go round the grid's blocks; in a tile, warp w computes
+// output tile·(kGemvWarps / split) + w / split over K-slice w % split, and the slices' sums are added in
+// slice order. partial: shared [kGemvWarps][kRowsPerChunk].
+//
+// kRows is 1 for one-row steps and kRowsPerChunk otherwise; a row's sums are the same either way. A one-row
+// step is a chain of short kernels whose time is their instructions' latencies, and the kRowsPerChunk-row
+// loop would issue every row's tests and skipped products too (measured: W_o's GEMV 2.4 → 1.6 µs in the step).
+template <bool kVec4, int kRows>
 __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row0,
                          float (*partial)[kRowsPerChunk]) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -212,9 +216,9 @@ __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int o = tile * per_tile + warp / split;
     const bool active = o < plan.total;
-    float acc[kRowsPerChunk];
+    float acc[kRows];
 #pragma unroll
-    for (int r = 0; r < kRowsPerChunk; ++r) acc[r] = 0.f;
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
     int j = 0, seg = 0;
     if (active) {
       seg = segment_of(plan, o, j);
@@ -226,7 +230,7 @@ __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row
         for (int i = begin + lane; i < end; i += kWarp) {
           const float4 wv = __ldg(w4 + i);
 #pragma unroll
-          for (int r = 0; r < kRowsPerChunk; ++r)
+          for (int r = 0; r < kRows; ++r)
             if (r < rows) {
               const float4 xv = x4[size_t(r) * units + i];
               acc[r] += wv.x * xv.x + wv.y * xv.y + wv.z * xv.z + wv.w * xv.w;
@@ -237,25 +241,25 @@ __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row
         for (int i = begin + lane; i < end; i += kWarp) {
           const float wv = __ldg(w + i);
 #pragma unroll
-          for (int r = 0; r < kRowsPerChunk; ++r)
+          for (int r = 0; r < kRows; ++r)
             if (r < rows) acc[r] += wv * x[size_t(r) * K + i];
         }
       }
 #pragma unroll
-      for (int r = 0; r < kRowsPerChunk; ++r)
+      for (int r = 0; r < kRows; ++r)
         if (r < rows) acc[r] = warp_sum(acc[r]);
     }
     if (split == 1) {
       if (active) {
         const GemvSegment& s = plan.segments[seg];
 #pragma unroll
-        for (int r = 0; r < kRowsPerChunk; ++r)
+        for (int r = 0; r < kRows; ++r)
           if (r < rows && lane == r) s.y[size_t(row0 + r) * s.out + j] = finish_output(s, acc[r], row0 + r, j);
       }
     } else {
       if (lane == 0) {
 #pragma unroll
-        for (int r = 0; r < kRowsPerChunk; ++r) partial[warp][r] = acc[r];
+        for (int r = 0; r < kRows; ++r) partial[warp][r] = acc[r];
       }
       __syncthreads();
       if (active && slice == 0 && lane < rows) {
@@ -272,7 +276,9 @@ __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row
 // The head of a one-row step (plan: one segment, K % 4 == 0, split 1): nothing else runs, and the GPU's
 // memory bandwidth is the limit, so each warp keeps the weight rows of kHeadRowsPerWarp consecutive outputs
 // in flight (run_gemv, whose registers hold the sums of kRowsPerChunk rows, keeps one). Warp w of block b
-// starts at output (b·kGemvWarps + w)·kHeadRowsPerWarp; each output is summed as run_gemv sums it.
+// starts at output (b·kGemvWarps + w)·kHeadRowsPerWarp; each output is summed as run_gemv sums it. E is read
+// with the evict-first hint (__ldcs): its 103 MB (phase8-small) would otherwise push the layers' weights,
+// recurrent state and kernel code out of L2 before the next step reads them.
 constexpr int kHeadRowsPerWarp = 2;
 
 __device__ __forceinline__ int first_head_output() {
@@ -299,7 +305,7 @@ __device__ void run_head_one_row(const GemvPlan& plan, const float* x, int row) 
       float4 wv[kHeadRowsPerWarp];
 #pragma unroll
       for (int p = 0; p < kHeadRowsPerWarp; ++p)
-        wv[p] = o + p < plan.total ? __ldg(w4 + size_t(p) * units + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+        wv[p] = o + p < plan.total ? __ldcs(w4 + size_t(p) * units + i) : make_float4(0.f, 0.f, 0.f, 0.f);
       const float4 xv = x4[i];
 #pragma unroll
       for (int p = 0; p < kHeadRowsPerWarp; ++p)
@@ -354,7 +360,7 @@ __device__ void stage_param(const PrologueShared& p, int i, const float* param, 
 
 // ---- kernels --------------------------------------------------------------------------------------------
 
-template <bool kVec4>
+template <bool kVec4, int kRows>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     gemv_kernel(const float* x, int count, const __grid_constant__ GemvPlan plan) {
   __shared__ float partial[kGemvWarps][kRowsPerChunk];
@@ -362,10 +368,10 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   wait_for_previous_kernel();
   allow_next_kernel();
   const int row0 = blockIdx.y * kRowsPerChunk, rows = min(kRowsPerChunk, count - row0);
-  run_gemv<kVec4>(plan, x + size_t(row0) * plan.K, rows, row0, partial);
+  run_gemv<kVec4, kRows>(plan, x + size_t(row0) * plan.K, rows, row0, partial);
 }
 
-template <bool kVec4>
+template <bool kVec4, int kRows>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     block_input_kernel(StepRows rows, float* h_in, Embedding embedding, const __grid_constant__ BlockArgs b,
                        StepBuffers s, const __grid_constant__ GemvPlan plan) {
@@ -407,7 +413,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     }
   }
   __syncthreads();
-  run_gemv<kVec4>(plan, p.x, n, row0, partial);
+  run_gemv<kVec4, kRows>(plan, p.x, n, row0, partial);
 }
 
 // The BK step of one row (ops/bk.cpp's bk_decode_step) from the block_input GEMV's v_pre = w_v·u + b_v and
@@ -871,7 +877,7 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
   ssm_step(b, s, ssm, r, stream, bk.F);
 }
 
-template <bool kVec4>
+template <bool kVec4, int kRows>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     residual_mix_kernel(int count, const float* h_in, float* h_mid, const __grid_constant__ BlockArgs b,
                         StepBuffers s, const __grid_constant__ GemvPlan plan) {
@@ -920,7 +926,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     if (b.ln_ffn_gain) warp_layernorm(xr, p.params + 2 * D, p.params + 3 * D, D);
   }
   __syncthreads();
-  run_gemv<kVec4>(plan, p.x, n, row0, partial);
+  run_gemv<kVec4, kRows>(plan, p.x, n, row0, partial);
 }
 
 // kOneRow: a one-row step through run_head_one_row (head() checks that the plan qualifies).
@@ -955,7 +961,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   if (kOneRow)
     run_head_one_row(plan, p.x, row0);
   else
-    run_gemv<kVec4>(plan, p.x, n, row0, partial);
+    run_gemv<kVec4, kRowsPerChunk>(plan, p.x, n, row0, partial);
 }
 
 // ---- the fused low-rank FFN -----------------------------------------------------------------------------
@@ -1175,10 +1181,14 @@ size_t prologue_shared_bytes(int D) {
 
 void configure_kernels(int D, int H, int W, int R, bool linear_attn) {
   const size_t prologue = prologue_shared_bytes(D);
-  for (const void* k : {reinterpret_cast<const void*>(&block_input_kernel<true>),
-                        reinterpret_cast<const void*>(&block_input_kernel<false>),
-                        reinterpret_cast<const void*>(&residual_mix_kernel<true>),
-                        reinterpret_cast<const void*>(&residual_mix_kernel<false>),
+  for (const void* k : {reinterpret_cast<const void*>(&block_input_kernel<true, 1>),
+                        reinterpret_cast<const void*>(&block_input_kernel<false, 1>),
+                        reinterpret_cast<const void*>(&block_input_kernel<true, kRowsPerChunk>),
+                        reinterpret_cast<const void*>(&block_input_kernel<false, kRowsPerChunk>),
+                        reinterpret_cast<const void*>(&residual_mix_kernel<true, 1>),
+                        reinterpret_cast<const void*>(&residual_mix_kernel<false, 1>),
+                        reinterpret_cast<const void*>(&residual_mix_kernel<true, kRowsPerChunk>),
+                        reinterpret_cast<const void*>(&residual_mix_kernel<false, kRowsPerChunk>),
                         reinterpret_cast<const void*>(&head_kernel<true, false>),
                         reinterpret_cast<const void*>(&head_kernel<true, true>),
                         reinterpret_cast<const void*>(&head_kernel<false, false>)})
@@ -1190,7 +1200,10 @@ void block_input(const StepRows& rows, float* h_in, const Embedding* embedding, 
                  const StepBuffers& s, const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream) {
   const dim3 grid(gemv_blocks(plan, max_blocks), chunks(rows.count));
   const Embedding e = embedding ? *embedding : Embedding{};
-  launch(plan.vec4 ? &block_input_kernel<true> : &block_input_kernel<false>, grid, dim3(kGemvThreads),
+  const bool one = rows.count == 1;
+  launch(plan.vec4 ? (one ? &block_input_kernel<true, 1> : &block_input_kernel<true, kRowsPerChunk>)
+                   : (one ? &block_input_kernel<false, 1> : &block_input_kernel<false, kRowsPerChunk>),
+         grid, dim3(kGemvThreads),
          layer_norm_prologue_bytes(rows.count, b.D), overlap, stream, rows, h_in, e, b, s, plan);
 }
 
@@ -1201,14 +1214,19 @@ void mixer(const StepRows& rows, const BlockArgs& b, const StepBuffers& s, bool 
 
 void gemv(const float* x, int count, const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream) {
   const dim3 grid(gemv_blocks(plan, max_blocks), chunks(count));
-  launch(plan.vec4 ? &gemv_kernel<true> : &gemv_kernel<false>, grid, dim3(kGemvThreads), 0, overlap, stream, x,
-         count, plan);
+  const bool one = count == 1;
+  launch(plan.vec4 ? (one ? &gemv_kernel<true, 1> : &gemv_kernel<true, kRowsPerChunk>)
+                   : (one ? &gemv_kernel<false, 1> : &gemv_kernel<false, kRowsPerChunk>),
+         grid, dim3(kGemvThreads), 0, overlap, stream, x, count, plan);
 }
 
 void residual_mix(int count, const float* h_in, float* h_mid, const BlockArgs& b, const StepBuffers& s,
                   const GemvPlan& plan, int max_blocks, bool overlap, cudaStream_t stream) {
   const dim3 grid(gemv_blocks(plan, max_blocks), chunks(count));
-  launch(plan.vec4 || plan.count == 0 ? &residual_mix_kernel<true> : &residual_mix_kernel<false>, grid,
+  const bool one = count == 1, vec4 = plan.vec4 || plan.count == 0;
+  launch(vec4 ? (one ? &residual_mix_kernel<true, 1> : &residual_mix_kernel<true, kRowsPerChunk>)
+              : (one ? &residual_mix_kernel<false, 1> : &residual_mix_kernel<false, kRowsPerChunk>),
+         grid,
          dim3(kGemvThreads), residual_mix_bytes(count, b.D), overlap, stream, count, h_in, h_mid, b, s, plan);
 }
 
