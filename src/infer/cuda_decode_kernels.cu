@@ -416,26 +416,46 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   run_gemv<kVec4, kRows>(plan, p.x, n, row0, partial);
 }
 
-// The BK step of one row (ops/bk.cpp's bk_decode_step) from the block_input GEMV's v_pre = w_v·u + b_v and
-// the two halves of w_J·u, and g_{t−1}, w_J,prev·u_{t−1} of the state slot of this position's parity.
+// What the BK step of a row (ops/bk.cpp's bk_decode_step) reads besides block_input's projections: its
+// parameters and g_{t−1}, w_J,prev·u_{t−1} of the state slot of this position's parity, which the last step
+// wrote. Loaded before the wait, so that the step after it only waits for the projections.
+struct BkInputs {
+  float eta;                          // softplus(ε_p) + η_floor
+  float E0, b_J;                      // hopping only
+  float prev_re, prev_im, prev_half;  // hopping only
+};
+
+__device__ BkInputs bk_inputs(const BlockArgs& b, int stream, int position) {
+  BkInputs in{};
+  in.eta = softplus(b.bk_eps_p[0]) + float(kBkEtaFloor);
+  if (b.hopping) {
+    const float* previous = b.state.bk + size_t(stream) * b.state.stream_floats + (position % 2) * 4;
+    in.E0 = b.bk_E0[0];
+    in.b_J = b.bk_b_J[0];
+    in.prev_re = previous[0];
+    in.prev_im = previous[1];
+    in.prev_half = previous[2];
+  }
+  return in;
+}
+
+// The BK step of row r from block_input's v_pre = w_v·u + b_v and the two halves of w_J·u.
 struct BkStep {
   float g_re, g_im;
   float F[3];       // (η Re g, η Im g, η |g|)
   float prev_half;  // w_J,prev·u_t: the next position's share of its bond (0 without hopping)
 };
 
-__device__ BkStep bk_step(const BlockArgs& b, const StepBuffers& s, int r, int stream, int position) {
-  const bool hopping = b.hopping;
-  const float eta = softplus(b.bk_eps_p[0]) + float(kBkEtaFloor);
-  float d_re = (1.f + cap(s.bk_v[r], kPotentialCap)) - (hopping ? b.bk_E0[0] : 0.f);
+__device__ BkStep bk_step(const BlockArgs& b, const StepBuffers& s, const BkInputs& in, int r) {
+  const float eta = in.eta;
+  float d_re = (1.f + cap(s.bk_v[r], kPotentialCap)) - in.E0;  // E0 = 0 without hopping
   float d_im = -eta;
   BkStep step;
   step.prev_half = 0.f;
-  if (hopping) {
-    const float* previous = b.state.bk + size_t(stream) * b.state.stream_floats + (position % 2) * 4;
-    const float J = b.j_max * tanhf(s.bk_J[2 * r + 1] + b.bk_b_J[0] + previous[2]);
-    d_re -= (J * J) * previous[0];
-    d_im -= (J * J) * previous[1];
+  if (b.hopping) {
+    const float J = b.j_max * tanhf(s.bk_J[2 * r + 1] + in.b_J + in.prev_half);
+    d_re -= (J * J) * in.prev_re;
+    d_im -= (J * J) * in.prev_im;
     step.prev_half = s.bk_J[2 * r];
   }
   const float n = d_re * d_re + d_im * d_im;
@@ -551,20 +571,52 @@ __device__ void stage_attention_state(const BlockArgs& b, const AttentionShared&
   }
 }
 
-// After the wait: the token's q, k, v of head h (block_input's) join the copies.
-__device__ void stage_token(const StepBuffers& s, const AttentionShared& a, int r, int D, int dh, int h) {
-  const size_t at = size_t(r) * D + h * dh;
-  stage_rows(a.q, dh, s.q + at, dh, 1, dh, -1);
-  stage_rows(a.k, dh, s.k + at, dh, 1, dh, -1);
-  stage_rows(a.v, dh, s.v + at, dh, 1, dh, -1);
+// After the wait: the token's q, k, v of head h (block_input's, from element `at` of each) join the copies,
+// 16 bytes a copy when d_h and the buffers allow. Everything after the wait is on the step's critical path,
+// so this is a plain strided loop (stage_rows' general row/column walk costs a microsecond here).
+__device__ void stage_token(const StepBuffers& s, const AttentionShared& a, size_t at, int dh, bool vec4) {
+  const float* from[3] = {s.q + at, s.k + at, s.v + at};
+  float* to[3] = {a.q, a.k, a.v};
+#pragma unroll
+  for (int i = 0; i < 3; ++i) {
+    if (vec4)
+      for (int e = 4 * threadIdx.x; e < dh; e += 4 * blockDim.x) copy_async_16(to[i] + e, from[i] + e);
+    else
+      for (int e = threadIdx.x; e < dh; e += blockDim.x) copy_async_4(to[i] + e, from[i] + e);
+  }
 }
 
 // Windowed hyperbolic attention of head h for row r (ops/local_attn.cpp's decode push and step), then the
 // linear-attention update and the curvature mix (ops/linear_attn.cpp, ops/hybrid.cpp), into s.mixed. Every
 // stage spreads over the whole block: scores a group of threads per key, the weighted sum and the linear
 // state's update a part of the keys (rows) per thread, added in part order.
-__device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const AttentionShared& a, int r,
-                               int stream, int position, int h, const float* F) {
+// Head h's scalars, which depend on parameters only: computed before the wait.
+struct HeadScalars {
+  float c, sqrt_c;     // curvature
+  float gate[4];       // key gate w (3) and b; unused without the gate
+  float temperature;   // softplus(β_h)
+  float slope;         // ALiBi slope, or 0
+  float alpha;         // the curvature mix's weight of the windowed path
+};
+
+__device__ HeadScalars head_scalars(const BlockArgs& b, int h) {
+  HeadScalars hs{};
+  hs.c = curvature_of(b.c_raw[0]);
+  hs.sqrt_c = sqrtf(hs.c);
+  if (b.key_gate_w) {
+    for (int i = 0; i < 3; ++i) hs.gate[i] = b.key_gate_w[3 * h + i];
+    hs.gate[3] = b.key_gate_b[h];
+  }
+  hs.temperature = softplus(b.beta[h]);
+  hs.slope = b.alibi_slopes ? b.alibi_slopes[h] : 0.f;
+  // Without the curvature mix the paths are averaged: α(0.55) = 1/2.
+  const float mix_c = b.curvature_mix ? hs.c : float(kCurvatureMixCentre);
+  hs.alpha = sigmoid(float(kCurvatureMixSlope) * (mix_c - float(kCurvatureMixCentre)));
+  return hs;
+}
+
+__device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const AttentionShared& a,
+                               const HeadScalars& hs, int r, int stream, int position, int h, const float* F) {
   const int D = b.D, H = b.H, W = b.W, dh = D / H, tid = threadIdx.x, slot = position % W;
   const LayerState& st = b.state;
   const size_t at = size_t(stream) * st.stream_floats;
@@ -573,11 +625,10 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
   const float* values = a.values ? a.values : st.values + at + h * dh;
   const int stride = a.keys ? ring_stride(dh) : D;
 
-  const float c = curvature_of(b.c_raw[0]), sqrt_c = sqrtf(c);
+  const float sqrt_c = hs.sqrt_c;
   float mu = 1.f, log_mu = 0.f;
   if (b.key_gate_w) {
-    const float* w = b.key_gate_w + 3 * h;
-    mu = sigmoid(w[0] * F[0] + w[1] * F[1] + w[2] * F[2] + b.key_gate_b[h]);
+    mu = sigmoid(hs.gate[0] * F[0] + hs.gate[1] * F[1] + hs.gate[2] * F[2] + hs.gate[3]);
     log_mu = logf(mu);
   }
   const float scale = 1.f / sqrtf(float(dh));
@@ -619,8 +670,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
   // oldest key first; thread `sub` of a key takes its elements sub, sub + group, …
   const int first = b.sliding ? max(0, position - W + 1) : position - position % W;
   const int n = position - first + 1, first_slot = first % W;
-  const float temperature = softplus(b.beta[h]);
-  const float slope = b.alibi_slopes ? b.alibi_slopes[h] : 0.f;
+  const float temperature = hs.temperature, slope = hs.slope;
   int group = kWarp;
   while (group > 1 && group * W > int(blockDim.x)) group /= 2;
   const int per_pass = blockDim.x / group, sub = tid % group;
@@ -683,9 +733,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
     }
   }
   __syncthreads();
-  // Without the curvature mix the paths are averaged: α(0.55) = 1/2.
-  const float mix_c = b.curvature_mix ? c : float(kCurvatureMixCentre);
-  const float alpha = sigmoid(float(kCurvatureMixSlope) * (mix_c - float(kCurvatureMixCentre)));
+  const float alpha = hs.alpha;
   const float inv_denominator = 1.f / fmaxf(sums[2], float(kLinearAttnDenominatorFloor));
   float* mixed = s.mixed + size_t(r) * D + h * dh;
   for (int e = tid; e < dh; e += blockDim.x) {
@@ -852,16 +900,24 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
   const bool attention = int(blockIdx.x) < b.H;
   const AttentionShared shared = attention ? attention_shared(smem, b.D / b.H, b.W, b.linear_attn) : AttentionShared{};
   const SsmShared ssm = attention ? SsmShared{} : ssm_shared(smem, b.D, b.R);
+  const int h = blockIdx.x, dh = b.D / b.H;
+  const size_t token_at = size_t(r) * b.D + h * dh;
+  const bool token_vec4 = dh % 4 == 0 && reinterpret_cast<uintptr_t>(shared.q) % 16 == 0 &&
+                          reinterpret_cast<uintptr_t>(s.q + token_at) % 16 == 0 &&
+                          reinterpret_cast<uintptr_t>(s.k + token_at) % 16 == 0 &&
+                          reinterpret_cast<uintptr_t>(s.v + token_at) % 16 == 0;
   if (attention)
-    stage_attention_state(b, shared, stream, position, blockIdx.x);
+    stage_attention_state(b, shared, stream, position, h);
   else
     stage_ssm(b, ssm, stream);
+  const BkInputs bk_in = bk_inputs(b, stream, position);
+  const HeadScalars hs = attention ? head_scalars(b, h) : HeadScalars{};
   wait_for_previous_kernel();
   allow_next_kernel();
-  if (attention) stage_token(s, shared, r, b.D, b.D / b.H, blockIdx.x);
-  const BkStep bk = bk_step(b, s, r, stream, position);
+  if (attention) stage_token(s, shared, token_at, dh, token_vec4);
+  const BkStep bk = bk_step(b, s, bk_in, r);
   if (attention) {
-    attention_head(b, s, shared, r, stream, position, blockIdx.x, bk.F);
+    attention_head(b, s, shared, hs, r, stream, position, h, bk.F);
     return;
   }
   if (threadIdx.x == 0) {
