@@ -348,9 +348,16 @@ __device__ PrologueShared prologue_shared(float* smem, int rows, int D, int para
   return p;
 }
 
-// The rows [row0, row0 + n) of a [·, D] buffer into `to`, asynchronously.
+// The rows [row0, row0 + n) of a [·, D] buffer into `to`, asynchronously: one contiguous run of n·D floats,
+// 16 bytes a copy where both ends allow. A flat loop, as most calls come right after the wait, on the step's
+// critical path (stage_rows' general row/column walk costs about a microsecond there).
 __device__ void stage_chunk(float* to, const float* from, int row0, int n, int D) {
-  stage_rows(to, D, from + size_t(row0) * D, D, n, D, -1);
+  const float* src = from + size_t(row0) * D;
+  const int count = n * D;
+  if (count % 4 == 0 && reinterpret_cast<uintptr_t>(to) % 16 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0)
+    for (int i = 4 * threadIdx.x; i < count; i += 4 * blockDim.x) copy_async_16(to + i, src + i);
+  else
+    for (int i = threadIdx.x; i < count; i += blockDim.x) copy_async_4(to + i, src + i);
 }
 
 // A parameter vector [D] into slot i of the staged parameters (nothing when it is absent).
@@ -954,6 +961,13 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     stage_chunk(p.h_in, h_in, row0, n, D);
     stage_chunk(p.y_glob, s.y_glob, row0, n, D);
   }
+  float xi = 0.f;  // ξ of this warp's row, from the mixer's F (or g)
+  if (warp < n) {
+    const int r = row0 + warp;
+    const float* F = s.F + 3 * r;
+    xi = b.phase8 ? sigmoid(b.xi_w[0] * F[0] + b.xi_w[1] * F[1] + b.xi_w[2] * F[2] + b.xi_b[0])
+                  : sigmoid(b.xi_s[0] * fabsf(s.g[2 * r + 1]));
+  }
   wait_for_previous_kernel();
   allow_next_kernel();
   stage_chunk(p.x, s.y_att, row0, n, D);
@@ -962,9 +976,6 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   if (warp < n) {
     const int r = row0 + warp;
     float* xr = p.x + size_t(warp) * D;
-    const float* F = s.F + 3 * r;
-    const float xi = b.phase8 ? sigmoid(b.xi_w[0] * F[0] + b.xi_w[1] * F[1] + b.xi_w[2] * F[2] + b.xi_b[0])
-                              : sigmoid(b.xi_s[0] * fabsf(s.g[2 * r + 1]));
     const float rest = 1.f - xi;
     const float* y_glob = p.y_glob ? p.y_glob + size_t(warp) * D : s.y_glob + size_t(r) * D;
     warp_row_pass(
@@ -1108,7 +1119,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int
   allow_next_kernel();
   for (int chunk = blockIdx.y; chunk * kRowsPerChunk < count; chunk += gridDim.y) {
     const int row0 = chunk * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
-    stage_rows(m.low1, rho, f.low1 + size_t(row0) * rho, rho, n, rho, -1);
+    stage_chunk(m.low1, f.low1, row0, n, rho);
     if (outs > 0) stage_rows(m.h_mid, outs, f.h_mid + size_t(row0) * D + out0, D, n, outs, -1);
     wait_async_copies();
     __syncthreads();
