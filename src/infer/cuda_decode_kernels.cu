@@ -362,7 +362,7 @@ __device__ void stage_chunk(float* to, const float* from, int row0, int n, int D
 
 // A parameter vector [D] into slot i of the staged parameters (nothing when it is absent).
 __device__ void stage_param(const PrologueShared& p, int i, const float* param, int D) {
-  if (param) stage_rows(p.params + size_t(i) * D, D, param, D, 1, D, -1);
+  if (param) stage_chunk(p.params + size_t(i) * D, param, 0, 1, D);
 }
 
 // ---- kernels --------------------------------------------------------------------------------------------
@@ -426,15 +426,19 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
 // What the BK step of a row (ops/bk.cpp's bk_decode_step) reads besides block_input's projections: its
 // parameters and g_{t−1}, w_J,prev·u_{t−1} of the state slot of this position's parity, which the last step
 // wrote. Loaded before the wait, so that the step after it only waits for the projections.
+//
+// The mixer's work before the wait outlasts block_input's when it is a chain of loads, math and copies, so
+// its scalars come in two halves: load_* issues the loads before the block's staging copies, finish_*
+// does the math after them, and the loads' latency overlaps the copies' issue.
 struct BkInputs {
-  float eta;                          // softplus(ε_p) + η_floor
+  float eps_p, eta;                   // ε_p; softplus(ε_p) + η_floor (finish_bk_inputs)
   float E0, b_J;                      // hopping only
   float prev_re, prev_im, prev_half;  // hopping only
 };
 
-__device__ BkInputs bk_inputs(const BlockArgs& b, int stream, int position) {
+__device__ BkInputs load_bk_inputs(const BlockArgs& b, int stream, int position) {
   BkInputs in{};
-  in.eta = softplus(b.bk_eps_p[0]) + float(kBkEtaFloor);
+  in.eps_p = b.bk_eps_p[0];
   if (b.hopping) {
     const float* previous = b.state.bk + size_t(stream) * b.state.stream_floats + (position % 2) * 4;
     in.E0 = b.bk_E0[0];
@@ -445,6 +449,8 @@ __device__ BkInputs bk_inputs(const BlockArgs& b, int stream, int position) {
   }
   return in;
 }
+
+__device__ void finish_bk_inputs(BkInputs& in) { in.eta = softplus(in.eps_p) + float(kBkEtaFloor); }
 
 // The BK step of row r from block_input's v_pre = w_v·u + b_v and the two halves of w_J·u.
 struct BkStep {
@@ -597,29 +603,35 @@ __device__ void stage_token(const StepBuffers& s, const AttentionShared& a, size
 // linear-attention update and the curvature mix (ops/linear_attn.cpp, ops/hybrid.cpp), into s.mixed. Every
 // stage spreads over the whole block: scores a group of threads per key, the weighted sum and the linear
 // state's update a part of the keys (rows) per thread, added in part order.
-// Head h's scalars, which depend on parameters only: computed before the wait.
+// Head h's scalars, which depend on parameters only: computed before the wait, in two halves as BkInputs.
 struct HeadScalars {
-  float c, sqrt_c;     // curvature
+  float c_raw, beta;   // the parameters (load_head_scalars)
+  float c, sqrt_c;     // curvature (finish_head_scalars, as the rest)
   float gate[4];       // key gate w (3) and b; unused without the gate
   float temperature;   // softplus(β_h)
   float slope;         // ALiBi slope, or 0
   float alpha;         // the curvature mix's weight of the windowed path
 };
 
-__device__ HeadScalars head_scalars(const BlockArgs& b, int h) {
+__device__ HeadScalars load_head_scalars(const BlockArgs& b, int h) {
   HeadScalars hs{};
-  hs.c = curvature_of(b.c_raw[0]);
-  hs.sqrt_c = sqrtf(hs.c);
+  hs.c_raw = b.c_raw[0];
+  hs.beta = b.beta[h];
   if (b.key_gate_w) {
     for (int i = 0; i < 3; ++i) hs.gate[i] = b.key_gate_w[3 * h + i];
     hs.gate[3] = b.key_gate_b[h];
   }
-  hs.temperature = softplus(b.beta[h]);
   hs.slope = b.alibi_slopes ? b.alibi_slopes[h] : 0.f;
+  return hs;
+}
+
+__device__ void finish_head_scalars(const BlockArgs& b, HeadScalars& hs) {
+  hs.c = curvature_of(hs.c_raw);
+  hs.sqrt_c = sqrtf(hs.c);
+  hs.temperature = softplus(hs.beta);
   // Without the curvature mix the paths are averaged: α(0.55) = 1/2.
   const float mix_c = b.curvature_mix ? hs.c : float(kCurvatureMixCentre);
   hs.alpha = sigmoid(float(kCurvatureMixSlope) * (mix_c - float(kCurvatureMixCentre)));
-  return hs;
 }
 
 __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const AttentionShared& a,
@@ -913,12 +925,14 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
                           reinterpret_cast<uintptr_t>(s.q + token_at) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(s.k + token_at) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(s.v + token_at) % 16 == 0;
+  BkInputs bk_in = load_bk_inputs(b, stream, position);
+  HeadScalars hs = attention ? load_head_scalars(b, h) : HeadScalars{};
   if (attention)
     stage_attention_state(b, shared, stream, position, h);
   else
     stage_ssm(b, ssm, stream);
-  const BkInputs bk_in = bk_inputs(b, stream, position);
-  const HeadScalars hs = attention ? head_scalars(b, h) : HeadScalars{};
+  finish_bk_inputs(bk_in);
+  if (attention) finish_head_scalars(b, hs);
   wait_for_previous_kernel();
   allow_next_kernel();
   if (attention) stage_token(s, shared, token_at, dh, token_vec4);
@@ -952,6 +966,18 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   // x: y_att, then h_mid, then LN_ffn(h_mid). h_in (two or more kernels back) and y_glob (the mixer's) are
   // complete when this kernel starts.
   const PrologueShared p = prologue_shared(smem, chunk_rows, D, 4, stage_residual_rows(chunk_rows, D));
+  // The loads for ξ of this warp's row (the mixer's F, or g) go first, its math after the copies are issued.
+  float xi_in[3] = {0.f, 0.f, 0.f}, xi_w[4] = {0.f, 0.f, 0.f, 0.f};  // Phase 7: g's Im part and s_ξ
+  if (warp < n) {
+    const int r = row0 + warp;
+    if (b.phase8) {
+      for (int i = 0; i < 3; ++i) xi_in[i] = s.F[3 * r + i], xi_w[i] = b.xi_w[i];
+      xi_w[3] = b.xi_b[0];
+    } else {
+      xi_in[0] = s.g[2 * r + 1];
+      xi_w[0] = b.xi_s[0];
+    }
+  }
   prefetch_first_tile(plan);
   stage_param(p, 0, b.ln_h_gain, D);
   stage_param(p, 1, b.ln_h_bias, D);
@@ -961,13 +987,8 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     stage_chunk(p.h_in, h_in, row0, n, D);
     stage_chunk(p.y_glob, s.y_glob, row0, n, D);
   }
-  float xi = 0.f;  // ξ of this warp's row, from the mixer's F (or g)
-  if (warp < n) {
-    const int r = row0 + warp;
-    const float* F = s.F + 3 * r;
-    xi = b.phase8 ? sigmoid(b.xi_w[0] * F[0] + b.xi_w[1] * F[1] + b.xi_w[2] * F[2] + b.xi_b[0])
-                  : sigmoid(b.xi_s[0] * fabsf(s.g[2 * r + 1]));
-  }
+  const float xi = b.phase8 ? sigmoid(xi_w[0] * xi_in[0] + xi_w[1] * xi_in[1] + xi_w[2] * xi_in[2] + xi_w[3])
+                            : sigmoid(xi_w[0] * fabsf(xi_in[0]));
   wait_for_previous_kernel();
   allow_next_kernel();
   stage_chunk(p.x, s.y_att, row0, n, D);
