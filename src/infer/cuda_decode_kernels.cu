@@ -821,10 +821,25 @@ __device__ void stage_ssm(const BlockArgs& b, const SsmShared& m, int stream) {
     prefetch_l2(wo + byte);
 }
 
+// The rank mask's scalar parameters b₂ of MLP_r, w_π and b_π, loaded before the wait.
+struct MaskParams {
+  float b2, pi_w[3], pi_b;
+};
+
+__device__ MaskParams load_mask_params(const BlockArgs& b) {
+  MaskParams mp{};
+  if (b.rank_w1) {
+    mp.b2 = b.rank_b2[0];
+    for (int i = 0; i < 3; ++i) mp.pi_w[i] = b.pi_w[i];
+    mp.pi_b = b.pi_b[0];
+  }
+  return mp;
+}
+
 // The AR-SSM step of row r (ops/ssm.cpp's ssm_decode_step) from the block_input GEMV's ReLU(W₁u + b₁), W_U u
 // and W_V u: gate χ, rank mask, scan, readout, W_O, causal conv, into s.y_glob.
-__device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShared& m, int r, int stream,
-                         const float* F) {
+__device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShared& m, const MaskParams& mp, int r,
+                         int stream, const float* F) {
   const int D = b.D, R = b.R, G = D / 4, tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
   const size_t at = size_t(stream) * b.state.stream_floats;
   const float* u = s.u + size_t(r) * D;
@@ -855,9 +870,9 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShar
     // ω = σ(MLP_r(δ))·σ(w_π·F + b_π): lane k holds hidden unit k of MLP_r.
     const float delta = s.delta[r];
     const float unit = m.rank[2 * kSsmRankHidden + lane] * gelu(m.rank[lane] * delta + m.rank[kSsmRankHidden + lane]);
-    const float mlp = b.rank_b2[0] + warp_sum(unit);
+    const float mlp = mp.b2 + warp_sum(unit);
     if (lane == 0)
-      m.omega[0] = sigmoid(mlp) * sigmoid(b.pi_w[0] * F[0] + b.pi_w[1] * F[1] + b.pi_w[2] * F[2] + b.pi_b[0]);
+      m.omega[0] = sigmoid(mlp) * sigmoid(mp.pi_w[0] * F[0] + mp.pi_w[1] * F[1] + mp.pi_w[2] * F[2] + mp.pi_b);
   }
   __syncthreads();
   float* S = b.state.ssm_S + at;
@@ -882,25 +897,38 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShar
   const float* w2c = m.conv + 2 * round4(D);
   const float* u_prev2 = m.tail;
   const float* u_prev = m.tail + round4(D);
-  for (int d = tid; d < D; d += blockDim.x) {
-    float acc = 0.f;
+  // Two outputs per thread and pass, d and d + blockDim.x, whose weight rows are read together: one round of
+  // L2 latency per pass instead of one per output.
+  for (int d0 = tid; d0 < D; d0 += 2 * blockDim.x) {
+    const int d1 = d0 + blockDim.x;
+    const bool second = d1 < D;
+    float acc[2] = {0.f, 0.f};
     if (wo_vec4) {
-      const float4* wo = reinterpret_cast<const float4*>(b.ssm_w_o + size_t(d) * R);
+      const float4* wo0 = reinterpret_cast<const float4*>(b.ssm_w_o + size_t(d0) * R);
+      const float4* wo1 = reinterpret_cast<const float4*>(b.ssm_w_o + size_t(second ? d1 : d0) * R);
 #pragma unroll 8
       for (int i = 0; i < R / 4; ++i) {
-        const float4 w = __ldg(wo + i);
-        acc += w.x * m.readout[4 * i] + w.y * m.readout[4 * i + 1] + w.z * m.readout[4 * i + 2] +
-               w.w * m.readout[4 * i + 3];
+        const float4 w[2] = {__ldg(wo0 + i), __ldg(wo1 + i)};
+        for (int k = 0; k < 2; ++k)
+          acc[k] += w[k].x * m.readout[4 * i] + w[k].y * m.readout[4 * i + 1] + w[k].z * m.readout[4 * i + 2] +
+                    w[k].w * m.readout[4 * i + 3];
       }
     } else {
-      const float* wo = b.ssm_w_o + size_t(d) * R;
+      const float* wo0 = b.ssm_w_o + size_t(d0) * R;
+      const float* wo1 = b.ssm_w_o + size_t(second ? d1 : d0) * R;
 #pragma unroll 8
-      for (int i = 0; i < R; ++i) acc += __ldg(wo + i) * m.readout[i];
+      for (int i = 0; i < R; ++i) {
+        acc[0] += __ldg(wo0 + i) * m.readout[i];
+        acc[1] += __ldg(wo1 + i) * m.readout[i];
+      }
     }
-    const float u_now = u[d];
-    y_glob[d] = acc + m.b_o[d] + (w0[d] * u_prev2[d] + w1[d] * u_prev[d]) + w2c[d] * u_now;
-    tail[d] = u_prev[d];
-    tail[D + d] = u_now;
+    const float u_now[2] = {u[d0], second ? u[d1] : 0.f};
+    for (int k = 0; k < 1 + int(second); ++k) {
+      const int d = k == 0 ? d0 : d1;
+      y_glob[d] = acc[k] + m.b_o[d] + (w0[d] * u_prev2[d] + w1[d] * u_prev[d]) + w2c[d] * u_now[k];
+      tail[d] = u_prev[d];
+      tail[D + d] = u_now[k];
+    }
   }
 }
 
@@ -926,6 +954,7 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
                           reinterpret_cast<uintptr_t>(s.k + token_at) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(s.v + token_at) % 16 == 0;
   BkInputs bk_in = load_bk_inputs(b, stream, position);
+  const MaskParams mask_params = attention ? MaskParams{} : load_mask_params(b);
   HeadScalars hs = attention ? load_head_scalars(b, h) : HeadScalars{};
   if (attention)
     stage_attention_state(b, shared, stream, position, h);
@@ -951,7 +980,7 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
     next[2] = bk.prev_half;
     next[3] = 0.f;
   }
-  ssm_step(b, s, ssm, r, stream, bk.F);
+  ssm_step(b, s, ssm, mask_params, r, stream, bk.F);
 }
 
 template <bool kVec4, int kRows>
