@@ -733,6 +733,8 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
     const int e = i % dh, part = i / dh;
     float acc = 0.f;
     int key_slot = first_slot + part;
+    // Unrolled so that several keys' loads are in flight: one thread's keys are a chain of FMAs.
+#pragma unroll 4
     for (int m = part; m < n; m += parts) {
       while (key_slot >= W) key_slot -= W;
       acc += a.scores[m] * values[size_t(key_slot) * stride + e];
@@ -743,6 +745,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
       const float v_e = a.v[e];
       float out = 0.f;
       const int row1 = min(dh, (part + 1) * rows_per_part);
+#pragma unroll 4
       for (int row = part * rows_per_part; row < row1; ++row) {
         const float updated = a.S[size_t(row) * dh + e] + a.phi_k[row] * v_e;
         S_global[size_t(row) * dh + e] = updated;
