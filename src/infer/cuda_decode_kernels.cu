@@ -106,12 +106,15 @@ __device__ __forceinline__ void warp_row_pass(int D, Load load, Store store) {
 __device__ float warp_layernorm(float* x, const float* gain, const float* bias, int D) {
   const int lane = threadIdx.x % kWarp;
   float sum = 0.f, squares = 0.f;
+  // The sums are chains of adds; unrolled, a lane's shared-memory loads are in flight together.
+#pragma unroll 4
   for (int i = lane; i < D; i += kWarp) {
     sum += x[i];
     squares += x[i] * x[i];
   }
   const float mean = warp_sum(sum) / float(D);
   float var = 0.f;
+#pragma unroll 4
   for (int i = lane; i < D; i += kWarp) {
     const float d = x[i] - mean;
     var += d * d;
