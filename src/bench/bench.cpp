@@ -19,6 +19,7 @@
 #ifdef MUSE_HAVE_CUDA
 #include "common/cuda_check.cuh"
 #include "infer/cuda_decoder.h"
+#include "infer/decode_timeline.h"
 #endif
 
 namespace muse {
@@ -148,6 +149,10 @@ size_t device_bytes_in_use() {
 // step's kernels and a synchronisation, with the logits left on the device (a sampler on the host would add
 // their copy). Memory: the device memory the run holds (weights, E, states, step buffers).
 BenchRecord run_cuda_decode_bench(const BenchOptions& o, const ModelConfig& config) {
+  if (o.profile && !cuda::decode::timeline_enabled())
+    throw std::invalid_argument(
+        "--profile with --mode decode reports the GPU step's timeline, which this build leaves out: configure "
+        "with -DMUSE_DECODE_TIMELINE=ON (every phase of every decode kernel then reads the GPU clock)");
   MUSE_CUDA_CHECK(cudaFree(nullptr));  // create the context first, so the baseline excludes it
   const size_t baseline = device_bytes_in_use();
   Model<float> model(config);
@@ -166,6 +171,7 @@ BenchRecord run_cuda_decode_bench(const BenchOptions& o, const ModelConfig& conf
   r.device = std::string("cuda (") + prop.name + ")";
   r.gpu_math = "fp32";  // the decode kernels' arithmetic; --gpu-math sets the forward/train GEMMs only
   r.peak_mem_mb = double(device_bytes_in_use() - baseline) / double(1 << 20);
+  if (o.profile) r.timeline = cuda::decode::read_timeline();
   return r;
 }
 #endif

@@ -22,7 +22,8 @@ struct BenchOptions {
   int context = 100;             // decode: prompt tokens per stream before the timed steps
   int warmup = 2, iters = 10;
   std::string device = "cpu";    // cpu, cuda or auto
-  bool profile = false;          // GPU: time each group of kernels (BenchRecord::profile)
+  bool profile = false;          // GPU: time each group of kernels (BenchRecord::profile); decode: the
+                                 // step's timeline (BenchRecord::timeline)
   std::string gpu_math = "tf32"; // GPU GEMMs: tf32, bf16 or fp32
 };
 
@@ -40,6 +41,8 @@ struct BenchRecord {
   // With BenchOptions::profile: (group of kernels, ms per iteration) over the timed iterations, in the order
   // the groups run (cuda::Model::profile).
   std::vector<std::pair<std::string, double>> profile;
+  // GPU decode with BenchOptions::profile: (phase, µs) of the last step's last block (infer/decode_timeline.h).
+  std::vector<std::pair<std::string, double>> timeline;
 };
 
 BenchRecord run_bench(const BenchOptions& options);

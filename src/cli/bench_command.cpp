@@ -44,7 +44,9 @@ void add_bench_command(CLI::App& app) {
   cmd->add_flag("--json", *as_json, "Print one JSON record");
   cmd->add_flag("--profile", o->profile,
                 "GPU: also time each group of kernels (LayerNorm, BK core, attention, AR-SSM, head, ...) over the\n"
-                "iterations, in a separate pass, and report ms per iteration for each");
+                "iterations, in a separate pass, and report ms per iteration for each. With --mode decode: the\n"
+                "step's timeline, µs from the last block's start at which each kernel reached each phase (needs a\n"
+                "build configured with -DMUSE_DECODE_TIMELINE=ON)");
   cmd->callback([o, as_json, tokenizer_spec, text_file] {
     if (!tokenizer_spec->empty()) {
       if (text_file->empty()) throw std::invalid_argument("--tokenizer needs --text FILE to encode");
@@ -82,6 +84,11 @@ void add_bench_command(CLI::App& app) {
         for (const auto& [group, ms] : r.profile) groups.push_back({{"group", group}, {"ms", ms}});
         j["profile"] = groups;
       }
+      if (!r.timeline.empty()) {
+        nlohmann::json marks = nlohmann::json::array();
+        for (const auto& [mark, us] : r.timeline) marks.push_back({{"mark", mark}, {"us", us}});
+        j["timeline"] = marks;
+      }
       std::printf("%s\n", j.dump().c_str());
     } else if (r.mode == "decode") {
       std::printf("%s decode B=%d context=%d on %s (%d threads): %.1f tokens/s total, %.1f tokens/s per stream, "
@@ -102,6 +109,12 @@ void add_bench_command(CLI::App& app) {
       for (const auto& [group, ms] : r.profile)
         std::printf("  %-24s %9.3f ms  %5.1f %%\n", group.c_str(), ms, 100 * ms / total);
       std::printf("  %-24s %9.3f ms\n", "total", total);
+    }
+    if (!r.timeline.empty() && !*as_json) {
+      std::printf("step timeline: the last block of the last step and the head, µs after block_input started\n"
+                  "(stamps of thread 0 of the first row's block 0, the SSM block for 'mixer SSM', or of the last\n"
+                  "block to finish):\n");
+      for (const auto& [mark, us] : r.timeline) std::printf("  %-34s %8.2f\n", mark.c_str(), us);
     }
   });
 }

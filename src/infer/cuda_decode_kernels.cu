@@ -9,6 +9,7 @@
 #include "common/async_copy.cuh"
 #include "common/cuda_check.cuh"
 #include "common/math.h"
+#include "infer/decode_timeline.h"
 #include "ops/bk.h"
 #include "ops/ffn.h"
 #include "ops/hybrid.h"
@@ -61,6 +62,36 @@ __device__ __forceinline__ void allow_next_kernel() {
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(__cvta_generic_to_global(p)));
+}
+
+// ---- the step's timeline (infer/decode_timeline.h) ----------------------------------------------------
+
+#ifdef MUSE_DECODE_TIMELINE
+__device__ unsigned long long g_timeline[int(Mark::count)];
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long ns;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+  return ns;
+}
+#endif
+
+// Stamps `m` from thread 0 of the first row's block x (nothing in a build without the timeline).
+__device__ __forceinline__ void stamp(Mark m, unsigned x = 0) {
+#ifdef MUSE_DECODE_TIMELINE
+  if (threadIdx.x == 0 && blockIdx.x == x && blockIdx.y == 0) g_timeline[int(m)] = global_ns();
+#else
+  (void)m, (void)x;
+#endif
+}
+
+// Stamps `m` as the latest of every block's thread 0: a kernel's end.
+__device__ __forceinline__ void stamp_last(Mark m) {
+#ifdef MUSE_DECODE_TIMELINE
+  if (threadIdx.x == 0) atomicMax(&g_timeline[int(m)], global_ns());
+#else
+  (void)m;
+#endif
 }
 
 __device__ __forceinline__ float curvature_of(float c_raw) {
@@ -374,11 +405,14 @@ template <bool kVec4, int kRows>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     gemv_kernel(const float* x, int count, const __grid_constant__ GemvPlan plan) {
   __shared__ float partial[kGemvWarps][kRowsPerChunk];
+  stamp(Mark::wo_start);
   prefetch_first_tile(plan);
   wait_for_previous_kernel();
+  stamp(Mark::wo_waited);
   allow_next_kernel();
   const int row0 = blockIdx.y * kRowsPerChunk, rows = min(kRowsPerChunk, count - row0);
   run_gemv<kVec4, kRows>(plan, x + size_t(row0) * plan.K, rows, row0, partial);
+  stamp_last(Mark::wo_done);
 }
 
 template <bool kVec4, int kRows>
@@ -391,14 +425,17 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   const int chunk_rows = min(kRowsPerChunk, rows.count);
   const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
   const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: u
+  stamp(Mark::input_start);
   prefetch_first_tile(plan);
   stage_param(p, 0, b.ln_gain, D);
   stage_param(p, 1, b.ln_bias, D);
   wait_for_previous_kernel();
+  stamp(Mark::input_waited);
   allow_next_kernel();
   if (!embedding.E) stage_chunk(p.x, h_in, row0, n, D);
   wait_async_copies();
   __syncthreads();
+  stamp(Mark::input_staged);
   // Every block normalises its rows for its own GEMV; block 0 also writes what later kernels read.
   const bool writer = blockIdx.x == 0;
   if (warp < n) {
@@ -423,7 +460,9 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     }
   }
   __syncthreads();
+  stamp(Mark::input_normalised);
   run_gemv<kVec4, kRows>(plan, p.x, n, row0, partial);
+  stamp_last(Mark::input_done);
 }
 
 // What the BK step of a row (ops/bk.cpp's bk_decode_step) reads besides block_input's projections: its
@@ -656,6 +695,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
   const float scale = 1.f / sqrtf(float(dh));
   wait_async_copies();
   __syncthreads();  // the staged state and the token's vectors are in shared memory
+  stamp(Mark::mixer_staged);
 
   // The token's q, k, v; the push of k and v into slot position % W (which holds a key no query from here on
   // sees); φ(q), φ̃(k) = μ·φ(k) and z + φ̃(k) of the linear path. Sums: ‖q‖², ‖k‖², ζ = (z + φ̃(k))·φ(q).
@@ -680,6 +720,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
     }
   }
   block_sum(sums, a.scratch);
+  stamp(Mark::mixer_norms);
   const TangentNorm<float> q_norm = tangent_norm_from_squared(sums[0], sqrt_c);
   const TangentNorm<float> k_norm = tangent_norm_from_squared(sums[1], sqrt_c);
   const float4 new_norms = make_float4(k_norm.norm, k_norm.a, k_norm.ls2a, k_norm.coth2a);
@@ -716,9 +757,11 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
     }
   }
   __syncthreads();
+  stamp(Mark::mixer_scores);
   float local_max = -INFINITY;
   for (int m = tid; m < n; m += blockDim.x) local_max = fmaxf(local_max, a.scores[m]);
   const float max_score = block_max(local_max, a.scratch);
+  stamp(Mark::mixer_max);
   float weight_sum[1] = {0.f};
   for (int m = tid; m < n; m += blockDim.x) {
     const float p = expf(a.scores[m] - max_score);
@@ -726,6 +769,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
     weight_sum[0] += p;
   }
   block_sum(weight_sum, a.scratch);  // its barriers also publish the weights
+  stamp(Mark::mixer_weights);
 
   // Σ_m p_m v_m and the linear state's update S += φ̃(k)vᵀ with its read Sᵀφ(q): thread (part, e) takes
   // the keys m ≡ part and the rows of S in part `part` (parts of the block's threads per element).
@@ -758,6 +802,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
     }
   }
   __syncthreads();
+  stamp(Mark::mixer_weighted_sum);
   const float alpha = hs.alpha;
   const float inv_denominator = 1.f / fmaxf(sums[2], float(kLinearAttnDenominatorFloor));
   float* mixed = s.mixed + size_t(r) * D + h * dh;
@@ -855,6 +900,7 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShar
   const float* w2 = m.w2 ? m.w2 : b.ssm_w2;
   wait_async_copies();
   __syncthreads();
+  stamp(Mark::ssm_staged, b.H);
 
   // χ = σ(W₂·hidden + b₂): `group` lanes per gate row (a power of two, so a row's lanes share a warp), all
   // R rows at once when R·group fits the block; the row loop's trip count is the same for every thread.
@@ -881,6 +927,7 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShar
       m.omega[0] = sigmoid(mlp) * sigmoid(mp.pi_w[0] * F[0] + mp.pi_w[1] * F[1] + mp.pi_w[2] * F[2] + mp.pi_b);
   }
   __syncthreads();
+  stamp(Mark::ssm_gate, b.H);
   float* S = b.state.ssm_S + at;
   for (int i = tid; i < R; i += blockDim.x) {
     float gate = m.chi[i];
@@ -893,6 +940,7 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShar
     m.readout[i] = state * (proj_v[i] * gate);
   }
   __syncthreads();
+  stamp(Mark::ssm_scan, b.H);
   // y = W_O·readout + b_O + (w₀⊙u_{t−2} + w₁⊙u_{t−1}) + w₂⊙u_t, and the conv tail moves on (in global memory;
   // the staged copy is the last step's).
   const bool wo_vec4 = R % 4 == 0 && reinterpret_cast<uintptr_t>(b.ssm_w_o) % 16 == 0;
@@ -936,6 +984,7 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShar
       tail[D + d] = u_now[k];
     }
   }
+  stamp(Mark::ssm_done, b.H);
 }
 
 // Blocks (h < H, r): attention head h of row r; blocks (H, r): the AR-SSM of row r. Every block runs the BK
@@ -953,6 +1002,8 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
   const bool attention = int(blockIdx.x) < b.H;
   const AttentionShared shared = attention ? attention_shared(smem, b.D / b.H, b.W, b.linear_attn) : AttentionShared{};
   const SsmShared ssm = attention ? SsmShared{} : ssm_shared(smem, b.D, b.R);
+  stamp(Mark::mixer_start);
+  stamp(Mark::ssm_start, b.H);
   const int h = blockIdx.x, dh = b.D / b.H;
   const size_t token_at = size_t(r) * b.D + h * dh;
   const bool token_vec4 = dh % 4 == 0 && reinterpret_cast<uintptr_t>(shared.q) % 16 == 0 &&
@@ -969,11 +1020,17 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
   finish_bk_inputs(bk_in);
   if (attention) finish_head_scalars(b, hs);
   wait_for_previous_kernel();
+  stamp(Mark::mixer_waited);
+  stamp(Mark::ssm_waited, b.H);
   allow_next_kernel();
   if (attention) stage_token(s, shared, token_at, dh, token_vec4);
+  stamp(Mark::mixer_token_issued);
   const BkStep bk = bk_step(b, s, bk_in, r);
+  stamp(Mark::mixer_bk_step);
   if (attention) {
     attention_head(b, s, shared, hs, r, stream, position, h, bk.F);
+    stamp(Mark::mixer_attention_done);
+    stamp_last(Mark::mixer_done);
     return;
   }
   if (threadIdx.x == 0) {
@@ -987,6 +1044,7 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
     next[3] = 0.f;
   }
   ssm_step(b, s, ssm, mask_params, r, stream, bk.F);
+  stamp_last(Mark::mixer_done);
 }
 
 template <bool kVec4, int kRows>
@@ -1001,6 +1059,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   // x: y_att, then h_mid, then LN_ffn(h_mid). h_in (two or more kernels back) and y_glob (the mixer's) are
   // complete when this kernel starts.
   const PrologueShared p = prologue_shared(smem, chunk_rows, D, 4, stage_residual_rows(chunk_rows, D));
+  stamp(Mark::mix_start);
   // The loads for ξ of this warp's row (the mixer's F, or g) go first, its math after the copies are issued.
   float xi_in[3] = {0.f, 0.f, 0.f}, xi_w[4] = {0.f, 0.f, 0.f, 0.f};  // Phase 7: g's Im part and s_ξ
   if (warp < n) {
@@ -1025,10 +1084,12 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   const float xi = b.phase8 ? sigmoid(xi_w[0] * xi_in[0] + xi_w[1] * xi_in[1] + xi_w[2] * xi_in[2] + xi_w[3])
                             : sigmoid(xi_w[0] * fabsf(xi_in[0]));
   wait_for_previous_kernel();
+  stamp(Mark::mix_waited);
   allow_next_kernel();
   stage_chunk(p.x, s.y_att, row0, n, D);
   wait_async_copies();
   __syncthreads();
+  stamp(Mark::mix_staged);
   if (warp < n) {
     const int r = row0 + warp;
     float* xr = p.x + size_t(warp) * D;
@@ -1049,7 +1110,9 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     if (b.ln_ffn_gain) warp_layernorm(xr, p.params + 2 * D, p.params + 3 * D, D);
   }
   __syncthreads();
+  stamp(Mark::mix_prologue);
   run_gemv<kVec4, kRows>(plan, p.x, n, row0, partial);
+  stamp_last(Mark::mix_done);
 }
 
 // kOneRow: a one-row step through run_head_one_row (head() checks that the plan qualifies).
@@ -1063,6 +1126,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   const int chunk_rows = min(kRowsPerChunk, rows.count);
   const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
   const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: LN_final(h)
+  stamp(Mark::head_start);
   if (kOneRow)
     prefetch_head_rows(plan);
   else
@@ -1070,6 +1134,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   stage_param(p, 0, gain, D);
   stage_param(p, 1, bias, D);
   wait_for_previous_kernel();
+  stamp(Mark::head_waited);
   allow_next_kernel();
   stage_chunk(p.x, h, row0, n, D);
   wait_async_copies();
@@ -1085,6 +1150,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     run_head_one_row(plan, p.x, row0);
   else
     run_gemv<kVec4, kRowsPerChunk>(plan, p.x, n, row0, partial);
+  stamp_last(Mark::head_done);
 }
 
 // ---- the fused low-rank FFN -----------------------------------------------------------------------------
@@ -1164,6 +1230,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int
   const int tid = threadIdx.x, rho = f.rho, D = f.D;
   const int slice = blockIdx.x, unit0 = slice * kFfnSlice, width = min(kFfnSlice, f.F - unit0);
   const int out0 = slice * f.outputs_per_slice, outs = max(0, min(f.outputs_per_slice, D - out0));
+  stamp(Mark::ffn_start);
   stage_transposed(m.u1, f.u1 + size_t(unit0) * rho, rho, width, rho);  // u1[k·width + i] = U₁[unit0 + i, k]
   stage_transposed(m.v2, f.v2 + unit0, f.F, rho, width);               // v2[i·ρ + o] = V₂[o, unit0 + i]
   stage_rows(m.b1, width, f.b1 + unit0, width, 1, width, -1);
@@ -1172,6 +1239,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int
     stage_rows(m.b2, outs, f.b2 + out0, outs, 1, outs, -1);
   }
   wait_for_previous_kernel();
+  stamp(Mark::ffn_waited);
   allow_next_kernel();
   for (int chunk = blockIdx.y; chunk * kRowsPerChunk < count; chunk += gridDim.y) {
     const int row0 = chunk * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
@@ -1179,6 +1247,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int
     if (outs > 0) stage_rows(m.h_mid, outs, f.h_mid + size_t(row0) * D + out0, D, n, outs, -1);
     wait_async_copies();
     __syncthreads();
+    stamp(Mark::ffn_staged);
     for (int t = tid; t < n * width; t += kGemvThreads) {
       const int r = t / width, i = t % width;
       float acc = 0.f;
@@ -1193,7 +1262,9 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int
       for (int i = 0; i < width; ++i) acc += m.v2[i * rho + o] * m.hidden[r * kFfnSlice + i];
       f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc;
     }
+    stamp(Mark::ffn_before_barrier);
     grid_row_barrier(f.barriers + blockIdx.y, gridDim.x);
+    stamp(Mark::ffn_after_barrier);
     if (outs > 0) {
       // low2 = Σ over slices in slice order: `groups` runs of slices per value, so that the loads of a
       // thread are few and independent, then the runs' sums in run order. The runs do not depend on the
@@ -1224,6 +1295,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int
     }
     __syncthreads();  // the chunk's shared rows are free for the next chunk
   }
+  stamp_last(Mark::ffn_done);
 }
 
 // ---- launches -------------------------------------------------------------------------------------------
@@ -1389,6 +1461,43 @@ void head(const StepRows& rows, const float* h, const float* gain, const float* 
   launch(one_row ? &head_kernel<true, true> : plan.vec4 ? &head_kernel<true, false> : &head_kernel<false, false>,
          grid, dim3(kGemvThreads),
          layer_norm_prologue_bytes(rows.count, D), overlap, stream, rows, h, gain, bias, D, plan);
+}
+
+namespace {
+
+const char* const kMarkNames[] = {
+    "block_input: start", "block_input: waited", "block_input: rows staged", "block_input: normalised",
+    "block_input: done (last block)", "mixer: start", "mixer: waited", "mixer: q, k, v issued", "mixer: BK step",
+    "mixer: staged", "mixer: norms", "mixer: scores", "mixer: max", "mixer: weights", "mixer: weighted sum",
+    "mixer: attention done", "mixer SSM: start", "mixer SSM: waited", "mixer SSM: staged", "mixer SSM: gate",
+    "mixer SSM: scan", "mixer SSM: done", "mixer: done (last block)", "W_o gemv: start", "W_o gemv: waited",
+    "W_o gemv: done (last block)", "residual_mix: start", "residual_mix: waited", "residual_mix: staged",
+    "residual_mix: prologue", "residual_mix: done (last block)", "ffn: start", "ffn: waited", "ffn: staged",
+    "ffn: before barrier", "ffn: after barrier", "ffn: done (last block)", "head: start", "head: waited",
+    "head: done (last block)"};
+static_assert(sizeof(kMarkNames) / sizeof(kMarkNames[0]) == size_t(Mark::count), "a name per mark");
+
+}  // namespace
+
+bool timeline_enabled() {
+#ifdef MUSE_DECODE_TIMELINE
+  return true;
+#else
+  return false;
+#endif
+}
+
+std::vector<std::pair<std::string, double>> read_timeline() {
+#ifdef MUSE_DECODE_TIMELINE
+  unsigned long long ns[int(Mark::count)];
+  MUSE_CUDA_CHECK(cudaMemcpyFromSymbol(ns, g_timeline, sizeof(ns)));
+  std::vector<std::pair<std::string, double>> marks;
+  for (int m = 0; m < int(Mark::count); ++m)
+    marks.emplace_back(kMarkNames[m], double(static_cast<long long>(ns[m] - ns[int(Mark::input_start)])) / 1e3);
+  return marks;
+#else
+  throw std::logic_error("this build has no decode timeline (configure with -DMUSE_DECODE_TIMELINE=ON)");
+#endif
 }
 
 }  // namespace muse::cuda::decode
