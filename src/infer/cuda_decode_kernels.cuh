@@ -134,11 +134,11 @@ struct Embedding {
 };
 
 // Blocks of one launch that wait for each other (a grid-wide barrier for the blocks along x of one grid
-// row): `arrived` counts them in, and the last one bumps `generation`, which the others watch. Zero-initialised
-// once; each use leaves it ready for the next, so a captured step can replay it.
+// row): a count of arrivals that only grows. A block adds one and waits until the count reaches the next
+// multiple of the number of blocks, so every use leaves it at a multiple, ready for the next, and a captured
+// step can replay it. Zero-initialised once; 64 bits do not wrap.
 struct GridBarrier {
-  unsigned arrived = 0;
-  unsigned generation = 0;
+  unsigned long long arrived = 0;
 };
 
 // Hidden units of the low-rank FFN one ffn block owns.
