@@ -671,10 +671,6 @@ __device__ void stage_token(const StepBuffers& s, const AttentionShared& a, size
   }
 }
 
-// Windowed hyperbolic attention of head h for row r (ops/local_attn.cpp's decode push and step), then the
-// linear-attention update and the curvature mix (ops/linear_attn.cpp, ops/hybrid.cpp), into s.mixed. Every
-// stage spreads over the whole block: scores a group of threads per key, the weighted sum and the linear
-// state's update a part of the keys (rows) per thread, added in part order.
 // Head h's scalars, which depend on parameters only: computed before the wait, in two halves as BkInputs.
 struct HeadScalars {
   float c_raw, beta;   // the parameters (load_head_scalars)
@@ -706,6 +702,10 @@ __device__ void finish_head_scalars(const BlockArgs& b, HeadScalars& hs) {
   hs.alpha = sigmoid(float(kCurvatureMixSlope) * (mix_c - float(kCurvatureMixCentre)));
 }
 
+// Windowed hyperbolic attention of head h for row r (ops/local_attn.cpp's decode push and step), then the
+// linear-attention update and the curvature mix (ops/linear_attn.cpp, ops/hybrid.cpp), into s.mixed. Every
+// stage spreads over the whole block: scores a group of threads per key, the weighted sum and the linear
+// state's update a part of the keys (rows) per thread, added in part order.
 __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const AttentionShared& a,
                                const HeadScalars& hs, int r, int stream, int position, int h, const float* F) {
   const int D = b.D, H = b.H, W = b.W, dh = D / H, tid = threadIdx.x, slot = position % W;
