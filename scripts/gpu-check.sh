@@ -5,7 +5,9 @@
 # 1. every GPU test (each CUDA op against its CPU reference, the whole model, the GPU trainer);
 # 2. the README's main job on the GPU: prepare the KJV, train `demo` for MUSE_GPU_DEMO_BUDGET seconds
 #    (default 60), evaluate on the GPU, generate;
-# 3. the benchmark grid (scripts/gpu-bench.sh) unless MUSE_GPU_BENCH=0.
+# 3. the benchmark grid (scripts/gpu-bench.sh) unless MUSE_GPU_BENCH=0;
+# 4. with .gpu/muse-timeline.xz (MUSE_TIMELINE=1 scripts/gpu-bundle.sh): the decode step's timeline of
+#    phase8-small, one stream.
 # Logs and JSON go under $OUT (default /tmp/muse-gpu-check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +45,13 @@ fi
 if [ "${MUSE_GPU_BENCH:-1}" != 0 ]; then
   echo "== benchmark grid"
   MUSE="$muse" OUT="$out" scripts/gpu-bench.sh || status=1
+fi
+if [ -f .gpu/muse-timeline.xz ]; then
+  echo "== decode step timeline"
+  xz -dc .gpu/muse-timeline.xz > /tmp/muse-timeline && chmod +x /tmp/muse-timeline
+  /tmp/muse-timeline bench -p phase8-small --mode decode --context 1000 --warmup 5 --iters 50 --device cuda \
+    --profile > "$out/decode-timeline.txt" 2>&1 || status=1
+  cat "$out/decode-timeline.txt"
 fi
 echo "gpu check exit status: $status"
 exit $status
