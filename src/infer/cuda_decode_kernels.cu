@@ -65,8 +65,15 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 }
 
 // ---- the step's timeline (infer/decode_timeline.h) ----------------------------------------------------
+// Compiled in every build (so that CI compiles the timeline too); only a build with MUSE_DECODE_TIMELINE
+// stamps.
 
 #ifdef MUSE_DECODE_TIMELINE
+constexpr bool kTimeline = true;
+#else
+constexpr bool kTimeline = false;
+#endif
+
 __device__ unsigned long long g_timeline[int(Mark::count)];
 
 __device__ __forceinline__ unsigned long long global_ns() {
@@ -74,24 +81,17 @@ __device__ __forceinline__ unsigned long long global_ns() {
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
   return ns;
 }
-#endif
 
-// Stamps `m` from thread 0 of the first row's block x (nothing in a build without the timeline).
+// Stamps `m` from thread 0 of the first row's block x.
 __device__ __forceinline__ void stamp(Mark m, unsigned x = 0) {
-#ifdef MUSE_DECODE_TIMELINE
-  if (threadIdx.x == 0 && blockIdx.x == x && blockIdx.y == 0) g_timeline[int(m)] = global_ns();
-#else
-  (void)m, (void)x;
-#endif
+  if constexpr (kTimeline)
+    if (threadIdx.x == 0 && blockIdx.x == x && blockIdx.y == 0) g_timeline[int(m)] = global_ns();
 }
 
 // Stamps `m` as the latest of every block's thread 0: a kernel's end.
 __device__ __forceinline__ void stamp_last(Mark m) {
-#ifdef MUSE_DECODE_TIMELINE
-  if (threadIdx.x == 0) atomicMax(&g_timeline[int(m)], global_ns());
-#else
-  (void)m;
-#endif
+  if constexpr (kTimeline)
+    if (threadIdx.x == 0) atomicMax(&g_timeline[int(m)], global_ns());
 }
 
 __device__ __forceinline__ float curvature_of(float c_raw) {
@@ -1505,25 +1505,19 @@ static_assert(sizeof(kMarkNames) / sizeof(kMarkNames[0]) == size_t(Mark::count),
 
 }  // namespace
 
-bool timeline_enabled() {
-#ifdef MUSE_DECODE_TIMELINE
-  return true;
-#else
-  return false;
-#endif
-}
+bool timeline_enabled() { return kTimeline; }
 
 std::vector<std::pair<std::string, double>> read_timeline() {
-#ifdef MUSE_DECODE_TIMELINE
-  unsigned long long ns[int(Mark::count)];
-  MUSE_CUDA_CHECK(cudaMemcpyFromSymbol(ns, g_timeline, sizeof(ns)));
-  std::vector<std::pair<std::string, double>> marks;
-  for (int m = 0; m < int(Mark::count); ++m)
-    marks.emplace_back(kMarkNames[m], double(static_cast<long long>(ns[m] - ns[int(Mark::input_start)])) / 1e3);
-  return marks;
-#else
-  throw std::logic_error("this build has no decode timeline (configure with -DMUSE_DECODE_TIMELINE=ON)");
-#endif
+  if constexpr (kTimeline) {
+    unsigned long long ns[int(Mark::count)];
+    MUSE_CUDA_CHECK(cudaMemcpyFromSymbol(ns, g_timeline, sizeof(ns)));
+    std::vector<std::pair<std::string, double>> marks;
+    for (int m = 0; m < int(Mark::count); ++m)
+      marks.emplace_back(kMarkNames[m], double(static_cast<long long>(ns[m] - ns[int(Mark::input_start)])) / 1e3);
+    return marks;
+  } else {
+    throw std::logic_error("this build has no decode timeline (configure with -DMUSE_DECODE_TIMELINE=ON)");
+  }
 }
 
 }  // namespace muse::cuda::decode
