@@ -674,7 +674,7 @@ __device__ void stage_token(const StepBuffers& s, const AttentionShared& a, size
 // Head h's scalars, which depend on parameters only: computed before the wait, in two halves as BkInputs.
 struct HeadScalars {
   float c_raw, beta;   // the parameters (load_head_scalars)
-  float c, sqrt_c;     // curvature (finish_head_scalars, as the rest)
+  float sqrt_c;        // √c of the curvature (finish_head_scalars, as the rest)
   float gate[4];       // key gate w (3) and b; unused without the gate
   float temperature;   // softplus(β_h)
   float slope;         // ALiBi slope, or 0
@@ -694,11 +694,11 @@ __device__ HeadScalars load_head_scalars(const BlockArgs& b, int h) {
 }
 
 __device__ void finish_head_scalars(const BlockArgs& b, HeadScalars& hs) {
-  hs.c = curvature_of(hs.c_raw);
-  hs.sqrt_c = sqrtf(hs.c);
+  const float c = curvature_of(hs.c_raw);
+  hs.sqrt_c = sqrtf(c);
   hs.temperature = softplus(hs.beta);
   // Without the curvature mix the paths are averaged: α(0.55) = 1/2.
-  const float mix_c = b.curvature_mix ? hs.c : float(kCurvatureMixCentre);
+  const float mix_c = b.curvature_mix ? c : float(kCurvatureMixCentre);
   hs.alpha = sigmoid(float(kCurvatureMixSlope) * (mix_c - float(kCurvatureMixCentre)));
 }
 
@@ -1036,7 +1036,7 @@ __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, con
   stamp(Mark::ssm_start, b.H);
   const int h = blockIdx.x, dh = b.D / b.H;
   const size_t token_at = size_t(r) * b.D + h * dh;
-  const bool token_vec4 = dh % 4 == 0 && reinterpret_cast<uintptr_t>(shared.q) % 16 == 0 &&
+  const bool token_vec4 = attention && dh % 4 == 0 && reinterpret_cast<uintptr_t>(shared.q) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(s.q + token_at) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(s.k + token_at) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(s.v + token_at) % 16 == 0;
