@@ -1190,30 +1190,119 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   stamp_last(Mark::head_done);
 }
 
-// ---- the fused low-rank FFN -----------------------------------------------------------------------------
+// ---- the low-rank FFN, in two kernels --------------------------------------------------------------------
+// ffn_up: block x owns hidden units [x·kFfnSlice, …): hidden = cap10(GELU(U₁·low1 + b₁)), then its share of
+// V₂·hidden into `partials`. ffn_down: block x adds the slices' shares (in slice order) and computes D outputs
+// [x·kFfnDownOutputs, …) of U₂ with b₂ and the residual. The kernel boundary between them is about 0.4 µs of
+// a one-stream step; a barrier among the blocks of one kernel, where the last arrival releases the others,
+// measured 2.7 µs (its atomics on one word serialise).
 
-// See GridBarrier. Every block of the grid row must be resident (make_ffn_plan bounds the grid so); the
-// writes a block made before the barrier are visible to the others' loads after it: __syncthreads orders
-// them before thread 0's arrival, whose release is cumulative, and the waiters' acquire loads come before
-// their own __syncthreads. One atomic and a polling load per block: the last arrival is what releases
-// everyone (a separate "generation" word cost a load and a second atomic on the critical path).
-__device__ void grid_row_barrier(GridBarrier* barrier, unsigned blocks) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    ::cuda::atomic_ref<unsigned long long, ::cuda::thread_scope_device> arrived(barrier->arrived);
-    const unsigned long long before = arrived.fetch_add(1ull, ::cuda::memory_order_acq_rel);
-    const unsigned long long target = before - before % blocks + blocks;
-    while (arrived.load(::cuda::memory_order_acquire) < target) {
-    }
+// Lanes that share one output of the FFN's products (a power of two, ≤ 32): each takes
+// every kLanes-th term for all the chunk's rows (the weight read once), then a shuffle tree adds the lanes'
+// sums. The order depends on kLanes only, not on a step's number of rows, and a block's outputs take one
+// pass of its threads whatever the rows.
+constexpr int kFfnHiddenLanes = 8;  // per hidden unit: ρ terms
+constexpr int kFfnShareLanes = 4;   // per value of a slice's V₂ share: kFfnSlice terms
+constexpr int kFfnOutputLanes = 8;  // per U₂ output: ρ terms
+constexpr bool lane_group(int lanes) { return lanes >= 1 && lanes <= kWarp && (lanes & (lanes - 1)) == 0; }
+static_assert(lane_group(kFfnHiddenLanes) && lane_group(kFfnShareLanes) && lane_group(kFfnOutputLanes));
+
+// acc[r] = Σ_k<len w[k]·x[r·x_stride + k] for the rows r < rows (≤ kRows), by the kLanes lanes of a group
+// (`sub`: this lane's place in it); every lane of the group gets the sums. Every lane of the warp must call
+// it (len = 0 for lanes without an output).
+template <int kLanes, int kRows>
+__device__ __forceinline__ void group_dots(float (&acc)[kRows], const float* w, const float* x, int x_stride,
+                                           int len, int rows, int sub) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
+#pragma unroll 4
+  for (int k = sub; k < len; k += kLanes) {
+    const float wk = w[k];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < rows) acc[r] += wk * x[r * x_stride + k];
   }
-  __syncthreads();
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+    for (int offset = kLanes / 2; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(kFull, acc[r], offset);
 }
 
-// Shared memory of an ffn block (floats, in this order), copied in before the wait: its U₁ rows and V₂
-// columns and its U₂ rows, each transposed so that the threads of a warp, one output each, read
-// consecutive words; b₁ and b₂. Then the chunk's low1, hidden, low2 and h_mid rows and the slices' sums.
-struct FfnShared {
-  float *u1, *v2, *u2, *b1, *b2, *low1, *hidden, *low2, *h_mid, *sums;
+// Row strides of the staged weights: with rows of ρ + 8 (kFfnSlice + 4) floats the groups of a warp, which
+// read consecutive rows at the same offsets, fall on different banks.
+__host__ __device__ inline int ffn_rank_stride(int rho) { return rho + 8; }
+constexpr int kFfnSliceStride = kFfnSlice + 4;
+
+// Shared memory of an ffn_up block (floats, in this order), copied in before the wait: its U₁ rows [kFfnSlice]
+// [ρ + 8], its V₂ columns as rows [ρ][kFfnSlice + 4], b₁; then the chunk's low1 and hidden rows.
+struct FfnUpShared {
+  float *u1, *v2, *b1, *low1, *hidden;
+};
+
+__host__ __device__ inline size_t ffn_up_floats(int rho) {
+  return size_t(kFfnSlice) * ffn_rank_stride(rho) + size_t(rho) * kFfnSliceStride + kFfnSlice +
+         size_t(kRowsPerChunk) * (rho + kFfnSlice);
+}
+
+__device__ FfnUpShared ffn_up_shared(float* smem, int rho) {
+  FfnUpShared m{};
+  float* at = smem;
+  m.u1 = at, at += size_t(kFfnSlice) * ffn_rank_stride(rho);
+  m.v2 = at, at += size_t(rho) * kFfnSliceStride;
+  m.b1 = at, at += kFfnSlice;
+  m.low1 = at, at += size_t(kRowsPerChunk) * rho;
+  m.hidden = at;
+  return m;
+}
+
+// Grid (slices, chunks of rows). kRows: 1 for one-row steps, else kRowsPerChunk (as run_gemv).
+template <int kRows>
+__global__ void __launch_bounds__(kGemvThreads) ffn_up_kernel(int count, const __grid_constant__ FfnPlan f) {
+  extern __shared__ float smem[];
+  const int tid = threadIdx.x, rho = f.rho;
+  const FfnUpShared m = ffn_up_shared(smem, rho);
+  const int slice = blockIdx.x, unit0 = slice * kFfnSlice, width = min(kFfnSlice, f.F - unit0);
+  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
+  stamp(Mark::ffn_up_start);
+  stage_rows(m.u1, ffn_rank_stride(rho), f.u1 + size_t(unit0) * rho, rho, width, rho, -1);
+  stage_rows(m.v2, kFfnSliceStride, f.v2 + unit0, f.F, rho, width, -1);
+  stage_rows(m.b1, width, f.b1 + unit0, width, 1, width, -1);
+  wait_for_previous_kernel();
+  stamp(Mark::ffn_up_waited);
+  allow_next_kernel();
+  stage_chunk(m.low1, f.low1, row0, n, rho);
+  wait_async_copies();
+  __syncthreads();
+  stamp(Mark::ffn_up_staged);
+  // The loops' trip counts are the same for every thread, so every lane reaches the shuffles; lane `sub` of
+  // an output's group stores its row `sub` (and sub + kLanes, …).
+  for (int i0 = 0; i0 < kFfnSlice; i0 += kGemvThreads / kFfnHiddenLanes) {
+    const int i = i0 + tid / kFfnHiddenLanes, sub = tid % kFfnHiddenLanes;
+    float acc[kRows];
+    group_dots<kFfnHiddenLanes>(acc, m.u1 + size_t(i) * ffn_rank_stride(rho), m.low1, rho, i < width ? rho : 0, n,
+                                sub);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < n && r % kFfnHiddenLanes == sub && i < width)
+        m.hidden[r * kFfnSlice + i] = cap(gelu(acc[r] + m.b1[i]), float(kFfnCap));
+  }
+  __syncthreads();
+  stamp(Mark::ffn_up_hidden);
+  for (int o0 = 0; o0 < rho; o0 += kGemvThreads / kFfnShareLanes) {
+    const int o = o0 + tid / kFfnShareLanes, sub = tid % kFfnShareLanes;
+    float acc[kRows];
+    group_dots<kFfnShareLanes>(acc, m.v2 + size_t(o) * kFfnSliceStride, m.hidden, kFfnSlice, o < rho ? width : 0, n,
+                               sub);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < n && r % kFfnShareLanes == sub && o < rho) f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc[r];
+  }
+  stamp_last(Mark::ffn_up_done);
+}
+
+// Shared memory of an ffn_down block (floats): its U₂ rows [kFfnDownOutputs][ρ + 8], b₂ and the chunk's h_mid
+// columns (copied in before the wait), then low2 and the runs' sums of low2 (ffn_sum_floats).
+struct FfnDownShared {
+  float *u2, *b2, *h_mid, *low2, *sums;
 };
 
 // The runs' sums of low2: at most kGemvThreads / ρ runs (or one) of kRowsPerChunk·ρ values.
@@ -1221,114 +1310,74 @@ __host__ __device__ inline size_t ffn_sum_floats(int rho) {
   return size_t(kRowsPerChunk) * (rho > kGemvThreads ? rho : kGemvThreads);
 }
 
-__host__ __device__ inline size_t ffn_floats(const FfnPlan& f) {
-  const size_t rho = f.rho, outs = f.outputs_per_slice;
-  return 2 * rho * kFfnSlice + rho * outs + kFfnSlice + outs + kRowsPerChunk * (rho + kFfnSlice + rho + outs) +
-         ffn_sum_floats(f.rho);
+__host__ __device__ inline size_t ffn_down_floats(int rho) {
+  return size_t(kFfnDownOutputs) * ffn_rank_stride(rho) + kFfnDownOutputs + size_t(kRowsPerChunk) * kFfnDownOutputs +
+         size_t(kRowsPerChunk) * rho + ffn_sum_floats(rho);
 }
 
-__device__ FfnShared ffn_shared(float* smem, const FfnPlan& f) {
-  const size_t rho = f.rho, outs = f.outputs_per_slice;
-  FfnShared m{};
+__device__ FfnDownShared ffn_down_shared(float* smem, int rho) {
+  FfnDownShared m{};
   float* at = smem;
-  m.u1 = at, at += rho * kFfnSlice;  // [ρ][kFfnSlice]
-  m.v2 = at, at += kFfnSlice * rho;  // [kFfnSlice][ρ]
-  m.u2 = at, at += rho * outs;       // [ρ][outputs_per_slice]
-  m.b1 = at, at += kFfnSlice;
-  m.b2 = at, at += outs;
-  m.low1 = at, at += kRowsPerChunk * rho;
-  m.hidden = at, at += kRowsPerChunk * kFfnSlice;
-  m.low2 = at, at += kRowsPerChunk * rho;
-  m.h_mid = at, at += kRowsPerChunk * outs;
+  m.u2 = at, at += size_t(kFfnDownOutputs) * ffn_rank_stride(rho);
+  m.b2 = at, at += kFfnDownOutputs;
+  m.h_mid = at, at += size_t(kRowsPerChunk) * kFfnDownOutputs;
+  m.low2 = at, at += size_t(kRowsPerChunk) * rho;
   m.sums = at;
   return m;
 }
 
-// to[c·rows + r] = from[r·from_stride + c] for r < rows, c < cols, asynchronously (4-byte copies: the global
-// reads run along rows, the shared writes across).
-__device__ void stage_transposed(float* to, const float* from, int from_stride, int rows, int cols) {
-  for (int t = threadIdx.x; t < rows * cols; t += blockDim.x) {
-    const int r = t / cols, c = t % cols;
-    copy_async_4(to + c * rows + r, from + size_t(r) * from_stride + c);
-  }
-}
-
-// Grid (slices, groups): block (x, y) serves the chunks y, y + groups, … of rows. Each thread computes
-// whole outputs (one hidden unit, one V₂ share, one U₂ output of one row), summing over K in order, so no
-// sum depends on the number of rows.
-__global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm) ffn_kernel(int count,
-                                                                             const __grid_constant__ FfnPlan f) {
+// Grid (⌈D / kFfnDownOutputs⌉, chunks of rows); kRows as ffn_up_kernel.
+template <int kRows>
+__global__ void __launch_bounds__(kGemvThreads) ffn_down_kernel(int count, const __grid_constant__ FfnPlan f) {
   extern __shared__ float smem[];
-  const FfnShared m = ffn_shared(smem, f);
   const int tid = threadIdx.x, rho = f.rho, D = f.D;
-  const int slice = blockIdx.x, unit0 = slice * kFfnSlice, width = min(kFfnSlice, f.F - unit0);
-  const int out0 = slice * f.outputs_per_slice, outs = max(0, min(f.outputs_per_slice, D - out0));
-  stamp(Mark::ffn_start);
-  stage_transposed(m.u1, f.u1 + size_t(unit0) * rho, rho, width, rho);  // u1[k·width + i] = U₁[unit0 + i, k]
-  stage_transposed(m.v2, f.v2 + unit0, f.F, rho, width);               // v2[i·ρ + o] = V₂[o, unit0 + i]
-  stage_rows(m.b1, width, f.b1 + unit0, width, 1, width, -1);
-  if (outs > 0) {
-    stage_transposed(m.u2, f.u2 + size_t(out0) * rho, rho, outs, rho);  // u2[k·outs + j] = U₂[out0 + j, k]
-    stage_rows(m.b2, outs, f.b2 + out0, outs, 1, outs, -1);
-  }
+  const FfnDownShared m = ffn_down_shared(smem, rho);
+  const int out0 = blockIdx.x * kFfnDownOutputs, outs = min(kFfnDownOutputs, D - out0);
+  const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
+  stamp(Mark::ffn_down_start);
+  stage_rows(m.u2, ffn_rank_stride(rho), f.u2 + size_t(out0) * rho, rho, outs, rho, -1);
+  stage_rows(m.b2, outs, f.b2 + out0, outs, 1, outs, -1);
+  // residual_mix, which wrote h_mid, is complete: ffn_up waited for it before letting this kernel start.
+  stage_rows(m.h_mid, outs, f.h_mid + size_t(row0) * D + out0, D, n, outs, -1);
   wait_for_previous_kernel();
-  stamp(Mark::ffn_waited);
+  stamp(Mark::ffn_down_waited);
+  // As early as every kernel, although the next one's weight prefetches then compete with the loads below
+  // (the sums 1.1 → 4.1 µs): letting it start after the sums measured slower (4,007 → 3,778 tokens/s), and so
+  // did copying the shares into shared memory before letting it start (3,792).
   allow_next_kernel();
-  for (int chunk = blockIdx.y; chunk * kRowsPerChunk < count; chunk += gridDim.y) {
-    const int row0 = chunk * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
-    stage_chunk(m.low1, f.low1, row0, n, rho);
-    if (outs > 0) stage_rows(m.h_mid, outs, f.h_mid + size_t(row0) * D + out0, D, n, outs, -1);
-    wait_async_copies();
-    __syncthreads();
-    stamp(Mark::ffn_staged);
-    for (int t = tid; t < n * width; t += kGemvThreads) {
-      const int r = t / width, i = t % width;
-      float acc = 0.f;
-      for (int k = 0; k < rho; ++k) acc += m.u1[k * width + i] * m.low1[r * rho + k];
-      m.hidden[r * kFfnSlice + i] = cap(gelu(acc + m.b1[i]), float(kFfnCap));
-    }
-    __syncthreads();
-    // This slice's share of low2 = V₂·hidden.
-    for (int t = tid; t < n * rho; t += kGemvThreads) {
-      const int r = t / rho, o = t % rho;
-      float acc = 0.f;
-      for (int i = 0; i < width; ++i) acc += m.v2[i * rho + o] * m.hidden[r * kFfnSlice + i];
-      f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc;
-    }
-    stamp(Mark::ffn_before_barrier);
-    grid_row_barrier(f.barriers + blockIdx.y, gridDim.x);
-    stamp(Mark::ffn_after_barrier);
-    if (outs > 0) {
-      // low2 = Σ over slices in slice order: `groups` runs of slices per value, so that the loads of a
-      // thread are few and independent, then the runs' sums in run order. The runs do not depend on the
-      // chunk's row count, so a stream's sums are the same whichever streams step with it.
-      const int values = n * rho, groups = max(1, min(f.slices, kGemvThreads / rho));
-      const int per_group = (f.slices + groups - 1) / groups;
-      for (int t = tid; t < groups * values; t += kGemvThreads) {
-        const int g = t / values, v = t % values, r = v / rho, o = v % rho;
-        const int first = g * per_group, last = min(f.slices, first + per_group);
-        float sum = 0.f;
+  // low2 = Σ over slices in slice order: `groups` runs of slices per value, so that the loads of a thread
+  // are few and independent, then the runs' sums in run order. The runs do not depend on the chunk's row
+  // count, so a stream's sums are the same whichever streams step with it.
+  const int values = n * rho, groups = max(1, min(f.slices, kGemvThreads / rho));
+  const int per_group = (f.slices + groups - 1) / groups;
+  for (int t = tid; t < groups * values; t += kGemvThreads) {
+    const int g = t / values, v = t % values, r = v / rho, o = v % rho;
+    const int first = g * per_group, last = min(f.slices, first + per_group);
+    float sum = 0.f;
 #pragma unroll 16
-        for (int sl = first; sl < last; ++sl) sum += __ldcg(f.partials + (size_t(sl) * count + row0 + r) * rho + o);
-        m.sums[t] = sum;
-      }
-      __syncthreads();
-      for (int v = tid; v < values; v += kGemvThreads) {
-        float sum = 0.f;
-        for (int g = 0; g < groups; ++g) sum += m.sums[g * values + v];
-        m.low2[v] = sum;
-      }
-      __syncthreads();
-      for (int t = tid; t < n * outs; t += kGemvThreads) {
-        const int r = t / outs, j = t % outs;
-        float acc = 0.f;
-        for (int k = 0; k < rho; ++k) acc += m.u2[k * outs + j] * m.low2[r * rho + k];
-        f.h_out[size_t(row0 + r) * D + out0 + j] = acc + m.b2[j] + m.h_mid[r * outs + j];
-      }
-    }
-    __syncthreads();  // the chunk's shared rows are free for the next chunk
+    for (int sl = first; sl < last; ++sl) sum += __ldcg(f.partials + (size_t(sl) * count + row0 + r) * rho + o);
+    m.sums[t] = sum;
   }
-  stamp_last(Mark::ffn_done);
+  wait_async_copies();
+  __syncthreads();
+  for (int v = tid; v < values; v += kGemvThreads) {
+    float sum = 0.f;
+    for (int g = 0; g < groups; ++g) sum += m.sums[g * values + v];
+    m.low2[v] = sum;
+  }
+  __syncthreads();
+  stamp(Mark::ffn_down_summed);
+  for (int j0 = 0; j0 < kFfnDownOutputs; j0 += kGemvThreads / kFfnOutputLanes) {
+    const int j = j0 + tid / kFfnOutputLanes, sub = tid % kFfnOutputLanes;
+    float acc[kRows];
+    group_dots<kFfnOutputLanes>(acc, m.u2 + size_t(j) * ffn_rank_stride(rho), m.low2, rho, j < outs ? rho : 0, n,
+                                sub);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < n && r % kFfnOutputLanes == sub && j < outs)
+        f.h_out[size_t(row0 + r) * D + out0 + j] = acc[r] + m.b2[j] + m.h_mid[r * outs + j];
+  }
+  stamp_last(Mark::ffn_down_done);
 }
 
 // ---- launches -------------------------------------------------------------------------------------------
@@ -1462,26 +1511,24 @@ FfnPlan make_ffn_plan(int D, int rho) {
   FfnPlan f;
   f.D = D, f.F = ffn_hidden(D), f.rho = rho;
   f.slices = (f.F + kFfnSlice - 1) / kFfnSlice;
-  f.outputs_per_slice = (D + f.slices - 1) / f.slices;
-  const size_t bytes = ffn_floats(f) * sizeof(float);
-  allow_shared(reinterpret_cast<const void*>(&ffn_kernel), bytes);
-  int device = 0, sms = 0, per_sm = 0;
-  MUSE_CUDA_CHECK(cudaGetDevice(&device));
-  MUSE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  MUSE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, ffn_kernel, kGemvThreads, bytes));
-  f.max_groups = per_sm * sms / f.slices;
-  if (f.max_groups < 1)
-    throw std::invalid_argument("GPU decoding: the FFN of d_model = " + std::to_string(D) + ", ffn_rank = " +
-                                std::to_string(rho) + " needs " + std::to_string(f.slices) +
-                                " blocks resident at once; this GPU holds " + std::to_string(per_sm * sms));
+  for (const void* k : {reinterpret_cast<const void*>(&ffn_up_kernel<1>),
+                        reinterpret_cast<const void*>(&ffn_up_kernel<kRowsPerChunk>)})
+    allow_shared(k, ffn_up_floats(rho) * sizeof(float));
+  for (const void* k : {reinterpret_cast<const void*>(&ffn_down_kernel<1>),
+                        reinterpret_cast<const void*>(&ffn_down_kernel<kRowsPerChunk>)})
+    allow_shared(k, ffn_down_floats(rho) * sizeof(float));
   return f;
 }
 
 size_t ffn_partial_floats(const FfnPlan& plan, int rows) { return size_t(plan.slices) * rows * plan.rho; }
 
 void ffn(int count, const FfnPlan& plan, bool overlap, cudaStream_t stream) {
-  const dim3 grid(plan.slices, std::min(chunks(count), plan.max_groups));
-  launch(&ffn_kernel, grid, dim3(kGemvThreads), ffn_floats(plan) * sizeof(float), overlap, stream, count, plan);
+  const bool one = count == 1;
+  launch(one ? &ffn_up_kernel<1> : &ffn_up_kernel<kRowsPerChunk>, dim3(plan.slices, chunks(count)),
+         dim3(kGemvThreads), ffn_up_floats(plan.rho) * sizeof(float), overlap, stream, count, plan);
+  launch(one ? &ffn_down_kernel<1> : &ffn_down_kernel<kRowsPerChunk>,
+         dim3((plan.D + kFfnDownOutputs - 1) / kFfnDownOutputs, chunks(count)), dim3(kGemvThreads),
+         ffn_down_floats(plan.rho) * sizeof(float), overlap, stream, count, plan);
 }
 
 void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,
@@ -1505,9 +1552,9 @@ const char* const kMarkNames[] = {
     "mixer: attention done", "mixer SSM: start", "mixer SSM: waited", "mixer SSM: staged", "mixer SSM: gate",
     "mixer SSM: scan", "mixer SSM: done", "mixer: done (last block)", "W_o gemv: start", "W_o gemv: waited",
     "W_o gemv: done (last block)", "residual_mix: start", "residual_mix: waited", "residual_mix: staged",
-    "residual_mix: prologue", "residual_mix: done (last block)", "ffn: start", "ffn: waited", "ffn: staged",
-    "ffn: before barrier", "ffn: after barrier", "ffn: done (last block)", "head: start", "head: waited",
-    "head: done (last block)"};
+    "residual_mix: prologue", "residual_mix: done (last block)", "ffn up: start", "ffn up: waited",
+    "ffn up: staged", "ffn up: hidden", "ffn up: done (last block)", "ffn down: start", "ffn down: waited",
+    "ffn down: summed", "ffn down: done (last block)", "head: start", "head: waited", "head: done (last block)"};
 static_assert(sizeof(kMarkNames) / sizeof(kMarkNames[0]) == size_t(Mark::count), "a name per mark");
 
 }  // namespace

@@ -1,5 +1,5 @@
 // The kernels of one recurrent decode step on the GPU (infer/cuda_decoder.h; SPEC §4, §6): a Phase 7/8
-// block is four launches, five with the low-rank FFN, each serving every stream of the step at once, and
+// block is four launches, six with the low-rank FFN, each serving every stream of the step at once, and
 // the head one more.
 //
 //   block_input   LayerNorm (+ radius δ) of each row (the embedding too, in layer 0), then one GEMV over u
@@ -9,8 +9,9 @@
 //                 (gate, mask, scan, readout, W_O, conv)
 //   gemv          y_att = W_o·mixed
 //   residual_mix  ξ, cap30, LN_h and the residual add of each row, LN_ffn, then the GEMV V₁
-//   ffn           the low-rank FFN's U₁ (+GELU, cap) and V₂ over slices of the hidden units, a barrier among
-//                 the blocks, then U₂ (+b₂, + residual): one launch where three GEMVs would be
+//   ffn_up        the low-rank FFN's U₁ (+GELU, cap) and V₂ over slices of the hidden units: each block's
+//                 share of low2 = V₂·hidden
+//   ffn_down      the shares' sum, then U₂ (+b₂, + residual)
 //   head          LN_final, logits = x·Eᵀ, and every stepped stream's position advances
 //
 // Rows are the step's streams (at most kRowsPerChunk per block; gridDim.y covers more). The kernels that
@@ -19,8 +20,7 @@
 // kernel: one warp per output (or `split` warps over slices of K for narrow outputs), 16-byte loads of
 // the weight row, every row of the chunk against it, a warp reduction. Each output is summed in an order
 // that depends on neither the number of rows nor the grid, so a stream's logits do not depend on which
-// other streams step with it, and every run is bit-identical (no sum uses atomics; the ffn kernel's
-// barrier counts its blocks with them).
+// other streams step with it, and every run is bit-identical (no sum uses atomics).
 //
 // Everything is fp32; the scalar functions are common/math.h's and ops/poincare.h's, as the CPU ops use.
 //
@@ -133,38 +133,29 @@ struct Embedding {
   const float* positions = nullptr;  // [max_seq, D], or null
 };
 
-// Blocks of one launch that wait for each other (a grid-wide barrier for the blocks along x of one grid
-// row): a count of arrivals that only grows. A block adds one and waits until the count reaches the next
-// multiple of the number of blocks, so every use leaves it at a multiple, ready for the next, and a captured
-// step can replay it. Zero-initialised once; 64 bits do not wrap.
-struct GridBarrier {
-  unsigned long long arrived = 0;
-};
-
-// Hidden units of the low-rank FFN one ffn block owns.
+// Hidden units of the low-rank FFN one ffn_up block owns, and D outputs one ffn_down block computes.
 inline constexpr int kFfnSlice = 32;
+inline constexpr int kFfnDownOutputs = 32;
 
-// The low-rank FFN of a block: h_out = h_mid + U₂·(V₂·cap10(GELU(U₁·low1 + b₁))) + b₂ (ops/ffn.cpp). Block x
-// of the launch owns hidden units [x·kFfnSlice, …) and writes its share of V₂·hidden into `partials`; after
-// the barrier each block adds the slices' shares (in slice order) and computes its outputs_per_slice of U₂.
+// The low-rank FFN of a block: h_out = h_mid + U₂·(V₂·cap10(GELU(U₁·low1 + b₁))) + b₂ (ops/ffn.cpp), in two
+// kernels. ffn_up's block x owns hidden units [x·kFfnSlice, …) and writes its share of V₂·hidden into
+// `partials`; ffn_down's block x adds the slices' shares (in slice order) and computes kFfnDownOutputs outputs
+// of U₂.
 struct FfnPlan {
   const float *u1 = nullptr, *b1 = nullptr;  // [F, ρ], [F]
   const float* v2 = nullptr;                 // [ρ, F]
   const float *u2 = nullptr, *b2 = nullptr;  // [D, ρ], [D]
   int D = 0, F = 0, rho = 0;
-  int slices = 0;             // blocks along x: ⌈F / kFfnSlice⌉
-  int outputs_per_slice = 0;  // ⌈D / slices⌉
+  int slices = 0;                // ffn_up's blocks along x: ⌈F / kFfnSlice⌉
   const float* low1 = nullptr;   // [rows, ρ]: residual_mix's V₁·LN_ffn(h_mid)
   const float* h_mid = nullptr;  // [rows, D]
   float* h_out = nullptr;        // [rows, D]
   float* partials = nullptr;     // [slices, rows, ρ]
-  GridBarrier* barriers = nullptr;  // [max_groups]: one per grid row
-  int max_groups = 1;  // grid rows at most: the whole grid stays resident at once (the barrier needs that)
 };
 
-// The geometry of an FfnPlan for width D and rank ρ on this device: its slices and the largest grid that is
-// resident at once (throws when not even one grid row is). The caller fills in the pointers; partials and
-// barriers are its buffers (sizes: ffn_partial_floats, max_groups).
+// The geometry of an FfnPlan for width D and rank ρ (and the kernels' shared-memory limits, a per-kernel
+// attribute: call before the first launch). The caller fills in the pointers; partials is its buffer
+// (ffn_partial_floats).
 FfnPlan make_ffn_plan(int D, int rho);
 size_t ffn_partial_floats(const FfnPlan& plan, int rows);
 

@@ -188,7 +188,6 @@ struct Decoder::Buffers {
   float* alibi = nullptr;    // [H]
   float* h[2] = {nullptr, nullptr};  // residual stream, alternating between layers
   float *h_mid = nullptr, *low1 = nullptr, *ffn_partials = nullptr, *logits = nullptr;
-  decode::GridBarrier* ffn_barriers = nullptr;  // [ffn_plans' max_groups], shared by the layers' FFN launches
   decode::StepBuffers step;
   std::vector<decode::BlockArgs> blocks;
   std::vector<decode::GemvPlan> input_plans, wo_plans, v1_plans;
@@ -280,12 +279,10 @@ void Decoder::build(const float* device_params) {
   // Two passes over the same list: count, then assign.
   float* ints_positions = nullptr;
   float* ints_rows = nullptr;
-  float* ints_barriers = nullptr;
   auto plan = [&](auto&& take) {
     take(b.state, size_t(S) * stream_floats_);
     take(ints_positions, size_t(S));
     take(ints_rows, 2 * size_t(S));
-    take(ints_barriers, 2 * size_t(ffn_shape.max_groups));
     take(b.alibi, size_t(H));
     take(b.h[0], size_t(S) * D), take(b.h[1], size_t(S) * D), take(b.h_mid, size_t(S) * D);
     take(s.u, size_t(S) * D), take(s.delta, size_t(S)), take(s.g, 2 * size_t(S)), take(s.F, 3 * size_t(S));
@@ -309,8 +306,6 @@ void Decoder::build(const float* device_params) {
   });
   b.positions = reinterpret_cast<int*>(ints_positions);
   b.step_rows = reinterpret_cast<int*>(ints_rows);
-  b.ffn_barriers = reinterpret_cast<decode::GridBarrier*>(ints_barriers);
-  static_assert(sizeof(decode::GridBarrier) == 2 * sizeof(float));
   // A fresh stream is empty: zero state (g_{−1} = 0, S = 0, …) at position 0.
   MUSE_CUDA_CHECK(cudaMemsetAsync(b.base, 0, total * sizeof(float), stream_));
 
@@ -392,7 +387,7 @@ void Decoder::build(const float* device_params) {
       decode::FfnPlan f = ffn_shape;
       f.u1 = p + bl.ffn_u1, f.b1 = p + bl.ffn_b1, f.v2 = p + bl.ffn_v2, f.u2 = p + bl.ffn_u2, f.b2 = p + bl.ffn_b2;
       f.low1 = b.low1, f.h_mid = b.h_mid, f.h_out = b.h[(l + 1) % 2];
-      f.partials = b.ffn_partials, f.barriers = b.ffn_barriers;
+      f.partials = b.ffn_partials;
       b.ffn_plans.push_back(f);
     } else {
       b.v1_plans.push_back(decode::GemvPlan{});

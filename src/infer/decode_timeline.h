@@ -20,7 +20,8 @@ enum class Mark : int {
   mixer_done,
   wo_start, wo_waited, wo_done,
   mix_start, mix_waited, mix_staged, mix_prologue, mix_done,
-  ffn_start, ffn_waited, ffn_staged, ffn_before_barrier, ffn_after_barrier, ffn_done,
+  ffn_up_start, ffn_up_waited, ffn_up_staged, ffn_up_hidden, ffn_up_done,
+  ffn_down_start, ffn_down_waited, ffn_down_summed, ffn_down_done,
   head_start, head_waited, head_done,
   count
 };
