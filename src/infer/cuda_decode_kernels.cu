@@ -456,7 +456,9 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
   const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: u
   stamp(Mark::input_start);
-  prefetch_first_tile(plan);
+  // Unlike the other GEMV kernels, no L2 prefetch of the first weight rows: its 200-odd blocks' prefetches
+  // (3.5 MB for phase8-small) compete with the previous kernel's loads from L2, which are on the step's
+  // critical path (without them: one stream 4,027 → 4,108 tokens/s, phase8-medium 1,627 → 1,736).
   stage_param(p, 0, b.ln_gain, D);
   stage_param(p, 1, b.ln_bias, D);
   wait_for_previous_kernel();
