@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cuda/atomic>
 #include <stdexcept>
 #include <string>
 
@@ -1296,7 +1295,8 @@ __global__ void __launch_bounds__(kGemvThreads) ffn_up_kernel(int count, const _
                                sub);
 #pragma unroll
     for (int r = 0; r < kRows; ++r)
-      if (r < n && r % kFfnShareLanes == sub && o < rho) f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc[r];
+      if (r < n && r % kFfnShareLanes == sub && o < rho)
+        f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc[r];
   }
   stamp_last(Mark::ffn_up_done);
 }
@@ -1343,9 +1343,9 @@ __global__ void __launch_bounds__(kGemvThreads) ffn_down_kernel(int count, const
   stage_rows(m.h_mid, outs, f.h_mid + size_t(row0) * D + out0, D, n, outs, -1);
   wait_for_previous_kernel();
   stamp(Mark::ffn_down_waited);
-  // As early as every kernel, although the next one's weight prefetches then compete with the loads below
-  // (the sums 1.1 → 4.1 µs): letting it start after the sums measured slower (4,007 → 3,778 tokens/s), and so
-  // did copying the shares into shared memory before letting it start (3,792).
+  // As early as every kernel: letting the next one start only after the sums measured slower (4,007 → 3,778
+  // tokens/s), and so did copying the shares into shared memory first (3,792). What made the sums slow then
+  // (4.1 µs against 1.1) was block_input's weight prefetches, which it no longer issues.
   allow_next_kernel();
   // low2 = Σ over slices in slice order: `groups` runs of slices per value, so that the loads of a thread
   // are few and independent, then the runs' sums in run order. The runs do not depend on the chunk's row
