@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Decode A/B: several builds of muse timed side by side on the GPU machine, alternating, in one device call
+# (one call's GPU clocks and neighbours for all of them; separate calls differ by a few per cent).
+#   here:   scripts/gpu-ab.sh bundle REV...   # a Release `muse` per git revision (the working tree must be
+#                                             # clean; the current branch is restored) into .ab/ab.tar.xz
+#   there:  scripts/gpu-ab.sh run             (carry .ab/ab.tar.xz, .deb and this script)
+# `run` times `muse bench --mode decode --device cuda` for every build, ROUNDS times over, at each of
+# BATCHES (phase8-small) and once at MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build.
+# Settings (environment): ROUNDS=2 BATCHES="1 8 64" MEDIUM_BATCHES="1" CONTEXT=1000 ITERS=50 WARMUP=5
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bundle() {
+  [ $# -ge 1 ] || { echo "gpu-ab.sh bundle: name one or more git revisions" >&2; exit 2; }
+  if [ -n "$(git status --porcelain --untracked-files=no)" ]; then
+    echo "gpu-ab.sh bundle: the working tree has uncommitted changes; commit or stash them first" >&2
+    exit 2
+  fi
+  local back revs=() rev short
+  back=$(git symbolic-ref --short -q HEAD || git rev-parse HEAD)
+  for rev in "$@"; do
+    short=$(git rev-parse --short "$rev^{commit}") || { echo "gpu-ab.sh bundle: unknown revision '$rev'" >&2; exit 2; }
+    revs+=("$short")
+  done
+  export PATH="$PATH:/usr/local/cuda/bin"
+  rm -rf .ab && mkdir -p .ab
+  trap 'git checkout -q "$back"' EXIT
+  for short in "${revs[@]}"; do
+    git checkout -q "$short"
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
+    cmake --build build --target muse
+    strip -o ".ab/muse-$short" build/src/muse
+  done
+  (cd .ab && tar cJf ab.tar.xz muse-*)
+  mkdir -p .deb
+  (cd .deb && for p in libopenblas0-openmp libgfortran5; do ls ${p}_*.deb >/dev/null 2>&1 || apt-get download "$p"; done)
+  du -sh .ab/ab.tar.xz
+}
+
+run() {
+  local prefix=/tmp/muse-runtime
+  [ -d "$prefix" ] || for deb in .deb/*.deb; do dpkg -x "$deb" "$prefix"; done
+  export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu/openblas-openmp:$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+  (cd .ab && tar xJf ab.tar.xz)
+  local builds=(.ab/muse-*)
+  tokens_per_s() {
+    "$1" bench -p "$2" --mode decode -b "$3" --context "${CONTEXT:-1000}" --warmup "${WARMUP:-5}" \
+      --iters "${ITERS:-50}" --device cuda --json 2>/dev/null | grep -oE '"tokens_per_s":[0-9]+' | cut -d: -f2 ||
+      echo failed
+  }
+  local round b build line
+  for round in $(seq "${ROUNDS:-2}"); do
+    for build in "${builds[@]}"; do
+      line="${build#.ab/muse-} round $round  phase8-small"
+      for b in ${BATCHES:-1 8 64}; do line+="  B=$b $(tokens_per_s "$build" phase8-small "$b")"; done
+      echo "$line"
+    done
+  done
+  for build in "${builds[@]}"; do
+    line="${build#.ab/muse-}  phase8-medium"
+    for b in ${MEDIUM_BATCHES:-1}; do line+="  B=$b $(tokens_per_s "$build" phase8-medium "$b")"; done
+    echo "$line"
+  done
+}
+
+case "${1:-}" in
+  bundle) shift; bundle "$@" ;;
+  run) run ;;
+  *) echo "usage: scripts/gpu-ab.sh bundle REV... | scripts/gpu-ab.sh run" >&2; exit 2 ;;
+esac
