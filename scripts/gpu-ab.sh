@@ -16,8 +16,8 @@ bundle() {
     echo "gpu-ab.sh bundle: the working tree has uncommitted changes; commit or stash them first" >&2
     exit 2
   fi
-  local back revs=() rev short
-  back=$(git symbolic-ref --short -q HEAD || git rev-parse HEAD)
+  local revs=() rev short
+  back=$(git symbolic-ref --short -q HEAD || git rev-parse HEAD)  # global: the EXIT trap restores it
   for rev in "$@"; do
     short=$(git rev-parse --short "$rev^{commit}") || { echo "gpu-ab.sh bundle: unknown revision '$rev'" >&2; exit 2; }
     revs+=("$short")
