@@ -2,10 +2,12 @@
 # Decode A/B: several builds of muse timed side by side on the GPU machine, alternating, in one device call
 # (one call's GPU clocks and neighbours for all of them; separate calls differ by a few per cent).
 #   here:   scripts/gpu-ab.sh bundle REV...   # a Release `muse` per git revision (the working tree must be
-#                                             # clean; the current branch is restored) into .ab/ab.tar.xz
+#                                             # clean; the current branch is restored) into .ab/ab.tar.xz,
+#                                             # with the GPU tests of the last revision (TESTS=0: without)
 #   there:  scripts/gpu-ab.sh run             (carry .ab/ab.tar.xz, .deb and this script)
-# `run` times `muse bench --mode decode --device cuda` for every build, ROUNDS times over, at each of
-# BATCHES (phase8-small) and once at MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build.
+# `run` runs the GPU tests when bundled (the log in $OUT/gpu_tests.log), then times `muse bench --mode decode
+# --device cuda` for every build, ROUNDS times over, at each of BATCHES (phase8-small) and once at
+# MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build.
 # Settings (environment): ROUNDS=2 BATCHES="1 8 64" MEDIUM_BATCHES="1" CONTEXT=1000 ITERS=50 WARMUP=5
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +33,11 @@ bundle() {
     cmake --build build --target muse
     strip -o ".ab/muse-$short" build/src/muse
   done
-  (cd .ab && tar cJf ab.tar.xz muse-*)
+  if [ "${TESTS:-1}" != 0 ]; then
+    cmake --build build --target muse_gpu_tests
+    strip -o .ab/muse_gpu_tests build/tests/muse_gpu_tests
+  fi
+  (cd .ab && tar cJf ab.tar.xz muse-* $([ -f muse_gpu_tests ] && echo muse_gpu_tests))
   mkdir -p .deb
   (cd .deb && for p in libopenblas0-openmp libgfortran5; do ls ${p}_*.deb >/dev/null 2>&1 || apt-get download "$p"; done)
   du -sh .ab/ab.tar.xz
@@ -42,6 +48,11 @@ run() {
   [ -d "$prefix" ] || for deb in .deb/*.deb; do dpkg -x "$deb" "$prefix"; done
   export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu/openblas-openmp:$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
   (cd .ab && tar xJf ab.tar.xz)
+  if [ -f .ab/muse_gpu_tests ]; then
+    mkdir -p "${OUT:-/tmp}"
+    .ab/muse_gpu_tests > "${OUT:-/tmp}/gpu_tests.log" 2>&1 || true
+    grep -E "^\[  (FAILED|PASSED) |^\[==========\] .* ran" "${OUT:-/tmp}/gpu_tests.log" | tail -8
+  fi
   local builds=(.ab/muse-*)
   tokens_per_s() {
     "$1" bench -p "$2" --mode decode -b "$3" --context "${CONTEXT:-1000}" --warmup "${WARMUP:-5}" \
