@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Decode A/B: several builds of muse timed side by side on the GPU machine, alternating, in one device call
-# (one call's GPU clocks and neighbours for all of them; separate calls differ by a few per cent).
+# A/B of decode (or training) throughput: several builds of muse timed side by side on the GPU machine,
+# alternating, in one device call (one call's GPU clocks and neighbours for all of them; separate calls
+# differ by a few per cent).
 #   here:   scripts/gpu-ab.sh bundle REV...   # a Release `muse` per git revision (the working tree must be
 #                                             # clean; the current branch is restored) into .ab/ab.tar.xz,
 #                                             # with the GPU tests of the last revision (TESTS=0: without)
 #   there:  scripts/gpu-ab.sh run             (carry .ab/ab.tar.xz, .deb and this script)
-# `run` runs the GPU tests when bundled (the log in $OUT/gpu_tests.log), then times `muse bench --mode decode
+# `run` runs the GPU tests when bundled (the log in $OUT/gpu_tests.log), then times `muse bench --mode MODE
 # --device cuda` for every build, ROUNDS times over, at each of BATCHES (phase8-small) and once at
 # MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build.
-# Settings (environment): ROUNDS=2 BATCHES="1 8 64" MEDIUM_BATCHES="1" CONTEXT=1000 ITERS=50 WARMUP=5
+# Settings (environment): MODE=decode|train ROUNDS=2
+#   decode: BATCHES="1 8 64" MEDIUM_BATCHES="1" CONTEXT=1000 ITERS=50 WARMUP=5
+#   train:  BATCHES="64" MEDIUM_BATCHES="64" SEQ=1024 ITERS=3 WARMUP=1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,22 +57,31 @@ run() {
     grep -E "^\[  (FAILED|PASSED) |^\[==========\] .* ran" "${OUT:-/tmp}/gpu_tests.log" | tail -8
   fi
   local builds=(.ab/muse-*)
+  # tokens_per_s BUILD PRESET BATCH: one `muse bench` record's tokens/s in MODE (decode or train).
   tokens_per_s() {
-    "$1" bench -p "$2" --mode decode -b "$3" --context "${CONTEXT:-1000}" --warmup "${WARMUP:-5}" \
-      --iters "${ITERS:-50}" --device cuda --json 2>/dev/null | grep -oE '"tokens_per_s":[0-9]+' | cut -d: -f2 ||
-      echo failed
+    local shape
+    if [ "${MODE:-decode}" = train ]; then
+      shape=(--mode train -b "$3" -n "${SEQ:-1024}" --warmup "${WARMUP:-1}" --iters "${ITERS:-3}")
+    else
+      shape=(--mode decode -b "$3" --context "${CONTEXT:-1000}" --warmup "${WARMUP:-5}" --iters "${ITERS:-50}")
+    fi
+    "$1" bench -p "$2" "${shape[@]}" --device cuda --json 2>/dev/null | grep -oE '"tokens_per_s":[0-9]+' |
+      cut -d: -f2 || echo failed
   }
+  local small medium
+  if [ "${MODE:-decode}" = train ]; then small=${BATCHES:-64} medium=${MEDIUM_BATCHES:-64}
+  else small=${BATCHES:-1 8 64} medium=${MEDIUM_BATCHES:-1}; fi
   local round b build line
   for round in $(seq "${ROUNDS:-2}"); do
     for build in "${builds[@]}"; do
       line="${build#.ab/muse-} round $round  phase8-small"
-      for b in ${BATCHES:-1 8 64}; do line+="  B=$b $(tokens_per_s "$build" phase8-small "$b")"; done
+      for b in $small; do line+="  B=$b $(tokens_per_s "$build" phase8-small "$b")"; done
       echo "$line"
     done
   done
   for build in "${builds[@]}"; do
     line="${build#.ab/muse-}  phase8-medium"
-    for b in ${MEDIUM_BATCHES:-1}; do line+="  B=$b $(tokens_per_s "$build" phase8-medium "$b")"; done
+    for b in $medium; do line+="  B=$b $(tokens_per_s "$build" phase8-medium "$b")"; done
     echo "$line"
   done
 }
