@@ -42,10 +42,18 @@ inline constexpr double kPoincareKappaMax = 2.0;
 // derivatives are 0/0 at the origin and lose ~eps/r² relative digits near it.
 inline constexpr double kPoincareSeriesRadius = 1e-2;
 
+// The elementary functions of the log-domain distance below: the standard library's (the reference), or a
+// caller's faster versions with the same names (the CUDA attention kernels', ops/local_attn.cu).
+struct StdMath {
+  template <typename T> MUSE_HOST_DEVICE static T log(T x) { return std::log(x); }
+  template <typename T> MUSE_HOST_DEVICE static T exp(T x) { return std::exp(x); }
+  template <typename T> MUSE_HOST_DEVICE static T log1p(T x) { return std::log1p(x); }
+};
+
 // ln sinh(y) for y > 0, never overflowing: y − ln2 + ln(1 − e^{−2y}). SPEC writes the last term as
 // log1p(−e^{−2y}); ln(−expm1(−2y)) is the same number without cancellation at small y (a, b ≥ 1e-6·√c).
-template <typename T> MUSE_HOST_DEVICE inline T log_sinh(T y) {
-  return y - T(M_LN2) + std::log(-std::expm1(T(-2) * y));
+template <typename T, class Math = StdMath> MUSE_HOST_DEVICE inline T log_sinh(T y) {
+  return y - T(M_LN2) + Math::log(-std::expm1(T(-2) * y));
 }
 
 // coth y = d/dy ln sinh y.
@@ -117,7 +125,7 @@ template <typename T> struct ScaledDistanceGrad {
 
 // ρ = √c·d_c(exp_c q, exp_c k) from the two tokens' TangentNorm and dot = q·k; fills *grad when non-null.
 // Clamped or floored quantities get zero derivative.
-template <typename T>
+template <typename T, class Math = StdMath>
 MUSE_HOST_DEVICE inline T scaled_distance(const TangentNorm<T>& q, const TangentNorm<T>& k, T dot,
                                           ScaledDistanceGrad<T>* grad = nullptr) {
   const T cos_angle = dot / (q.norm * k.norm);
@@ -128,26 +136,26 @@ MUSE_HOST_DEVICE inline T scaled_distance(const TangentNorm<T>& q, const Tangent
   const bool gap_floored = gap_raw < T(kPoincareGapFloor);
   const T gap = gap_floored ? T(kPoincareGapFloor) : gap_raw;
 
-  const T radial = T(M_LN2) + T(2) * log_sinh(gap);      // ln(2 sinh²(a−b)) = ln(cosh(2a−2b) − 1)
-  const T angular = q.ls2a + k.ls2a + std::log(kappa);  // ln(sinh 2a · sinh 2b · (1 − cos θ))
+  const T radial = T(M_LN2) + T(2) * log_sinh<T, Math>(gap);      // ln(2 sinh²(a−b)) = ln(cosh(2a−2b) − 1)
+  const T angular = q.ls2a + k.ls2a + Math::log(kappa);  // ln(sinh 2a · sinh 2b · (1 − cos θ))
   const T hi = std::max(radial, angular);
-  const T ell = hi + std::log1p(std::exp(std::min(radial, angular) - hi));
+  const T ell = hi + Math::log1p(Math::exp(std::min(radial, angular) - hi));
 
   T rho, drho_dell;
   if (ell >= T(0)) {
-    const T e = std::exp(-ell);
+    const T e = Math::exp(-ell);
     const T root = std::sqrt(T(1) + T(2) * e);
-    rho = ell + std::log(T(1) + e + root);
+    rho = ell + Math::log(T(1) + e + root);
     drho_dell = T(1) / root;
   } else {
-    const T x = std::exp(ell);
+    const T x = Math::exp(ell);
     const T sqrt_x = std::sqrt(x), root = std::sqrt(x + T(2));
-    rho = std::log1p(x + sqrt_x * root);
+    rho = Math::log1p(x + sqrt_x * root);
     drho_dell = sqrt_x / root;  // = (1 + 2e^{−ℓ})^{−1/2} without overflowing e^{−ℓ}
   }
 
   if (grad) {
-    const T w_radial = std::exp(radial - ell), w_angular = std::exp(angular - ell);  // logaddexp weights
+    const T w_radial = Math::exp(radial - ell), w_angular = Math::exp(angular - ell);  // logaddexp weights
     const T d_gap = gap_floored ? T(0) : w_radial * T(2) * coth(gap);
     const T sign = q.a >= k.a ? T(1) : T(-1);
     const T d_a = drho_dell * (sign * d_gap + w_angular * T(2) * q.coth2a);
