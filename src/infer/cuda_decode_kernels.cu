@@ -1228,6 +1228,22 @@ __device__ __forceinline__ void group_dots(float (&acc)[kRows], const float* w, 
     for (int offset = kLanes / 2; offset > 0; offset /= 2) acc[r] += __shfl_xor_sync(kFull, acc[r], offset);
 }
 
+// For the outputs o < active of a block's `outputs` (passes of kGemvThreads / kLanes groups, every lane of a
+// pass through the shuffles): acc = group_dots of the weight row weight_row(o) (len terms) with each row of
+// x, then lane r % kLanes of the group calls store(r, o, acc[r]) for each row r < rows.
+template <int kLanes, int kRows, class WeightRow, class Store>
+__device__ __forceinline__ void lane_group_products(int outputs, int active, WeightRow weight_row, const float* x,
+                                                    int x_stride, int len, int rows, Store store) {
+  for (int o0 = 0; o0 < outputs; o0 += kGemvThreads / kLanes) {
+    const int o = o0 + threadIdx.x / kLanes, sub = threadIdx.x % kLanes;
+    float acc[kRows];
+    group_dots<kLanes>(acc, weight_row(o), x, x_stride, o < active ? len : 0, rows, sub);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+      if (r < rows && r % kLanes == sub && o < active) store(r, o, acc[r]);
+  }
+}
+
 // Row strides of the staged weights: with rows of ρ + 8 (kFfnSlice + 4) floats the groups of a warp, which
 // read consecutive rows at the same offsets, fall on different banks.
 __host__ __device__ inline int ffn_rank_stride(int rho) { return rho + 8; }
@@ -1259,7 +1275,7 @@ __device__ FfnUpShared ffn_up_shared(float* smem, int rho) {
 template <int kRows>
 __global__ void __launch_bounds__(kGemvThreads) ffn_up_kernel(int count, const __grid_constant__ FfnPlan f) {
   extern __shared__ float smem[];
-  const int tid = threadIdx.x, rho = f.rho;
+  const int rho = f.rho;
   const FfnUpShared m = ffn_up_shared(smem, rho);
   const int slice = blockIdx.x, unit0 = slice * kFfnSlice, width = min(kFfnSlice, f.F - unit0);
   const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, count - row0);
@@ -1274,30 +1290,14 @@ __global__ void __launch_bounds__(kGemvThreads) ffn_up_kernel(int count, const _
   wait_async_copies();
   __syncthreads();
   stamp(Mark::ffn_up_staged);
-  // The loops' trip counts are the same for every thread, so every lane reaches the shuffles; lane `sub` of
-  // an output's group stores its row `sub` (and sub + kLanes, …).
-  for (int i0 = 0; i0 < kFfnSlice; i0 += kGemvThreads / kFfnHiddenLanes) {
-    const int i = i0 + tid / kFfnHiddenLanes, sub = tid % kFfnHiddenLanes;
-    float acc[kRows];
-    group_dots<kFfnHiddenLanes>(acc, m.u1 + size_t(i) * ffn_rank_stride(rho), m.low1, rho, i < width ? rho : 0, n,
-                                sub);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-      if (r < n && r % kFfnHiddenLanes == sub && i < width)
-        m.hidden[r * kFfnSlice + i] = cap(gelu(acc[r] + m.b1[i]), float(kFfnCap));
-  }
+  lane_group_products<kFfnHiddenLanes, kRows>(
+      kFfnSlice, width, [&](int i) { return m.u1 + size_t(i) * ffn_rank_stride(rho); }, m.low1, rho, rho, n,
+      [&](int r, int i, float acc) { m.hidden[r * kFfnSlice + i] = cap(gelu(acc + m.b1[i]), float(kFfnCap)); });
   __syncthreads();
   stamp(Mark::ffn_up_hidden);
-  for (int o0 = 0; o0 < rho; o0 += kGemvThreads / kFfnShareLanes) {
-    const int o = o0 + tid / kFfnShareLanes, sub = tid % kFfnShareLanes;
-    float acc[kRows];
-    group_dots<kFfnShareLanes>(acc, m.v2 + size_t(o) * kFfnSliceStride, m.hidden, kFfnSlice, o < rho ? width : 0, n,
-                               sub);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-      if (r < n && r % kFfnShareLanes == sub && o < rho)
-        f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc[r];
-  }
+  lane_group_products<kFfnShareLanes, kRows>(
+      rho, rho, [&](int o) { return m.v2 + size_t(o) * kFfnSliceStride; }, m.hidden, kFfnSlice, width, n,
+      [&](int r, int o, float acc) { f.partials[(size_t(slice) * count + row0 + r) * rho + o] = acc; });
   stamp_last(Mark::ffn_up_done);
 }
 
@@ -1369,16 +1369,11 @@ __global__ void __launch_bounds__(kGemvThreads) ffn_down_kernel(int count, const
   }
   __syncthreads();
   stamp(Mark::ffn_down_summed);
-  for (int j0 = 0; j0 < kFfnDownOutputs; j0 += kGemvThreads / kFfnOutputLanes) {
-    const int j = j0 + tid / kFfnOutputLanes, sub = tid % kFfnOutputLanes;
-    float acc[kRows];
-    group_dots<kFfnOutputLanes>(acc, m.u2 + size_t(j) * ffn_rank_stride(rho), m.low2, rho, j < outs ? rho : 0, n,
-                                sub);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-      if (r < n && r % kFfnOutputLanes == sub && j < outs)
-        f.h_out[size_t(row0 + r) * D + out0 + j] = acc[r] + m.b2[j] + m.h_mid[r * outs + j];
-  }
+  lane_group_products<kFfnOutputLanes, kRows>(
+      kFfnDownOutputs, outs, [&](int j) { return m.u2 + size_t(j) * ffn_rank_stride(rho); }, m.low2, rho, rho, n,
+      [&](int r, int j, float acc) {
+        f.h_out[size_t(row0 + r) * D + out0 + j] = acc + m.b2[j] + m.h_mid[r * outs + j];
+      });
   stamp_last(Mark::ffn_down_done);
 }
 
