@@ -84,7 +84,7 @@ __device__ __forceinline__ unsigned long long global_ns() {
 // Stamps `m` from thread 0 of the first row's block x.
 __device__ __forceinline__ void stamp(Mark m, unsigned x = 0) {
   if constexpr (kTimeline)
-    if (threadIdx.x == 0 && blockIdx.x == x && blockIdx.y == 0) g_timeline[int(m)] = global_ns();
+    if (threadIdx.x == 0 && blockIdx.x == x && blockIdx.y == 0 && blockIdx.z == 0) g_timeline[int(m)] = global_ns();
 }
 
 // Stamps `m` as the latest of every block's thread 0: a kernel's end.
@@ -1191,6 +1191,166 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   stamp_last(Mark::head_done);
 }
 
+// ---- the factored HTT head ------------------------------------------------------------------------------
+
+// Z's columns u of an htt_head_z block: its slice of B̂[·, s, ·] is [kHttZColumns][b_stride] in shared memory,
+// b_stride = d2 rounded up to odd so that the 32 lanes' reads of one q (one column each) fall on distinct banks.
+constexpr int kHttZColumns = kWarp;
+__host__ __device__ inline int htt_z_b_stride(int d2) { return d2 | 1; }
+__host__ __device__ inline size_t htt_z_floats_shared(int rows, int D, int d2) {
+  return prologue_floats(rows, D, 2, false) + size_t(kHttZColumns) * htt_z_b_stride(d2);
+}
+
+// Grid (⌈v2 / kHttZColumns⌉, r, chunks of rows): block (x, s) computes Z[(s, p), u] for every width digit p
+// and its kHttZColumns columns u. Its slice of B̂ (a parameter) is copied in before the wait; every block then
+// normalises its chunk's rows (one warp a row, as head_kernel), and a warp takes one digit p for its 32
+// columns at a time: Σ_q X[p,q]·B̂[u,s,q] over the q that survive the crop to D, in order of q, for every row
+// of the chunk, X read by all the warp's lanes at once.
+template <int kRows>
+__global__ void __launch_bounds__(kGemvThreads)
+    htt_head_z_kernel(StepRows rows, const float* h, const float* gain, const float* bias,
+                      const __grid_constant__ HttHead head) {
+  extern __shared__ float smem[];
+  const int D = head.D, d2 = head.d2, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int chunk_rows = min(kRowsPerChunk, rows.count);
+  const int row0 = blockIdx.z * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
+  const int s = blockIdx.y, u0 = blockIdx.x * kHttZColumns, u_cols = min(kHttZColumns, head.v2 - u0);
+  const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: LN_final(h)
+  const int b_stride = htt_z_b_stride(d2);
+  float* b_tile = smem + prologue_floats(chunk_rows, D, 2, false);  // [kHttZColumns][b_stride]
+  stamp(Mark::head_start);
+  stage_rows(b_tile, b_stride, head.B_hat + (size_t(u0) * head.r + s) * d2, head.r * d2, u_cols, d2, -1);
+  stage_param(p, 0, gain, D);
+  stage_param(p, 1, bias, D);
+  const float c_s = cosf(head.theta[s]) / sqrtf(float(head.r));
+  wait_for_previous_kernel();
+  stamp(Mark::head_waited);
+  allow_next_kernel();
+  stage_chunk(p.x, h, row0, n, D);
+  wait_async_copies();
+  __syncthreads();
+  if (warp < n) {
+    const int r = row0 + warp;
+    warp_layernorm(p.x + size_t(warp) * D, p.params, p.params + D, D);
+    // No kernel of this step reads a position after this one starts.
+    if (blockIdx.x == 0 && blockIdx.y == 0 && lane == 0) rows.positions[rows.streams[r]] += 1;
+  }
+  __syncthreads();
+  const size_t K = size_t(head.r) * head.d1;
+  const float* b_column = b_tile + lane * b_stride;
+  for (int digit = warp; digit < head.d1; digit += kGemvWarps) {
+    const int first = digit * d2, length = max(0, min(d2, D - first));
+    float acc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.f;
+    for (int q = 0; q < length; ++q) {
+      const float b = b_column[q];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (r < n) acc[r] += p.x[size_t(r) * D + first + q] * b;
+    }
+    if (lane < u_cols) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+        if (r < n) head.Z[((row0 + r) * K + size_t(s) * head.d1 + digit) * head.v2 + u0 + lane] = c_s * acc[r];
+    }
+  }
+  stamp_last(Mark::head_z_done);
+}
+
+// The logits of one row as the product Â·Z, (digits × K)·(K × v2) with K = r·d1, by tiles of kHttTileI digits
+// i × kHttTileU columns u. The block's warps split K (in units of 4) into kGemvWarps ranges and each covers
+// the whole tile for its range: lane (gi, gu) = (lane / kHttLaneGroupsU, lane % kHttLaneGroupsU) sums
+// i = i0 + gi + kHttLaneGroupsI·m and u = u0 + 4gu + n (m, n < 4), sixteen outputs, reading per 4 k one float4
+// of Â per i (along k) and one of Z per k (along u) — 8 shared loads for 64 multiply-adds (one output a
+// thread would need 1.5 loads a multiply-add). The warps' partial tiles are then added in warp order, so the
+// sums' order depends on K alone. The tiles are tall because every block reads its tile of Z after the wait,
+// from L2, while Â's tile is read before it: 32 digits a tile halve Z's reads against 16.
+constexpr int kHttTileI = 32, kHttTileU = 16, kHttLaneGroupsI = 8, kHttLaneGroupsU = 4;
+constexpr int kHttTile = kHttTileI * kHttTileU;
+static_assert(kHttLaneGroupsI * kHttLaneGroupsU == kWarp && kHttLaneGroupsI <= 8 &&
+              kHttTileI == 4 * kHttLaneGroupsI && kHttTileU == 4 * kHttLaneGroupsU);
+
+// Shared memory of an htt_head_logits block, in floats: Â's tile [kHttTileI][a_stride] and Z's [K4][kHttTileU]
+// (K4 = K rounded up to 4, zero-padded), the latter reused for the warps' partial tiles.
+struct HttLogitsShared {
+  int K4, a_stride;
+  __host__ __device__ explicit HttLogitsShared(int K) : K4((K + 3) / 4 * 4), a_stride(4 * ((K4 / 4) | 1)) {}
+  // a_stride / 4 odd: the kHttLaneGroupsI (≤ 8) lane groups' float4 reads of Â (rows gi + kHttLaneGroupsI·m)
+  // fall on distinct banks.
+  __host__ __device__ int a_floats() const { return kHttTileI * a_stride; }
+  __host__ __device__ int z_floats() const { return max(K4 * kHttTileU, kGemvWarps * kHttTile); }
+  __host__ __device__ size_t bytes() const { return size_t(a_floats() + z_floats()) * sizeof(float); }
+};
+
+// Grid (⌈v2 / kHttTileU⌉, ⌈digits / kHttTileI⌉, rows): one row's tile a block, whatever the step's row count,
+// so that a stream's logits do not depend on the streams stepped with it. Â's tile (parameters) is copied
+// in before the wait, Z's after. Block (0, 0, row) also writes the row's logits [V, Vp) as 0.
+__global__ void __launch_bounds__(kGemvThreads) htt_head_logits_kernel(const __grid_constant__ HttHead head) {
+  extern __shared__ __align__(16) float smem[];
+  const HttLogitsShared layout(head.r * head.d1);
+  const int K = head.r * head.d1, K4 = layout.K4, S = layout.a_stride;
+  const int i0 = blockIdx.y * kHttTileI, u0 = blockIdx.x * kHttTileU, row = blockIdx.z;
+  const int i_rows = min(kHttTileI, head.digits - i0), u_cols = min(kHttTileU, head.v2 - u0);
+  float* a_tile = smem;                       // [kHttTileI][S]
+  float* z_tile = smem + layout.a_floats();   // [K4][kHttTileU], then [kGemvWarps][kHttTile]
+  stamp(Mark::head_logits_start);
+  stage_rows(a_tile, S, head.A_hat + size_t(i0) * K, K, i_rows, K, -1);
+  for (int t = threadIdx.x; t < kHttTileI * (K4 - K); t += blockDim.x)
+    a_tile[t / (K4 - K) * S + K + t % (K4 - K)] = 0.f;
+  for (int t = threadIdx.x; t < (K4 - K) * kHttTileU; t += blockDim.x) z_tile[K * kHttTileU + t] = 0.f;
+  wait_for_previous_kernel();
+  allow_next_kernel();
+  if (blockIdx.x == 0 && blockIdx.y == 0)
+    for (int v = head.V + threadIdx.x; v < head.Vp; v += blockDim.x) head.logits[size_t(row) * head.Vp + v] = 0.f;
+  stage_rows(z_tile, kHttTileU, head.Z + size_t(row) * K * head.v2 + u0, head.v2, K, u_cols, -1);
+  wait_async_copies();
+  __syncthreads();
+  stamp(Mark::head_logits_staged);
+  stamp_last(Mark::head_logits_staged_last);
+
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int gi = lane / kHttLaneGroupsU, gu = lane % kHttLaneGroupsU;
+  const int units = K4 / 4, per_warp = (units + kGemvWarps - 1) / kGemvWarps;
+  const int begin = min(units, warp * per_warp), end = min(units, begin + per_warp);
+  float acc[4][4] = {};
+  for (int c = begin; c < end; ++c) {
+    float4 a[4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m)
+      a[m] = *reinterpret_cast<const float4*>(a_tile + (gi + kHttLaneGroupsI * m) * S + 4 * c);
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const float4 z = *reinterpret_cast<const float4*>(z_tile + (4 * c + kk) * kHttTileU + 4 * gu);
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        const float am = kk == 0 ? a[m].x : kk == 1 ? a[m].y : kk == 2 ? a[m].z : a[m].w;
+        acc[m][0] += am * z.x;
+        acc[m][1] += am * z.y;
+        acc[m][2] += am * z.z;
+        acc[m][3] += am * z.w;
+      }
+    }
+  }
+  stamp(Mark::head_logits_summed);
+  __syncthreads();  // z_tile becomes the partial tiles
+  float* partial = z_tile + warp * kHttTile;
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+    *reinterpret_cast<float4*>(partial + (gi + kHttLaneGroupsI * m) * kHttTileU + 4 * gu) =
+        make_float4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]);
+  __syncthreads();
+  float* out = head.logits + size_t(row) * head.Vp;
+  for (int o = threadIdx.x; o < kHttTile; o += blockDim.x) {
+    const int ii = o / kHttTileU, uu = o % kHttTileU, v = (i0 + ii) * head.v2 + u0 + uu;
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kGemvWarps; ++w) sum += z_tile[w * kHttTile + o];
+    if (ii < i_rows && uu < u_cols && v < head.V) out[v] = sum;
+  }
+  stamp_last(Mark::head_done);
+}
+
 // ---- the low-rank FFN, in two kernels --------------------------------------------------------------------
 // ffn_up: block x owns hidden units [x·kFfnSlice, …): hidden = cap10(GELU(U₁·low1 + b₁)), then its share of
 // V₂·hidden into `partials`. ffn_down: block x adds the slices' shares (in slice order) and computes D outputs
@@ -1540,6 +1700,41 @@ void head(const StepRows& rows, const float* h, const float* gain, const float* 
          layer_norm_prologue_bytes(rows.count, D), overlap, stream, rows, h, gain, bias, D, plan);
 }
 
+HttHead make_htt_head(int V, int Vp, int D, int r, int v2, int d1, int d2) {
+  HttHead head;
+  head.V = V, head.Vp = Vp, head.D = D, head.r = r, head.v2 = v2, head.d1 = d1, head.d2 = d2;
+  head.digits = (V + v2 - 1) / v2;
+  for (const void* k : {reinterpret_cast<const void*>(&htt_head_z_kernel<1>),
+                        reinterpret_cast<const void*>(&htt_head_z_kernel<kRowsPerChunk>)})
+    allow_shared(k, htt_z_floats_shared(kRowsPerChunk, D, d2) * sizeof(float));
+  allow_shared(reinterpret_cast<const void*>(&htt_head_logits_kernel), HttLogitsShared(r * d1).bytes());
+  // The logits blocks start while the Z blocks run (programmatic dependent launch); an SM whose L1 is split
+  // for a small shared memory takes them only once it drains.
+  for (const void* k : {reinterpret_cast<const void*>(&htt_head_z_kernel<1>),
+                        reinterpret_cast<const void*>(&htt_head_z_kernel<kRowsPerChunk>),
+                        reinterpret_cast<const void*>(&htt_head_logits_kernel)})
+    MUSE_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                         int(cudaSharedmemCarveoutMaxShared)));
+  return head;
+}
+
+size_t htt_head_shared_bytes(int r, int d1, int d2, int D) {
+  return std::max(htt_z_floats_shared(kRowsPerChunk, D, d2) * sizeof(float), HttLogitsShared(r * d1).bytes());
+}
+
+size_t htt_head_z_floats(const HttHead& head, int rows) { return size_t(rows) * head.r * head.d1 * head.v2; }
+
+void htt_head(const StepRows& rows, const float* h, const float* gain, const float* bias, const HttHead& head,
+              bool overlap, cudaStream_t stream) {
+  launch(rows.count == 1 ? &htt_head_z_kernel<1> : &htt_head_z_kernel<kRowsPerChunk>,
+         dim3((head.v2 + kHttZColumns - 1) / kHttZColumns, head.r, chunks(rows.count)), dim3(kGemvThreads),
+         htt_z_floats_shared(std::min(rows.count, kRowsPerChunk), head.D, head.d2) * sizeof(float), overlap, stream,
+         rows, h, gain, bias, head);
+  const int tiles_i = (head.digits + kHttTileI - 1) / kHttTileI;
+  launch(&htt_head_logits_kernel, dim3((head.v2 + kHttTileU - 1) / kHttTileU, tiles_i, rows.count),
+         dim3(kGemvThreads), HttLogitsShared(head.r * head.d1).bytes(), overlap, stream, head);
+}
+
 namespace {
 
 const char* const kMarkNames[] = {
@@ -1551,7 +1746,9 @@ const char* const kMarkNames[] = {
     "W_o gemv: done (last block)", "residual_mix: start", "residual_mix: waited", "residual_mix: staged",
     "residual_mix: prologue", "residual_mix: done (last block)", "ffn up: start", "ffn up: waited",
     "ffn up: staged", "ffn up: hidden", "ffn up: done (last block)", "ffn down: start", "ffn down: waited",
-    "ffn down: summed", "ffn down: done (last block)", "head: start", "head: waited", "head: done (last block)"};
+    "ffn down: summed", "ffn down: done (last block)", "head: start", "head: waited", "head Z: done (last block)",
+    "head logits: start", "head logits: staged", "head logits: staged (last block)",
+    "head logits: summed", "head: done (last block)"};
 static_assert(sizeof(kMarkNames) / sizeof(kMarkNames[0]) == size_t(Mark::count), "a name per mark");
 
 }  // namespace

@@ -12,7 +12,9 @@
 //   ffn_up        the low-rank FFN's U₁ (+GELU, cap) and V₂ over slices of the hidden units: each block's
 //                 share of low2 = V₂·hidden
 //   ffn_down      the shares' sum, then U₂ (+b₂, + residual)
-//   head          LN_final, logits = x·Eᵀ, and every stepped stream's position advances
+//   head          LN_final, logits = x·Eᵀ, and every stepped stream's position advances; for an HTT
+//                 embedding two kernels instead (htt_head_z, htt_head_logits: the factored head of §2.2,
+//                 whose chunks of rows, or rows, are gridDim.z)
 //
 // Rows are the step's streams (at most kRowsPerChunk per block; gridDim.y covers more). The kernels that
 // start with a row-wise prologue (block_input, residual_mix, head) give each row of their chunk to one
@@ -190,5 +192,28 @@ void ffn(int count, const FfnPlan& plan, bool overlap, cudaStream_t stream);
 // `plan` (the head: E, logits) over LN_final(h) of every row; advances positions[streams[r]].
 void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,
           int max_blocks, bool overlap, cudaStream_t stream);
+
+// The factored HTT head of SPEC §2.2, the tied head without E: for each row x = LN_final(h) read as
+// X = reshape(pad(x, d1·d2), d1×d2), Z[(s,p), u] = c_s·Σ_q X[p,q]·B̂[u,s,q] (htt_head_z), then
+// logits[i·v2 + u] = Σ_(s,p) Â[i,s,p]·Z[(s,p), u] (htt_head_logits): a (v1 × r·d1)·(r·d1 × v2) product that
+// reads the normalised cores (0.7 MB for phase8-small) instead of E (103 MB). Logits ≥ V are 0.
+struct HttHead {
+  const float *A_hat = nullptr, *B_hat = nullptr, *theta = nullptr;  // [v1, r, d1], [v2, r, d2], [r]
+  int V = 0, Vp = 0, D = 0, r = 0, v2 = 0, d1 = 0, d2 = 0;
+  int digits = 0;          // leading digits i in use: ⌈V / v2⌉
+  float* Z = nullptr;      // [rows, r·d1, v2]
+  float* logits = nullptr;  // [rows, Vp]
+};
+
+// The geometry of an HttHead for vocabulary V (padded Vp), width D and the cores' shape; the caller fills in
+// the pointers (Z: htt_head_z_floats).
+HttHead make_htt_head(int V, int Vp, int D, int r, int v2, int d1, int d2);
+size_t htt_head_z_floats(const HttHead& head, int rows);
+// Shared memory the factored head's kernels ask for (the decoder keeps E's head when the GPU has less).
+size_t htt_head_shared_bytes(int r, int d1, int d2, int D);
+
+// The factored head over LN_final(h) of every row; advances positions[streams[r]].
+void htt_head(const StepRows& rows, const float* h, const float* gain, const float* bias, const HttHead& head,
+              bool overlap, cudaStream_t stream);
 
 }  // namespace muse::cuda::decode

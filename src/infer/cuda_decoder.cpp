@@ -180,7 +180,8 @@ bool linear_model(const ModelConfig& c) { return c.arch == Arch::phase8 && c.lin
 // captured step stays valid).
 struct Decoder::Buffers {
   float* base = nullptr;     // one allocation: states, positions, step rows and scratch
-  float* E_owned = nullptr;  // HTT: E materialised from the cores
+  float* E_owned = nullptr;  // HTT: E materialised from the cores (the embedding of layer 0's block_input)
+  float* htt_cores = nullptr;  // HTT: Â, ‖A‖, B̂, ‖B‖ (the factored head reads Â and B̂)
   const float* E = nullptr;  // the head and embedding table [Vp, D]
   float* state = nullptr;    // [streams, stream_floats]
   int* positions = nullptr;  // [streams]
@@ -192,11 +193,13 @@ struct Decoder::Buffers {
   std::vector<decode::BlockArgs> blocks;
   std::vector<decode::GemvPlan> input_plans, wo_plans, v1_plans;
   std::vector<decode::FfnPlan> ffn_plans;  // slices = 0: the block has no FFN
-  decode::GemvPlan head_plan;
+  decode::GemvPlan head_plan;  // the dense table's head
+  decode::HttHead htt_head;    // HTT: the factored head (its A_hat null otherwise)
 
   ~Buffers() {
     cudaFree(base);
     cudaFree(E_owned);
+    cudaFree(htt_cores);
   }
 };
 
@@ -276,6 +279,11 @@ void Decoder::build(const float* device_params) {
   buffers_ = std::make_unique<Buffers>();
   Buffers& b = *buffers_;
   decode::StepBuffers& s = b.step;
+  const bool htt = layout_.embed == kAbsent;
+  const HttShape sh = htt ? htt_shape(c.vocab_size, D, c.htt_rank) : HttShape{};
+  // The factored head where its kernels fit the GPU's shared memory, else the product with E.
+  const bool factored_head = htt && decode::htt_head_shared_bytes(sh.r, sh.d1, sh.d2, D) <= size_t(shared_optin);
+  if (factored_head) b.htt_head = decode::make_htt_head(sh.V, sh.Vp, D, sh.r, sh.v2, sh.d1, sh.d2);
   // Two passes over the same list: count, then assign.
   float* ints_positions = nullptr;
   float* ints_rows = nullptr;
@@ -292,6 +300,7 @@ void Decoder::build(const float* device_params) {
     take(s.mixed, size_t(S) * D), take(s.y_att, size_t(S) * D), take(s.y_glob, size_t(S) * D);
     take(b.low1, size_t(S) * rho), take(b.ffn_partials, decode::ffn_partial_floats(ffn_shape, S));
     take(b.logits, size_t(S) * Vp);
+    take(b.htt_head.Z, decode::htt_head_z_floats(b.htt_head, S));
   };
   size_t total = 0;
   plan([&](float*& p, size_t n) {
@@ -314,20 +323,23 @@ void Decoder::build(const float* device_params) {
   MUSE_CUDA_CHECK(cudaMemcpyAsync(b.alibi, slopes.data(), H * sizeof(float), cudaMemcpyHostToDevice, stream_));
 
   const float* p = params_;
-  if (layout_.embed != kAbsent) {
+  if (!htt) {
     b.E = p + layout_.embed;
   } else {
-    const HttShape sh = htt_shape(c.vocab_size, D, c.htt_rank);
     const size_t a_hat = size_t(sh.v1) * sh.r * sh.d1, a_norm = size_t(sh.v1) * sh.r;
     const size_t b_hat = size_t(sh.v2) * sh.r * sh.d2, b_norm = size_t(sh.v2) * sh.r;
     MUSE_CUDA_CHECK(cudaMalloc(&b.E_owned, size_t(Vp) * D * sizeof(float)));
-    float* saved = nullptr;  // the normalised cores, which only the backward would need
-    MUSE_CUDA_CHECK(cudaMalloc(&saved, (a_hat + a_norm + b_hat + b_norm) * sizeof(float)));
-    htt_materialize_forward(b.E_owned, saved, saved + a_hat, saved + a_hat + a_norm, saved + a_hat + a_norm + b_hat,
+    MUSE_CUDA_CHECK(cudaMalloc(&b.htt_cores, (a_hat + a_norm + b_hat + b_norm) * sizeof(float)));
+    float* cores = b.htt_cores;
+    htt_materialize_forward(b.E_owned, cores, cores + a_hat, cores + a_hat + a_norm, cores + a_hat + a_norm + b_hat,
                             p + layout_.htt_a, p + layout_.htt_b, p + layout_.htt_theta, sh, stream_);
-    MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
-    MUSE_CUDA_CHECK(cudaFree(saved));
     b.E = b.E_owned;
+    if (factored_head) {
+      b.htt_head.A_hat = cores;
+      b.htt_head.B_hat = cores + a_hat + a_norm;
+      b.htt_head.theta = p + layout_.htt_theta;
+      b.htt_head.logits = b.logits;
+    }
   }
 
   decode::configure_kernels(D, H, c.window, R, linear);
@@ -551,8 +563,11 @@ void Decoder::enqueue_step(int count) {
                          stream_);
     if (ffn) decode::ffn(count, b.ffn_plans[l], overlap_, stream_);
   }
-  decode::head(rows, b.h[L % 2], params_ + layout_.final_gain, params_ + layout_.final_bias, c.d_model, b.head_plan,
-               max_blocks_, overlap_, stream_);
+  const float *final_gain = params_ + layout_.final_gain, *final_bias = params_ + layout_.final_bias;
+  if (b.htt_head.A_hat)
+    decode::htt_head(rows, b.h[L % 2], final_gain, final_bias, b.htt_head, overlap_, stream_);
+  else
+    decode::head(rows, b.h[L % 2], final_gain, final_bias, c.d_model, b.head_plan, max_blocks_, overlap_, stream_);
 }
 
 void Decoder::run_step(int count) {

@@ -22,7 +22,8 @@ enum class Mark : int {
   mix_start, mix_waited, mix_staged, mix_prologue, mix_done,
   ffn_up_start, ffn_up_waited, ffn_up_staged, ffn_up_hidden, ffn_up_done,
   ffn_down_start, ffn_down_waited, ffn_down_summed, ffn_down_done,
-  head_start, head_waited, head_done,
+  head_start, head_waited, head_z_done, head_logits_start, head_logits_staged,
+  head_logits_staged_last, head_logits_summed, head_done,
   count
 };
 
