@@ -1574,7 +1574,12 @@ size_t residual_mix_bytes(int rows, int D) {
   return prologue_floats(chunk_rows, D, 4, stage_residual_rows(chunk_rows, D)) * sizeof(float);
 }
 
+// Every decode kernel asks for the largest shared-memory carveout: a kernel's blocks start while the previous
+// kernel's run (programmatic dependent launch), and an SM whose L1 is split for less shared memory than they
+// need takes them only once it drains. The step's weights stream through L2, not L1.
 void allow_shared(const void* kernel, size_t bytes) {
+  MUSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                       int(cudaSharedmemCarveoutMaxShared)));
   if (bytes > 48 * 1024)
     MUSE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
@@ -1628,6 +1633,11 @@ void configure_kernels(int D, int H, int W, int R, bool linear_attn) {
                         reinterpret_cast<const void*>(&head_kernel<false, false>)})
     allow_shared(k, prologue);
   allow_shared(reinterpret_cast<const void*>(&mixer_kernel), mixer_shared_bytes(D, H, W, R, linear_attn));
+  for (const void* k : {reinterpret_cast<const void*>(&gemv_kernel<true, 1>),
+                        reinterpret_cast<const void*>(&gemv_kernel<false, 1>),
+                        reinterpret_cast<const void*>(&gemv_kernel<true, kRowsPerChunk>),
+                        reinterpret_cast<const void*>(&gemv_kernel<false, kRowsPerChunk>)})
+    allow_shared(k, 0);
 }
 
 void block_input(const StepRows& rows, float* h_in, const Embedding* embedding, const BlockArgs& b,
@@ -1708,13 +1718,6 @@ HttHead make_htt_head(int V, int Vp, int D, int r, int v2, int d1, int d2) {
                         reinterpret_cast<const void*>(&htt_head_z_kernel<kRowsPerChunk>)})
     allow_shared(k, htt_z_floats_shared(kRowsPerChunk, D, d2) * sizeof(float));
   allow_shared(reinterpret_cast<const void*>(&htt_head_logits_kernel), HttLogitsShared(r * d1).bytes());
-  // The logits blocks start while the Z blocks run (programmatic dependent launch); an SM whose L1 is split
-  // for a small shared memory takes them only once it drains.
-  for (const void* k : {reinterpret_cast<const void*>(&htt_head_z_kernel<1>),
-                        reinterpret_cast<const void*>(&htt_head_z_kernel<kRowsPerChunk>),
-                        reinterpret_cast<const void*>(&htt_head_logits_kernel)})
-    MUSE_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                         int(cudaSharedmemCarveoutMaxShared)));
   return head;
 }
 
