@@ -1153,6 +1153,26 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   stamp_last(Mark::mix_done);
 }
 
+// The heads' prologue, after their parameter copies were issued: waits for the last layer, copies the
+// chunk's rows of h into p.x and normalises them with LN_final (p.params: gain, bias), a warp a row. The
+// block that `advances` also moves the stepped streams' positions on; no kernel of this step reads a
+// position after the head starts.
+__device__ void head_prologue(const PrologueShared& p, const StepRows& rows, const float* h, int row0, int n, int D,
+                              bool advances) {
+  wait_for_previous_kernel();
+  stamp(Mark::head_waited);
+  allow_next_kernel();
+  stage_chunk(p.x, h, row0, n, D);
+  wait_async_copies();
+  __syncthreads();
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  if (warp < n) {
+    warp_layernorm(p.x + size_t(warp) * D, p.params, p.params + D, D);
+    if (advances && lane == 0) rows.positions[rows.streams[row0 + warp]] += 1;
+  }
+  __syncthreads();
+}
+
 // kOneRow: a one-row step through run_head_one_row (head() checks that the plan qualifies).
 template <bool kVec4, bool kOneRow>
 __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
@@ -1160,7 +1180,6 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
                 const __grid_constant__ GemvPlan plan) {
   extern __shared__ float smem[];
   __shared__ float partial[kGemvWarps][kRowsPerChunk];
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int chunk_rows = min(kRowsPerChunk, rows.count);
   const int row0 = blockIdx.y * kRowsPerChunk, n = min(kRowsPerChunk, rows.count - row0);
   const PrologueShared p = prologue_shared(smem, chunk_rows, D, 2, false);  // x: LN_final(h)
@@ -1171,19 +1190,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     prefetch_first_tile(plan);
   stage_param(p, 0, gain, D);
   stage_param(p, 1, bias, D);
-  wait_for_previous_kernel();
-  stamp(Mark::head_waited);
-  allow_next_kernel();
-  stage_chunk(p.x, h, row0, n, D);
-  wait_async_copies();
-  __syncthreads();
-  if (warp < n) {
-    const int r = row0 + warp;
-    warp_layernorm(p.x + size_t(warp) * D, p.params, p.params + D, D);
-    // No kernel of this step reads a position after this one starts.
-    if (blockIdx.x == 0 && lane == 0) rows.positions[rows.streams[r]] += 1;
-  }
-  __syncthreads();
+  head_prologue(p, rows, h, row0, n, D, blockIdx.x == 0);
   if (kOneRow)
     run_head_one_row(plan, p.x, row0);
   else
@@ -1223,19 +1230,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   stage_param(p, 0, gain, D);
   stage_param(p, 1, bias, D);
   const float c_s = cosf(head.theta[s]) / sqrtf(float(head.r));
-  wait_for_previous_kernel();
-  stamp(Mark::head_waited);
-  allow_next_kernel();
-  stage_chunk(p.x, h, row0, n, D);
-  wait_async_copies();
-  __syncthreads();
-  if (warp < n) {
-    const int r = row0 + warp;
-    warp_layernorm(p.x + size_t(warp) * D, p.params, p.params + D, D);
-    // No kernel of this step reads a position after this one starts.
-    if (blockIdx.x == 0 && blockIdx.y == 0 && lane == 0) rows.positions[rows.streams[r]] += 1;
-  }
-  __syncthreads();
+  head_prologue(p, rows, h, row0, n, D, blockIdx.x == 0 && blockIdx.y == 0);
   const size_t K = size_t(head.r) * head.d1;
   const float* b_column = b_tile + lane * b_stride;
   for (int digit = warp; digit < head.d1; digit += kGemvWarps) {
