@@ -5,10 +5,13 @@
 #   here:   scripts/gpu-ab.sh bundle REV...   # a Release `muse` per git revision (the working tree must be
 #                                             # clean; the current branch is restored) into .ab/ab.tar.xz,
 #                                             # with the GPU tests of the last revision (TESTS=0: without)
+#                                             # and, with TIMELINE=1, a -DMUSE_DECODE_TIMELINE=ON build per
+#                                             # revision too
 #   there:  scripts/gpu-ab.sh run             (carry .ab/ab.tar.xz, .deb and this script)
 # `run` runs the GPU tests when bundled (the log in $OUT/gpu_tests.log), then times `muse bench --mode MODE
 # --device cuda` for every build, ROUNDS times over, at each of BATCHES (phase8-small) and once at
-# MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build.
+# MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build; then, for each timeline build, the decode
+# step's timeline at one phase8-small stream (--profile) into $OUT/timeline-REV.txt, its head rows printed.
 # Settings (environment): MODE=decode|train ROUNDS=2
 #   decode: BATCHES="1 8 64" MEDIUM_BATCHES="1" CONTEXT=1000 ITERS=50 WARMUP=5
 #   train:  BATCHES="64" MEDIUM_BATCHES="64" SEQ=1024 ITERS=3 WARMUP=1
@@ -35,12 +38,23 @@ bundle() {
     cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
     cmake --build build --target muse
     strip -o ".ab/muse-$short" build/src/muse
+    if [ "${TIMELINE:-0}" != 0 ]; then
+      cmake -S . -B build-timeline -G Ninja -DCMAKE_BUILD_TYPE=Release -DMUSE_DECODE_TIMELINE=ON -DMUSE_TESTS=OFF \
+        >/dev/null
+      cmake --build build-timeline --target muse
+      strip -o ".ab/timeline-$short" build-timeline/src/muse
+    fi
   done
   if [ "${TESTS:-1}" != 0 ]; then
     cmake --build build --target muse_gpu_tests
     strip -o .ab/muse_gpu_tests build/tests/muse_gpu_tests
   fi
-  (cd .ab && tar cJf ab.tar.xz muse-* $([ -f muse_gpu_tests ] && echo muse_gpu_tests))
+  (
+    cd .ab
+    local files=(muse-*) f
+    for f in timeline-* muse_gpu_tests; do [ -f "$f" ] && files+=("$f"); done
+    tar cJf ab.tar.xz "${files[@]}"
+  )
   mkdir -p .deb
   (cd .deb && for p in libopenblas0-openmp libgfortran5; do ls ${p}_*.deb >/dev/null 2>&1 || apt-get download "$p"; done)
   du -sh .ab/ab.tar.xz
@@ -83,6 +97,15 @@ run() {
     line="${build#.ab/muse-}  phase8-medium"
     for b in $medium; do line+="  B=$b $(tokens_per_s "$build" phase8-medium "$b")"; done
     echo "$line"
+  done
+  local timeline rev
+  for timeline in .ab/timeline-*; do
+    [ -f "$timeline" ] || continue
+    rev=${timeline#.ab/timeline-}
+    "$timeline" bench -p phase8-small --mode decode -b 1 --context "${CONTEXT:-1000}" --warmup "${WARMUP:-5}" \
+      --iters "${ITERS:-50}" --device cuda --profile > "${OUT:-/tmp}/timeline-$rev.txt" 2>&1 || true
+    echo "timeline $rev:"
+    grep -E "tokens/s|ffn down: done|head" "${OUT:-/tmp}/timeline-$rev.txt" || true
   done
 }
 
