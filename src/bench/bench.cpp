@@ -160,8 +160,10 @@ BenchRecord run_cuda_decode_bench(const BenchOptions& o, const ModelConfig& conf
   cuda::Decoder decoder(model, o.batch);
   const double median =
       time_decode_steps(o, config, decoder, [&] { MUSE_CUDA_CHECK(cudaStreamSynchronize(decoder.stream())); });
-  // The GPU head is the factored one for HTT (as on the CPU), the product with the table otherwise.
-  BenchRecord r = decode_record(o, config, median, (long long)model.table().count());
+  // decode_flops counts the factored head for HTT; where the GPU falls back to E, count the product with it.
+  ModelConfig counted = config;
+  if (!decoder.factored_head()) counted.embedding = EmbeddingKind::dense;
+  BenchRecord r = decode_record(o, counted, median, (long long)model.table().count());
   cudaDeviceProp prop{};
   int device = 0;
   MUSE_CUDA_CHECK(cudaGetDevice(&device));

@@ -193,7 +193,7 @@ struct Decoder::Buffers {
   std::vector<decode::BlockArgs> blocks;
   std::vector<decode::GemvPlan> input_plans, wo_plans, v1_plans;
   std::vector<decode::FfnPlan> ffn_plans;  // slices = 0: the block has no FFN
-  decode::GemvPlan head_plan;  // the dense table's head
+  decode::GemvPlan head_plan;  // the dense table's head (unset with the factored head)
   decode::HttHead htt_head;    // HTT: the factored head (its A_hat null otherwise)
 
   ~Buffers() {
@@ -406,7 +406,8 @@ void Decoder::build(const float* device_params) {
       b.ffn_plans.push_back(decode::FfnPlan{});
     }
   }
-  b.head_plan = decode::make_gemv_plan({{b.E, nullptr, nullptr, b.logits, Vp, decode::Epilogue::none}}, D);
+  if (!factored_head)
+    b.head_plan = decode::make_gemv_plan({{b.E, nullptr, nullptr, b.logits, Vp, decode::Epilogue::none}}, D);
 
   MUSE_CUDA_CHECK(cudaMallocHost(&staging_, 2 * size_t(S) * sizeof(int32_t)));
   MUSE_CUDA_CHECK(cudaMallocHost(&host_logits_, size_t(S) * Vp * sizeof(float)));
@@ -433,6 +434,8 @@ void Decoder::check_position(int stream, int position) const {
                                 " of this model's learned positions (the context holds at most " +
                                 std::to_string(config_.max_seq) + " tokens)");
 }
+
+bool Decoder::factored_head() const { return buffers_->htt_head.A_hat != nullptr; }
 
 int Decoder::position(int stream) const {
   check_stream(stream);

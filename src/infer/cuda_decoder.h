@@ -43,6 +43,9 @@ class Decoder {
   Decoder& operator=(const Decoder&) = delete;
 
   int streams() const { return int(positions_.size()); }
+  // Whether the head is SPEC §2.2's factored HTT head (an HTT model whose head kernels fit the GPU's shared
+  // memory), rather than the product with the materialised table.
+  bool factored_head() const;
   const ModelConfig& config() const { return config_; }
   // The stream every kernel and copy of the decoder runs on.
   cudaStream_t stream() const { return stream_; }
