@@ -130,60 +130,66 @@ __device__ __forceinline__ void warp_row_pass(int D, Load load, Store store) {
   batched_pass<8>(D, threadIdx.x % kWarp, kWarp, load, store);
 }
 
-// One row x[0, D) in shared memory, owned by one warp, is replaced by LN(x)·gain + bias as ops/layernorm.cpp
-// computes it: the mean, then the variance of x − mean. Returns Σx² of the input (for the radius δ). gain
-// and bias may be in shared memory (staged) or global memory. When D is a multiple of 128 and the three
-// vectors are 16-byte aligned (every preset), a lane takes 4 consecutive elements at a time: a quarter of
-// the instructions on a path where the step waits for every one of them.
+// A lane's share of a LayerNorm row: Σ(x − k), Σ(x − k)² and Σx², for a shift k common to the row.
+struct LayerNormSums {
+  float shifted = 0.f, shifted_squares = 0.f, squares = 0.f;
+  __device__ __forceinline__ void add(float v, float k) {
+    const float d = v - k;
+    shifted += d;
+    shifted_squares += d * d;
+    squares += v * v;
+  }
+};
+
+// One row x[0, D) in shared memory, owned by one warp, is replaced by LN(x)·gain + bias; returns Σx² of the
+// input (for the radius δ). gain and bias may be in shared memory (staged) or global memory.
+//
+// Every decode step waits for this chain (three of them a layer), so it is one pass and one reduction where
+// ops/layernorm.cpp takes two: the mean and the variance come from Σ(x − k) and Σ(x − k)² with k = x[0],
+// whose shift keeps the variance's subtraction from cancelling when |mean| ≫ std (the GPU tests hold it to
+// the CPU op), and 1/std is rsqrtf. When D is a multiple of 128 and the three vectors are 16-byte aligned
+// (every preset), a lane takes 4 consecutive elements at a time.
 __device__ float warp_layernorm(float* x, const float* gain, const float* bias, int D) {
   const int lane = threadIdx.x % kWarp;
-  float sum = 0.f, squares = 0.f, var = 0.f;
+  const float k = x[0], inv_d = 1.f / float(D);
+  LayerNormSums sums;
   const bool vec4 = D % (4 * kWarp) == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(gain) % 16 == 0 && reinterpret_cast<uintptr_t>(bias) % 16 == 0;
+  float4* x4 = reinterpret_cast<float4*>(x);
   if (vec4) {
-    float4* x4 = reinterpret_cast<float4*>(x);
+#pragma unroll 4
+    for (int i = lane; i < D / 4; i += kWarp) {
+      const float4 v = x4[i];
+      sums.add(v.x, k), sums.add(v.y, k), sums.add(v.z, k), sums.add(v.w, k);
+    }
+  } else {
+#pragma unroll 4
+    for (int i = lane; i < D; i += kWarp) sums.add(x[i], k);
+  }
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    sums.shifted += __shfl_xor_sync(kFull, sums.shifted, offset);
+    sums.shifted_squares += __shfl_xor_sync(kFull, sums.shifted_squares, offset);
+    sums.squares += __shfl_xor_sync(kFull, sums.squares, offset);
+  }
+  const float shift_mean = sums.shifted * inv_d, mean = k + shift_mean;
+  const float var = fmaxf(sums.shifted_squares * inv_d - shift_mean * shift_mean, 0.f);
+  const float rstd = rsqrtf(var + float(kLayerNormEps));
+  if (vec4) {
     const float4* g4 = reinterpret_cast<const float4*>(gain);
     const float4* b4 = reinterpret_cast<const float4*>(bias);
-    const int units = D / 4;
 #pragma unroll 4
-    for (int i = lane; i < units; i += kWarp) {
-      const float4 v = x4[i];
-      sum += (v.x + v.y) + (v.z + v.w);
-      squares += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
-    }
-    const float mean = warp_sum(sum) / float(D);
-#pragma unroll 4
-    for (int i = lane; i < units; i += kWarp) {
-      const float4 v = x4[i];
-      const float a = v.x - mean, b = v.y - mean, c = v.z - mean, d = v.w - mean;
-      var += (a * a + b * b) + (c * c + d * d);
-    }
-    const float rstd = 1.f / sqrtf(warp_sum(var) / float(D) + float(kLayerNormEps));
-#pragma unroll 4
-    for (int i = lane; i < units; i += kWarp) {
+    for (int i = lane; i < D / 4; i += kWarp) {
       const float4 v = x4[i], g = g4[i], o = b4[i];
       x4[i] = make_float4((v.x - mean) * rstd * g.x + o.x, (v.y - mean) * rstd * g.y + o.y,
                           (v.z - mean) * rstd * g.z + o.z, (v.w - mean) * rstd * g.w + o.w);
     }
-    return warp_sum(squares);
+  } else {
+    warp_row_pass(
+        D, [&](int i) { return (x[i] - mean) * rstd * gain[i] + bias[i]; },
+        [&](int i, float v) { x[i] = v; });
   }
-  // The sums are chains of adds; unrolled, a lane's shared-memory loads are in flight together.
-#pragma unroll 4
-  for (int i = lane; i < D; i += kWarp) {
-    sum += x[i];
-    squares += x[i] * x[i];
-  }
-  const float mean = warp_sum(sum) / float(D);
-#pragma unroll 4
-  for (int i = lane; i < D; i += kWarp) {
-    const float d = x[i] - mean;
-    var += d * d;
-  }
-  const float rstd = 1.f / sqrtf(warp_sum(var) / float(D) + float(kLayerNormEps));
-  warp_row_pass(
-      D, [&](int i) { return (x[i] - mean) * rstd * gain[i] + bias[i]; },
-      [&](int i, float v) { x[i] = v; });
-  return warp_sum(squares);
+  return sums.squares;
 }
 
 // rows × cols floats from global (row stride `from_stride`) into shared memory (row stride `to_stride`),
