@@ -230,9 +230,8 @@ __device__ __forceinline__ int segment_of(const GemvPlan& plan, int o, int& j) {
 // The K-range [begin, end) (in float4s with vec4, else floats) of warp slice `slice`.
 __device__ __forceinline__ void slice_range(const GemvPlan& plan, int slice, int& begin, int& end) {
   const int units = plan.vec4 ? plan.K / 4 : plan.K;
-  const int per_slice = (units + plan.split - 1) / plan.split;
-  begin = min(units, slice * per_slice);
-  end = min(units, begin + per_slice);
+  begin = min(units, slice * plan.per_slice);
+  end = min(units, begin + plan.per_slice);
 }
 
 __device__ __forceinline__ float finish_output(const GemvSegment& seg, float acc, int row, int j) {
@@ -253,13 +252,12 @@ __device__ void warp_prefetch_l2(const void* from, size_t bytes) {
 // bytes of its first output, so the GEMV starts on L2 hits.
 __device__ void prefetch_first_tile(const GemvPlan& plan) {
   const int warp = threadIdx.x / kWarp;
-  const int per_tile = kGemvWarps / plan.split;
-  const int o = blockIdx.x * per_tile + warp / plan.split;
+  const int o = blockIdx.x * plan.per_tile + (warp >> plan.split_shift);
   if (o >= plan.total) return;
   int j = 0;
   const int seg = segment_of(plan, o, j);
   int begin = 0, end = 0;
-  slice_range(plan, warp % plan.split, begin, end);
+  slice_range(plan, warp & (plan.split - 1), begin, end);
   const int unit_bytes = plan.vec4 ? 16 : 4;
   const char* row = reinterpret_cast<const char*>(plan.segments[seg].W + size_t(j) * plan.K);
   warp_prefetch_l2(row + begin * unit_bytes, size_t(end - begin) * unit_bytes);
@@ -277,13 +275,12 @@ template <bool kVec4, int kRows>
 __device__ void run_gemv(const GemvPlan& plan, const float* x, int rows, int row0,
                          float (*partial)[kRowsPerChunk]) {
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int split = plan.split, per_tile = kGemvWarps / split, slice = warp % split;
-  const int tiles = (plan.total + per_tile - 1) / per_tile;
+  const int split = plan.split, per_tile = plan.per_tile, slice = warp & (split - 1), tiles = plan.tiles;
   const int K = plan.K, units = kVec4 ? K / 4 : K;
   int begin = 0, end = 0;
   slice_range(plan, slice, begin, end);
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int o = tile * per_tile + warp / split;
+    const int o = tile * per_tile + (warp >> plan.split_shift);
     const bool active = o < plan.total;
     float acc[kRows];
 #pragma unroll
@@ -1561,9 +1558,7 @@ int chunks(int count) { return (count + kRowsPerChunk - 1) / kRowsPerChunk; }
 // Blocks along x: one per tile of outputs, at most max_blocks (the kernels loop over the rest), at least 1
 // (block 0 of the prologue kernels writes their per-row results).
 int gemv_blocks(const GemvPlan& plan, int max_blocks) {
-  const int per_tile = kGemvWarps / plan.split;
-  const int tiles = (plan.total + per_tile - 1) / per_tile;
-  return std::max(1, std::min(tiles, max_blocks));
+  return std::max(1, std::min(plan.tiles, max_blocks));
 }
 
 // Shared bytes of block_input and head (one LayerNorm) and of residual_mix, for a step of `rows` rows.
@@ -1605,6 +1600,10 @@ GemvPlan make_gemv_plan(const std::vector<GemvSegment>& segments, int K) {
   // output: split K over up to 8 warps while outputs are few and each slice keeps a warp's lanes busy.
   const int units = p.vec4 ? K / 4 : K;
   while (p.split < kGemvWarps && p.total * p.split < 1024 && units / (2 * p.split) >= kWarp / 2) p.split *= 2;
+  while ((1 << p.split_shift) < p.split) ++p.split_shift;
+  p.per_tile = kGemvWarps / p.split;
+  p.tiles = (p.total + p.per_tile - 1) / p.per_tile;
+  p.per_slice = (units + p.split - 1) / p.split;
   return p;
 }
 

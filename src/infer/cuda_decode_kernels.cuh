@@ -64,6 +64,9 @@ struct GemvPlan {
   int K = 0;        // input width
   int total = 0;    // Σ out
   int split = 1;    // warps per output (1, 2, 4 or 8): slices of K, summed in slice order
+  // Derived from split by make_gemv_plan, so that the kernels divide by nothing at run time: log2(split),
+  // outputs per tile (kGemvWarps / split), tiles, and K-units (float4s with vec4, else floats) per slice.
+  int split_shift = 0, per_tile = 0, tiles = 0, per_slice = 0;
   bool vec4 = false;  // K % 4 == 0 and every W 16-byte aligned: float4 loads
 };
 
