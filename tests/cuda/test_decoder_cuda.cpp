@@ -1,6 +1,7 @@
 // The recurrent GPU decoder (infer/cuda_decoder.h) against the CPU decoder (infer/decoder.h) and the CPU
 // model's full forward, from the same parameters: every decode step after prompts of W−1, W, W+1 and 5W+3
-// tokens (and 1), on the tiny preset and on variants that take every path of the kernels; batched streams at
+// tokens (and 1), on the tiny preset and on variants that take every path of the kernels, and with
+// LayerNorm rows whose mean dwarfs their spread; batched streams at
 // different positions; graphs and overlapped launches against plain launches; the state hand-over in both
 // directions.
 //
@@ -150,6 +151,20 @@ TEST_P(CudaDecoderVariants, decode_matches_cpu_decoder_and_forward) {
 
 INSTANTIATE_TEST_SUITE_P(decode_cuda, CudaDecoderVariants, ::testing::ValuesIn(variants()),
                          [](const auto& info) { return info.param.name; });
+
+// The decode kernels' LayerNorm takes the variance from sums shifted by the row's first element, where the
+// CPU takes two passes: rows whose mean is far larger than their spread (every embedding row offset by 25,
+// spread about 0.02) must still match.
+TEST(decode_cuda, layernorm_rows_with_a_large_mean_match_cpu_decoder) {
+  MUSE_REQUIRE_GPU();
+  const ModelConfig c = variant_config({"embedding=dense"});
+  Model<float> model = make_model<float>(c, 13);
+  const ParamInfo& E = model.table().find("embed.weight");
+  for (size_t i = 0; i < E.size; ++i) model.params()[E.offset + i] += 25.f;
+  Rng rng(14);
+  const std::vector<int32_t> ids = random_ids(size_t(2 * c.window + 3), c.vocab_size, rng);
+  expect_gpu_decode_matches_cpu(c, model, {1, c.window + 1}, ids, true);
+}
 
 // The width of phase8-small (D = 512, H = 8, W = 64, V = 50257 with the HTT head) on two layers: d_h = 64,
 // a vocabulary that takes many GEMV tiles per block.
