@@ -146,8 +146,8 @@ struct LayerNormSums {
 //
 // Every decode step waits for this chain (three of them a layer), so it is one pass and one reduction where
 // ops/layernorm.cpp takes two: the mean and the variance come from Σ(x − k) and Σ(x − k)² with k = x[0],
-// whose shift keeps the variance's subtraction from cancelling when |mean| ≫ std (the GPU tests hold it to
-// the CPU op), and 1/std is rsqrtf. When D is a multiple of 128 and the three vectors are 16-byte aligned
+// whose shift keeps the variance's subtraction from cancelling when |mean| ≫ std (a GPU test offsets every
+// embedding row), and 1/std is rsqrtf. When D is a multiple of 128 and the three vectors are 16-byte aligned
 // (every preset), a lane takes 4 consecutive elements at a time.
 __device__ float warp_layernorm(float* x, const float* gain, const float* bias, int D) {
   const int lane = threadIdx.x % kWarp;
@@ -172,21 +172,23 @@ __device__ float warp_layernorm(float* x, const float* gain, const float* bias, 
     sums.shifted_squares += __shfl_xor_sync(kFull, sums.shifted_squares, offset);
     sums.squares += __shfl_xor_sync(kFull, sums.squares, offset);
   }
-  const float shift_mean = sums.shifted * inv_d, mean = k + shift_mean;
+  // x − mean as (x − k) − (mean − k): both terms small when |mean| ≫ std, so no digits of x − mean are lost.
+  const float shift_mean = sums.shifted * inv_d;
   const float var = fmaxf(sums.shifted_squares * inv_d - shift_mean * shift_mean, 0.f);
   const float rstd = rsqrtf(var + float(kLayerNormEps));
+  auto normalised = [&](float v, float g, float o) { return ((v - k) - shift_mean) * rstd * g + o; };
   if (vec4) {
     const float4* g4 = reinterpret_cast<const float4*>(gain);
     const float4* b4 = reinterpret_cast<const float4*>(bias);
 #pragma unroll 4
     for (int i = lane; i < D / 4; i += kWarp) {
       const float4 v = x4[i], g = g4[i], o = b4[i];
-      x4[i] = make_float4((v.x - mean) * rstd * g.x + o.x, (v.y - mean) * rstd * g.y + o.y,
-                          (v.z - mean) * rstd * g.z + o.z, (v.w - mean) * rstd * g.w + o.w);
+      x4[i] = make_float4(normalised(v.x, g.x, o.x), normalised(v.y, g.y, o.y), normalised(v.z, g.z, o.z),
+                          normalised(v.w, g.w, o.w));
     }
   } else {
     warp_row_pass(
-        D, [&](int i) { return (x[i] - mean) * rstd * gain[i] + bias[i]; },
+        D, [&](int i) { return normalised(x[i], gain[i], bias[i]); },
         [&](int i, float v) { x[i] = v; });
   }
   return sums.squares;
