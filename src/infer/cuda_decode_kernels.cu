@@ -14,6 +14,7 @@
 #include "ops/hybrid.h"
 #include "ops/layernorm.h"
 #include "ops/linear_attn.h"
+#include "ops/pair_math.cuh"
 #include "ops/poincare.h"
 #include "ops/ssm.h"
 
@@ -769,7 +770,9 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
   // oldest key first; thread `sub` of a key takes its elements sub, sub + group, …
   const int first = b.sliding ? max(0, position - W + 1) : position - position % W;
   const int n = position - first + 1, first_slot = first % W;
-  const float temperature = hs.temperature, slope = hs.slope;
+  // s = −softplus(β)·ρ/√c − slope·age: one product per key; ρ and the weights below take the training
+  // kernels' PairMath (ops/pair_math.cuh).
+  const float distance_scale = -hs.temperature / sqrt_c, slope = hs.slope;
   int group = kWarp;
   while (group > 1 && group * W > int(blockDim.x)) group /= 2;
   const int per_pass = blockDim.x / group, sub = tid % group;
@@ -787,7 +790,8 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
     if (m < n && sub == 0) {
       const float4 norms = key_slot == slot ? new_norms : a.norms[key_slot];
       const TangentNorm<float> kn{norms.x, norms.y, norms.z, norms.w, false};
-      float score = -temperature * scaled_distance(q_norm, kn, dot) / sqrt_c - slope * float(position - first - m);
+      float score = distance_scale * scaled_distance<float, PairMath>(q_norm, kn, dot) -
+                    slope * float(position - first - m);
       if (st.log_mu) score += key_slot == slot ? log_mu : a.log_mu[key_slot];
       a.scores[m] = score;
     }
@@ -800,7 +804,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
   stamp(Mark::mixer_max);
   float weight_sum[1] = {0.f};
   for (int m = tid; m < n; m += blockDim.x) {
-    const float p = expf(a.scores[m] - max_score);
+    const float p = PairMath::exp(a.scores[m] - max_score);
     a.scores[m] = p;
     weight_sum[0] += p;
   }
