@@ -153,17 +153,17 @@ INSTANTIATE_TEST_SUITE_P(decode_cuda, CudaDecoderVariants, ::testing::ValuesIn(v
                          [](const auto& info) { return info.param.name; });
 
 // The decode kernels' LayerNorm takes the variance from sums shifted by the row's first element, where the
-// CPU takes two passes: rows whose mean is far larger than their spread must still match. Every learned
-// position row is offset by 5 (the rows spread a few hundredths), so that the residual stream of every layer
-// has mean ≈ 5: an unshifted Σx²/D − mean² would lose about 0.4 % of the variance there, while the CPU's
-// own rounding of x − mean stays near 1e-5 of the spread. (Offsetting E instead would offset the tied head
-// too, whose logits would then carry 5·Σh: rounding of that size fails the tolerance on either route.)
+// CPU takes two passes: rows whose mean is far larger than their spread must still match. With the dense
+// table (rows spread 0.02) and learned positions (0.01), every position row is offset by 8, so that the
+// residual stream of every layer has a mean about 360 times its spread: an unshifted Σx²/D − mean² loses
+// whole per cents of the variance there, while the CPU's own rounding of x − mean stays near 2e-5 of the
+// spread. (Offsetting E instead would offset the tied head too, whose logits would then carry 8·Σh.)
 TEST(decode_cuda, layernorm_rows_with_a_large_mean_match_cpu_decoder) {
   MUSE_REQUIRE_GPU();
-  const ModelConfig c = variant_config({"pos_embedding=learned"});
+  const ModelConfig c = variant_config({"embedding=dense", "pos_embedding=learned"});
   Model<float> model = make_model<float>(c, 13);
   const ParamInfo& positions = model.table().find("embed.positions");
-  for (size_t i = 0; i < positions.size; ++i) model.params()[positions.offset + i] += 5.f;
+  for (size_t i = 0; i < positions.size; ++i) model.params()[positions.offset + i] += 8.f;
   Rng rng(14);
   const std::vector<int32_t> ids = random_ids(size_t(2 * c.window + 3), c.vocab_size, rng);
   expect_gpu_decode_matches_cpu(c, model, {1, c.window + 1}, ids, true);
