@@ -476,7 +476,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
   // Every block normalises its rows for its own GEMV; block 0 also writes what later kernels read.
   const bool writer = blockIdx.x == 0;
   if (warp < n) {
-    const int r = row0 + warp, stream = rows.streams[r], position = rows.positions[stream];
+    const int r = row0 + warp, position = rows.positions[r];
     float* xr = p.x + size_t(warp) * D;
     if (embedding.E) {
       float* hr = h_in + size_t(r) * D;
@@ -1038,7 +1038,7 @@ __device__ void ssm_step(const BlockArgs& b, const StepBuffers& s, const SsmShar
 __global__ void __launch_bounds__(kMixerThreads) mixer_kernel(StepRows rows, const __grid_constant__ BlockArgs b,
                                                               StepBuffers s) {
   extern __shared__ float smem[];
-  const int r = blockIdx.y, stream = rows.streams[r], position = rows.positions[stream];
+  const int r = blockIdx.y, stream = rows.streams[r], position = rows.positions[r];
   const bool attention = int(blockIdx.x) < b.H;
   const AttentionShared shared = attention ? attention_shared(smem, b.D / b.H, b.W, b.linear_attn) : AttentionShared{};
   const SsmShared ssm = attention ? SsmShared{} : ssm_shared(smem, b.D, b.R);
@@ -1163,22 +1163,16 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
 }
 
 // The heads' prologue, after their parameter copies were issued: waits for the last layer, copies the
-// chunk's rows of h into p.x and normalises them with LN_final (p.params: gain, bias), a warp a row. The
-// block that `advances` also moves the stepped streams' positions on; no kernel of this step reads a
-// position after the head starts.
-__device__ void head_prologue(const PrologueShared& p, const StepRows& rows, const float* h, int row0, int n, int D,
-                              bool advances) {
+// chunk's rows of h into p.x and normalises them with LN_final (p.params: gain, bias), a warp a row.
+__device__ void head_prologue(const PrologueShared& p, const float* h, int row0, int n, int D) {
   wait_for_previous_kernel();
   stamp(Mark::head_waited);
   allow_next_kernel();
   stage_chunk(p.x, h, row0, n, D);
   wait_async_copies();
   __syncthreads();
-  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  if (warp < n) {
-    warp_layernorm(p.x + size_t(warp) * D, p.params, p.params + D, D);
-    if (advances && lane == 0) rows.positions[rows.streams[row0 + warp]] += 1;
-  }
+  const int warp = threadIdx.x / kWarp;
+  if (warp < n) warp_layernorm(p.x + size_t(warp) * D, p.params, p.params + D, D);
   __syncthreads();
 }
 
@@ -1199,7 +1193,7 @@ __global__ void __launch_bounds__(kGemvThreads, kGemvBlocksPerSm)
     prefetch_first_tile(plan);
   stage_param(p, 0, gain, D);
   stage_param(p, 1, bias, D);
-  head_prologue(p, rows, h, row0, n, D, blockIdx.x == 0);
+  head_prologue(p, h, row0, n, D);
   if (kOneRow)
     run_head_one_row(plan, p.x, row0);
   else
@@ -1239,7 +1233,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   stage_param(p, 0, gain, D);
   stage_param(p, 1, bias, D);
   const float c_s = cosf(head.theta[s]) / sqrtf(float(head.r));
-  head_prologue(p, rows, h, row0, n, D, blockIdx.x == 0 && blockIdx.y == 0);
+  head_prologue(p, h, row0, n, D);
   const size_t K = size_t(head.r) * head.d1;
   const float* b_column = b_tile + lane * b_stride;
   for (int digit = warp; digit < head.d1; digit += kGemvWarps) {

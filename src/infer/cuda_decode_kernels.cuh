@@ -73,11 +73,12 @@ struct GemvPlan {
 // A plan over `segments` (at most kMaxSegments) with the split chosen for the output count and K.
 GemvPlan make_gemv_plan(const std::vector<GemvSegment>& segments, int K);
 
-// The rows of one step: stream, token and the streams' positions (tokens consumed so far).
+// The rows of one step: each row's stream, token and position (the tokens its stream consumed before this
+// one). The host stages all three: a kernel reads a row's position in one load, not through its stream.
 struct StepRows {
   const int* streams = nullptr;     // [count]
   const int32_t* tokens = nullptr;  // [count]
-  int* positions = nullptr;         // [streams of the decoder]; the head advances the stepped ones
+  const int* positions = nullptr;   // [count]
   int count = 0;
 };
 
@@ -192,7 +193,7 @@ void residual_mix(int count, const float* h_in, float* h_mid, const BlockArgs& b
 // The FFN of every row (plan.low1 → plan.h_out).
 void ffn(int count, const FfnPlan& plan, bool overlap, cudaStream_t stream);
 
-// `plan` (the head: E, logits) over LN_final(h) of every row; advances positions[streams[r]].
+// `plan` (the head: E, logits) over LN_final(h) of every row.
 void head(const StepRows& rows, const float* h, const float* gain, const float* bias, int D, const GemvPlan& plan,
           int max_blocks, bool overlap, cudaStream_t stream);
 
@@ -215,7 +216,7 @@ size_t htt_head_z_floats(const HttHead& head, int rows);
 // Shared memory the factored head's kernels ask for (the decoder keeps E's head when the GPU has less).
 size_t htt_head_shared_bytes(int r, int d1, int d2, int D);
 
-// The factored head over LN_final(h) of every row; advances positions[streams[r]].
+// The factored head over LN_final(h) of every row.
 void htt_head(const StepRows& rows, const float* h, const float* gain, const float* bias, const HttHead& head,
               bool overlap, cudaStream_t stream);
 

@@ -179,13 +179,12 @@ bool linear_model(const ModelConfig& c) { return c.arch == Arch::phase8 && c.lin
 // Device memory of the decoder and what the kernels of a step are given (built once; fixed addresses, so a
 // captured step stays valid).
 struct Decoder::Buffers {
-  float* base = nullptr;     // one allocation: states, positions, step rows and scratch
+  float* base = nullptr;     // one allocation: states, step rows and scratch
   float* E_owned = nullptr;  // HTT: E materialised from the cores (the embedding of layer 0's block_input)
   float* htt_cores = nullptr;  // HTT: Â, ‖A‖, B̂, ‖B‖ (the factored head reads Â and B̂)
   const float* E = nullptr;  // the head and embedding table [Vp, D]
   float* state = nullptr;    // [streams, stream_floats]
-  int* positions = nullptr;  // [streams]
-  int* step_rows = nullptr;  // [2, streams]: stream indices, then tokens
+  int* step_rows = nullptr;  // [3, streams]: stream indices, tokens, positions
   float* alibi = nullptr;    // [H]
   float* h[2] = {nullptr, nullptr};  // residual stream, alternating between layers
   float *h_mid = nullptr, *low1 = nullptr, *ffn_partials = nullptr, *logits = nullptr;
@@ -285,12 +284,10 @@ void Decoder::build(const float* device_params) {
   const bool factored_head = htt && decode::htt_head_shared_bytes(sh.r, sh.d1, sh.d2, D) <= size_t(shared_optin);
   if (factored_head) b.htt_head = decode::make_htt_head(sh.V, sh.Vp, D, sh.r, sh.v2, sh.d1, sh.d2);
   // Two passes over the same list: count, then assign.
-  float* ints_positions = nullptr;
   float* ints_rows = nullptr;
   auto plan = [&](auto&& take) {
     take(b.state, size_t(S) * stream_floats_);
-    take(ints_positions, size_t(S));
-    take(ints_rows, 2 * size_t(S));
+    take(ints_rows, 3 * size_t(S));
     take(b.alibi, size_t(H));
     take(b.h[0], size_t(S) * D), take(b.h[1], size_t(S) * D), take(b.h_mid, size_t(S) * D);
     take(s.u, size_t(S) * D), take(s.delta, size_t(S)), take(s.g, 2 * size_t(S)), take(s.F, 3 * size_t(S));
@@ -313,7 +310,6 @@ void Decoder::build(const float* device_params) {
     p = b.base + at;
     at += aligned(n);
   });
-  b.positions = reinterpret_cast<int*>(ints_positions);
   b.step_rows = reinterpret_cast<int*>(ints_rows);
   // A fresh stream is empty: zero state (g_{−1} = 0, S = 0, …) at position 0.
   MUSE_CUDA_CHECK(cudaMemsetAsync(b.base, 0, total * sizeof(float), stream_));
@@ -409,7 +405,7 @@ void Decoder::build(const float* device_params) {
   if (!factored_head)
     b.head_plan = decode::make_gemv_plan({{b.E, nullptr, nullptr, b.logits, Vp, decode::Epilogue::none}}, D);
 
-  MUSE_CUDA_CHECK(cudaMallocHost(&staging_, 2 * size_t(S) * sizeof(int32_t)));
+  MUSE_CUDA_CHECK(cudaMallocHost(&staging_, 3 * size_t(S) * sizeof(int32_t)));
   MUSE_CUDA_CHECK(cudaMallocHost(&host_logits_, size_t(S) * Vp * sizeof(float)));
   MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   graphs_.assign(S + 1, nullptr);
@@ -447,8 +443,6 @@ void Decoder::upload_state(int stream, const std::vector<float>& block, int posi
   MUSE_CUDA_CHECK(cudaMemcpyAsync(b.state + size_t(stream) * stream_floats_, block.data(),
                                   stream_floats_ * sizeof(float), cudaMemcpyHostToDevice, stream_));
   positions_[stream] = position;
-  MUSE_CUDA_CHECK(cudaMemcpyAsync(b.positions + stream, &positions_[stream], sizeof(int), cudaMemcpyHostToDevice,
-                                  stream_));
   MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
@@ -457,7 +451,6 @@ void Decoder::reset(int stream) {
   Buffers& b = *buffers_;
   MUSE_CUDA_CHECK(cudaMemsetAsync(b.state + size_t(stream) * stream_floats_, 0, stream_floats_ * sizeof(float),
                                   stream_));
-  MUSE_CUDA_CHECK(cudaMemsetAsync(b.positions + stream, 0, sizeof(int), stream_));
   MUSE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   positions_[stream] = 0;
 }
@@ -511,6 +504,7 @@ const float* Decoder::step(const int* streams, const int32_t* tokens, int count)
   MUSE_CUDA_CHECK(cudaEventSynchronize(staged_));
   std::copy(streams, streams + count, staging_);
   std::copy(tokens, tokens + count, staging_ + this->streams());
+  for (int r = 0; r < count; ++r) staging_[2 * this->streams() + r] = positions_[streams[r]];
   run_step(count);
   MUSE_CUDA_CHECK(cudaEventRecord(staged_, stream_));
   for (int r = 0; r < count; ++r) ++positions_[streams[r]];
@@ -547,9 +541,9 @@ void Decoder::enqueue_step(int count) {
   Buffers& b = *buffers_;
   // The step's rows from the pinned staging buffer (a copy node of the graph when captured: it reads the
   // buffer when the graph runs).
-  MUSE_CUDA_CHECK(cudaMemcpyAsync(b.step_rows, staging_, 2 * size_t(streams()) * sizeof(int32_t),
+  MUSE_CUDA_CHECK(cudaMemcpyAsync(b.step_rows, staging_, 3 * size_t(streams()) * sizeof(int32_t),
                                   cudaMemcpyHostToDevice, stream_));
-  const decode::StepRows rows{b.step_rows, b.step_rows + streams(), b.positions, count};
+  const decode::StepRows rows{b.step_rows, b.step_rows + streams(), b.step_rows + 2 * streams(), count};
   const decode::Embedding embedding{b.E, layout_.positions != kAbsent ? params_ + layout_.positions : nullptr};
   const int L = c.n_layers;
   for (int l = 0; l < L; ++l) {

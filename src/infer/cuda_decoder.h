@@ -110,9 +110,9 @@ class Decoder {
   std::unique_ptr<Buffers> buffers_;
   size_t stream_floats_ = 0;     // one stream's state
   int max_blocks_ = 0;           // GEMV grids: enough blocks to fill every SM once
-  std::vector<int> positions_;   // host mirror of the device positions
+  std::vector<int> positions_;   // tokens each stream consumed; a step stages its rows' positions
   int last_rows_ = 0;            // rows of the last step's logits
-  int32_t* staging_ = nullptr;   // pinned: [streams] stream indices, then [streams] tokens
+  int32_t* staging_ = nullptr;   // pinned: [streams] stream indices, [streams] tokens, [streams] positions
   cudaEvent_t staged_ = nullptr; // the end of the last step, whose first act reads staging_
   float* host_logits_ = nullptr; // pinned [streams, Vp]
   std::vector<cudaGraphExec_t> graphs_;  // by step row count
