@@ -14,7 +14,7 @@
 #include "ops/hybrid.h"
 #include "ops/layernorm.h"
 #include "ops/linear_attn.h"
-#include "ops/pair_math.cuh"
+#include "ops/poincare.cuh"
 #include "ops/poincare.h"
 #include "ops/ssm.h"
 
@@ -771,7 +771,7 @@ __device__ void attention_head(const BlockArgs& b, const StepBuffers& s, const A
   const int first = b.sliding ? max(0, position - W + 1) : position - position % W;
   const int n = position - first + 1, first_slot = first % W;
   // s = −softplus(β)·ρ/√c − slope·age: one product per key; ρ and the weights below take the training
-  // kernels' PairMath (ops/pair_math.cuh).
+  // kernels' PairMath (ops/poincare.cuh).
   const float distance_scale = -hs.temperature / sqrt_c, slope = hs.slope;
   int group = kWarp;
   while (group > 1 && group * W > int(blockDim.x)) group /= 2;

@@ -18,7 +18,7 @@
 
 #include "common/cuda_check.cuh"
 #include "ops/local_attn.cuh"
-#include "ops/pair_math.cuh"
+#include "ops/poincare.cuh"
 #include "ops/poincare.h"
 
 namespace muse::cuda {

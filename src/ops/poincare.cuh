@@ -1,5 +1,5 @@
-// PairMath: the elementary functions of ops/poincare.h's log-domain distance, as the GPU's attention kernels
-// take them (ops/local_attn.cu for training, infer/cuda_decode_kernels.cu for decode).
+// The device side of ops/poincare.h: PairMath, the elementary functions its log-domain distance takes in the
+// GPU attention kernels (ops/local_attn.cu for training, infer/cuda_decode_kernels.cu for decode).
 #pragma once
 
 namespace muse {
