@@ -12,6 +12,7 @@
 # --device cuda` for every build, ROUNDS times over, at each of BATCHES (phase8-small) and once at
 # MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build; then, for each timeline build, the decode
 # step's timeline at one phase8-small stream (--profile) into $OUT/timeline-REV.txt, its head rows printed.
+# Everything `run` prints is also kept in $OUT/ab.txt (a device call returns only its output's tail).
 # Settings (environment): MODE=decode|train ROUNDS=2
 #   decode: BATCHES="1 8 64" MEDIUM_BATCHES="1" CONTEXT=1000 ITERS=50 WARMUP=5
 #   train:  BATCHES="64" MEDIUM_BATCHES="64" SEQ=1024 ITERS=3 WARMUP=1
@@ -111,6 +112,6 @@ run() {
 
 case "${1:-}" in
   bundle) shift; bundle "$@" ;;
-  run) run ;;
+  run) mkdir -p "${OUT:-/tmp}"; run 2>&1 | tee "${OUT:-/tmp}/ab.txt" ;;
   *) echo "usage: scripts/gpu-ab.sh bundle REV... | scripts/gpu-ab.sh run" >&2; exit 2 ;;
 esac
