@@ -62,9 +62,7 @@ bundle() {
 }
 
 run() {
-  local prefix=/tmp/muse-runtime
-  [ -d "$prefix" ] || for deb in .deb/*.deb; do dpkg -x "$deb" "$prefix"; done
-  export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu/openblas-openmp:$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+  source scripts/gpu-runtime.sh
   (cd .ab && tar xJf ab.tar.xz)
   if [ -f .ab/muse_gpu_tests ]; then
     mkdir -p "${OUT:-/tmp}"

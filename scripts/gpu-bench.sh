@@ -101,12 +101,7 @@ if [ "$APPEND" != 1 ]; then  # start afresh the files this run writes
   [ "$PEERS" = 1 ] && : > "$PEERS_JSONL"
 fi
 
-# Runtime libraries the muse binary lacks on the GPU machine (scripts/gpu-bundle.sh ships them as .debs).
-if compgen -G ".deb/*.deb" > /dev/null; then
-  runtime=/tmp/muse-runtime
-  for deb in .deb/*.deb; do dpkg -x "$deb" "$runtime"; done
-  export LD_LIBRARY_PATH="$runtime/usr/lib/x86_64-linux-gnu/openblas-openmp:$runtime/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
-fi
+source scripts/gpu-runtime.sh
 
 if [ "$PART" != peers ] && [ ! -x "$MUSE" ]; then
   echo "gpu-bench.sh: no muse binary at $MUSE (set MUSE=...)" >&2

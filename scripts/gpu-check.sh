@@ -10,12 +10,10 @@
 #    phase8-small, one stream.
 # Logs and JSON go under $OUT (default /tmp/muse-gpu-check).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out="${OUT:-/tmp/muse-gpu-check}"
 mkdir -p "$out"
-prefix=/tmp/muse-runtime
-for deb in .deb/*.deb; do dpkg -x "$deb" "$prefix"; done
-export LD_LIBRARY_PATH="$prefix/usr/lib/x86_64-linux-gnu/openblas-openmp:$prefix/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
+source scripts/gpu-runtime.sh
 muse=.gpu/muse
 status=0
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Where one kernel's warps wait, from Nsight Compute's source page (scripts/gpu-stalls.sh writes it).
+"""Where one kernel's warps wait, from Nsight Compute's source page (KERNEL=regex scripts/gpu-kernels.sh
+writes it).
 
 usage: stall-report.py [--top K] FILE.csv
 
