@@ -148,8 +148,8 @@ struct LayerNormSums {
 // Every decode step waits for this chain (three of them a layer), so it is one pass and one reduction where
 // ops/layernorm.cpp takes two: the mean and the variance come from Σ(x − k) and Σ(x − k)² with k = x[0],
 // whose shift keeps the variance's subtraction from cancelling when |mean| ≫ std (a GPU test holds rows
-// whose mean is 360 times their spread to the CPU op), and 1/std is rsqrtf. When D is a multiple of 128 and the three vectors are 16-byte aligned
-// (every preset), a lane takes 4 consecutive elements at a time.
+// whose mean is 360 times their spread to the CPU op), and 1/std is rsqrtf. When D is a multiple of 128 and
+// the three vectors are 16-byte aligned (every preset), a lane takes 4 consecutive elements at a time.
 __device__ float warp_layernorm(float* x, const float* gain, const float* bias, int D) {
   const int lane = threadIdx.x % kWarp;
   const float k = x[0], inv_d = 1.f / float(D);
@@ -167,6 +167,8 @@ __device__ float warp_layernorm(float* x, const float* gain, const float* bias, 
 #pragma unroll 4
     for (int i = lane; i < D; i += kWarp) sums.add(x[i], k);
   }
+  // warp_sum three times over, written as one loop: three calls compile to other (longer) code than the
+  // measured one, whose three shuffles of each step issue together.
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
     sums.shifted += __shfl_xor_sync(kFull, sums.shifted, offset);

@@ -561,7 +561,7 @@ void Decoder::enqueue_step(int count) {
     if (ffn) decode::ffn(count, b.ffn_plans[l], overlap_, stream_);
   }
   const float *final_gain = params_ + layout_.final_gain, *final_bias = params_ + layout_.final_bias;
-  if (b.htt_head.A_hat)
+  if (factored_head())
     decode::htt_head(rows, b.h[L % 2], final_gain, final_bias, b.htt_head, overlap_, stream_);
   else
     decode::head(rows, b.h[L % 2], final_gain, final_bias, c.d_model, b.head_plan, max_blocks_, overlap_, stream_);
