@@ -150,12 +150,13 @@ struct Model::Arena {
   std::vector<BlockBuffers> blocks;
   float *E = nullptr, *htt_saved = nullptr, *dE = nullptr;
   float *x_final = nullptr, *final_mean = nullptr, *final_rstd = nullptr;
-  // logits: [rows, Vp] (inference) or, training, one chunk of them [head_chunk, Vp], then their gradient.
+  // logits: [rows, Vp] (inference) or, training, one chunk of them [head_chunk, Vp], then their gradient (in
+  // bf16 math the chunk is logits_bf16 below).
   float *logits = nullptr, *row_loss = nullptr, *row_lse = nullptr, *loss_result = nullptr;
   float* logits_on_demand = nullptr;  // a training model's whole logits, for logits() (not in the arena)
   size_t logits_on_demand_floats = 0;
-  __nv_bfloat16 *x_final_bf16 = nullptr, *logits_bf16 = nullptr;  // serving; x_final_bf16 also the bf16 head's
-  __nv_bfloat16 *E_bf16 = nullptr, *dlogits_bf16 = nullptr;         // the bf16 training head
+  // Serving: [rows, Vp] logits; the bf16 training head: x_final's and E's bf16 copies, and a chunk of logits.
+  __nv_bfloat16 *x_final_bf16 = nullptr, *logits_bf16 = nullptr, *E_bf16 = nullptr;
   int32_t *ids = nullptr, *targets = nullptr;
   // backward scratch
   float *dh = nullptr, *du = nullptr, *dq = nullptr, *dk = nullptr, *dv = nullptr, *dmixed = nullptr;
@@ -254,16 +255,17 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(x_bf16, (RD + 1) / 2), take(logits_bf16, (rows * Vp + 1) / 2);
     a.x_final_bf16 = reinterpret_cast<__nv_bfloat16*>(x_bf16);
     a.logits_bf16 = reinterpret_cast<__nv_bfloat16*>(logits_bf16);
+  } else if (bf16_head) {
+    // A chunk of bf16 logits, overwritten by their gradient; bf16 copies of x_final and E.
+    float *x_bf16 = nullptr, *E_bf16 = nullptr, *logits_bf16 = nullptr;  // bf16 pairs share a float slot
+    take(x_bf16, (RD + 1) / 2), take(E_bf16, (Vp * D + 1) / 2), take(logits_bf16, (size_t(head_chunk) * Vp + 1) / 2);
+    a.x_final_bf16 = reinterpret_cast<__nv_bfloat16*>(x_bf16);
+    a.E_bf16 = reinterpret_cast<__nv_bfloat16*>(E_bf16);
+    a.logits_bf16 = reinterpret_cast<__nv_bfloat16*>(logits_bf16);
+    take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
   } else {
     take(a.logits, (backward ? size_t(head_chunk) : rows) * Vp);
     take(a.row_loss, rows), take(a.row_lse, rows), take(a.loss_result, 2);
-  }
-  if (bf16_head) {
-    float *x_bf16 = nullptr, *E_bf16 = nullptr, *dlogits_bf16 = nullptr;  // bf16 pairs share a float slot
-    take(x_bf16, (RD + 1) / 2), take(E_bf16, (Vp * D + 1) / 2), take(dlogits_bf16, (size_t(head_chunk) * Vp + 1) / 2);
-    a.x_final_bf16 = reinterpret_cast<__nv_bfloat16*>(x_bf16);
-    a.E_bf16 = reinterpret_cast<__nv_bfloat16*>(E_bf16);
-    a.dlogits_bf16 = reinterpret_cast<__nv_bfloat16*>(dlogits_bf16);
   }
   float *ids = nullptr, *targets = nullptr;  // int32 share the float slots' size
   take(ids, rows), take(targets, rows);
@@ -549,7 +551,8 @@ void Model::head_pass(bool with_gradient, float accumulate_scale) {
       xent_count(a.loss_result, a.targets, rows, kIgnore, stream_);
       zero(a.dE, size_t(Vp) * D);
     }
-    // bf16 math: the head's GEMMs multiply bf16 copies of x and E (and bf16 dlogits) into fp32.
+    // bf16 math: the head's GEMMs multiply bf16 copies of x and E into bf16 logits (fp32 accumulation), which
+    // the cross-entropy overwrites with their gradient for the two backward GEMMs.
     const bool bf16 = a.bf16_head;
     if (bf16) {
       to_bf16(a.x_final_bf16, a.x_final, size_t(rows) * D, stream_);
@@ -558,23 +561,27 @@ void Model::head_pass(bool with_gradient, float accumulate_scale) {
     }
     for (int first = 0; first < rows; first += a.head_chunk) {
       const int n = std::min(a.head_chunk, rows - first);
-      const float* x = a.x_final + size_t(first) * D;
-      const __nv_bfloat16* x_bf16 = bf16 ? a.x_final_bf16 + size_t(first) * D : nullptr;
+      const float* result = with_gradient ? a.loss_result : nullptr;
       float* du = a.du + size_t(first) * D;
-      if (bf16)
-        gemm(false, true, n, Vp, D, 1.f, x_bf16, D, a.E_bf16, D, 0.f, a.logits, Vp, stream_);
-      else
-        linear_forward(a.logits, x, E, nullptr, n, D, Vp, stream_);
-      mark("fwd head gemm");
-      xent_rows(a.row_loss + first, a.row_lse + first, a.logits, a.targets + first, n, c.vocab_size, Vp, smoothing_,
-                with_gradient ? a.loss_result : nullptr, bf16 ? a.dlogits_bf16 : nullptr, kIgnore, stream_);
-      mark(with_gradient ? "cross-entropy and its gradient" : "fwd cross-entropy");
-      if (!with_gradient) continue;
-      // This chunk's rows of du (a fresh row range) and dE += dlogitsᵀ·x.
       if (bf16) {
-        gemm(false, false, n, D, Vp, 1.f, a.dlogits_bf16, Vp, a.E_bf16, D, 0.f, du, D, stream_);
-        gemm(true, false, Vp, D, n, 1.f, a.dlogits_bf16, Vp, x_bf16, D, 1.f, a.dE, D, stream_);
+        const __nv_bfloat16* x = a.x_final_bf16 + size_t(first) * D;
+        gemm_bf16(false, true, n, Vp, D, x, D, a.E_bf16, D, a.logits_bf16, Vp, stream_);
+        mark("fwd head gemm");
+        xent_rows(a.row_loss + first, a.row_lse + first, a.logits_bf16, a.targets + first, n, c.vocab_size, Vp,
+                  smoothing_, result, kIgnore, stream_);
+        mark(with_gradient ? "cross-entropy and its gradient" : "fwd cross-entropy");
+        if (!with_gradient) continue;
+        // This chunk's rows of du (a fresh row range) and dE += dlogitsᵀ·x.
+        gemm(false, false, n, D, Vp, 1.f, a.logits_bf16, Vp, a.E_bf16, D, 0.f, du, D, stream_);
+        gemm(true, false, Vp, D, n, 1.f, a.logits_bf16, Vp, x, D, 1.f, a.dE, D, stream_);
       } else {
+        const float* x = a.x_final + size_t(first) * D;
+        linear_forward(a.logits, x, E, nullptr, n, D, Vp, stream_);
+        mark("fwd head gemm");
+        xent_rows(a.row_loss + first, a.row_lse + first, a.logits, a.targets + first, n, c.vocab_size, Vp, smoothing_,
+                  result, kIgnore, stream_);
+        mark(with_gradient ? "cross-entropy and its gradient" : "fwd cross-entropy");
+        if (!with_gradient) continue;
         zero(du, size_t(n) * D);
         linear_backward(du, a.dE, nullptr, a.logits, x, E, n, D, Vp, stream_);
       }

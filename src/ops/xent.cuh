@@ -21,16 +21,16 @@ namespace muse::cuda {
 void xent_forward(float* row_loss, float* row_lse, float* result, const float* logits, const int32_t* targets,
                   int rows, int V, int Vp, float smoothing, int32_t ignore_index = -1, cudaStream_t stream = 0);
 
-// The training head's pass over one chunk of rows (logits [rows, Vp]): row_loss and row_lse as xent_forward,
-// and with `result` (the device pair from xent_count: result[1] is the whole batch's number of counted
-// targets) each row is then overwritten by the gradient of the batch's mean loss, (softmax − smoothed
-// one-hot)/count for v < V and 0 in the padded columns and in ignored rows. One kernel reads each row once
-// (into shared memory when it fits, else twice) and writes the gradient once. Without `result` the logits
-// are only read. With `dlogits_bf16` ([rows, Vp] bf16) the gradient goes there, rounded to bf16, and the
-// logits stay as they are.
+// The training head's pass over one chunk of rows (logits [rows, Vp], fp32 or bf16): row_loss and row_lse as
+// xent_forward (fp32 statistics either way), and with `result` (the device pair from xent_count: result[1] is
+// the whole batch's number of counted targets) each row is then overwritten, in its own type, by the gradient
+// of the batch's mean loss: (softmax − smoothed one-hot)/count for v < V and 0 in the padded columns and in
+// ignored rows. One kernel reads each row once (into shared memory when it fits, else twice) and writes the
+// gradient once. Without `result` the logits are only read.
 void xent_rows(float* row_loss, float* row_lse, float* logits, const int32_t* targets, int rows, int V, int Vp,
-               float smoothing, const float* result, __nv_bfloat16* dlogits_bf16 = nullptr,
-               int32_t ignore_index = -1, cudaStream_t stream = 0);
+               float smoothing, const float* result, int32_t ignore_index = -1, cudaStream_t stream = 0);
+void xent_rows(float* row_loss, float* row_lse, __nv_bfloat16* logits, const int32_t* targets, int rows, int V,
+               int Vp, float smoothing, const float* result, int32_t ignore_index = -1, cudaStream_t stream = 0);
 
 // result = {mean of the kept rows' row_loss, count} over `rows` rows (fixed-order double sums).
 void xent_mean(float* result, const float* row_loss, const int32_t* targets, int rows, int32_t ignore_index = -1,
