@@ -19,7 +19,7 @@
 #                            peer compiles with torch.compile for each size and mode): run PART=muse and
 #                            PART=peers as two calls and give both outputs to bench-report.py.
 #   MUSE=.gpu/muse  DEVICE=cuda  OUT=/tmp/muse-bench  PYTHON=python3
-#   GPU_MATH=tf32            muse's --gpu-math for the forward and train rows (tf32, bf16 or fp32)
+#   GPU_MATH=bf16            muse's --gpu-math for the forward and train rows (bf16, tf32 or fp32)
 #   GRID=full|quick          full: SPEC §7 + throughput shapes; quick: a handful of shapes
 #   MODES="forward train"    SIZES="small medium"   MODELS="phase7 phase8 gpt"
 #   PEERS=1 LONG=1 DECODE=1  (0 leaves that part out)    LONG_MODELS="phase8 phase7"  (MODELS=none: peers only)
@@ -38,7 +38,7 @@ cd "$(dirname "$0")/.." || exit 1
 
 MUSE="${MUSE:-.gpu/muse}"
 DEVICE="${DEVICE:-cuda}"
-GPU_MATH="${GPU_MATH:-tf32}"
+GPU_MATH="${GPU_MATH:-bf16}"
 DIR="${OUT:-/tmp/muse-bench}/bench"
 PYTHON="${PYTHON:-python3}"
 GRID="${GRID:-full}"

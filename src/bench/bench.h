@@ -24,7 +24,7 @@ struct BenchOptions {
   std::string device = "cpu";    // cpu, cuda or auto
   bool profile = false;          // GPU: time each group of kernels (BenchRecord::profile); decode: the
                                  // step's timeline (BenchRecord::timeline)
-  std::string gpu_math = "tf32"; // GPU GEMMs: tf32, bf16 or fp32
+  std::string gpu_math = "bf16"; // GPU GEMMs: bf16, tf32 or fp32 (train's default)
 };
 
 struct BenchRecord {

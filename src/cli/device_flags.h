@@ -14,10 +14,10 @@ inline void add_device_flag(CLI::App* cmd, std::string& device, const std::strin
 
 inline void add_gpu_math_flag(CLI::App* cmd, std::string& gpu_math) {
   cmd->add_option("--gpu-math", gpu_math,
-                  "GEMM math on the GPU: tf32 (tensor cores, fp32 storage and accumulation), bf16 (GEMM inputs\n"
-                  "rounded to bf16 for the bf16 tensor cores, fp32 accumulation, ~4e-3 relative per product; the\n"
-                  "training head multiplies bf16 copies of x and E and bf16 dlogits, 2.5x faster than tf32 there)\n"
-                  "or fp32 (the reference mode, matching the CPU to rounding)")
+                  "GEMM math on the GPU: bf16 (GEMM inputs rounded to bf16 for the bf16 tensor cores, fp32\n"
+                  "accumulation, ~4e-3 relative per product; the training head writes bf16 logits and gradients\n"
+                  "from bf16 copies of x and E, with fp32 softmax statistics), tf32 (tensor cores on fp32 storage,\n"
+                  "~1e-3 relative) or fp32 (the reference mode, matching the CPU to rounding)")
       ->capture_default_str()
       ->check(CLI::IsMember({"tf32", "bf16", "fp32"}));
 }

@@ -64,8 +64,9 @@ class Model {
   void prepare_serving();
   bool serving() const { return serving_; }
   // The math of the model's GEMMs (ops/linear.cuh): fp32 (default; the reference mode the tests compare
-  // with the CPU), tf32 (tensor cores: the fast mode `muse train/bench/eval --device cuda` use) or bf16 (bf16
-  // tensor cores; the training head then multiplies bf16 copies of x and E, and bf16 dlogits, into fp32).
+  // with the CPU), tf32 (tensor cores; `muse eval --device cuda`'s default) or bf16 (bf16 tensor cores, the
+  // default of `muse train` and `bench`; the training head then multiplies bf16 copies of x and E into bf16
+  // logits, which the cross-entropy overwrites with their gradient for the head's two backward GEMMs).
   void set_gemm_math(GemmMath math) { gemm_math_ = math; }
   GemmMath gemm_math() const { return gemm_math_; }
   // Bytes of device memory held: parameters, gradients, activations and workspaces.

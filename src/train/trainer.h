@@ -36,7 +36,7 @@ struct TrainOptions {
   uint64_t seed = 1337;
   bool resume = false;
   std::string device = "cpu";          // cpu, cuda or auto (common/device.h)
-  std::string gpu_math = "tf32";       // GEMMs on the GPU: tf32 or bf16 (tensor cores) or fp32 (the reference mode)
+  std::string gpu_math = "bf16";       // GEMMs on the GPU: bf16 or tf32 (tensor cores) or fp32 (the reference mode)
   // Phase 8 diagnostics and their optional losses (SPEC §5, diag/diagnose.h).
   int64_t diagnostics_every = 0;  // measure the first validation window every K steps (0: never)
   int diagnostics_layer = -1;     // block whose residual is measured and regularised (−1: the last)
