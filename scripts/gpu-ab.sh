@@ -13,7 +13,7 @@
 # MEDIUM_BATCHES (phase8-medium), and prints tokens/s per build; then, for each timeline build, the decode
 # step's timeline at one phase8-small stream (--profile) into $OUT/timeline-REV.txt, its head rows printed.
 # Everything `run` prints is also kept in $OUT/ab.txt (a device call returns only its output's tail).
-# Settings (environment): MODE=decode|train ROUNDS=2
+# Settings (environment): MODE=decode|train ROUNDS=2 ARGS="" (more `muse bench` arguments, e.g. --gpu-math tf32)
 #   decode: BATCHES="1 8 64" MEDIUM_BATCHES="1" CONTEXT=1000 ITERS=50 WARMUP=5
 #   train:  BATCHES="64" MEDIUM_BATCHES="64" SEQ=1024 ITERS=3 WARMUP=1
 set -euo pipefail
@@ -78,7 +78,8 @@ run() {
     else
       shape=(--mode decode -b "$3" --context "${CONTEXT:-1000}" --warmup "${WARMUP:-5}" --iters "${ITERS:-50}")
     fi
-    "$1" bench -p "$2" "${shape[@]}" --device cuda --json 2>/dev/null | grep -oE '"tokens_per_s":[0-9]+' |
+    # shellcheck disable=SC2086  # ARGS is a list of arguments
+    "$1" bench -p "$2" "${shape[@]}" --device cuda --json ${ARGS:-} 2>/dev/null | grep -oE '"tokens_per_s":[0-9]+' |
       cut -d: -f2 || echo failed
   }
   local small medium
