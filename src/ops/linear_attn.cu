@@ -751,31 +751,46 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   if (dq) cv.load(K, false, phi_k_gated);
   if (dv) cv.load(G, false, g_v);
   __syncthreads();
+  // The gradients' epilogues load every old value (and input) of the thread's elements before they store
+  // any: interleaved, each load would wait for the store before it (the compiler cannot tell that they never
+  // alias).
+  auto in_chunk = [&](int t, int c) { return t < cv.tn && tx + 16 * c < dh; };
   if (dq) {
     tile_mac<NB>(dq_acc, PT, K, kTile, tx, ty);
+    float dq_old[4][NB], q_in[4][NB];
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < NB; ++c) {
+        const bool in = in_chunk(4 * ty + r, c);
+        const long at = cv.at(4 * ty + r, tx + 16 * c);
+        dq_old[r][c] = in ? dq[at] : 0.f;
+        q_in[r][c] = in ? q[at] : 0.f;
+      }
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int i = 4 * ty + r;
-      if (i >= cv.tn) continue;
 #pragma unroll
       for (int c = 0; c < NB; ++c) {
         const int e = tx + 16 * c;
-        if (e >= dh) continue;
-        const long at = cv.at(i, e);
-        dq[at] += (dq_acc[r][c] + gz[i] * z[e]) * feature_grad(q[at], cv.scale);
+        if (!in_chunk(i, c)) continue;
+        dq[cv.at(i, e)] = dq_old[r][c] + (dq_acc[r][c] + gz[i] * z[e]) * feature_grad(q_in[r][c], cv.scale);
       }
     }
   }
   if (dv) {
     tile_mac<NB>(dv_acc, A, G, kTile, tx, ty);
+    float dv_old[4][NB];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int j = 4 * ty + r;
-      if (j >= cv.tn) continue;
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
       for (int c = 0; c < NB; ++c)
-        if (tx + 16 * c < dh) dv[cv.at(j, tx + 16 * c)] += dv_acc[r][c];
-    }
+        dv_old[r][c] = in_chunk(4 * ty + r, c) ? dv[cv.at(4 * ty + r, tx + 16 * c)] : 0.f;
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+#pragma unroll
+      for (int c = 0; c < NB; ++c)
+        if (in_chunk(4 * ty + r, c)) dv[cv.at(4 * ty + r, tx + 16 * c)] = dv_old[r][c] + dv_acc[r][c];
   }
   if (!dk && !dmu) return;
   __syncthreads();
@@ -787,6 +802,16 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   float acc[4][NB] = {};
   tile_mac<NB>(acc, VT, dST, dh, tx, ty);
   tile_mac<NB>(acc, P, Q, kTile, tx, ty);
+  float dk_old[4][NB], k_in[4][NB];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < NB; ++c) {
+      const bool in = in_chunk(4 * ty + r, c);
+      const long at = cv.at(4 * ty + r, tx + 16 * c);
+      dk_old[r][c] = in && dk ? dk[at] : 0.f;
+      k_in[r][c] = in ? k[at] : 0.f;
+    }
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int j = 4 * ty + r;
@@ -794,11 +819,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
 #pragma unroll
     for (int c = 0; c < NB; ++c) {
       const int e = tx + 16 * c;
-      if (j >= cv.tn || e >= dh) continue;
-      const long at = cv.at(j, e);
+      if (!in_chunk(j, c)) continue;
       const float dphi = acc[r][c] + z[e];
-      if (dk) dk[at] += gate[j] * dphi * feature_grad(k[at], cv.scale);
-      dgate += feature(k[at], cv.scale) * dphi;
+      if (dk) dk[cv.at(j, e)] = dk_old[r][c] + gate[j] * dphi * feature_grad(k_in[r][c], cv.scale);
+      dgate += feature(k_in[r][c], cv.scale) * dphi;
     }
     dgate = half_warp_sum(dgate);
     if (dmu && tx == 0 && j < cv.tn) dmu[cv.row(j) * H + cv.h] += dgate;

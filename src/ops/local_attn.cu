@@ -1052,6 +1052,19 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
             if (x[a] != 0.f) dq_acc[a][c] += x[a] * kr;
         }
       }
+      // The old dq of every element first, then the stores: interleaved, each load would wait for the store
+      // before it (the compiler cannot tell that they never alias).
+      float dq_old[4][EB];
+#pragma unroll
+      for (int a = 0; a < 4; ++a) {
+        const int i = step0 + 4 * warp + a;
+        const long at = geo.row(b, i, h);
+#pragma unroll
+        for (int c = 0; c < EB; ++c) {
+          const int e = lane + 32 * c;
+          dq_old[a][c] = i <= row_last && i < j0 + kBwdTiledKeys && e < dh ? dq[at + e] : 0.f;
+        }
+      }
 #pragma unroll
       for (int a = 0; a < 4; ++a) {
         const int t = 4 * warp + a, i = step0 + t;
@@ -1064,7 +1077,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
           if (e >= dh) continue;
           const float value = dq_acc[a][c] + row_self[a] * Qr[t * kTiledMaxHeadDim + e];
           if (own_tile)
-            dq[at + e] += value;
+            dq[at + e] = dq_old[a][c] + value;
           else
             carry[at + e] = value;
         }
@@ -1089,19 +1102,36 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     KeyScore[threadIdx.x] = score;
   }
   __syncthreads();
+  // Every old value first, then the stores (as for dq above); dk, then dv, so that 32 more registers hold
+  // old values at a time, not 64.
+  auto add_into = [&](float* out, float (&acc)[8][EB], bool with_self) {
+    float old[8][EB];
 #pragma unroll
-  for (int a = 0; a < 8; ++a) {
-    const int t = 8 * warp + a, j = j0 + t;
-    if (j > j_last) break;
-    const long at = geo.row(b, j, h);
+    for (int a = 0; a < 8; ++a) {
+      const int j = j0 + 8 * warp + a;
+      const long at = geo.row(b, j, h);
 #pragma unroll
-    for (int c = 0; c < EB; ++c) {
-      const int e = lane + 32 * c;
-      if (e >= dh) continue;
-      if (dk) dk[at + e] += dk_acc[a][c] + KeySelf[t] * KT[e * kBwdKeyStride + t];
-      if (dv) dv[at + e] += dv_acc[a][c];
+      for (int c = 0; c < EB; ++c) old[a][c] = j <= j_last && lane + 32 * c < dh ? out[at + lane + 32 * c] : 0.f;
     }
-    if (dlog_mu && lane == 0) dlog_mu[((long)b * geo.N + j) * geo.H + h] += KeyScore[t];
+#pragma unroll
+    for (int a = 0; a < 8; ++a) {
+      const int t = 8 * warp + a, j = j0 + t;
+      if (j > j_last) break;
+      const long at = geo.row(b, j, h);
+#pragma unroll
+      for (int c = 0; c < EB; ++c) {
+        const int e = lane + 32 * c;
+        if (e >= dh) continue;
+        const float value = with_self ? acc[a][c] + KeySelf[t] * KT[e * kBwdKeyStride + t] : acc[a][c];
+        out[at + e] = old[a][c] + value;
+      }
+    }
+  };
+  if (dk) add_into(dk, dk_acc, true);
+  if (dv) add_into(dv, dv_acc, false);
+  if (dlog_mu && lane < 8) {
+    const int t = 8 * warp + lane, j = j0 + t;
+    if (j <= j_last) dlog_mu[((long)b * geo.N + j) * geo.H + h] += KeyScore[t];
   }
   if (Params::kHasParamGrads && partials) write_param_partials(partials, dc_acc, dbeta_acc, Red, b, h);
 }
