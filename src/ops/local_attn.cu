@@ -864,6 +864,7 @@ constexpr int kBwdCoefStride = kBwdTiledKeys;      // PS, XS [query][key]: lanes
 constexpr int kBwdCoefTStride = kBwdTiledStep + 4; // XT [key][query], ≡ 4: float4 stores by lanes over keys
 static_assert(kBwdStepStride % 32 == 8 && kBwdKeyStride % 32 == 1 && kBwdCoefTStride % 32 == 4);
 static_assert(kBwdTiledKeys + kTiledMaxWindow - 1 <= 2 * kBwdTiledKeys, "a query's window spans two key tiles");
+static_assert(kBwdTiledStep % kWarps == 0, "every warp takes the same number of a step's queries");
 
 template <class Token> size_t tiled_backward_smem_bytes() {
   const size_t floats = size_t(2) * kTiledMaxHeadDim * kBwdKeyStride       // KT, VT
@@ -936,18 +937,35 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     stage_rows(Qr, kTiledMaxHeadDim, q, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
     stage_rows(Gr, kTiledMaxHeadDim, d_o, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
     __syncthreads();
-    for (int t = warp; t < rows; t += kWarps) {
+    // Per query: its norm token, lse and dO·o. The o and lse loads of all of a warp's queries are issued
+    // before the first is used (a loop over queries would wait out one memory latency per query).
+    constexpr int kStepRowsPerWarp = kBwdTiledStep / kWarps;
+    float o_in[kStepRowsPerWarp][EB], lse_in[kStepRowsPerWarp];
+#pragma unroll
+    for (int n = 0; n < kStepRowsPerWarp; ++n) {
+      const int t = warp + n * kWarps;
       const long at = geo.row(b, step0 + t, h);
+#pragma unroll
+      for (int c = 0; c < EB; ++c) o_in[n][c] = t < rows && lane + 32 * c < dh ? o[at + lane + 32 * c] : 0.f;
+      lse_in[n] = t < rows && lane == 0 ? lse[geo.lse_index(b, step0 + t, h)] : 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < kStepRowsPerWarp; ++n) {
+      const int t = warp + n * kWarps;
+      if (t >= rows) break;
       float sq = 0.f, go = 0.f;
-      for (int e = lane; e < dh; e += kWarp) {
+#pragma unroll
+      for (int c = 0; c < EB; ++c) {
+        const int e = lane + 32 * c;
+        if (e >= dh) continue;
         sq += Qr[t * kTiledMaxHeadDim + e] * Qr[t * kTiledMaxHeadDim + e];
-        go += Gr[t * kTiledMaxHeadDim + e] * o[at + e];
+        go += Gr[t * kTiledMaxHeadDim + e] * o_in[n][c];
       }
       if (Score::kNeedsNorm) sq = warp_sum(sq);
       go = warp_sum(go);
       if (lane == 0) {
         Qt[t] = pol.token(sq);
-        LSEs[t] = lse[geo.lse_index(b, step0 + t, h)];
+        LSEs[t] = lse_in[n];
         GOs[t] = go;
       }
     }
