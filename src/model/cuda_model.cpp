@@ -214,7 +214,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
       continue;
     }
     take(b.u, RD), take(b.ln_mean, rows), take(b.ln_rstd, rows);
-    // q, k, v (and dq, dk, dv below) adjacent and equally spaced: qkv_forward/backward batch their GEMMs.
+    // q, k, v adjacent and equally spaced: qkv_forward batches their GEMMs (qkv_backward walks dq, dk, dv alike).
     take(b.q, RD), take(b.k, RD), take(b.v, RD), take(b.o_loc, RD), take(b.lse, rows * H), take(b.y_att, RD);
     take(b.h_mid, RD);
     take(b.u2, RD), take(b.ln2_mean, rows), take(b.ln2_rstd, rows);
@@ -235,7 +235,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     if (gate) take(b.mu, rows * H), take(b.log_mu, rows * H);
     if (linear) take(b.o_lin, RD), take(b.zeta, rows * H), take(b.mixed, RD);
     take(b.y_glob, RD);
-    // proj_u, proj_v (and dproj_u, dproj_v below) adjacent: ssm_forward/backward batch their GEMMs.
+    // proj_u, proj_v adjacent: ssm_forward batches their GEMMs.
     take(b.ssm_hidden, rows * (D / 4)), take(b.ssm_chi, rows * R), take(b.ssm_proj_u, rows * R);
     take(b.ssm_proj_v, rows * R), take(b.ssm_scan_in, rows * R), take(b.ssm_state, rows * R);
     take(b.ssm_readout, rows * R);
@@ -669,8 +669,7 @@ void Model::block_backward(int layer, float* dh) {
     muse_block_backward(layer, dh);
 }
 
-// q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ (both block kinds).
-// q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ as one batched GEMM: the three weights are adjacent in the parameter
+// q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ (both block kinds) as one batched GEMM: the three weights are adjacent in the parameter
 // table (as are their gradients), and q, k, v (and dq, dk, dv) are adjacent, equally spaced buffers of the
 // arena, so one launch with u shared replaces three small ones.
 void Model::qkv_forward(const BlockLayout& b, BlockBuffers& a) {
@@ -682,19 +681,20 @@ void Model::qkv_forward(const BlockLayout& b, BlockBuffers& a) {
   mark("fwd qkv gemm");
 }
 
-// The arena's du += dq·W_q + dk·W_k + dv·W_v (three GEMMs: the sum runs over the batch), and the three
-// weight gradients dW_x += dxᵀ·u as one batched GEMM.
+// The arena's du += dq·W_q + dk·W_k + dv·W_v and the weight gradients dW_x += dxᵀ·u, one GEMM each. The
+// weight gradients are not batched: a D × D result summed over B·N rows fills the GPU only when split over
+// the rows (split-K), which cuBLASLt picks for a single GEMM but not for a batch.
 void Model::qkv_backward(const BlockLayout& b, const BlockBuffers& a) {
   Arena& s = *arena_;
   const float* p = params_;
   float* g = grads_;
   const int D = config_.d_model, rows = B_ * N_;
   const long long weight_stride = qkv_weight_stride(b), grad_stride = s.dk - s.dq;
-  gemm_strided_batched(true, false, D, D, rows, 1.f, s.dq, D, grad_stride, a.u, D, 0, 1.f, g + b.w_q, D,
-                       weight_stride, 3, stream_);
-  for (int i = 0; i < 3; ++i)
-    gemm(false, false, rows, D, D, 1.f, s.dq + i * grad_stride, D, p + b.w_q + i * weight_stride, D, 1.f, s.du, D,
-         stream_);
+  for (int i = 0; i < 3; ++i) {
+    const float* dx = s.dq + i * grad_stride;
+    gemm(true, false, D, D, rows, 1.f, dx, D, a.u, D, 1.f, g + b.w_q + i * weight_stride, D, stream_);
+    gemm(false, false, rows, D, D, 1.f, dx, D, p + b.w_q + i * weight_stride, D, 1.f, s.du, D, stream_);
+  }
   mark("bwd qkv gemm");
 }
 
@@ -1060,10 +1060,9 @@ void Model::ssm_backward(int layer) {
   if (mask) zero(s.dm, RR);
   ssm_gate_backward(s.dproj_u, s.dproj_v, s.dchi_pre, mask ? s.dm : nullptr, s.dscan_in, s.d_readout, a.ssm_state,
                     a.ssm_proj_u, a.ssm_proj_v, a.ssm_chi, mask, rows, R, stream_);
-  gemm_strided_batched(true, false, R, D, rows, 1.f, s.dproj_u, R, s.dproj_v - s.dproj_u, a.u, D, 0, 1.f, sg.WU, D,
-                       adjacent_stride(sp.WU, sp.WV, R * D), 2, stream_);  // dW_U, dW_V
-  linear_backward(s.du, nullptr, nullptr, s.dproj_u, a.u, sp.WU, rows, D, R, stream_);
-  linear_backward(s.du, nullptr, nullptr, s.dproj_v, a.u, sp.WV, rows, D, R, stream_);
+  // dW_U and dW_V unbatched, as in qkv_backward: R × D results summed over B·N rows need split-K.
+  linear_backward(s.du, sg.WU, nullptr, s.dproj_u, a.u, sp.WU, rows, D, R, stream_);
+  linear_backward(s.du, sg.WV, nullptr, s.dproj_v, a.u, sp.WV, rows, D, R, stream_);
   zero(s.dhidden, size_t(rows) * G);
   linear_backward(s.dhidden, sg.W2, sg.b2, s.dchi_pre, a.ssm_hidden, sp.W2, rows, G, R, stream_);
   ssm_relu_backward(s.dhidden, a.ssm_hidden, long(rows) * G, stream_);
