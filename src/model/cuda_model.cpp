@@ -1007,7 +1007,7 @@ void Model::muse_block_backward(int layer, float* dh) {
     zero(s.do_loc, RD), zero(s.do_lin, RD);
     curvature_mix_backward(s.do_loc, s.do_lin, c.curvature_mix ? s.dc : nullptr, s.dmixed, a.o_loc, a.o_lin,
                            a.curvature + 1, rows, D, ws, stream_);
-    linear_attn_backward(s.dq, s.dk, s.dv, gate ? s.dmu : nullptr, s.do_lin, a.zeta, a.q, a.k, a.v,
+    linear_attn_backward(s.dq, s.dk, s.dv, gate ? s.dmu : nullptr, s.do_lin, a.o_lin, a.zeta, a.q, a.k, a.v,
                          gate ? a.mu : nullptr, B_, N_, D, H, ws, stream_);
     mark("bwd linear attention");
     do_loc = s.do_loc;

@@ -595,14 +595,11 @@ __device__ ChunkView chunk_view(int N, int D, int H) {
   return v;
 }
 
-// The chunk's numerators. kDzeta = false: the forward (o, ζ and, in the last chunk, the final state);
-// kDzeta = true: the backward's first pass, dζ_i = −do_i·num_i / n_i² where the forward's ζ_i > floor (into
-// dzeta_out [B, H, N]).
-template <int NB, bool kDzeta>
+// The chunk's numerators: o, ζ and, in the last chunk, the final state.
+template <int NB>
 __global__ void __launch_bounds__(kTileThreads)
-    chunk_numerator_kernel(float* o, float* zeta, float* final_S, float* final_z, float* dzeta_out, const float* q,
-                           const float* k, const float* v, const float* mu, const float* d_o, const float* zeta_in,
-                           const float* states, int N, int D, int H) {
+    chunk_numerator_kernel(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
+                           const float* v, const float* mu, const float* states, int N, int D, int H) {
   const ChunkView cv = chunk_view(N, D, H);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, dh = cv.dh;
   extern __shared__ float smem[];
@@ -646,25 +643,12 @@ __global__ void __launch_bounds__(kTileThreads)
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int i = 4 * ty + r;
-    if (!kDzeta) {
-      if (i >= cv.tn) continue;
-      const float inv_n = 1.f / fmaxf(zeta_s[i], kFloor);
+    if (i >= cv.tn) continue;
+    const float inv_n = 1.f / fmaxf(zeta_s[i], kFloor);
 #pragma unroll
-      for (int c = 0; c < NB; ++c)
-        if (tx + 16 * c < dh) o[cv.at(i, tx + 16 * c)] = num[r][c] * inv_n;
-    } else {
-      float dot = 0.f;
-#pragma unroll
-      for (int c = 0; c < NB; ++c)
-        if (i < cv.tn && tx + 16 * c < dh) dot += d_o[cv.at(i, tx + 16 * c)] * num[r][c];
-      dot = half_warp_sum(dot);
-      if (tx == 0 && i < cv.tn) {
-        const float zr = zeta_in[cv.row(i) * H + cv.h], n = fmaxf(zr, kFloor);
-        dzeta_out[((long)cv.b * H + cv.h) * N + cv.t0 + i] = zr > kFloor ? -dot / (n * n) : 0.f;
-      }
-    }
+    for (int c = 0; c < NB; ++c)
+      if (tx + 16 * c < dh) o[cv.at(i, tx + 16 * c)] = num[r][c] * inv_n;
   }
-  if (kDzeta) return;
   if (threadIdx.x < cv.tn) zeta[cv.row(threadIdx.x) * H + cv.h] = zeta_s[threadIdx.x];
   if (cv.chunk != gridDim.x - 1 || (!final_S && !final_z)) return;
   // The state after the sequence: the one before this chunk plus its own K̃ᵀ·(V, 1).
@@ -678,6 +662,26 @@ __global__ void __launch_bounds__(kTileThreads)
     } else if (final_z) {
       final_z[state * dh + r] = s;
     }
+  }
+}
+
+// The backward's first pass: dζ_i = −do_i·num_i/n_i² where the forward's ζ_i > floor (then n_i = ζ_i), else 0,
+// into dzeta [B, H, N]. With the forward's output o_i = num_i/n_i that is −(do_i·o_i)/ζ_i: one dot product
+// of two rows it already wrote, instead of the numerators recomputed chunk by chunk. One warp per (b, i, h).
+__global__ void dzeta_kernel(float* dzeta, const float* d_o, const float* o, const float* zeta, int N, int D, int H,
+                             long rows) {
+  const long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) / kWarp;  // (b·N + i)·H + h
+  const int lane = threadIdx.x % kWarp, dh = D / H;
+  if (w >= rows) return;  // warp-uniform
+  const int h = int(w % H);
+  const long bi = w / H;
+  const long at = bi * D + (long)h * dh;
+  float dot = 0.f;
+  for (int e = lane; e < dh; e += kWarp) dot += d_o[at + e] * o[at + e];
+  dot = warp_sum(dot);
+  if (lane == 0) {
+    const float zr = zeta[w];
+    dzeta[(bi / N * H + h) * N + bi % N] = zr > kFloor ? -dot / zr : 0.f;
   }
 }
 
@@ -960,26 +964,27 @@ void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, cons
   const int P = segments(N);
   const float* states = P > 1 ? workspace : nullptr;
   if (states) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
-  prepare_smem(chunk_numerator_kernel<NB, false>, kNumeratorSmem);
-  chunk_numerator_kernel<NB, false><<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(
-      o, zeta, final_S, final_z, nullptr, q, k, v, mu, nullptr, nullptr, states, N, D, H);
+  prepare_smem(chunk_numerator_kernel<NB>, kNumeratorSmem);
+  chunk_numerator_kernel<NB><<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(
+      o, zeta, final_S, final_z, q, k, v, mu, states, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
 // Backward workspace: dζ, then the kind-0 states (before each chunk), then the kind-1 states (after).
 template <int NB>
-void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
-                      const float* q, const float* k, const float* v, const float* mu, int B, int N, int D, int H,
-                      float* workspace, cudaStream_t stream) {
+void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
+                      const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B, int N,
+                      int D, int H, float* workspace, cudaStream_t stream) {
   const int P = segments(N);
   float* dzeta = workspace;
   float* before = P > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
   float* after = P > 1 ? before + state_floats(B, N, D, H) : nullptr;
   if (before) segment_states(before, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
   const dim3 grid(P, H, B);
-  prepare_smem(chunk_numerator_kernel<NB, true>, kNumeratorSmem);
-  chunk_numerator_kernel<NB, true><<<grid, kTileThreads, kNumeratorSmem, stream>>>(
-      nullptr, nullptr, nullptr, nullptr, dzeta, q, k, v, mu, d_o, zeta, before, N, D, H);
+  const long rows = (long)B * N * H;
+  constexpr int kDzetaThreads = 256;
+  dzeta_kernel<<<unsigned((rows * kWarp + kDzetaThreads - 1) / kDzetaThreads), kDzetaThreads, 0, stream>>>(
+      dzeta, d_o, o, zeta, N, D, H, rows);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
   prepare_smem(chunk_gradient_kernel<NB>, kGradientSmem);
@@ -1037,9 +1042,9 @@ size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H) {
   return dzeta_floats(B, N, H) + state_sets * state_floats(B, N, D, H);
 }
 
-void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
-                          const float* q, const float* k, const float* v, const float* mu, int B, int N, int D, int H,
-                          float* workspace, cudaStream_t stream) {
+void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
+                          const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B,
+                          int N, int D, int H, float* workspace, cudaStream_t stream) {
   validate(B, N, D, H);
   if (!mu) dmu = nullptr;
   if (!dq && !dk && !dv && !dmu) return;
@@ -1048,10 +1053,10 @@ void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const flo
     throw std::invalid_argument("linear_attn_backward (cuda): dk/dv/dmu need a workspace");
   if (workspace && D / H <= kChunkMaxHeadDim) {
     switch ((D / H + 15) / 16) {
-      case 1: chunked_backward<1>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      case 2: chunked_backward<2>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      case 3: chunked_backward<3>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      default: chunked_backward<4>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 1: chunked_backward<1>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 2: chunked_backward<2>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 3: chunked_backward<3>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      default: chunked_backward<4>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
     }
   }
   switch (rows_per_thread(D / H)) {

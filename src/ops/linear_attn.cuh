@@ -29,11 +29,12 @@ void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, 
 size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H);
 
 // Accumulates (+=) into dq, dk, dv [B, N, D] and dmu [B, N, H] (each may be null; dmu is ignored when mu
-// is null) from d_o, given the forward's inputs and its zeta. workspace: linear_attn_backward_workspace_
+// is null) from d_o, given the forward's inputs, its output o and its zeta (the chunked form takes dζ from o;
+// the scan replays the numerators). workspace: linear_attn_backward_workspace_
 // floats(B, N, H) floats of device memory (required unless all gradients are null). Every gradient
 // element is written by one thread in a fixed order: deterministic, no atomics.
-void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
-                          const float* q, const float* k, const float* v, const float* mu, int B, int N, int D, int H,
-                          float* workspace, cudaStream_t stream = 0);
+void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
+                          const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B,
+                          int N, int D, int H, float* workspace, cudaStream_t stream = 0);
 
 }  // namespace muse::cuda

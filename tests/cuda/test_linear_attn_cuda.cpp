@@ -91,7 +91,7 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}) {
   expect_matches(gS2.download(), S, {}, Sd, kForwardRel, "final_S (segmented)");
   expect_matches(gz2.download(), z, {}, zd, kForwardRel, "final_z (segmented)");
 
-  // Backward from the CPU's zeta, into non-zero gradients (checks +=).
+  // Backward from the CPU's o and zeta, into non-zero gradients (checks +=).
   const auto d_o = to_float(random_normal(n, rng));
   const auto dq0 = to_float(random_normal(n, rng, 0.3)), dk0 = to_float(random_normal(n, rng, 0.3)),
              dv0 = to_float(random_normal(n, rng, 0.3)), dmu0 = to_float(random_normal(nh, rng, 0.3));
@@ -105,13 +105,14 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}) {
                                want.dv ? dvd.data() : nullptr, want.dmu ? dmud.data() : nullptr, d_od.data(),
                                zetad.data(), qd.data(), kd.data(), vd.data(), mud_ptr, B, N, D, H);
 
-  DeviceBuffer<float> gdo(d_o), gzeta_cpu(zeta), gdq(dq0), gdk(dk0), gdv(dv0), gdmu(dmu0);
+  DeviceBuffer<float> gdo(d_o), go_cpu(o), gzeta_cpu(zeta), gdq(dq0), gdk(dk0), gdv(dv0), gdmu(dmu0);
   // dq alone may run without a workspace (one block per (b, h)); otherwise the scans run in segments.
   const bool dq_only = !want.dk && !want.dv && !want.dmu;
   DeviceBuffer<float> workspace(cuda::linear_attn_backward_workspace_floats(B, N, D, H));
   cuda::linear_attn_backward(want.dq ? gdq.get() : nullptr, want.dk ? gdk.get() : nullptr,
-                             want.dv ? gdv.get() : nullptr, want.dmu ? gdmu.get() : nullptr, gdo.get(), gzeta_cpu.get(),
-                             gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D, H, dq_only ? nullptr : workspace.get());
+                             want.dv ? gdv.get() : nullptr, want.dmu ? gdmu.get() : nullptr, gdo.get(), go_cpu.get(),
+                             gzeta_cpu.get(), gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D, H,
+                             dq_only ? nullptr : workspace.get());
   expect_matches(gdq.download(), dq, dq0, dqd, kGradRel, "dq");
   expect_matches(gdk.download(), dk, dk0, dkd, kGradRel, "dk");
   expect_matches(gdv.download(), dv, dv0, dvd, kGradRel, "dv");
@@ -180,7 +181,7 @@ TEST(linear_attn_cuda, empty_sequence_writes_zero_state) {
   EXPECT_EQ(cuda::linear_attn_backward_workspace_floats(B, N, D, H), 0u);
   EXPECT_EQ(cuda::linear_attn_forward_workspace_floats(B, N, D, H), 0u);
   cuda::linear_attn_backward(dummy.get(), dummy.get(), dummy.get(), nullptr, dummy.get(), dummy.get(), dummy.get(),
-                             dummy.get(), dummy.get(), nullptr, B, N, D, H, nullptr);
+                             dummy.get(), dummy.get(), dummy.get(), nullptr, B, N, D, H, nullptr);
   MUSE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
