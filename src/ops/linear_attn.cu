@@ -107,6 +107,7 @@ constexpr int kFillBatch = kTile * kTile / kTileThreads;  // elements per thread
 template <int NB>
 __device__ __forceinline__ void tile_mac(float (&acc)[4][NB], const float* Lt, const float* R, int K, int tx, int ty,
                                          int ld = kTile) {
+#pragma unroll 4
   for (int kk = 0; kk < K; ++kk) {
     const float4 l = *reinterpret_cast<const float4*>(Lt + kk * ld + 4 * ty);
     float r[NB];

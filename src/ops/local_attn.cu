@@ -480,6 +480,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     if (pairs_meet_windows(geo, row_first, row_last, key_lo + 16 * c, key_lo + 16 * c + 15)) live |= 1u << c;
 
   float s[4][KB] = {};
+#pragma unroll 4
   for (int e = 0; e < dh; ++e) {
     const float4 l = *reinterpret_cast<const float4*>(QT + e * kFwdQueryStride + 4 * ty);
 #pragma unroll
@@ -979,6 +980,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       if (pairs_meet_windows(geo, row_first, row_last, j0 + 32 * c, min(j0 + 32 * c + 31, j_last))) live |= 1u << c;
     float dot_qk[4][2] = {}, dot_gv[4][2] = {};
     if (live) {
+#pragma unroll 4
       for (int e = 0; e < dh; ++e) {
         const float4 qa = *reinterpret_cast<const float4*>(QT + e * kBwdStepStride + 4 * warp);
         const float4 ga = *reinterpret_cast<const float4*>(GT + e * kBwdStepStride + 4 * warp);
