@@ -524,7 +524,6 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   __syncthreads();
   float out[4][NB] = {};
   if (row_first <= i_last) {
-#pragma unroll 4
     for (int j = geo.window_start(row_first) - key_lo; j <= row_last - key_lo; ++j) {
       const float4 l = *reinterpret_cast<const float4*>(PT + j * kFwdProbStride + 4 * ty);
       const float p[4] = {l.x, l.y, l.z, l.w};
@@ -1039,7 +1038,6 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     // (d, e): dV and dK of keys 8·warp … over the step's queries that see them.
     if ((want_dv || want_dk) && key_first <= j_last) {
       const int t_lo = max(key_first, step0) - step0, t_hi = min(geo.last_query(key_last), step0 + rows - 1) - step0;
-#pragma unroll 4
       for (int t = t_lo; t <= t_hi; ++t) {
         const float4 p_lo = *reinterpret_cast<const float4*>(PS + t * kBwdCoefStride + 8 * warp);
         const float4 p_hi = *reinterpret_cast<const float4*>(PS + t * kBwdCoefStride + 8 * warp + 4);
@@ -1063,7 +1061,6 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     if (want_dq && row_first <= row_last) {
       float dq_acc[4][EB] = {};
       const int k_lo = max(geo.window_start(row_first), j0) - j0, k_hi = min(row_last, j_last) - j0;
-#pragma unroll 4
       for (int kk = k_lo; kk <= k_hi; ++kk) {
         const float4 xa = *reinterpret_cast<const float4*>(XT + kk * kBwdCoefTStride + 4 * warp);
         const float x[4] = {xa.x, xa.y, xa.z, xa.w};
