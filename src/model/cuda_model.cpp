@@ -81,6 +81,7 @@ struct BlockBuffers {
   float *g = nullptr, *F = nullptr, *bk_v = nullptr, *bk_J = nullptr, *bk_J2 = nullptr;
   float *q = nullptr, *k = nullptr, *v = nullptr, *mu = nullptr, *log_mu = nullptr;
   float *o_loc = nullptr, *lse = nullptr, *o_lin = nullptr, *zeta = nullptr, *mixed = nullptr;
+  float* lin_states = nullptr;  // training: the linear attention's states between chunks, kept for the backward
   float *y_att = nullptr, *y_glob = nullptr;
   float *ssm_hidden = nullptr, *ssm_chi = nullptr, *ssm_mask = nullptr, *ssm_proj_u = nullptr, *ssm_proj_v = nullptr;
   float *ssm_scan_in = nullptr, *ssm_state = nullptr, *ssm_readout = nullptr;
@@ -213,6 +214,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
       b = a.blocks[0];
       continue;
     }
+    b = BlockBuffers{};  // a buffer this plan does not take stays null, not the last plan's
     take(b.u, RD), take(b.ln_mean, rows), take(b.ln_rstd, rows);
     // q, k, v adjacent and equally spaced: qkv_forward batches their GEMMs (qkv_backward walks dq, dk, dv alike).
     take(b.q, RD), take(b.k, RD), take(b.v, RD), take(b.o_loc, RD), take(b.lse, rows * H), take(b.y_att, RD);
@@ -234,6 +236,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(b.bk_v, rows), take(b.bk_J, rows), take(b.bk_J2, rows);
     if (gate) take(b.mu, rows * H), take(b.log_mu, rows * H);
     if (linear) take(b.o_lin, RD), take(b.zeta, rows * H), take(b.mixed, RD);
+    if (linear && backward) take(b.lin_states, linear_attn_forward_workspace_floats(B, N, int(D), int(H)));
     take(b.y_glob, RD);
     // proj_u, proj_v adjacent: ssm_forward batches their GEMMs.
     take(b.ssm_hidden, rows * (D / 4)), take(b.ssm_chi, rows * R), take(b.ssm_proj_u, rows * R);
@@ -759,8 +762,9 @@ void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
   mark("fwd local attention");
   const float* mixed = a.o_loc;
   if (use_linear) {
+    // Training runs it in the layer's own workspace, whose states between chunks the backward reuses.
     linear_attn_forward(a.o_lin, a.zeta, nullptr, nullptr, a.q, a.k, a.v, gate ? a.mu : nullptr, B_, N_, D, H,
-                        arena_->workspace, stream_);
+                        a.lin_states ? a.lin_states : arena_->workspace, stream_);
     curvature_mix_forward(a.mixed, a.o_loc, a.o_lin, a.curvature + 1, rows, D, stream_);
     mark("fwd linear attention");
     mixed = a.mixed;
@@ -1008,7 +1012,7 @@ void Model::muse_block_backward(int layer, float* dh) {
     curvature_mix_backward(s.do_loc, s.do_lin, c.curvature_mix ? s.dc : nullptr, s.dmixed, a.o_loc, a.o_lin,
                            a.curvature + 1, rows, D, ws, stream_);
     linear_attn_backward(s.dq, s.dk, s.dv, gate ? s.dmu : nullptr, s.do_lin, a.o_lin, a.zeta, a.q, a.k, a.v,
-                         gate ? a.mu : nullptr, B_, N_, D, H, ws, stream_);
+                         gate ? a.mu : nullptr, B_, N_, D, H, ws, a.lin_states, stream_);
     mark("bwd linear attention");
     do_loc = s.do_loc;
   }

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common/cuda_check.cuh"
 #include "ops/linear_attn.cuh"
@@ -975,12 +976,16 @@ void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, cons
 template <int NB>
 void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
                       const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B, int N,
-                      int D, int H, float* workspace, cudaStream_t stream) {
+                      int D, int H, float* workspace, const float* forward_workspace, cudaStream_t stream) {
   const int P = segments(N);
   float* dzeta = workspace;
-  float* before = P > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
-  float* after = P > 1 ? before + state_floats(B, N, D, H) : nullptr;
-  if (before) segment_states(before, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
+  float* own_before = P > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
+  float* after = P > 1 ? own_before + state_floats(B, N, D, H) : nullptr;
+  // The states before each chunk: the forward's (chunked_forward keeps them at the start of its workspace),
+  // or summed again.
+  const bool kept = P > 1 && forward_workspace;
+  if (P > 1 && !kept) segment_states(own_before, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
+  const float* before = kept ? forward_workspace : own_before;
   const dim3 grid(P, H, B);
   const long rows = (long)B * N * H;
   constexpr int kDzetaThreads = 256;
@@ -1045,7 +1050,7 @@ size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H) {
 
 void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
                           const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B,
-                          int N, int D, int H, float* workspace, cudaStream_t stream) {
+                          int N, int D, int H, float* workspace, const float* forward_workspace, cudaStream_t stream) {
   validate(B, N, D, H);
   if (!mu) dmu = nullptr;
   if (!dq && !dk && !dv && !dmu) return;
@@ -1053,11 +1058,15 @@ void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const flo
   if ((dk || dv || dmu) && !workspace)
     throw std::invalid_argument("linear_attn_backward (cuda): dk/dv/dmu need a workspace");
   if (workspace && D / H <= kChunkMaxHeadDim) {
+    auto chunked = [&](auto nb) {
+      chunked_backward<decltype(nb)::value>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace,
+                                            forward_workspace, stream);
+    };
     switch ((D / H + 15) / 16) {
-      case 1: chunked_backward<1>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      case 2: chunked_backward<2>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      case 3: chunked_backward<3>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      default: chunked_backward<4>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); return;
+      case 1: return chunked(std::integral_constant<int, 1>{});
+      case 2: return chunked(std::integral_constant<int, 2>{});
+      case 3: return chunked(std::integral_constant<int, 3>{});
+      default: return chunked(std::integral_constant<int, 4>{});
     }
   }
   switch (rows_per_thread(D / H)) {

@@ -30,11 +30,14 @@ size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H);
 
 // Accumulates (+=) into dq, dk, dv [B, N, D] and dmu [B, N, H] (each may be null; dmu is ignored when mu
 // is null) from d_o, given the forward's inputs, its output o and its zeta (the chunked form takes dζ from o;
-// the scan replays the numerators). workspace: linear_attn_backward_workspace_
-// floats(B, N, H) floats of device memory (required unless all gradients are null). Every gradient
-// element is written by one thread in a fixed order: deterministic, no atomics.
+// the scan replays the numerators). workspace: linear_attn_backward_workspace_floats(B, N, D, H) floats of
+// device memory (required unless all gradients are null). forward_workspace: the workspace the forward ran
+// with, untouched since, or null: the chunked form then reads the states between chunks from it instead of
+// summing them again. Every gradient element is written by one thread in a fixed order: deterministic, no
+// atomics.
 void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
                           const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B,
-                          int N, int D, int H, float* workspace, cudaStream_t stream = 0);
+                          int N, int D, int H, float* workspace, const float* forward_workspace = nullptr,
+                          cudaStream_t stream = 0);
 
 }  // namespace muse::cuda
