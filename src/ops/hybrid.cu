@@ -119,6 +119,11 @@ __global__ void sum_partials_kernel(float* out, const float* partial, int blocks
 
 // ---- gated residual update -------------------------------------------------------------------------------
 
+// Columns per lane whose loads the row kernels below issue before any of their stores: a loop that stores
+// between loads would wait out one memory latency per column (the compiler cannot tell that the stores do not
+// alias the next loads).
+constexpr int kColumnBatch = 4;
+
 // One warp per row: mix, cap30, LayerNorm statistics (two passes, as ops/layernorm) and the residual add.
 // Every lane re-reads only the elements of `capped` it wrote itself.
 __global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* mean, float* rstd, const float* h,
@@ -131,10 +136,22 @@ __global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* 
   const float gate = xi[row], rest = 1.f - xi[row];
   const float limit = float(kResidualCap);
   float sum = 0.f;
-  for (int i = lane; i < D; i += kWarp) {
-    const float x = cap(gate * y_att[o + i] + rest * y_glob[o + i], limit);
-    capped[o + i] = x;
-    sum += x;
+  for (int base = lane; base < D; base += kColumnBatch * kWarp) {
+    float att[kColumnBatch], glob[kColumnBatch];
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      att[u] = i < D ? y_att[o + i] : 0.f;
+      glob[u] = i < D ? y_glob[o + i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      if (i >= D) break;
+      const float x = cap(gate * att[u] + rest * glob[u], limit);
+      capped[o + i] = x;
+      sum += x;
+    }
   }
   const float mu = warp_sum(sum) / float(D);
   float var = 0.f;
@@ -143,7 +160,23 @@ __global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* 
     var += d * d;
   }
   const float rs = 1.f / sqrtf(warp_sum(var) / float(D) + float(kLayerNormEps));
-  for (int i = lane; i < D; i += kWarp) h_out[o + i] = h[o + i] + ((capped[o + i] - mu) * rs * gain[i] + bias[i]);
+  for (int base = lane; base < D; base += kColumnBatch * kWarp) {
+    float h_in[kColumnBatch], x[kColumnBatch], g[kColumnBatch], c[kColumnBatch];
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      h_in[u] = i < D ? h[o + i] : 0.f;
+      x[u] = i < D ? capped[o + i] : 0.f;
+      g[u] = i < D ? gain[i] : 0.f;
+      c[u] = i < D ? bias[i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      if (i >= D) break;
+      h_out[o + i] = h_in[u] + ((x[u] - mu) * rs * g[u] + c[u]);
+    }
+  }
   if (lane == 0) {
     mean[row] = mu;
     rstd[row] = rs;
@@ -175,18 +208,35 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
   const float gate = xi[row], rest = 1.f - xi[row];
   const float limit = float(kResidualCap);
   float dgate = 0.f;
-  for (int i = lane; i < D; i += kWarp) {
-    const float dy = dh_out[o + i];
-    if (dh) dh[o + i] += dy;
-    if (branch) {
-      const float x = capped[o + i];
-      const float xhat = (x - mu) * rs;
-      const float dcapped = rs * (__fmul_rn(dy, gain[i]) - mean_g - xhat * mean_gx);
-      const float t = x / limit;
-      const float dz = dcapped * (1.f - t * t);
-      if (dy_att) dy_att[o + i] += gate * dz;
-      if (dy_glob) dy_glob[o + i] += rest * dz;
-      dgate += dz * (y_att[o + i] - y_glob[o + i]);
+  for (int base = lane; base < D; base += kColumnBatch * kWarp) {
+    float dy[kColumnBatch], old_h[kColumnBatch], x[kColumnBatch], g[kColumnBatch], old_att[kColumnBatch],
+        old_glob[kColumnBatch], diff[kColumnBatch];
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      const bool in = i < D, mixed = in && branch;
+      dy[u] = in ? dh_out[o + i] : 0.f;
+      old_h[u] = in && dh ? dh[o + i] : 0.f;
+      x[u] = mixed ? capped[o + i] : 0.f;
+      g[u] = mixed ? gain[i] : 0.f;
+      old_att[u] = mixed && dy_att ? dy_att[o + i] : 0.f;
+      old_glob[u] = mixed && dy_glob ? dy_glob[o + i] : 0.f;
+      diff[u] = mixed ? y_att[o + i] - y_glob[o + i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      if (i >= D) break;
+      if (dh) dh[o + i] = old_h[u] + dy[u];
+      if (branch) {
+        const float xhat = (x[u] - mu) * rs;
+        const float dcapped = rs * (__fmul_rn(dy[u], g[u]) - mean_g - xhat * mean_gx);
+        const float t = x[u] / limit;
+        const float dz = dcapped * (1.f - t * t);
+        if (dy_att) dy_att[o + i] = old_att[u] + gate * dz;
+        if (dy_glob) dy_glob[o + i] = old_glob[u] + rest * dz;
+        dgate += dz * diff[u];
+      }
     }
   }
   if (branch && dxi) {
