@@ -10,6 +10,8 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // one warp per row, 8 warps per block
+// Columns per lane loaded before any store in the kernels' writing loops (as ops/hybrid.cu's row kernels).
+constexpr int kColumnBatch = 4;
 
 __device__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -36,7 +38,19 @@ __global__ void layernorm_forward_kernel(float* y, float* mean, float* rstd, flo
   }
   const float rs = rsqrtf(warp_sum(var) / D + float(kLayerNormEps));
   float* yr = y + (long)row * D;
-  for (int i = lane; i < D; i += kWarp) yr[i] = (xr[i] - mu) * rs * gain[i] + bias[i];
+  for (int base = lane; base < D; base += kColumnBatch * kWarp) {
+    float xv[kColumnBatch], g[kColumnBatch], c[kColumnBatch];
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      xv[u] = i < D ? xr[i] : 0.f;
+      g[u] = i < D ? gain[i] : 0.f;
+      c[u] = i < D ? bias[i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u)
+      if (base + u * kWarp < D) yr[base + u * kWarp] = (xv[u] - mu) * rs * g[u] + c[u];
+  }
   sq = warp_sum(sq);
   if (lane == 0) {
     mean[row] = mu;
@@ -67,9 +81,23 @@ __global__ void layernorm_backward_input_kernel(float* dx, const float* dy, cons
   float radius_scale = 0;
   if (dradius && sq > 0) radius_scale = dradius[row] * 2.f * rsqrtf(float(D)) * rsqrtf(sq);
   float* dxr = dx + (long)row * D;
-  for (int i = lane; i < D; i += kWarp) {
-    const float xhat = (xr[i] - mu) * rs;
-    dxr[i] += rs * (dyr[i] * gain[i] - mean_g - xhat * mean_gx) + radius_scale * xr[i];
+  for (int base = lane; base < D; base += kColumnBatch * kWarp) {
+    float xv[kColumnBatch], dyv[kColumnBatch], g[kColumnBatch], old[kColumnBatch];
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      xv[u] = i < D ? xr[i] : 0.f;
+      dyv[u] = i < D ? dyr[i] : 0.f;
+      g[u] = i < D ? gain[i] : 0.f;
+      old[u] = i < D ? dxr[i] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      if (i >= D) break;
+      const float xhat = (xv[u] - mu) * rs;
+      dxr[i] = old[u] + (rs * (dyv[u] * g[u] - mean_g - xhat * mean_gx) + radius_scale * xv[u]);
+    }
   }
 }
 
