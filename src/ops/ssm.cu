@@ -18,9 +18,6 @@ constexpr int kRowWarps = 8;        // warps per block for one-warp-per-row kern
 constexpr int kMaskMaxBlocks = 256;
 constexpr int kScanLanes = 8;    // scan channels per block
 constexpr int kScanChunks = 32;  // scan chunks along time per block
-// Tokens whose loads a scan issues before it stores any: a step that stores between loads would wait out one
-// load latency per token (the compiler cannot tell that the stores do not alias the next loads).
-constexpr int kScanBatch = 8;
 static_assert(kSsmRankHidden == kWarp, "the rank-mask kernels map MLP_r's hidden units onto the lanes of a warp");
 
 // Rank-mask parameter gradients, in this order: r_w2 [32], r_w1 [32], r_b1 [32], r_b2, w_pi [3], b_pi.
@@ -120,17 +117,11 @@ __global__ void __launch_bounds__(kScanLanes* kScanChunks)
   const ScanLane sl = scan_lane(ell, N, R);
   float state = 0.f, decay = 1.f;
   if (sl.active)
-    for (int t0 = sl.t0; t0 < sl.t1; t0 += kScanBatch) {
-      float pv[kScanBatch];
-#pragma unroll
-      for (int u = 0; u < kScanBatch; ++u) pv[u] = t0 + u < sl.t1 ? p[sl.base + long(t0 + u) * R] : 0.f;
-#pragma unroll
-      for (int u = 0; u < kScanBatch; ++u) {
-        if (t0 + u >= sl.t1) break;
-        state = ell ? sl.lambda * state + sl.one_minus * pv[u] : state + pv[u];
-        S[sl.base + long(t0 + u) * R] = state;
-        decay *= sl.lambda;
-      }
+    for (int t = sl.t0; t < sl.t1; ++t) {
+      const long o = sl.base + (long)t * R;
+      state = ell ? sl.lambda * state + sl.one_minus * p[o] : state + p[o];
+      S[o] = state;
+      decay *= sl.lambda;
     }
   chunk_end[sl.chunk][sl.lane] = state;
   chunk_decay[sl.chunk][sl.lane] = decay;
@@ -138,16 +129,9 @@ __global__ void __launch_bounds__(kScanLanes* kScanChunks)
   float carry = 0.f;  // the true state just before the chunk's first token
   for (int c = 0; c < sl.chunk; ++c) carry = chunk_decay[c][sl.lane] * carry + chunk_end[c][sl.lane];
   if (!sl.active || carry == 0.f) return;
-  for (int t0 = sl.t0; t0 < sl.t1; t0 += kScanBatch) {
-    float sv[kScanBatch];
-#pragma unroll
-    for (int u = 0; u < kScanBatch; ++u) sv[u] = t0 + u < sl.t1 ? S[sl.base + long(t0 + u) * R] : 0.f;
-#pragma unroll
-    for (int u = 0; u < kScanBatch; ++u) {
-      if (t0 + u >= sl.t1) break;
-      carry *= sl.lambda;
-      S[sl.base + long(t0 + u) * R] = sv[u] + carry;
-    }
+  for (int t = sl.t0; t < sl.t1; ++t) {
+    carry *= sl.lambda;
+    S[sl.base + (long)t * R] += carry;
   }
 }
 
@@ -174,25 +158,11 @@ __global__ void __launch_bounds__(kScanLanes* kScanChunks)
   for (int c = kScanChunks - 1; c > sl.chunk; --c) G = chunk_decay[c][sl.lane] * G + chunk_first[c][sl.lane];
   float acc = 0.f;
   if (sl.active)
-    for (int t1 = sl.t1 - 1; t1 >= sl.t0; t1 -= kScanBatch) {
-      float g[kScanBatch], old[kScanBatch], term[kScanBatch];  // tokens t1, t1 − 1, …
-#pragma unroll
-      for (int u = 0; u < kScanBatch; ++u) {
-        const int t = t1 - u;
-        const long o = sl.base + (long)t * R;
-        const bool in = t >= sl.t0;
-        g[u] = in ? dS[o] : 0.f;
-        old[u] = in && dp ? dp[o] : 0.f;
-        term[u] = in && partial ? (t > 0 ? S[o - R] : 0.f) - p[o] : 0.f;
-      }
-#pragma unroll
-      for (int u = 0; u < kScanBatch; ++u) {
-        const int t = t1 - u;
-        if (t < sl.t0) break;
-        G = g[u] + sl.lambda * G;
-        if (dp) dp[sl.base + (long)t * R] = old[u] + (ell ? sl.one_minus * G : G);
-        if (partial) acc += G * term[u];
-      }
+    for (int t = sl.t1 - 1; t >= sl.t0; --t) {
+      const long o = sl.base + (long)t * R;
+      G = dS[o] + sl.lambda * G;
+      if (dp) dp[o] += ell ? sl.one_minus * G : G;
+      if (partial) acc += G * ((t > 0 ? S[o - R] : 0.f) - p[o]);
     }
   if (!partial) return;
   chunk_acc[sl.chunk][sl.lane] = acc;
