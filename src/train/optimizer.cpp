@@ -57,4 +57,12 @@ double LrSchedule::at(int64_t step) const {
   return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + std::cos(M_PI * progress)));
 }
 
+int64_t steps_for_budget(double budget_s, int64_t done, double elapsed_s, int64_t settle, double settle_s) {
+  const double steady = done > settle ? (elapsed_s - settle_s) / double(done - settle) : 0;
+  const double per_step = steady > 0 ? steady : elapsed_s / double(std::max<int64_t>(done, 1));
+  if (!(per_step > 0)) return done + 1;
+  const double more = std::floor((budget_s - elapsed_s) / per_step);
+  return done + std::max<int64_t>(1, more > 0 ? int64_t(more) : 0);
+}
+
 }  // namespace muse

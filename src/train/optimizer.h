@@ -66,4 +66,10 @@ struct LrSchedule {
   double at(int64_t step) const;
 };
 
+// The schedule's length for a time budget, once `done` steps have taken `elapsed_s` seconds: the steps
+// done, plus the rest of the budget at the steady step time, measured after the first `settle` steps (which
+// took `settle_s` of those seconds: one-time costs such as the GPU's graph capture, which would otherwise
+// make the schedule end long before the budget). At least done + 1.
+int64_t steps_for_budget(double budget_s, int64_t done, double elapsed_s, int64_t settle, double settle_s);
+
 }  // namespace muse

@@ -263,7 +263,11 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
   const Clock::time_point start = Clock::now();
   double train_seconds = 0, window_seconds = 0;
   int64_t window_tokens = 0;
-  const int64_t calibrate_at = std::max<int64_t>(3, std::min<int64_t>(20, o.warmup));
+  // A time budget's schedule is fixed at step calibrate_at from the step time after step kSettleSteps (the GPU
+  // runs its first step eagerly and captures the second).
+  constexpr int64_t kSettleSteps = 2;
+  const int64_t calibrate_at = std::max<int64_t>(kSettleSteps + 1, std::min<int64_t>(20, o.warmup));
+  double settle_seconds = 0;
   ProgressBar bar("train", total_steps > 0 ? total_steps : 1, " steps");
   std::vector<float>& grads = model.grads();
   while (true) {
@@ -330,8 +334,9 @@ TrainSummary train(const TrainOptions& o, const LogSink& log) {
     window_tokens += tokens_per_step;
 
     // A time budget fixes the schedule's length once the step time is known (before the cosine starts).
+    if (step == kSettleSteps) settle_seconds = train_seconds;
     if (total_steps == 0 && step == calibrate_at) {
-      total_steps = std::max<int64_t>(step + 1, int64_t(o.time_budget_s / (train_seconds / double(step))));
+      total_steps = steps_for_budget(o.time_budget_s, step, train_seconds, kSettleSteps, settle_seconds);
       schedule.total_steps = total_steps;
       bar = ProgressBar("train", total_steps, " steps");
     }

@@ -50,4 +50,18 @@ TEST(train_schedule, warmup_then_cosine_to_final_fraction) {
   EXPECT_NEAR(odd.at(50), 0.55, 1e-12);
 }
 
+// A time budget's schedule length: the rest of the budget at the steady step time, not at the average that
+// includes the slow first steps (on the GPU, the eager first step and the captured second took as long as
+// the next thousands: the `demo` preset's 45 s budget ended after 21 s).
+TEST(train_schedule, time_budget_uses_the_steady_step_time) {
+  // 20 steps in 4.25 s, the first 2 in 2 s: 0.125 s a step since, 55.75 s left: 446 more steps (times exact
+  // in binary, so that the floor is).
+  EXPECT_EQ(steps_for_budget(60.0, 20, 4.25, 2, 2.0), 20 + 446);
+  // No settling cost: the budget over the step time.
+  EXPECT_EQ(steps_for_budget(10.0, 20, 2.5, 2, 0.25), 80);
+  // The budget already spent, or no measurable time: one more step.
+  EXPECT_EQ(steps_for_budget(1.0, 20, 4.25, 2, 2.0), 21);
+  EXPECT_EQ(steps_for_budget(60.0, 20, 0.0, 2, 0.0), 21);
+}
+
 }  // namespace muse::test
