@@ -672,9 +672,9 @@ void Model::block_backward(int layer, float* dh) {
     muse_block_backward(layer, dh);
 }
 
-// q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ (both block kinds) as one batched GEMM: the three weights are adjacent in the parameter
-// table (as are their gradients), and q, k, v (and dq, dk, dv) are adjacent, equally spaced buffers of the
-// arena, so one launch with u shared replaces three small ones.
+// q, k, v = u·W_qᵀ, u·W_kᵀ, u·W_vᵀ (both block kinds) as one batched GEMM: the three weights are adjacent in
+// the parameter table (as are their gradients), and q, k, v (and dq, dk, dv) are adjacent, equally spaced
+// buffers of the arena, so one launch with u shared replaces three small ones.
 void Model::qkv_forward(const BlockLayout& b, BlockBuffers& a) {
   const float* p = params_;
   const int D = config_.d_model, rows = B_ * N_;
