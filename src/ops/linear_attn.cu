@@ -671,10 +671,10 @@ __global__ void __launch_bounds__(kTileThreads)
 // into dzeta [B, H, N]. With the forward's output o_i = num_i/n_i that is −(do_i·o_i)/ζ_i: one dot product
 // of two rows it already wrote, instead of the numerators recomputed chunk by chunk. One warp per (b, i, h).
 __global__ void dzeta_kernel(float* dzeta, const float* d_o, const float* o, const float* zeta, int N, int D, int H,
-                             long rows) {
+                             long triples) {
   const long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) / kWarp;  // (b·N + i)·H + h
   const int lane = threadIdx.x % kWarp, dh = D / H;
-  if (w >= rows) return;  // warp-uniform
+  if (w >= triples) return;  // warp-uniform
   const int h = int(w % H);
   const long bi = w / H;
   const long at = bi * D + (long)h * dh;
@@ -987,10 +987,10 @@ void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* 
   if (P > 1 && !kept) segment_states(own_before, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
   const float* before = kept ? forward_workspace : own_before;
   const dim3 grid(P, H, B);
-  const long rows = (long)B * N * H;
+  const long triples = (long)B * N * H;  // (b, i, h), a warp each
   constexpr int kDzetaThreads = 256;
-  dzeta_kernel<<<unsigned((rows * kWarp + kDzetaThreads - 1) / kDzetaThreads), kDzetaThreads, 0, stream>>>(
-      dzeta, d_o, o, zeta, N, D, H, rows);
+  dzeta_kernel<<<unsigned((triples * kWarp + kDzetaThreads - 1) / kDzetaThreads), kDzetaThreads, 0, stream>>>(
+      dzeta, d_o, o, zeta, N, D, H, triples);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
   prepare_smem(chunk_gradient_kernel<NB>, kGradientSmem);
