@@ -761,18 +761,22 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   // any: interleaved, each load would wait for the store before it (the compiler cannot tell that they never
   // alias).
   auto in_chunk = [&](int t, int c) { return t < cv.tn && tx + 16 * c < dh; };
-  if (dq) {
-    tile_mac<NB>(dq_acc, PT, K, kTile, tx, ty);
-    float dq_old[4][NB], q_in[4][NB];
+  // old = the gradient's elements (zeros without it), input = the input's, at the thread's (row, column)s.
+  auto load_old_and_input = [&](float (&old)[4][NB], float (&input)[4][NB], const float* gradient, const float* x) {
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
       for (int c = 0; c < NB; ++c) {
         const bool in = in_chunk(4 * ty + r, c);
         const long at = cv.at(4 * ty + r, tx + 16 * c);
-        dq_old[r][c] = in ? dq[at] : 0.f;
-        q_in[r][c] = in ? q[at] : 0.f;
+        old[r][c] = in && gradient ? gradient[at] : 0.f;
+        input[r][c] = in ? x[at] : 0.f;
       }
+  };
+  if (dq) {
+    tile_mac<NB>(dq_acc, PT, K, kTile, tx, ty);
+    float dq_old[4][NB], q_in[4][NB];
+    load_old_and_input(dq_old, q_in, dq, q);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int i = 4 * ty + r;
@@ -809,15 +813,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   tile_mac<NB>(acc, VT, dST, dh, tx, ty);
   tile_mac<NB>(acc, P, Q, kTile, tx, ty);
   float dk_old[4][NB], k_in[4][NB];
-#pragma unroll
-  for (int r = 0; r < 4; ++r)
-#pragma unroll
-    for (int c = 0; c < NB; ++c) {
-      const bool in = in_chunk(4 * ty + r, c);
-      const long at = cv.at(4 * ty + r, tx + 16 * c);
-      dk_old[r][c] = in && dk ? dk[at] : 0.f;
-      k_in[r][c] = in ? k[at] : 0.f;
-    }
+  load_old_and_input(dk_old, k_in, dk, k);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const int j = 4 * ty + r;
