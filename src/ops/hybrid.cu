@@ -4,6 +4,7 @@
 
 #include "common/cuda_check.cuh"
 #include "common/math.h"
+#include "common/row_columns.cuh"
 #include "ops/hybrid.cuh"
 #include "ops/layernorm.cuh"
 #include "ops/layernorm.h"
@@ -119,11 +120,6 @@ __global__ void sum_partials_kernel(float* out, const float* partial, int blocks
 
 // ---- gated residual update -------------------------------------------------------------------------------
 
-// Columns per lane whose loads the row kernels below issue before any of their stores: a loop that stores
-// between loads would wait out one memory latency per column (the compiler cannot tell that the stores do not
-// alias the next loads).
-constexpr int kColumnBatch = 4;
-
 // One warp per row: mix, cap30, LayerNorm statistics (two passes, as ops/layernorm) and the residual add.
 // Every lane re-reads only the elements of `capped` it wrote itself.
 __global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* mean, float* rstd, const float* h,
@@ -138,12 +134,7 @@ __global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* 
   float sum = 0.f;
   for (int base = lane; base < D; base += kColumnBatch * kWarp) {
     float att[kColumnBatch], glob[kColumnBatch];
-#pragma unroll
-    for (int u = 0; u < kColumnBatch; ++u) {
-      const int i = base + u * kWarp;
-      att[u] = i < D ? y_att[o + i] : 0.f;
-      glob[u] = i < D ? y_glob[o + i] : 0.f;
-    }
+    load_columns(att, y_att + o, base, D), load_columns(glob, y_glob + o, base, D);
 #pragma unroll
     for (int u = 0; u < kColumnBatch; ++u) {
       const int i = base + u * kWarp;
@@ -162,14 +153,8 @@ __global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* 
   const float rs = 1.f / sqrtf(warp_sum(var) / float(D) + float(kLayerNormEps));
   for (int base = lane; base < D; base += kColumnBatch * kWarp) {
     float h_in[kColumnBatch], x[kColumnBatch], g[kColumnBatch], c[kColumnBatch];
-#pragma unroll
-    for (int u = 0; u < kColumnBatch; ++u) {
-      const int i = base + u * kWarp;
-      h_in[u] = i < D ? h[o + i] : 0.f;
-      x[u] = i < D ? capped[o + i] : 0.f;
-      g[u] = i < D ? gain[i] : 0.f;
-      c[u] = i < D ? bias[i] : 0.f;
-    }
+    load_columns(h_in, h + o, base, D), load_columns(x, capped + o, base, D);
+    load_columns(g, gain, base, D), load_columns(c, bias, base, D);
 #pragma unroll
     for (int u = 0; u < kColumnBatch; ++u) {
       const int i = base + u * kWarp;
@@ -210,19 +195,13 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
   float dgate = 0.f;
   for (int base = lane; base < D; base += kColumnBatch * kWarp) {
     float dy[kColumnBatch], old_h[kColumnBatch], x[kColumnBatch], g[kColumnBatch], old_att[kColumnBatch],
-        old_glob[kColumnBatch], diff[kColumnBatch];
-#pragma unroll
-    for (int u = 0; u < kColumnBatch; ++u) {
-      const int i = base + u * kWarp;
-      const bool in = i < D, mixed = in && branch;
-      dy[u] = in ? dh_out[o + i] : 0.f;
-      old_h[u] = in && dh ? dh[o + i] : 0.f;
-      x[u] = mixed ? capped[o + i] : 0.f;
-      g[u] = mixed ? gain[i] : 0.f;
-      old_att[u] = mixed && dy_att ? dy_att[o + i] : 0.f;
-      old_glob[u] = mixed && dy_glob ? dy_glob[o + i] : 0.f;
-      diff[u] = mixed ? y_att[o + i] - y_glob[o + i] : 0.f;
-    }
+        old_glob[kColumnBatch], att[kColumnBatch], glob[kColumnBatch];
+    // Null where the pass does not need the array (no branch gradients, or no such output).
+    auto row_of = [&](const float* p, bool wanted) { return wanted && p ? p + o : nullptr; };
+    load_columns(dy, dh_out + o, base, D), load_columns(old_h, row_of(dh, true), base, D);
+    load_columns(x, row_of(capped, branch), base, D), load_columns(g, branch ? gain : nullptr, base, D);
+    load_columns(old_att, row_of(dy_att, branch), base, D), load_columns(old_glob, row_of(dy_glob, branch), base, D);
+    load_columns(att, row_of(y_att, branch), base, D), load_columns(glob, row_of(y_glob, branch), base, D);
 #pragma unroll
     for (int u = 0; u < kColumnBatch; ++u) {
       const int i = base + u * kWarp;
@@ -235,7 +214,7 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
         const float dz = dcapped * (1.f - t * t);
         if (dy_att) dy_att[o + i] = old_att[u] + gate * dz;
         if (dy_glob) dy_glob[o + i] = old_glob[u] + rest * dz;
-        dgate += dz * diff[u];
+        dgate += dz * (att[u] - glob[u]);
       }
     }
   }

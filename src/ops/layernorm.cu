@@ -1,4 +1,5 @@
 #include "common/column_reduce.cuh"
+#include "common/row_columns.cuh"
 #include "common/cuda_check.cuh"
 #include "ops/layernorm.cuh"
 #include "ops/layernorm.h"
@@ -10,8 +11,6 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // one warp per row, 8 warps per block
-// Columns per lane loaded before any store in the kernels' writing loops (as ops/hybrid.cu's row kernels).
-constexpr int kColumnBatch = 4;
 
 __device__ float warp_sum(float v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -40,13 +39,7 @@ __global__ void layernorm_forward_kernel(float* y, float* mean, float* rstd, flo
   float* yr = y + (long)row * D;
   for (int base = lane; base < D; base += kColumnBatch * kWarp) {
     float xv[kColumnBatch], g[kColumnBatch], c[kColumnBatch];
-#pragma unroll
-    for (int u = 0; u < kColumnBatch; ++u) {
-      const int i = base + u * kWarp;
-      xv[u] = i < D ? xr[i] : 0.f;
-      g[u] = i < D ? gain[i] : 0.f;
-      c[u] = i < D ? bias[i] : 0.f;
-    }
+    load_columns(xv, xr, base, D), load_columns(g, gain, base, D), load_columns(c, bias, base, D);
 #pragma unroll
     for (int u = 0; u < kColumnBatch; ++u)
       if (base + u * kWarp < D) yr[base + u * kWarp] = (xv[u] - mu) * rs * g[u] + c[u];
@@ -83,14 +76,8 @@ __global__ void layernorm_backward_input_kernel(float* dx, const float* dy, cons
   float* dxr = dx + (long)row * D;
   for (int base = lane; base < D; base += kColumnBatch * kWarp) {
     float xv[kColumnBatch], dyv[kColumnBatch], g[kColumnBatch], old[kColumnBatch];
-#pragma unroll
-    for (int u = 0; u < kColumnBatch; ++u) {
-      const int i = base + u * kWarp;
-      xv[u] = i < D ? xr[i] : 0.f;
-      dyv[u] = i < D ? dyr[i] : 0.f;
-      g[u] = i < D ? gain[i] : 0.f;
-      old[u] = i < D ? dxr[i] : 0.f;
-    }
+    load_columns(xv, xr, base, D), load_columns(dyv, dyr, base, D), load_columns(g, gain, base, D);
+    load_columns(old, dxr, base, D);
 #pragma unroll
     for (int u = 0; u < kColumnBatch; ++u) {
       const int i = base + u * kWarp;
