@@ -3,9 +3,9 @@
 //
 // Two families of kernels:
 // * Tiled (window ≤ 65 and d_h ≤ 64: every preset). 64-token tiles; a query's window lies in its own tile
-//   and the one before. Products of the tile (q·k, dO·v, P·V, Pᵀ·dO, Xᵀ·Q, X·K) are register-tiled fp32
-//   micro-kernels on shared-memory operands; scores, distances and softmax statistics stay in fp32
-//   registers. The forward is one block per query tile, the backward one block per key tile that scores
+//   and the one before. The forward's products (q·k, P·V) are register-tiled fp32 micro-kernels on
+//   shared-memory operands; the backward's (q·k, dO·v, Pᵀ·dO, Xᵀ·Q, X·K) are 3xTF32 tensor-core products
+//   (fp32-accurate). Scores, distances and softmax statistics stay in fp32 registers. The forward is one block per query tile, the backward one block per key tile that scores
 //   each pair once (dq's part from the previous key tile goes through a workspace "carry").
 // * Streaming (wider windows or heads, causal_attn beyond N = 65, a backward without workspace): 256
 //   threads = 8 warps per block own one (b, h) and a tile of queries (forward, backward dq pass) or keys
@@ -13,10 +13,12 @@
 //   owns pair (row, chunk start + l), and the warp accumulates its row's d_h-vector in shared memory, so
 //   d_h is a runtime value (≤ 256).
 #include <cmath>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "common/cuda_check.cuh"
+#include "common/mma_tf32.cuh"
 #include "ops/local_attn.cuh"
 #include "ops/poincare.cuh"
 #include "ops/poincare.h"
@@ -839,104 +841,146 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward, tiled: block (64-key tile, h, b) of 8 warps computes every pair of its keys once. The
-// queries that see key tile [j0, j0 + 63] are [j0, last_query(j0 + 63)] (≤ 128 with window ≤ 65); they
-// are taken 32 at a time. Per step:
-//   (a, b) S = Q·Kᵀ and dP = dO·Vᵀ (32 × 64, summed over e): lane l of warp w owns queries 4w…4w+3 and
-//          keys l, l + 32 (QT, GT read as broadcast float4, KT, VT by consecutive lanes);
-//   (pair) PairGrad from the saved lse: p, the cross coefficient x, the self terms, dscore, dc, dβ;
-//          p → PS, x → XS [query][key] and XT [key][query];
-//   (d, e) dV += Pᵀ·dO, dK += Xᵀ·Q (64 × d_h, summed over the step's queries): warp w owns keys
-//          8w…8w+7, lane l columns l, l + 32 (PS, XS broadcast, dO and Q row-major);
-//   (f)    dQ = X·K + (Σ self_q)·q (32 × d_h, summed over the tile's keys): warp w owns queries
-//          4w…4w+3, lane l columns l, l + 32 (XT broadcast, K from KT by consecutive lanes).
-// dk, dv and dlog μ of the tile are complete at the end (column sums of self_k and dscore are reduced
-// across warps in warp order). A query's dq gets terms from its own 64-key tile and, when its window
-// starts earlier, from the previous one: the own tile's part is added to dq here, the previous tile's
-// part (from block t − 1) is written to `carry` and added by add_dq_carry_kernel afterwards. No pair is
-// scored twice and no element has two writers. Each warp skips the pair blocks (4 queries × 32 keys),
-// queries (d, e) and keys (f) outside its windows; a masked coefficient is exactly 0 and skipped, so a
-// masked value is never multiplied by 0.
-constexpr int kBwdTiledKeys = 64, kBwdTiledStep = 32;
-constexpr int kBwdStepStride = kBwdTiledStep + 8;  // QT, GT [e][query], ≡ 8: A operand, staged 4 lanes along e
-constexpr int kBwdKeyStride = kBwdTiledKeys + 1;   // KT, VT [e][key], ≡ 1: staged 32 lanes along e; read along
-                                                   // keys in (a, b) and along e in (f), both conflict-free
-constexpr int kBwdCoefStride = kBwdTiledKeys;      // PS, XS [query][key]: lanes store consecutive keys
-constexpr int kBwdCoefTStride = kBwdTiledStep + 4; // XT [key][query], ≡ 4: float4 stores by lanes over keys
-static_assert(kBwdStepStride % 32 == 8 && kBwdKeyStride % 32 == 1 && kBwdCoefTStride % 32 == 4);
-static_assert(kBwdTiledKeys + kTiledMaxWindow - 1 <= 2 * kBwdTiledKeys, "a query's window spans two key tiles");
-static_assert(kBwdTiledStep % kWarps == 0, "every warp takes the same number of a step's queries");
+// Backward, tiled, on the tensor cores: block (64-key tile, h, b) of 8 warps computes every pair of its
+// keys once. The queries that see key tile [j0, j0 + 63] are [j0, last_query(j0 + 63)] (≤ 128 with
+// window ≤ 65); they are taken 64 at a time. Every product is a 3xTF32 mma.sync (common/mma_tf32.cuh),
+// fp32-accurate. Per step:
+//   (a, b) S = Q·Kᵀ and dP = dO·Vᵀ (64 × 64, summed over e) into PT and XT ([key][query]);
+//   (pair) PairGrad from the saved lse, one warp per eight keys (w, w + 8, …) and lanes over queries: p
+//          overwrites S in PT and the cross coefficient x overwrites dP in XT; row sums of self_q go to
+//          RowSelf per warp, key sums of self_k and dscore stay in registers (lane m: key w + 8m);
+//   (d, e) dV += Pᵀ·dO, dK += Xᵀ·Q (64 × d_h, summed over the step's queries), accumulated over the steps;
+//   (f)    dQ = X·K + (Σ self_q)·q (64 × d_h, summed over the tile's keys).
+// In the products warp w owns the 32-column half w / 4 and two 8-row blocks, w % 4 and 7 − w % 4: the
+// windows make the pairs of a step a triangle, and a block near each end gives every warp a similar share.
+// dk, dv and dlog μ of the tile are complete at the end. A query's dq gets terms from its own 64-key tile
+// and, when its window starts earlier, from the previous one: the own tile's part is added to dq here, the
+// previous tile's part (from block t − 1) is written to `carry` and added by add_dq_carry_kernel
+// afterwards. No pair is scored twice and no element has two writers; all sums are in a fixed order.
+// Products skip the 8-wide blocks that hold no pair of a window; masked pairs get p = x = 0.
+constexpr int kBwdTiledKeys = 64, kBwdTiledStep = 64;
+constexpr int kBwdRowStride = kTiledMaxHeadDim + 8;  // Ks, Vs, Qs, Gs [row][e], ≡ 8: the (a, b) fragments
+                                                     // read e = 2t, 2t + 1 as one 8-byte load, and the
+                                                     // (d, e), (f) B fragments rows t, t + 4 at column g
+constexpr int kBwdCoefStride = kBwdTiledStep + 4;    // PT, XT [key][query], ≡ 4: A fragments (g, t) and the
+                                                     // (a, b) stores (key 2t + x, query g) conflict-free
+static_assert(kBwdRowStride % 32 == 8 && kBwdCoefStride % 32 == 4);
+static_assert(kBwdTiledKeys + kTiledMaxWindow - 1 <= 2 * kBwdTiledStep, "two steps cover a key tile's queries");
+static_assert(kTiledMaxHeadDim == 64 && kBwdTiledKeys == 64 && kBwdTiledStep == 64 && kWarps == 8,
+              "warp w owns the row blocks w % 4, 7 − w % 4 and the column half w / 4 of each 64 × 64 product");
+
+// dst[r·stride + e] = row t0 + r, column e of head h of a [B, N, D] tensor, for r < kRows and e < 64 (zero
+// for r ≥ valid or e ≥ d_h), all of a thread's loads issued before its stores. When rows start on 16 bytes
+// (d_h and D multiples of 4, src aligned) the loads are float4: a quarter of the instructions of a
+// per-float copy, whose index arithmetic was most of its cost.
+template <int kRows>
+__device__ __forceinline__ void stage_tile(float* dst, int stride, const float* src, const Geometry& geo, int b, int h,
+                                           int t0, int valid) {
+  constexpr int kVectorsPerRow = kTiledMaxHeadDim / 4, kPerThread = kRows * kVectorsPerRow / kTiledThreads;
+  static_assert(kRows * kVectorsPerRow % kTiledThreads == 0, "every thread copies the same number of vectors");
+  if (geo.dh % 4 == 0 && geo.D % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    float4 x[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int slot = threadIdx.x + u * kTiledThreads, r = slot / kVectorsPerRow, e = 4 * (slot % kVectorsPerRow);
+      x[u] = r < valid && e < geo.dh ? *reinterpret_cast<const float4*>(src + geo.row(b, t0 + r, h) + e)
+                                     : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int slot = threadIdx.x + u * kTiledThreads, r = slot / kVectorsPerRow, e = 4 * (slot % kVectorsPerRow);
+      *reinterpret_cast<float4*>(dst + r * stride + e) = x[u];
+    }
+    return;
+  }
+  for (int part = 0; part < 4; ++part) {  // a quarter of the rows at a time, kPerThread loads in flight
+    float x[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int idx = threadIdx.x + u * kTiledThreads, r = part * (kRows / 4) + idx / kTiledMaxHeadDim,
+                e = idx % kTiledMaxHeadDim;
+      x[u] = r < valid && e < geo.dh ? src[geo.row(b, t0 + r, h) + e] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int idx = threadIdx.x + u * kTiledThreads, r = part * (kRows / 4) + idx / kTiledMaxHeadDim,
+                e = idx % kTiledMaxHeadDim;
+      dst[r * stride + e] = x[u];
+    }
+  }
+}
 
 template <class Token> size_t tiled_backward_smem_bytes() {
-  const size_t floats = size_t(2) * kTiledMaxHeadDim * kBwdKeyStride       // KT, VT
-                        + size_t(2) * kTiledMaxHeadDim * kBwdStepStride    // QT, GT
-                        + size_t(2) * kBwdTiledStep * kTiledMaxHeadDim     // Qr, Gr
-                        + size_t(2) * kBwdTiledStep * kBwdCoefStride       // PS, XS
-                        + size_t(kBwdTiledKeys) * kBwdCoefTStride          // XT
-                        + 2 * kBwdTiledStep                                // lse, dO·o of the step's queries
-                        + size_t(2) * kWarps * kBwdTiledKeys + 2 * kBwdTiledKeys + 2 * kWarps;  // reductions
+  const size_t floats = size_t(2) * (kBwdTiledKeys + kBwdTiledStep) * kBwdRowStride  // Ks, Vs, Qs, Gs
+                        + size_t(2) * kBwdTiledKeys * kBwdCoefStride                  // PT, XT
+                        + 2 * kBwdTiledStep                                           // lse, dO·o of the step
+                        + size_t(kWarps) * kBwdTiledStep                              // RowSelf
+                        + 2 * kWarps;                                                 // Red
   return floats * sizeof(float) + (kBwdTiledKeys + kBwdTiledStep) * sizeof(Token);
 }
 
-template <class Params, int EB>  // EB = ⌈d_h/32⌉
+// The two 8-row blocks of a 64-row operand that warp w's fragment rows g and g + 8 stand for.
+__device__ __forceinline__ int low_row(int warp, int g) { return 8 * (warp % 4) + g; }
+__device__ __forceinline__ int high_row(int warp, int g) { return 8 * (7 - warp % 4) + g; }
+
+template <class Params>
 __global__ void __launch_bounds__(kTiledThreads, 2)
     attn_backward_tiled_kernel(float* dq, float* carry, float* dk, float* dv, float* dlog_mu, float* partials,
                                const float* d_o, const float* o, const float* lse, const float* q, const float* k,
                                const float* v, Geometry geo, Params params) {
   using Score = typename Params::Score;
   using Token = typename Score::Token;
+  constexpr int EB = kTiledMaxHeadDim / kWarp;  // columns per lane in the row loops
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kBwdTiledKeys;
   const int dh = geo.dh, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g = lane / 4, t = lane % 4;
+  const int row_lo = low_row(warp, g), row_hi = high_row(warp, g), half = warp / 4, col0 = 32 * half;
   const int j_last = min(j0 + kBwdTiledKeys, geo.N) - 1, query_hi = geo.last_query(j_last);
   const Score pol = params.at(b, h);
 
   extern __shared__ float smem[];
   SmemCursor cur{smem};
-  float* KT = cur.take(kTiledMaxHeadDim * kBwdKeyStride);
-  float* VT = cur.take(kTiledMaxHeadDim * kBwdKeyStride);
-  float* QT = cur.take(kTiledMaxHeadDim * kBwdStepStride);
-  float* GT = cur.take(kTiledMaxHeadDim * kBwdStepStride);  // dO, transposed
-  float* Qr = cur.take(kBwdTiledStep * kTiledMaxHeadDim);   // q, row-major
-  float* Gr = cur.take(kBwdTiledStep * kTiledMaxHeadDim);   // dO, row-major
-  float* PS = cur.take(kBwdTiledStep * kBwdCoefStride);
-  float* XS = cur.take(kBwdTiledStep * kBwdCoefStride);
-  float* XT = cur.take(kBwdTiledKeys * kBwdCoefTStride);
+  float* Ks = cur.take(kBwdTiledKeys * kBwdRowStride);
+  float* Vs = cur.take(kBwdTiledKeys * kBwdRowStride);
+  float* Qs = cur.take(kBwdTiledStep * kBwdRowStride);
+  float* Gs = cur.take(kBwdTiledStep * kBwdRowStride);  // dO
+  float* PT = cur.take(kBwdTiledKeys * kBwdCoefStride);
+  float* XT = cur.take(kBwdTiledKeys * kBwdCoefStride);
   float* LSEs = cur.take(kBwdTiledStep);
-  float* GOs = cur.take(kBwdTiledStep);                     // dO_i·o_i
-  float* ColSelf = cur.take(kWarps * kBwdTiledKeys);        // per-warp column sums of self_k
-  float* ColScore = cur.take(kWarps * kBwdTiledKeys);       // per-warp column sums of dscore
-  float* KeySelf = cur.take(kBwdTiledKeys);
-  float* KeyScore = cur.take(kBwdTiledKeys);
+  float* GOs = cur.take(kBwdTiledStep);                  // dO_i·o_i
+  float* RowSelf = cur.take(kWarps * kBwdTiledStep);     // [warp][query]: Σ self_q over the warp's keys
   float* Red = cur.take(2 * kWarps);
   Token* Kt = reinterpret_cast<Token*>(cur.at);
   Token* Qt = Kt + kBwdTiledKeys;
 
-  const int e_pad = 32 * EB;
-  stage_transposed<32>(KT, kBwdKeyStride, k, geo, b, h, j0, j_last - j0 + 1, kBwdTiledKeys, e_pad);
-  stage_transposed<32>(VT, kBwdKeyStride, v, geo, b, h, j0, j_last - j0 + 1, kBwdTiledKeys, e_pad);
+  stage_tile<kBwdTiledKeys>(Ks, kBwdRowStride, k, geo, b, h, j0, j_last - j0 + 1);
+  stage_tile<kBwdTiledKeys>(Vs, kBwdRowStride, v, geo, b, h, j0, j_last - j0 + 1);
   __syncthreads();
-  for (int t = warp; t < kBwdTiledKeys; t += kWarps) {
+  for (int r = warp; r < kBwdTiledKeys; r += kWarps) {
     float sq = 0.f;
     if (Score::kNeedsNorm) {
-      for (int e = lane; e < dh; e += kWarp) sq += KT[e * kBwdKeyStride + t] * KT[e * kBwdKeyStride + t];
+#pragma unroll
+      for (int c = 0; c < EB; ++c) sq += Ks[r * kBwdRowStride + lane + 32 * c] * Ks[r * kBwdRowStride + lane + 32 * c];
       sq = warp_sum(sq);
     }
-    if (lane == 0) Kt[t] = pol.token(sq);
+    if (lane == 0) Kt[r] = pol.token(sq);
   }
 
   const bool want_dq = dq != nullptr, want_dk = dk != nullptr, want_dv = dv != nullptr;
-  float dv_acc[8][EB] = {}, dk_acc[8][EB] = {};  // keys 8·warp + a, columns lane + 32c
-  float col_self[2] = {}, col_score[2] = {};     // keys lane + 32c, this warp's queries
+  // (d, e) fragments: element c of column block n is key row_lo (c < 2) or row_hi, column col0 + 8n + 2t + c % 2.
+  float dv_acc[4][4] = {}, dk_acc[4][4] = {};
+  float key_self = 0.f, key_score = 0.f;  // lane m < 8: Σ self_k, Σ dscore of key warp + 8m over the steps
   float dc_acc = 0.f, dbeta_acc = 0.f;
-  const int key_first = j0 + 8 * warp, key_last = min(key_first + 7, j_last);  // (d, e) rows of this warp
+  // Does the block of queries [qa, qa + 7] ∩ [.., q_end] hold a pair with keys [ka, ka + 7] ∩ [.., j_last]?
+  auto blocks_meet = [&](int qa, int q_end, int ka) {
+    return pairs_meet_windows(geo, qa, min(qa + 7, q_end), ka, min(ka + 7, j_last));
+  };
 
   for (int step0 = j0; step0 <= query_hi; step0 += kBwdTiledStep) {
-    const int rows = min(kBwdTiledStep, query_hi - step0 + 1);
+    const int rows = min(kBwdTiledStep, query_hi - step0 + 1), step_end = step0 + rows - 1;
     __syncthreads();  // the previous step's operands and coefficients are no longer read (and Kt is written)
-    stage_transposed<4>(QT, kBwdStepStride, q, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
-    stage_transposed<4>(GT, kBwdStepStride, d_o, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
-    stage_rows(Qr, kTiledMaxHeadDim, q, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
-    stage_rows(Gr, kTiledMaxHeadDim, d_o, geo, b, h, step0, rows, kBwdTiledStep, e_pad);
+    stage_tile<kBwdTiledStep>(Qs, kBwdRowStride, q, geo, b, h, step0, rows);
+    stage_tile<kBwdTiledStep>(Gs, kBwdRowStride, d_o, geo, b, h, step0, rows);
     __syncthreads();
     // Per query: its norm token, lse and dO·o. The o and lse loads of all of a warp's queries are issued
     // before the first is used (a loop over queries would wait out one memory latency per query).
@@ -944,214 +988,219 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     float o_in[kStepRowsPerWarp][EB], lse_in[kStepRowsPerWarp];
 #pragma unroll
     for (int n = 0; n < kStepRowsPerWarp; ++n) {
-      const int t = warp + n * kWarps;
-      const long at = geo.row(b, step0 + t, h);
+      const int r = warp + n * kWarps;
+      const long at = geo.row(b, step0 + r, h);
 #pragma unroll
-      for (int c = 0; c < EB; ++c) o_in[n][c] = t < rows && lane + 32 * c < dh ? o[at + lane + 32 * c] : 0.f;
-      lse_in[n] = t < rows && lane == 0 ? lse[geo.lse_index(b, step0 + t, h)] : 0.f;
+      for (int c = 0; c < EB; ++c) o_in[n][c] = r < rows && lane + 32 * c < dh ? o[at + lane + 32 * c] : 0.f;
+      lse_in[n] = r < rows && lane == 0 ? lse[geo.lse_index(b, step0 + r, h)] : 0.f;
     }
 #pragma unroll
     for (int n = 0; n < kStepRowsPerWarp; ++n) {
-      const int t = warp + n * kWarps;
-      if (t >= rows) break;
+      const int r = warp + n * kWarps;
+      if (r >= rows) break;
       float sq = 0.f, go = 0.f;
 #pragma unroll
       for (int c = 0; c < EB; ++c) {
         const int e = lane + 32 * c;
-        if (e >= dh) continue;
-        sq += Qr[t * kTiledMaxHeadDim + e] * Qr[t * kTiledMaxHeadDim + e];
-        go += Gr[t * kTiledMaxHeadDim + e] * o_in[n][c];
+        sq += Qs[r * kBwdRowStride + e] * Qs[r * kBwdRowStride + e];
+        go += Gs[r * kBwdRowStride + e] * o_in[n][c];
       }
       if (Score::kNeedsNorm) sq = warp_sum(sq);
       go = warp_sum(go);
       if (lane == 0) {
-        Qt[t] = pol.token(sq);
-        LSEs[t] = lse_in[n];
-        GOs[t] = go;
+        Qt[r] = pol.token(sq);
+        LSEs[r] = lse_in[n];
+        GOs[r] = go;
+      }
+    }
+
+    // (a, b): query rows row_lo, row_hi against key blocks 2n + half that meet their windows. The
+    // fragments' summed index k = t, t + 4 is e = 2t, 2t + 1 of each 8-column slice (one 8-byte load).
+    const int q_lo0 = step0 + low_row(warp, 0), q_hi0 = step0 + high_row(warp, 0);
+    unsigned live = 0;
+#pragma unroll
+    for (int n = 0; n < 4; ++n) {
+      const int ja = j0 + 8 * (2 * n + half);
+      if (blocks_meet(q_lo0, step_end, ja) || blocks_meet(q_hi0, step_end, ja)) live |= 1u << n;
+    }
+    if (live) {
+      float s_acc[4][4] = {}, dp_acc[4][4] = {};
+#pragma unroll 1
+      for (int kk = 0; kk < kTiledMaxHeadDim / 8; ++kk) {
+        if (8 * kk >= dh) break;
+        const int e = 8 * kk + 2 * t;
+        const float2 q_top = *reinterpret_cast<const float2*>(Qs + row_lo * kBwdRowStride + e);
+        const float2 q_bottom = *reinterpret_cast<const float2*>(Qs + row_hi * kBwdRowStride + e);
+        const float2 g_top = *reinterpret_cast<const float2*>(Gs + row_lo * kBwdRowStride + e);
+        const float2 g_bottom = *reinterpret_cast<const float2*>(Gs + row_hi * kBwdRowStride + e);
+        const Tf32A qa = tf32_a(q_top.x, q_bottom.x, q_top.y, q_bottom.y);
+        const Tf32A ga = tf32_a(g_top.x, g_bottom.x, g_top.y, g_bottom.y);
+#pragma unroll
+        for (int n = 0; n < 4; ++n) {
+          if (!(live & (1u << n))) continue;
+          const int key = 8 * (2 * n + half) + g;
+          const float2 kr = *reinterpret_cast<const float2*>(Ks + key * kBwdRowStride + e);
+          const float2 vr = *reinterpret_cast<const float2*>(Vs + key * kBwdRowStride + e);
+          mma_3xtf32(s_acc[n], qa, tf32_b(kr.x, kr.y));
+          mma_3xtf32(dp_acc[n], ga, tf32_b(vr.x, vr.y));
+        }
+      }
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        if (!(live & (1u << n))) continue;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int at = (8 * (2 * n + half) + 2 * t + c % 2) * kBwdCoefStride + (c < 2 ? row_lo : row_hi);
+          PT[at] = s_acc[n][c];
+          XT[at] = dp_acc[n][c];
+        }
       }
     }
     __syncthreads();
 
-    // (a, b): this warp's queries against the 32-key blocks that meet their windows.
-    const int row_first = step0 + 4 * warp, row_last = min(row_first + 3, step0 + rows - 1);
-    unsigned live = 0;
-#pragma unroll
-    for (int c = 0; c < 2; ++c)
-      if (pairs_meet_windows(geo, row_first, row_last, j0 + 32 * c, min(j0 + 32 * c + 31, j_last))) live |= 1u << c;
-    float dot_qk[4][2] = {}, dot_gv[4][2] = {};
-    if (live) {
-#pragma unroll 4
-      for (int e = 0; e < dh; ++e) {
-        const float4 qa = *reinterpret_cast<const float4*>(QT + e * kBwdStepStride + 4 * warp);
-        const float4 ga = *reinterpret_cast<const float4*>(GT + e * kBwdStepStride + 4 * warp);
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          if (!(live & (1u << c))) continue;
-          const float kr = KT[e * kBwdKeyStride + lane + 32 * c], vr = VT[e * kBwdKeyStride + lane + 32 * c];
-          dot_qk[0][c] += qa.x * kr;
-          dot_qk[1][c] += qa.y * kr;
-          dot_qk[2][c] += qa.z * kr;
-          dot_qk[3][c] += qa.w * kr;
-          dot_gv[0][c] += ga.x * vr;
-          dot_gv[1][c] += ga.y * vr;
-          dot_gv[2][c] += ga.z * vr;
-          dot_gv[3][c] += ga.w * vr;
-        }
-      }
-    }
-
-    // Pair gradients; dot_qk is reused for the cross coefficients.
-    float row_self[4] = {};
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int t = 4 * warp + a, i = step0 + t;
+    // Pair gradients: warp w takes keys w + 8m, lanes the queries lane, lane + 32; (S, dP) in PT, XT are
+    // overwritten by (p, x), 0 where the pair is masked (also where (a, b) skipped the block).
+    float row_self[2] = {};
+#pragma unroll 1
+    for (int m = 0; m < kBwdTiledKeys / kWarps; ++m) {
+      const int tk = warp + kWarps * m, j = j0 + tk;
+      const bool key_live = j <= j_last && j <= step_end && geo.last_query(j) >= step0;
+      float self_k = 0.f, dscore = 0.f;
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const int j = j0 + lane + 32 * c;
-        const bool valid = (live & (1u << c)) && i <= row_last && j <= j_last && j >= geo.window_start(i) && j <= i;
+        const int tq = lane + 32 * c, i = step0 + tq, at = tk * kBwdCoefStride + tq;
         float p = 0.f, cross = 0.f;
-        if (valid) {
-          const PairGrad pg = pol.pair_grad(i, j, Qt[t], Kt[lane + 32 * c], dot_qk[a][c], dot_gv[a][c], LSEs[t],
-                                            GOs[t]);
+        if (key_live && tq < rows && j >= geo.window_start(i) && j <= i) {
+          const PairGrad pg = pol.pair_grad(i, j, Qt[tq], Kt[tk], PT[at], XT[at], LSEs[tq], GOs[tq]);
           p = pg.p;
           cross = pg.cross;
-          row_self[a] += pg.self_q;
-          col_self[c] += pg.self_k;
-          col_score[c] += pg.dscore;
+          row_self[c] += pg.self_q;
+          self_k += pg.self_k;
+          dscore += pg.dscore;
           dc_acc -= pg.dc;
           dbeta_acc -= pg.dbeta;
         }
-        PS[t * kBwdCoefStride + lane + 32 * c] = p;
-        XS[t * kBwdCoefStride + lane + 32 * c] = cross;
-        dot_qk[a][c] = cross;
+        PT[at] = p;
+        XT[at] = cross;
+      }
+      if (key_live) {
+        self_k = warp_sum(self_k);
+        dscore = warp_sum(dscore);
+        if (lane == m) {
+          key_self += self_k;
+          key_score += dscore;
+        }
       }
     }
-#pragma unroll
-    for (int c = 0; c < 2; ++c)  // one float4 per key; lanes of a quarter warp hit 32 distinct banks
-      *reinterpret_cast<float4*>(XT + (lane + 32 * c) * kBwdCoefTStride + 4 * warp) =
-          make_float4(dot_qk[0][c], dot_qk[1][c], dot_qk[2][c], dot_qk[3][c]);
-    if (want_dq)
-#pragma unroll
-      for (int a = 0; a < 4; ++a) row_self[a] = warp_sum(row_self[a]);
+    if (want_dq) {
+      RowSelf[warp * kBwdTiledStep + lane] = row_self[0];
+      RowSelf[warp * kBwdTiledStep + lane + 32] = row_self[1];
+    }
     __syncthreads();
 
-    // (d, e): dV and dK of keys 8·warp … over the step's queries that see them.
-    if ((want_dv || want_dk) && key_first <= j_last) {
-      const int t_lo = max(key_first, step0) - step0, t_hi = min(geo.last_query(key_last), step0 + rows - 1) - step0;
-      for (int t = t_lo; t <= t_hi; ++t) {
-        const float4 p_lo = *reinterpret_cast<const float4*>(PS + t * kBwdCoefStride + 8 * warp);
-        const float4 p_hi = *reinterpret_cast<const float4*>(PS + t * kBwdCoefStride + 8 * warp + 4);
-        const float4 x_lo = *reinterpret_cast<const float4*>(XS + t * kBwdCoefStride + 8 * warp);
-        const float4 x_hi = *reinterpret_cast<const float4*>(XS + t * kBwdCoefStride + 8 * warp + 4);
-        const float p[8] = {p_lo.x, p_lo.y, p_lo.z, p_lo.w, p_hi.x, p_hi.y, p_hi.z, p_hi.w};
-        const float x[8] = {x_lo.x, x_lo.y, x_lo.z, x_lo.w, x_hi.x, x_hi.y, x_hi.z, x_hi.w};
+    // (d, e): dV and dK of key rows row_lo, row_hi, columns col0… , over the step's queries in 8-query
+    // blocks that see them. A = Pᵀ or Xᵀ from PT, XT; B = dO or Q (rows t, t + 4 of the block).
+    const int k_lo0 = j0 + low_row(warp, 0), k_hi0 = j0 + high_row(warp, 0);
+    if ((want_dv || want_dk) && k_lo0 <= j_last) {
+      for (int qq = 0; qq < kBwdTiledStep / 8; ++qq) {
+        const int ia = step0 + 8 * qq;
+        if (ia > step_end) break;
+        if (!blocks_meet(ia, step_end, k_lo0) && !blocks_meet(ia, step_end, k_hi0)) continue;
+        const float* p_lo = PT + row_lo * kBwdCoefStride + 8 * qq + t;
+        const float* p_hi = PT + row_hi * kBwdCoefStride + 8 * qq + t;
+        const float* x_lo = XT + row_lo * kBwdCoefStride + 8 * qq + t;
+        const float* x_hi = XT + row_hi * kBwdCoefStride + 8 * qq + t;
+        const Tf32A pa = tf32_a(p_lo[0], p_hi[0], p_lo[4], p_hi[4]);
+        const Tf32A xa = tf32_a(x_lo[0], x_hi[0], x_lo[4], x_hi[4]);
 #pragma unroll
-        for (int c = 0; c < EB; ++c) {
-          const float g = Gr[t * kTiledMaxHeadDim + lane + 32 * c], qv = Qr[t * kTiledMaxHeadDim + lane + 32 * c];
-#pragma unroll
-          for (int a = 0; a < 8; ++a) {
-            if (p[a] != 0.f) dv_acc[a][c] += p[a] * g;
-            if (x[a] != 0.f) dk_acc[a][c] += x[a] * qv;
-          }
+        for (int n = 0; n < 4; ++n) {
+          if (col0 + 8 * n >= dh) break;
+          const int at = (8 * qq + t) * kBwdRowStride + col0 + 8 * n + g;
+          mma_3xtf32(dv_acc[n], pa, tf32_b(Gs[at], Gs[at + 4 * kBwdRowStride]));
+          mma_3xtf32(dk_acc[n], xa, tf32_b(Qs[at], Qs[at + 4 * kBwdRowStride]));
         }
       }
     }
 
-    // (f): dq of this warp's queries over the tile's keys in their windows.
-    if (want_dq && row_first <= row_last) {
-      float dq_acc[4][EB] = {};
-      const int k_lo = max(geo.window_start(row_first), j0) - j0, k_hi = min(row_last, j_last) - j0;
-      for (int kk = k_lo; kk <= k_hi; ++kk) {
-        const float4 xa = *reinterpret_cast<const float4*>(XT + kk * kBwdCoefTStride + 4 * warp);
-        const float x[4] = {xa.x, xa.y, xa.z, xa.w};
+    // (f): dq of query rows row_lo, row_hi, columns col0… , over the tile's keys in 8-key blocks in their
+    // windows. A = X from XT (rows t, t + 4 of key block kk: a two-way bank conflict), B = K.
+    if (want_dq && q_lo0 <= step_end) {
+      float dq_acc[4][4] = {};
+      for (int kk = 0; kk < kBwdTiledKeys / 8; ++kk) {
+        const int ja = j0 + 8 * kk;
+        if (ja > j_last) break;
+        if (!blocks_meet(q_lo0, step_end, ja) && !blocks_meet(q_hi0, step_end, ja)) continue;
+        const float* x_col = XT + (8 * kk + t) * kBwdCoefStride;
+        constexpr int kRight = 4 * kBwdCoefStride;
+        const Tf32A xa = tf32_a(x_col[row_lo], x_col[row_hi], x_col[kRight + row_lo], x_col[kRight + row_hi]);
 #pragma unroll
-        for (int c = 0; c < EB; ++c) {
-          const float kr = KT[(lane + 32 * c) * kBwdKeyStride + kk];
-#pragma unroll
-          for (int a = 0; a < 4; ++a)
-            if (x[a] != 0.f) dq_acc[a][c] += x[a] * kr;
+        for (int n = 0; n < 4; ++n) {
+          if (col0 + 8 * n >= dh) break;
+          const int at = (8 * kk + t) * kBwdRowStride + col0 + 8 * n + g;
+          mma_3xtf32(dq_acc[n], xa, tf32_b(Ks[at], Ks[at + 4 * kBwdRowStride]));
         }
+      }
+      float self[2] = {};
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        self[0] += RowSelf[w * kBwdTiledStep + row_lo];
+        self[1] += RowSelf[w * kBwdTiledStep + row_hi];
       }
       // The old dq of every element first, then the stores: interleaved, each load would wait for the store
       // before it (the compiler cannot tell that they never alias).
-      float dq_old[4][EB];
+      float dq_old[4][4];
 #pragma unroll
-      for (int a = 0; a < 4; ++a) {
-        const int i = step0 + 4 * warp + a;
-        const long at = geo.row(b, i, h);
+      for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int c = 0; c < EB; ++c) {
-          const int e = lane + 32 * c;
-          dq_old[a][c] = i <= row_last && i < j0 + kBwdTiledKeys && e < dh ? dq[at + e] : 0.f;
+        for (int c = 0; c < 4; ++c) {
+          const int i = step0 + (c < 2 ? row_lo : row_hi), e = col0 + 8 * n + 2 * t + c % 2;
+          dq_old[n][c] = i <= step_end && i < j0 + kBwdTiledKeys && e < dh ? dq[geo.row(b, i, h) + e] : 0.f;
         }
-      }
 #pragma unroll
-      for (int a = 0; a < 4; ++a) {
-        const int t = 4 * warp + a, i = step0 + t;
-        if (i > row_last) continue;
-        const long at = geo.row(b, i, h);
-        const bool own_tile = i < j0 + kBwdTiledKeys;
+      for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int c = 0; c < EB; ++c) {
-          const int e = lane + 32 * c;
-          if (e >= dh) continue;
-          const float value = dq_acc[a][c] + row_self[a] * Qr[t * kTiledMaxHeadDim + e];
-          if (own_tile)
-            dq[at + e] = dq_old[a][c] + value;
+        for (int c = 0; c < 4; ++c) {
+          const int tq = c < 2 ? row_lo : row_hi, i = step0 + tq, e = col0 + 8 * n + 2 * t + c % 2;
+          if (i > step_end || e >= dh) continue;
+          const float value = dq_acc[n][c] + self[c / 2] * Qs[tq * kBwdRowStride + e];
+          if (i < j0 + kBwdTiledKeys)
+            dq[geo.row(b, i, h) + e] = dq_old[n][c] + value;
           else
-            carry[at + e] = value;
+            carry[geo.row(b, i, h) + e] = value;
         }
-      }
     }
   }
 
-  // Column sums across warps in warp order, then the key-side outputs.
-#pragma unroll
-  for (int c = 0; c < 2; ++c) {
-    ColSelf[warp * kBwdTiledKeys + lane + 32 * c] = col_self[c];
-    ColScore[warp * kBwdTiledKeys + lane + 32 * c] = col_score[c];
-  }
+  // The key sums (lane m of warp w holds key w + 8m) to shared memory for the dk epilogue; RowSelf is free.
   __syncthreads();
-  if (threadIdx.x < kBwdTiledKeys) {
-    float self = 0.f, score = 0.f;
-    for (int w = 0; w < kWarps; ++w) {
-      self += ColSelf[w * kBwdTiledKeys + threadIdx.x];
-      score += ColScore[w * kBwdTiledKeys + threadIdx.x];
-    }
-    KeySelf[threadIdx.x] = self;
-    KeyScore[threadIdx.x] = score;
-  }
+  float* KeySelf = RowSelf;
+  if (lane < kBwdTiledKeys / kWarps) KeySelf[warp + kWarps * lane] = key_self;
   __syncthreads();
-  // Every old value first, then the stores (as for dq above); dk, then dv, so that 32 more registers hold
-  // old values at a time, not 64.
-  auto add_into = [&](float* out, float (&acc)[8][EB], bool with_self) {
-    float old[8][EB];
+  // Every old value first, then the stores (as for dq above); dk, then dv.
+  auto add_into = [&](float* out, float (&acc)[4][4], bool with_self) {
+    float old[4][4];
 #pragma unroll
-    for (int a = 0; a < 8; ++a) {
-      const int j = j0 + 8 * warp + a;
-      const long at = geo.row(b, j, h);
+    for (int n = 0; n < 4; ++n)
 #pragma unroll
-      for (int c = 0; c < EB; ++c) old[a][c] = j <= j_last && lane + 32 * c < dh ? out[at + lane + 32 * c] : 0.f;
-    }
-#pragma unroll
-    for (int a = 0; a < 8; ++a) {
-      const int t = 8 * warp + a, j = j0 + t;
-      if (j > j_last) break;
-      const long at = geo.row(b, j, h);
-#pragma unroll
-      for (int c = 0; c < EB; ++c) {
-        const int e = lane + 32 * c;
-        if (e >= dh) continue;
-        const float value = with_self ? acc[a][c] + KeySelf[t] * KT[e * kBwdKeyStride + t] : acc[a][c];
-        out[at + e] = old[a][c] + value;
+      for (int c = 0; c < 4; ++c) {
+        const int j = j0 + (c < 2 ? row_lo : row_hi), e = col0 + 8 * n + 2 * t + c % 2;
+        old[n][c] = j <= j_last && e < dh ? out[geo.row(b, j, h) + e] : 0.f;
       }
-    }
+#pragma unroll
+    for (int n = 0; n < 4; ++n)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int tk = c < 2 ? row_lo : row_hi, j = j0 + tk, e = col0 + 8 * n + 2 * t + c % 2;
+        if (j > j_last || e >= dh) continue;
+        const float value = with_self ? acc[n][c] + KeySelf[tk] * Ks[tk * kBwdRowStride + e] : acc[n][c];
+        out[geo.row(b, j, h) + e] = old[n][c] + value;
+      }
   };
-  if (dk) add_into(dk, dk_acc, true);
-  if (dv) add_into(dv, dv_acc, false);
-  if (dlog_mu && lane < 8) {
-    const int t = 8 * warp + lane, j = j0 + t;
-    if (j <= j_last) dlog_mu[((long)b * geo.N + j) * geo.H + h] += KeyScore[t];
+  if (want_dk) add_into(dk, dk_acc, true);
+  if (want_dv) add_into(dv, dv_acc, false);
+  if (dlog_mu && lane < kBwdTiledKeys / kWarps) {
+    const int j = j0 + warp + kWarps * lane;
+    if (j <= j_last) dlog_mu[((long)b * geo.N + j) * geo.H + h] += key_score;
   }
   if (Params::kHasParamGrads && partials) write_param_partials(partials, dc_acc, dbeta_acc, Red, b, h);
 }
@@ -1266,15 +1315,15 @@ bool tiled_kernels_apply(const Geometry& geo) { return geo.window <= kTiledMaxWi
 size_t param_partials_floats(int B, int H, int N) { return size_t(2) * B * H * tiles(N, kBwdQueryTile); }
 static_assert(kBwdQueryTile <= kBwdTiledKeys, "the partials region fits either backward's blocks");
 
-template <class Params, int EB>
+template <class Params>
 void launch_tiled_backward(float* dq, float* dk, float* dv, float* dlog_mu, float* partials, float* carry,
                            const float* d_o, const float* o, const float* lse, const float* q, const float* k,
                            const float* v, const Geometry& geo, const Params& params, int B, cudaStream_t stream) {
   const size_t smem = tiled_backward_smem_bytes<typename Params::Score::Token>();
-  prepare_smem(attn_backward_tiled_kernel<Params, EB>, smem);
+  prepare_smem(attn_backward_tiled_kernel<Params>, smem);
   const dim3 grid(tiles(geo.N, kBwdTiledKeys), geo.H, B);
-  attn_backward_tiled_kernel<Params, EB><<<grid, kTiledThreads, smem, stream>>>(dq, carry, dk, dv, dlog_mu, partials,
-                                                                               d_o, o, lse, q, k, v, geo, params);
+  attn_backward_tiled_kernel<Params><<<grid, kTiledThreads, smem, stream>>>(dq, carry, dk, dv, dlog_mu, partials, d_o,
+                                                                           o, lse, q, k, v, geo, params);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1291,12 +1340,7 @@ void launch_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, f
   // Tiled: one kernel, plus dq's carry and the parameter reduction. It needs the workspace for dq's carry.
   if (tiled_kernels_apply(geo) && (workspace || !dq)) {
     float* carry = dq ? workspace + param_partials_floats(B, geo.H, geo.N) : nullptr;
-    if (geo.dh <= 32)
-      launch_tiled_backward<Params, 1>(dq, dk, dv, dlog_mu, partials, carry, d_o, o, lse, q, k, v, geo, params, B,
-                                       stream);
-    else
-      launch_tiled_backward<Params, 2>(dq, dk, dv, dlog_mu, partials, carry, d_o, o, lse, q, k, v, geo, params, B,
-                                       stream);
+    launch_tiled_backward(dq, dk, dv, dlog_mu, partials, carry, d_o, o, lse, q, k, v, geo, params, B, stream);
     if (want_params) {
       reduce_param_partials_kernel<<<geo.H + 1, kReduceThreads, 0, stream>>>(dc, dbeta, partials, B, geo.H,
                                                                               tiles(geo.N, kBwdTiledKeys));

@@ -1,0 +1,63 @@
+#pragma once
+// fp32-accurate matrix products on the tensor cores: 3xTF32 with mma.sync m16n8k8 (sm_80 and later).
+// Each operand x is split as x = hi + lo (split_tf32 below); hi·hi + hi·lo + lo·hi keeps about as many
+// bits as an fp32 FMA chain (the dropped lo·lo is ~2⁻²⁰ of the product), so kernels that the CPU
+// reference checks at fp32 tolerances can use the tensor cores at three instructions a step.
+//
+// Fragments of one warp, g = lane / 4, t = lane % 4 (PTX ISA, mma.m16n8k8 with .tf32):
+//   A 16 × 8, row-major:  a0 (g, t)   a1 (g + 8, t)   a2 (g, t + 4)   a3 (g + 8, t + 4)
+//   B  8 × 8, column:     b0 (t, g)   b1 (t + 4, g)
+//   C 16 × 8:             c0 (g, 2t)  c1 (g, 2t + 1)  c2 (g + 8, 2t)  c3 (g + 8, 2t + 1)
+// The summed index k only has to agree between A and B, so a caller may read k = t, t + 4 as the
+// adjacent elements 2t, 2t + 1 of its storage (one 8-byte load) in both operands.
+
+#include <cstdint>
+
+namespace muse::cuda {
+
+struct Tf32A {
+  uint32_t hi[4], lo[4];
+};
+struct Tf32B {
+  uint32_t hi[2], lo[2];
+};
+
+// hi keeps the top 10 mantissa bits (truncation: one instruction, where cvt.rna.tf32.f32 is a sequence
+// of about eight on sm_90); lo = x − hi is exact in fp32 and the tensor core reads its top 10 bits, so the
+// split carries about 21 bits of x.
+__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
+  hi = __float_as_uint(x) & 0xffffe000u;
+  lo = __float_as_uint(x - __uint_as_float(hi));
+}
+
+__device__ __forceinline__ Tf32A tf32_a(float a0, float a1, float a2, float a3) {
+  Tf32A f;
+  split_tf32(a0, f.hi[0], f.lo[0]);
+  split_tf32(a1, f.hi[1], f.lo[1]);
+  split_tf32(a2, f.hi[2], f.lo[2]);
+  split_tf32(a3, f.hi[3], f.lo[3]);
+  return f;
+}
+
+__device__ __forceinline__ Tf32B tf32_b(float b0, float b1) {
+  Tf32B f;
+  split_tf32(b0, f.hi[0], f.lo[0]);
+  split_tf32(b1, f.hi[1], f.lo[1]);
+  return f;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d += a·b to about fp32 accuracy; the small terms first.
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Tf32A& a, const Tf32B& b) {
+  mma_tf32(d, a.lo, b.hi);
+  mma_tf32(d, a.hi, b.lo);
+  mma_tf32(d, a.hi, b.hi);
+}
+
+}  // namespace muse::cuda
