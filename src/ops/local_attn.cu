@@ -97,13 +97,14 @@ struct HyperbolicScore {
   using Token = TangentNorm<float>;
   static constexpr bool kNeedsNorm = true;
   float sqrt_c, c, temperature, dtemperature, slope;
+  float inv_sqrt_c, inv_two_c;  // 1/√c, 1/(2c): products instead of divisions in the per-pair code
   const float* log_mu;  // element (b, 0, h), stride H; null: no gate
   int H;
 
   __device__ Token token(float squared_norm) const { return tangent_norm_from_squared(squared_norm, sqrt_c); }
 
   __device__ float score_from_rho(int i, int j, float rho) const {
-    float s = -temperature * rho / sqrt_c - slope * float(i - j);
+    float s = -temperature * rho * inv_sqrt_c - slope * float(i - j);
     if (log_mu) s += log_mu[(long)j * H];
     return s;
   }
@@ -120,12 +121,12 @@ struct HyperbolicScore {
     PairGrad r;
     r.p = PairMath::exp(score_from_rho(i, j, rho) - lse);
     r.dscore = r.p * (dot_gv - go);
-    r.dbeta = r.dscore * dtemperature * rho / sqrt_c;
-    r.dc = r.dscore * temperature * (grad.sqrt_c - rho / sqrt_c) / (2.f * c);
-    const float g = -r.dscore * temperature / sqrt_c;
+    r.dbeta = r.dscore * dtemperature * rho * inv_sqrt_c;
+    r.dc = r.dscore * temperature * (grad.sqrt_c - rho * inv_sqrt_c) * inv_two_c;
+    const float g = -r.dscore * temperature * inv_sqrt_c;
     r.cross = g * grad.dot;
-    r.self_q = g * grad.norm_q / qt.norm;
-    r.self_k = g * grad.norm_k / kt.norm;
+    r.self_q = g * PairMath::div(grad.norm_q, qt.norm);
+    r.self_k = g * PairMath::div(grad.norm_k, kt.norm);
     return r;
   }
 };
@@ -144,6 +145,8 @@ struct HyperbolicParams {
     Score s;
     s.c = c_device ? *c_device : c;
     s.sqrt_c = sqrtf(s.c);
+    s.inv_sqrt_c = 1.f / s.sqrt_c;
+    s.inv_two_c = 0.5f / s.c;
     s.temperature = device_softplus(beta[h]);
     s.dtemperature = device_sigmoid(beta[h]);
     s.slope = alibi ? float(exp2(-8.0 * (h + 1) / H)) : 0.f;

@@ -48,6 +48,7 @@ struct StdMath {
   template <typename T> MUSE_HOST_DEVICE static T log(T x) { return std::log(x); }
   template <typename T> MUSE_HOST_DEVICE static T exp(T x) { return std::exp(x); }
   template <typename T> MUSE_HOST_DEVICE static T log1p(T x) { return std::log1p(x); }
+  template <typename T> MUSE_HOST_DEVICE static T div(T x, T y) { return x / y; }
 };
 
 // ln sinh(y) for y > 0, never overflowing: y − ln2 + ln(1 − e^{−2y}). SPEC writes the last term as
@@ -128,7 +129,8 @@ template <typename T> struct ScaledDistanceGrad {
 template <typename T, class Math = StdMath>
 MUSE_HOST_DEVICE inline T scaled_distance(const TangentNorm<T>& q, const TangentNorm<T>& k, T dot,
                                           ScaledDistanceGrad<T>* grad = nullptr) {
-  const T cos_angle = dot / (q.norm * k.norm);
+  const T inv_norms = Math::div(T(1), q.norm * k.norm);
+  const T cos_angle = dot * inv_norms;
   const T kappa_raw = T(1) - cos_angle;
   const bool kappa_clamped = kappa_raw < T(kPoincareKappaMin) || kappa_raw > T(kPoincareKappaMax);
   const T kappa = std::clamp(kappa_raw, T(kPoincareKappaMin), T(kPoincareKappaMax));
@@ -136,7 +138,9 @@ MUSE_HOST_DEVICE inline T scaled_distance(const TangentNorm<T>& q, const Tangent
   const bool gap_floored = gap_raw < T(kPoincareGapFloor);
   const T gap = gap_floored ? T(kPoincareGapFloor) : gap_raw;
 
-  const T radial = T(M_LN2) + T(2) * log_sinh<T, Math>(gap);      // ln(2 sinh²(a−b)) = ln(cosh(2a−2b) − 1)
+  // ln(2 sinh²(a−b)) = ln(cosh(2a−2b) − 1), with ln sinh as in log_sinh; 1 − e^{−2·gap} also gives coth(gap).
+  const T one_minus_e = -std::expm1(T(-2) * gap);
+  const T radial = T(2) * (gap + Math::log(one_minus_e)) - T(M_LN2);
   const T angular = q.ls2a + k.ls2a + Math::log(kappa);  // ln(sinh 2a · sinh 2b · (1 − cos θ))
   const T hi = std::max(radial, angular);
   const T ell = hi + Math::log1p(Math::exp(std::min(radial, angular) - hi));
@@ -146,26 +150,28 @@ MUSE_HOST_DEVICE inline T scaled_distance(const TangentNorm<T>& q, const Tangent
     const T e = Math::exp(-ell);
     const T root = std::sqrt(T(1) + T(2) * e);
     rho = ell + Math::log(T(1) + e + root);
-    drho_dell = T(1) / root;
+    drho_dell = Math::div(T(1), root);
   } else {
     const T x = Math::exp(ell);
     const T sqrt_x = std::sqrt(x), root = std::sqrt(x + T(2));
     rho = Math::log1p(x + sqrt_x * root);
-    drho_dell = sqrt_x / root;  // = (1 + 2e^{−ℓ})^{−1/2} without overflowing e^{−ℓ}
+    drho_dell = Math::div(sqrt_x, root);  // = (1 + 2e^{−ℓ})^{−1/2} without overflowing e^{−ℓ}
   }
 
   if (grad) {
     const T w_radial = Math::exp(radial - ell), w_angular = Math::exp(angular - ell);  // logaddexp weights
-    const T d_gap = gap_floored ? T(0) : w_radial * T(2) * coth(gap);
+    const T coth_gap = Math::div(T(2) - one_minus_e, one_minus_e);                    // (1 + e)/(1 − e)
+    const T d_gap = gap_floored ? T(0) : w_radial * T(2) * coth_gap;
     const T sign = q.a >= k.a ? T(1) : T(-1);
     const T d_a = drho_dell * (sign * d_gap + w_angular * T(2) * q.coth2a);
     const T d_b = drho_dell * (-sign * d_gap + w_angular * T(2) * k.coth2a);
-    const T d_kappa = kappa_clamped ? T(0) : drho_dell * w_angular / kappa;
-    const T sqrt_c = q.a / q.norm;
+    const T d_kappa = kappa_clamped ? T(0) : Math::div(drho_dell * w_angular, kappa);
+    const T sqrt_c = Math::div(q.a, q.norm);
     // a = √c·‖q‖ and κ = 1 − q·k/(‖q‖‖k‖), so ∂κ/∂‖q‖ = cos θ/‖q‖ and ∂κ/∂(q·k) = −1/(‖q‖‖k‖).
-    grad->norm_q = q.floored ? T(0) : d_a * sqrt_c + d_kappa * cos_angle / q.norm;
-    grad->norm_k = k.floored ? T(0) : d_b * sqrt_c + d_kappa * cos_angle / k.norm;
-    grad->dot = -d_kappa / (q.norm * k.norm);
+    const T d_kappa_cos = d_kappa * cos_angle;
+    grad->norm_q = q.floored ? T(0) : d_a * sqrt_c + Math::div(d_kappa_cos, q.norm);
+    grad->norm_k = k.floored ? T(0) : d_b * sqrt_c + Math::div(d_kappa_cos, k.norm);
+    grad->dot = -d_kappa * inv_norms;
     grad->sqrt_c = d_a * q.norm + d_b * k.norm;
   }
   return rho;
