@@ -339,82 +339,70 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Tiled kernels (window ≤ 65 and d_h ≤ 64: every preset). Register-tiled fp32 products on shared-memory
-// operands: in a product out[r][c] = Σ_x A[x][r]·B[x][c] a thread owns a few rows r and columns c; A is
-// stored with the summed index x outermost, so a step reads the thread's rows as one float4 that the
-// lanes of a warp share (broadcast), and B so that the lanes read consecutive columns (no bank conflict).
+// Tiled kernels (window ≤ 65 and d_h ≤ 64: every preset). 64-token tiles; a query's window lies in its
+// own tile and the one before. Their products are 3xTF32 tensor-core products (common/mma_tf32.cuh) on
+// shared-memory operands: warp w of 8 owns the 8-row blocks w % 4 and 7 − w % 4 of a 64-row product (the
+// windows make a tile's pairs a triangle; a block near each end gives every warp a similar share) and
+// half w / 4 of its columns.
 constexpr int kTiledQueries = 64, kTiledKeys = 128, kTiledMaxHeadDim = 64, kTiledThreads = 256;
 constexpr int kTiledMaxWindow = kTiledKeys - kTiledQueries + 1;
+static_assert(kTiledThreads == kWarps * kWarp);
 
-// Row strides. An A operand (read as float4) needs a multiple of 4. Staged arrays are written by
-// stage_transposed below, whose stores are conflict-free when stride ≡ 32/lanes_along_e (mod 32); the
-// probability and coefficient arrays are written by the owners of the score tile (see each kernel).
-constexpr int kFwdQueryStride = kTiledQueries + 8;  // QT [e][query], ≡ 8: A operand, staged 4 lanes along e
-constexpr int kFwdKeyStride = kTiledKeys + 1;       // KT [e][key], ≡ 1: B operand, staged 32 lanes along e
-constexpr int kFwdProbStride = kTiledQueries + 4;   // PT [key][query], ≡ 4: float4 stores by lanes over keys
-static_assert(kFwdQueryStride % 32 == 8 && kFwdKeyStride % 32 == 1 && kFwdProbStride % 32 == 4);
-// PT overlays QT and KT, which are dead once the scores are in registers.
-constexpr int kFwdStagedFloats = kTiledMaxHeadDim * (kFwdQueryStride + kFwdKeyStride);
-constexpr int kFwdOverlayFloats =
-    kFwdStagedFloats > kTiledKeys * kFwdProbStride ? kFwdStagedFloats : kTiledKeys * kFwdProbStride;
+// The two 8-row blocks of a 64-row operand that warp w's fragment rows g and g + 8 stand for.
+__device__ __forceinline__ int low_row(int warp, int g) { return 8 * (warp % 4) + g; }
+__device__ __forceinline__ int high_row(int warp, int g) { return 8 * (7 - warp % 4) + g; }
 
-__device__ __forceinline__ float half_warp_max(float x) {
-  for (int offset = 8; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
-}
-__device__ __forceinline__ float half_warp_sum(float x) {
-  for (int offset = 8; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
-// For idx < count: dst[place(idx)] = value(idx), kStageBatch indices per thread at a time with every load
-// of a batch issued before its stores. Staging is a stream of independent loads; a plain loop would have
-// each thread wait out one memory latency per element (measured: a quarter of the tiled forward's stalls).
-constexpr int kStageBatch = 8;
-template <class Place, class Value>
-__device__ __forceinline__ void staged_copy(float* dst, int count, Place place, Value value) {
-  for (int base = threadIdx.x; base < count; base += blockDim.x * kStageBatch) {
-    float x[kStageBatch];
+// dst[r·stride + e] = row t0 + r, column e of head h of a [B, N, D] tensor, for r < kRows and e < 64 (zero
+// for r ≥ valid or e ≥ d_h), all of a thread's loads issued before its stores. When rows start on 16 bytes
+// (d_h and D multiples of 4, src aligned) the loads are float4: a quarter of the instructions of a
+// per-float copy, whose index arithmetic was most of its cost. Returns whether every value this thread
+// copied is finite (see all_finite below).
+template <int kRows>
+__device__ __forceinline__ bool stage_tile(float* dst, int stride, const float* src, const Geometry& geo, int b, int h,
+                                           int t0, int valid) {
+  bool finite = true;
+  constexpr int kVectorsPerRow = kTiledMaxHeadDim / 4, kPerThread = kRows * kVectorsPerRow / kTiledThreads;
+  static_assert(kRows * kVectorsPerRow % kTiledThreads == 0, "every thread copies the same number of vectors");
+  if (geo.dh % 4 == 0 && geo.D % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
+    float4 x[kPerThread];
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
-      const int idx = base + u * blockDim.x;
-      x[u] = idx < count ? value(idx) : 0.f;
+    for (int u = 0; u < kPerThread; ++u) {
+      const int slot = threadIdx.x + u * kTiledThreads, r = slot / kVectorsPerRow, e = 4 * (slot % kVectorsPerRow);
+      x[u] = r < valid && e < geo.dh ? *reinterpret_cast<const float4*>(src + geo.row(b, t0 + r, h) + e)
+                                     : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
-    for (int u = 0; u < kStageBatch; ++u) {
-      const int idx = base + u * blockDim.x;
-      if (idx < count) dst[place(idx)] = x[u];
+    for (int u = 0; u < kPerThread; ++u) {
+      const int slot = threadIdx.x + u * kTiledThreads, r = slot / kVectorsPerRow, e = 4 * (slot % kVectorsPerRow);
+      *reinterpret_cast<float4*>(dst + r * stride + e) = x[u];
+      finite = finite && isfinite(x[u].x) && isfinite(x[u].y) && isfinite(x[u].z) && isfinite(x[u].w);
+    }
+    return finite;
+  }
+  for (int part = 0; part < 4; ++part) {  // a quarter of the rows at a time, kPerThread loads in flight
+    float x[kPerThread];
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int idx = threadIdx.x + u * kTiledThreads, r = part * (kRows / 4) + idx / kTiledMaxHeadDim,
+                e = idx % kTiledMaxHeadDim;
+      x[u] = r < valid && e < geo.dh ? src[geo.row(b, t0 + r, h) + e] : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < kPerThread; ++u) {
+      const int idx = threadIdx.x + u * kTiledThreads, r = part * (kRows / 4) + idx / kTiledMaxHeadDim,
+                e = idx % kTiledMaxHeadDim;
+      dst[r * stride + e] = x[u];
+      finite = finite && isfinite(x[u]);
     }
   }
+  return finite;
 }
 
-// dst[e·stride + r] = row t0 + r, column e of head h of a [B, N, D] tensor, for r < rows_pad and
-// e < e_pad (zero for r ≥ valid or e ≥ d_h). kLanesAlongE consecutive lanes read consecutive columns of
-// one row (coalesced) and the warp's other lanes the next rows, so with stride ≡ 32/kLanesAlongE (mod 32)
-// and rows_pad a multiple of that the 32 stores of a warp fall in 32 distinct banks.
-template <int kLanesAlongE>
-__device__ void stage_transposed(float* dst, int stride, const float* src, const Geometry& geo, int b, int h, int t0,
-                                 int valid, int rows_pad, int e_pad) {
-  auto row_of = [&](int idx) { return (idx / kLanesAlongE) % rows_pad; };
-  auto column_of = [&](int idx) { return idx % kLanesAlongE + kLanesAlongE * (idx / kLanesAlongE / rows_pad); };
-  staged_copy(
-      dst, rows_pad * e_pad, [&](int idx) { return column_of(idx) * stride + row_of(idx); },
-      [&](int idx) {
-        const int r = row_of(idx), e = column_of(idx);
-        return r < valid && e < geo.dh ? src[geo.row(b, t0 + r, h) + e] : 0.f;
-      });
-}
-
-// dst[r·stride + e], same rows and zero fill, lanes along e.
-__device__ void stage_rows(float* dst, int stride, const float* src, const Geometry& geo, int b, int h, int t0,
-                           int valid, int rows_pad, int e_pad) {
-  staged_copy(
-      dst, rows_pad * e_pad, [&](int idx) { return idx / e_pad * stride + idx % e_pad; },
-      [&](int idx) {
-        const int r = idx / e_pad, e = idx % e_pad;
-        return r < valid && e < geo.dh ? src[geo.row(b, t0 + r, h) + e] : 0.f;
-      });
-}
+// A product over a tile's pairs on the tensor cores multiplies the masked pairs' operands by 0, which
+// SPEC §2.5 forbids where a value could be non-finite (0·∞ would leak a future value). Kernels check their
+// staged operands with all_finite(the staging's results) — every thread of the block calls it — and take
+// the tensor cores only when it holds, an element-wise loop that skips masked pairs otherwise.
+__device__ __forceinline__ bool all_finite(bool mine) { return __syncthreads_and(mine) != 0; }
 
 // The union of the windows of queries [first, last] is the contiguous key range [window_start(first),
 // last], so a block of pairs (queries [qa, qb], keys [ka, kb]) holds a valid pair iff it meets it.
@@ -422,134 +410,190 @@ __device__ __forceinline__ bool pairs_meet_windows(const Geometry& geo, int qa, 
   return qa <= qb && ka <= kb && ka <= qb && kb >= geo.window_start(qa);
 }
 
-// Forward: block (64-query tile, h, b) of 16 × 16 threads. Every key the tile can see (from its first
-// query's window start to its last query: at most 64 + window − 1 ≤ 128) is staged at once, so the
-// scores need no online rescaling. Thread (tx, ty) owns queries 4ty…4ty+3 and keys tx + 16c (c < 8) of
-// the 64 × 128 score tile (dot products QT·KT), keeps scores and softmax statistics in registers
-// (half-warp reductions), writes the probabilities to PT (over the dead QT and KT) and computes O = P·V
-// with columns tx + 16c (c < NB). Warp w's queries 8w…8w+7 see at most 71 consecutive keys: column
-// blocks of 16 keys outside them are skipped in the score product, and P·V runs over those keys only.
-// Masked pairs get probability 0 and their values are skipped, never multiplied by 0.
+// Forward: block (64-query tile, h, b) of 8 warps. Every key the tile can see (from its first query's window
+// start to its last query: at most 64 + window − 1 ≤ 128) is staged at once, so the softmax needs no online
+// rescaling.
+//   (s)  S = Q·Kᵀ (64 × 128, summed over e) into SS [query][key]; the fragments' summed index k = t, t + 4
+//        is e = 2t, 2t + 1 of each 8-column slice (one 8-byte load per row);
+//   (p)  one warp per query (w, w + 8, …), lanes over the keys of its window: the score, the row's max and
+//        sum (warp reductions), lse; the row of SS is zeroed and p written over its window;
+//   (o)  O = P·V (64 × d_h, summed over the keys): here k = t, t + 4 is key 2t, 2t + 1 (one 8-byte load
+//        of P), divided by the row's sum.
+// Products skip the 8-wide blocks that hold no pair of a window; masked pairs get p = 0.
+constexpr int kFwdRowStride = kTiledMaxHeadDim + 8;  // Qs, Ks [row][e], ≡ 8: 8-byte fragment loads
+constexpr int kFwdScoreStride = kTiledKeys + 8;      // SS [query][key], ≡ 8: 8-byte fragment stores and loads
+constexpr int kFwdValueStride = kTiledMaxHeadDim + 4;  // Vs [key][e], ≡ 4: B fragment rows 2t, 2t + 1
+static_assert(kFwdRowStride % 32 == 8 && kFwdScoreStride % 32 == 8 && kFwdValueStride % 32 == 4);
+// SS overlays Qs and Ks, dead once the scores are in registers.
+constexpr int kFwdStagedFloats = (kTiledQueries + kTiledKeys) * kFwdRowStride;
+static_assert(kTiledQueries * kFwdScoreStride <= kFwdStagedFloats);
+
 template <class Token> size_t tiled_forward_smem_bytes() {
-  const size_t floats = size_t(kFwdOverlayFloats) + size_t(kTiledKeys) * kTiledMaxHeadDim + kTiledQueries + kTiledKeys;
+  const size_t floats = size_t(kFwdStagedFloats) + size_t(kTiledKeys) * kFwdValueStride + kTiledQueries;
   return floats * sizeof(float) + (kTiledQueries + kTiledKeys) * sizeof(Token);
 }
 
-template <class Params, int NB>  // NB = ⌈d_h/16⌉
+template <class Params>
 __global__ void __launch_bounds__(kTiledThreads, 2)
     attn_forward_tiled_kernel(float* o, float* lse, const float* q, const float* k, const float* v, Geometry geo,
                               Params params) {
   using Score = typename Params::Score;
   using Token = typename Score::Token;
-  constexpr int KB = kTiledKeys / 16;  // key columns per thread
+  constexpr int EB = kTiledMaxHeadDim / kWarp;  // columns per lane in the norm loops
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kTiledQueries;
-  const int dh = geo.dh, tx = threadIdx.x % 16, ty = threadIdx.x / 16, warp = threadIdx.x / kWarp;
-  const int i_last = min(i0 + kTiledQueries, geo.N) - 1;
+  const int dh = geo.dh, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int g = lane / 4, t = lane % 4;
+  const int row_lo = low_row(warp, g), row_hi = high_row(warp, g), half = warp / 4;
+  const int i_last = min(i0 + kTiledQueries, geo.N) - 1, rows = i_last - i0 + 1;
   const int key_lo = geo.window_start(i0), keys = i_last - key_lo + 1;
   const Score pol = params.at(b, h);
 
   extern __shared__ float smem[];
   SmemCursor cur{smem};
-  float* QT = cur.take(kFwdOverlayFloats);                 // [e][query]
-  float* KT = QT + kTiledMaxHeadDim * kFwdQueryStride;     // [e][key]
-  float* PT = QT;                                          // [key][query], once QT and KT are dead
-  float* V = cur.take(kTiledKeys * kTiledMaxHeadDim);      // [key][e]
-  float* sq = cur.take(kTiledQueries + kTiledKeys);        // squared norms: queries, then keys
+  float* Qs = cur.take(kFwdStagedFloats);                 // [query][e]
+  float* Ks = Qs + kTiledQueries * kFwdRowStride;         // [key][e]
+  float* SS = Qs;                                         // [query][key], once Qs and Ks are dead
+  float* Vs = cur.take(kTiledKeys * kFwdValueStride);     // [key][e]
+  float* RowSum = cur.take(kTiledQueries);
   Token* Qt = reinterpret_cast<Token*>(cur.at);
   Token* Kt = Qt + kTiledQueries;
 
-  const int e_pad = (dh + 31) / 32 * 32;
-  stage_transposed<4>(QT, kFwdQueryStride, q, geo, b, h, i0, i_last - i0 + 1, kTiledQueries, e_pad);
-  stage_transposed<32>(KT, kFwdKeyStride, k, geo, b, h, key_lo, keys, kTiledKeys, e_pad);
-  stage_rows(V, kTiledMaxHeadDim, v, geo, b, h, key_lo, keys, kTiledKeys, 16 * NB);
-  __syncthreads();
-  if (Score::kNeedsNorm) {
-    for (int t = threadIdx.x; t < kTiledQueries + kTiledKeys; t += kTiledThreads) {
-      const bool query = t < kTiledQueries;
-      const float* col = query ? QT + t : KT + (t - kTiledQueries);
-      const int stride = query ? kFwdQueryStride : kFwdKeyStride;
-      float s = 0.f;
-      for (int e = 0; e < dh; ++e) s += col[e * stride] * col[e * stride];
-      sq[t] = s;
+  stage_tile<kTiledQueries>(Qs, kFwdRowStride, q, geo, b, h, i0, rows);
+  stage_tile<kTiledKeys>(Ks, kFwdRowStride, k, geo, b, h, key_lo, keys);
+  const bool values_finite = all_finite(stage_tile<kTiledKeys>(Vs, kFwdValueStride, v, geo, b, h, key_lo, keys));
+  for (int r = warp; r < kTiledQueries + kTiledKeys; r += kWarps) {
+    float sq = 0.f;
+    if (Score::kNeedsNorm) {
+      const float* row = r < kTiledQueries ? Qs + r * kFwdRowStride : Ks + (r - kTiledQueries) * kFwdRowStride;
+#pragma unroll
+      for (int c = 0; c < EB; ++c) sq += row[lane + 32 * c] * row[lane + 32 * c];
+      sq = warp_sum(sq);
     }
-    __syncthreads();
+    if (lane == 0) (r < kTiledQueries ? Qt[r] : Kt[r - kTiledQueries]) = pol.token(sq);
   }
-  for (int t = threadIdx.x; t < kTiledQueries + kTiledKeys; t += kTiledThreads)
-    (t < kTiledQueries ? Qt[t] : Kt[t - kTiledQueries]) = pol.token(Score::kNeedsNorm ? sq[t] : 0.f);
 
-  // This warp's queries and the column blocks that meet their windows (warp-uniform).
-  const int row_first = i0 + 8 * warp, row_last = min(row_first + 7, i_last);
+  // (s): query rows row_lo, row_hi against the 8-key blocks 2n + half that meet their windows.
+  const int q_lo0 = i0 + low_row(warp, 0), q_hi0 = i0 + high_row(warp, 0);
+  auto blocks_meet = [&](int qa, int ka) {
+    return pairs_meet_windows(geo, qa, min(qa + 7, i_last), ka, min(ka + 7, i_last));
+  };
   unsigned live = 0;
 #pragma unroll
-  for (int c = 0; c < KB; ++c)
-    if (pairs_meet_windows(geo, row_first, row_last, key_lo + 16 * c, key_lo + 16 * c + 15)) live |= 1u << c;
-
-  float s[4][KB] = {};
-#pragma unroll 4
-  for (int e = 0; e < dh; ++e) {
-    const float4 l = *reinterpret_cast<const float4*>(QT + e * kFwdQueryStride + 4 * ty);
+  for (int n = 0; n < 8; ++n) {
+    const int ja = key_lo + 8 * (2 * n + half);
+    if (blocks_meet(q_lo0, ja) || blocks_meet(q_hi0, ja)) live |= 1u << n;
+  }
+  float s_acc[8][4] = {};
+  if (live) {
+#pragma unroll 1
+    for (int kk = 0; kk < kTiledMaxHeadDim / 8; ++kk) {
+      if (8 * kk >= dh) break;
+      const int e = 8 * kk + 2 * t;
+      const float2 q_top = *reinterpret_cast<const float2*>(Qs + row_lo * kFwdRowStride + e);
+      const float2 q_bottom = *reinterpret_cast<const float2*>(Qs + row_hi * kFwdRowStride + e);
+      const Tf32A qa = tf32_a(q_top.x, q_bottom.x, q_top.y, q_bottom.y);
 #pragma unroll
-    for (int c = 0; c < KB; ++c) {
-      if (!(live & (1u << c))) continue;
-      const float r = KT[e * kFwdKeyStride + tx + 16 * c];
-      s[0][c] += l.x * r;
-      s[1][c] += l.y * r;
-      s[2][c] += l.z * r;
-      s[3][c] += l.w * r;
+      for (int n = 0; n < 8; ++n) {
+        if (!(live & (1u << n))) continue;
+        const float2 kr = *reinterpret_cast<const float2*>(Ks + (8 * (2 * n + half) + g) * kFwdRowStride + e);
+        mma_3xtf32(s_acc[n], qa, tf32_b(kr.x, kr.y));
+      }
     }
   }
-  __syncthreads();  // the tokens are written; QT and KT are read by everyone before PT overwrites them
-  float row_max[4], row_sum[4];
+  __syncthreads();  // Qs and Ks are read by everyone (and the tokens written) before SS overwrites them
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int t = 4 * ty + a, i = i0 + t;
-    const int lo = geo.window_start(i);
-    float m = -INFINITY;
+  for (int n = 0; n < 8; ++n) {
+    if (!(live & (1u << n))) continue;
+    const int key = 8 * (2 * n + half) + 2 * t;
+    *reinterpret_cast<float2*>(SS + row_lo * kFwdScoreStride + key) = make_float2(s_acc[n][0], s_acc[n][1]);
+    *reinterpret_cast<float2*>(SS + row_hi * kFwdScoreStride + key) = make_float2(s_acc[n][2], s_acc[n][3]);
+  }
+  __syncthreads();
+
+  // (p): query r of this warp, keys window_start(i) + lane + 32c; the row is zeroed for (o) first.
+  constexpr int kWindowSlots = (kTiledMaxWindow + kWarp - 1) / kWarp;
+  for (int r = warp; r < kTiledQueries; r += kWarps) {
+    const int i = i0 + r;
+    float* srow = SS + r * kFwdScoreStride;
+    if (i > i_last) {
 #pragma unroll
-    for (int c = 0; c < KB; ++c) {
-      const int j = key_lo + tx + 16 * c;
-      const bool valid = (live & (1u << c)) && i <= i_last && j >= lo && j <= i;
-      s[a][c] = valid ? pol.score(i, j, Qt[t], Kt[tx + 16 * c], s[a][c]) : -INFINITY;
-      m = fmaxf(m, s[a][c]);
+      for (int c = 0; c < kTiledKeys / kWarp; ++c) srow[lane + 32 * c] = 0.f;
+      continue;
     }
-    m = half_warp_max(m);
+    const int first = geo.window_start(i) - key_lo;
+    float s[kWindowSlots], m = -INFINITY;
+#pragma unroll
+    for (int c = 0; c < kWindowSlots; ++c) {
+      const int tk = first + lane + 32 * c;
+      s[c] = key_lo + tk <= i ? pol.score(i, key_lo + tk, Qt[r], Kt[tk], srow[tk]) : -INFINITY;
+      m = fmaxf(m, s[c]);
+    }
+    m = warp_max(m);
     float sum = 0.f;
 #pragma unroll
-    for (int c = 0; c < KB; ++c) {
-      s[a][c] = s[a][c] == -INFINITY ? 0.f : PairMath::exp(s[a][c] - m);  // the probability from here on
-      sum += s[a][c];
+    for (int c = 0; c < kWindowSlots; ++c) {
+      s[c] = s[c] == -INFINITY ? 0.f : PairMath::exp(s[c] - m);
+      sum += s[c];
     }
-    row_max[a] = m;
-    row_sum[a] = half_warp_sum(sum);
+    sum = warp_sum(sum);
+    __syncwarp();  // every lane has read its scores before the row is zeroed
+#pragma unroll
+    for (int c = 0; c < kTiledKeys / kWarp; ++c) srow[lane + 32 * c] = 0.f;
+    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < kWindowSlots; ++c) {
+      const int tk = first + lane + 32 * c;
+      if (key_lo + tk <= i) srow[tk] = s[c];
+    }
+    if (lane == 0) {
+      RowSum[r] = sum;
+      lse[geo.lse_index(b, i, h)] = m + logf(sum);
+    }
   }
-#pragma unroll
-  for (int c = 0; c < KB; ++c)  // one float4 per key; lanes tx of a quarter warp hit 32 distinct banks
-    *reinterpret_cast<float4*>(PT + (tx + 16 * c) * kFwdProbStride + 4 * ty) =
-        make_float4(s[0][c], s[1][c], s[2][c], s[3][c]);
   __syncthreads();
-  float out[4][NB] = {};
-  if (row_first <= i_last) {
-    for (int j = geo.window_start(row_first) - key_lo; j <= row_last - key_lo; ++j) {
-      const float4 l = *reinterpret_cast<const float4*>(PT + j * kFwdProbStride + 4 * ty);
-      const float p[4] = {l.x, l.y, l.z, l.w};
+
+  // (o): rows row_lo, row_hi, columns 32·half + 8n + 2t (+1), over the 8-key blocks in their windows.
+  float acc[4][4] = {};
+  if (q_lo0 <= i_last && values_finite) {
+    for (int kk = 0; kk < kTiledKeys / 8; ++kk) {
+      const int ja = key_lo + 8 * kk;
+      if (ja > i_last) break;
+      if (!blocks_meet(q_lo0, ja) && !blocks_meet(q_hi0, ja)) continue;
+      const float2 p_top = *reinterpret_cast<const float2*>(SS + row_lo * kFwdScoreStride + 8 * kk + 2 * t);
+      const float2 p_bottom = *reinterpret_cast<const float2*>(SS + row_hi * kFwdScoreStride + 8 * kk + 2 * t);
+      const Tf32A pa = tf32_a(p_top.x, p_bottom.x, p_top.y, p_bottom.y);
 #pragma unroll
-      for (int c = 0; c < NB; ++c) {
-        const float r = V[j * kTiledMaxHeadDim + tx + 16 * c];
+      for (int n = 0; n < 4; ++n) {
+        const int col = 32 * half + 8 * n;
+        if (col >= dh) break;
+        const int at = (8 * kk + 2 * t) * kFwdValueStride + col + g;
+        mma_3xtf32(acc[n], pa, tf32_b(Vs[at], Vs[at + kFwdValueStride]));
+      }
+    }
+  } else if (q_lo0 <= i_last) {  // a non-finite value: element-wise over each row's window
 #pragma unroll
-        for (int a = 0; a < 4; ++a)
-          if (p[a] != 0.f) out[a][c] += p[a] * r;
+    for (int c = 0; c < 4; ++c) {
+      const int r = c < 2 ? row_lo : row_hi, i = i0 + r;
+      if (i > i_last) continue;
+      for (int j = geo.window_start(i) - key_lo; j <= i - key_lo; ++j) {
+        const float p = SS[r * kFwdScoreStride + j];
+        if (p == 0.f) continue;
+#pragma unroll
+        for (int n = 0; n < 4; ++n) acc[n][c] += p * Vs[j * kFwdValueStride + 32 * half + 8 * n + 2 * t + c % 2];
       }
     }
   }
 #pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int i = i0 + 4 * ty + a;
+  for (int c = 0; c < 4; ++c) {
+    const int r = c < 2 ? row_lo : row_hi, i = i0 + r;
     if (i > i_last) continue;
+    const float inv_sum = 1.f / RowSum[r];
     float* oi = o + geo.row(b, i, h);
 #pragma unroll
-    for (int c = 0; c < NB; ++c)
-      if (tx + 16 * c < dh) oi[tx + 16 * c] = out[a][c] / row_sum[a];
-    if (tx == 0) lse[geo.lse_index(b, i, h)] = row_max[a] + logf(row_sum[a]);
+    for (int n = 0; n < 4; ++n) {
+      const int e = 32 * half + 8 * n + 2 * t + c % 2;
+      if (e < dh) oi[e] = acc[n][c] * inv_sum;
+    }
   }
 }
 
@@ -872,47 +916,6 @@ static_assert(kBwdTiledKeys + kTiledMaxWindow - 1 <= 2 * kBwdTiledStep, "two ste
 static_assert(kTiledMaxHeadDim == 64 && kBwdTiledKeys == 64 && kBwdTiledStep == 64 && kWarps == 8,
               "warp w owns the row blocks w % 4, 7 − w % 4 and the column half w / 4 of each 64 × 64 product");
 
-// dst[r·stride + e] = row t0 + r, column e of head h of a [B, N, D] tensor, for r < kRows and e < 64 (zero
-// for r ≥ valid or e ≥ d_h), all of a thread's loads issued before its stores. When rows start on 16 bytes
-// (d_h and D multiples of 4, src aligned) the loads are float4: a quarter of the instructions of a
-// per-float copy, whose index arithmetic was most of its cost.
-template <int kRows>
-__device__ __forceinline__ void stage_tile(float* dst, int stride, const float* src, const Geometry& geo, int b, int h,
-                                           int t0, int valid) {
-  constexpr int kVectorsPerRow = kTiledMaxHeadDim / 4, kPerThread = kRows * kVectorsPerRow / kTiledThreads;
-  static_assert(kRows * kVectorsPerRow % kTiledThreads == 0, "every thread copies the same number of vectors");
-  if (geo.dh % 4 == 0 && geo.D % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0) {
-    float4 x[kPerThread];
-#pragma unroll
-    for (int u = 0; u < kPerThread; ++u) {
-      const int slot = threadIdx.x + u * kTiledThreads, r = slot / kVectorsPerRow, e = 4 * (slot % kVectorsPerRow);
-      x[u] = r < valid && e < geo.dh ? *reinterpret_cast<const float4*>(src + geo.row(b, t0 + r, h) + e)
-                                     : make_float4(0.f, 0.f, 0.f, 0.f);
-    }
-#pragma unroll
-    for (int u = 0; u < kPerThread; ++u) {
-      const int slot = threadIdx.x + u * kTiledThreads, r = slot / kVectorsPerRow, e = 4 * (slot % kVectorsPerRow);
-      *reinterpret_cast<float4*>(dst + r * stride + e) = x[u];
-    }
-    return;
-  }
-  for (int part = 0; part < 4; ++part) {  // a quarter of the rows at a time, kPerThread loads in flight
-    float x[kPerThread];
-#pragma unroll
-    for (int u = 0; u < kPerThread; ++u) {
-      const int idx = threadIdx.x + u * kTiledThreads, r = part * (kRows / 4) + idx / kTiledMaxHeadDim,
-                e = idx % kTiledMaxHeadDim;
-      x[u] = r < valid && e < geo.dh ? src[geo.row(b, t0 + r, h) + e] : 0.f;
-    }
-#pragma unroll
-    for (int u = 0; u < kPerThread; ++u) {
-      const int idx = threadIdx.x + u * kTiledThreads, r = part * (kRows / 4) + idx / kTiledMaxHeadDim,
-                e = idx % kTiledMaxHeadDim;
-      dst[r * stride + e] = x[u];
-    }
-  }
-}
-
 template <class Token> size_t tiled_backward_smem_bytes() {
   const size_t floats = size_t(2) * (kBwdTiledKeys + kBwdTiledStep) * kBwdRowStride  // Ks, Vs, Qs, Gs
                         + size_t(2) * kBwdTiledKeys * kBwdCoefStride                  // PT, XT
@@ -921,10 +924,6 @@ template <class Token> size_t tiled_backward_smem_bytes() {
                         + 2 * kWarps;                                                 // Red
   return floats * sizeof(float) + (kBwdTiledKeys + kBwdTiledStep) * sizeof(Token);
 }
-
-// The two 8-row blocks of a 64-row operand that warp w's fragment rows g and g + 8 stand for.
-__device__ __forceinline__ int low_row(int warp, int g) { return 8 * (warp % 4) + g; }
-__device__ __forceinline__ int high_row(int warp, int g) { return 8 * (7 - warp % 4) + g; }
 
 template <class Params>
 __global__ void __launch_bounds__(kTiledThreads, 2)
@@ -956,7 +955,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   Token* Kt = reinterpret_cast<Token*>(cur.at);
   Token* Qt = Kt + kBwdTiledKeys;
 
-  stage_tile<kBwdTiledKeys>(Ks, kBwdRowStride, k, geo, b, h, j0, j_last - j0 + 1);
+  const bool keys_finite = all_finite(stage_tile<kBwdTiledKeys>(Ks, kBwdRowStride, k, geo, b, h, j0, j_last - j0 + 1));
   stage_tile<kBwdTiledKeys>(Vs, kBwdRowStride, v, geo, b, h, j0, j_last - j0 + 1);
   __syncthreads();
   for (int r = warp; r < kBwdTiledKeys; r += kWarps) {
@@ -982,9 +981,8 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   for (int step0 = j0; step0 <= query_hi; step0 += kBwdTiledStep) {
     const int rows = min(kBwdTiledStep, query_hi - step0 + 1), step_end = step0 + rows - 1;
     __syncthreads();  // the previous step's operands and coefficients are no longer read (and Kt is written)
-    stage_tile<kBwdTiledStep>(Qs, kBwdRowStride, q, geo, b, h, step0, rows);
-    stage_tile<kBwdTiledStep>(Gs, kBwdRowStride, d_o, geo, b, h, step0, rows);
-    __syncthreads();
+    const bool q_finite = stage_tile<kBwdTiledStep>(Qs, kBwdRowStride, q, geo, b, h, step0, rows);
+    const bool rows_finite = all_finite(stage_tile<kBwdTiledStep>(Gs, kBwdRowStride, d_o, geo, b, h, step0, rows) && q_finite);
     // Per query: its norm token, lse and dO·o. The o and lse loads of all of a warp's queries are issued
     // before the first is used (a loop over queries would wait out one memory latency per query).
     constexpr int kStepRowsPerWarp = kBwdTiledStep / kWarps;
@@ -1104,7 +1102,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     // (d, e): dV and dK of key rows row_lo, row_hi, columns col0… , over the step's queries in 8-query
     // blocks that see them. A = Pᵀ or Xᵀ from PT, XT; B = dO or Q (rows t, t + 4 of the block).
     const int k_lo0 = j0 + low_row(warp, 0), k_hi0 = j0 + high_row(warp, 0);
-    if ((want_dv || want_dk) && k_lo0 <= j_last) {
+    if ((want_dv || want_dk) && k_lo0 <= j_last && rows_finite) {
       for (int qq = 0; qq < kBwdTiledStep / 8; ++qq) {
         const int ia = step0 + 8 * qq;
         if (ia > step_end) break;
@@ -1123,13 +1121,27 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
           mma_3xtf32(dk_acc[n], xa, tf32_b(Qs[at], Qs[at + 4 * kBwdRowStride]));
         }
       }
+    } else if ((want_dv || want_dk) && k_lo0 <= j_last) {  // a non-finite q or dO: element-wise, masked skipped
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int tk = c < 2 ? row_lo : row_hi;
+        for (int tq = 0; tq < rows; ++tq) {
+          const float p = PT[tk * kBwdCoefStride + tq], x = XT[tk * kBwdCoefStride + tq];
+#pragma unroll
+          for (int n = 0; n < 4; ++n) {
+            const int at = tq * kBwdRowStride + col0 + 8 * n + 2 * t + c % 2;
+            if (p != 0.f) dv_acc[n][c] += p * Gs[at];
+            if (x != 0.f) dk_acc[n][c] += x * Qs[at];
+          }
+        }
+      }
     }
 
     // (f): dq of query rows row_lo, row_hi, columns col0… , over the tile's keys in 8-key blocks in their
     // windows. A = X from XT (rows t, t + 4 of key block kk: a two-way bank conflict), B = K.
     if (want_dq && q_lo0 <= step_end) {
       float dq_acc[4][4] = {};
-      for (int kk = 0; kk < kBwdTiledKeys / 8; ++kk) {
+      for (int kk = 0; kk < (keys_finite ? kBwdTiledKeys / 8 : 0); ++kk) {
         const int ja = j0 + 8 * kk;
         if (ja > j_last) break;
         if (!blocks_meet(q_lo0, step_end, ja) && !blocks_meet(q_hi0, step_end, ja)) continue;
@@ -1141,6 +1153,18 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
           if (col0 + 8 * n >= dh) break;
           const int at = (8 * kk + t) * kBwdRowStride + col0 + 8 * n + g;
           mma_3xtf32(dq_acc[n], xa, tf32_b(Ks[at], Ks[at + 4 * kBwdRowStride]));
+        }
+      }
+      if (!keys_finite) {  // a non-finite k: element-wise, masked pairs skipped
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int tq = c < 2 ? row_lo : row_hi;
+          for (int tk = 0; tk <= j_last - j0; ++tk) {
+            const float x = XT[tk * kBwdCoefStride + tq];
+            if (x == 0.f) continue;
+#pragma unroll
+            for (int n = 0; n < 4; ++n) dq_acc[n][c] += x * Ks[tk * kBwdRowStride + col0 + 8 * n + 2 * t + c % 2];
+          }
         }
       }
       float self[2] = {};
@@ -1281,26 +1305,25 @@ DotParams dot_params(const WindowedAttnArgs& a) {
 
 int tiles(int N, int tile) { return (N + tile - 1) / tile; }
 
-template <class Params, int NB>
+// The tiled kernels serve every preset; wider windows and heads (and causal_attn beyond N = 65) stream.
+bool tiled_kernels_apply(const Geometry& geo) { return geo.window <= kTiledMaxWindow && geo.dh <= kTiledMaxHeadDim; }
+
+template <class Params>
 void launch_tiled_forward(float* o, float* lse, const float* q, const float* k, const float* v, const Geometry& geo,
                           const Params& params, int B, cudaStream_t stream) {
   const size_t smem = tiled_forward_smem_bytes<typename Params::Score::Token>();
-  prepare_smem(attn_forward_tiled_kernel<Params, NB>, smem);
+  prepare_smem(attn_forward_tiled_kernel<Params>, smem);
   const dim3 grid(tiles(geo.N, kTiledQueries), geo.H, B);
-  attn_forward_tiled_kernel<Params, NB><<<grid, kTiledThreads, smem, stream>>>(o, lse, q, k, v, geo, params);
+  attn_forward_tiled_kernel<Params><<<grid, kTiledThreads, smem, stream>>>(o, lse, q, k, v, geo, params);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
 template <class Params>
 void launch_forward(float* o, float* lse, const float* q, const float* k, const float* v, const Geometry& geo,
                     const Params& params, int B, cudaStream_t stream) {
-  if (geo.window <= kTiledMaxWindow && geo.dh <= kTiledMaxHeadDim) {
-    switch ((geo.dh + 15) / 16) {
-      case 1: launch_tiled_forward<Params, 1>(o, lse, q, k, v, geo, params, B, stream); return;
-      case 2: launch_tiled_forward<Params, 2>(o, lse, q, k, v, geo, params, B, stream); return;
-      case 3: launch_tiled_forward<Params, 3>(o, lse, q, k, v, geo, params, B, stream); return;
-      default: launch_tiled_forward<Params, 4>(o, lse, q, k, v, geo, params, B, stream); return;
-    }
+  if (tiled_kernels_apply(geo)) {
+    launch_tiled_forward(o, lse, q, k, v, geo, params, B, stream);
+    return;
   }
   using Token = typename Params::Score::Token;
   const size_t smem = forward_smem_bytes<Token>(geo.dh);
@@ -1309,9 +1332,6 @@ void launch_forward(float* o, float* lse, const float* q, const float* k, const 
   attn_forward_kernel<Params><<<grid, kThreads, smem, stream>>>(o, lse, q, k, v, geo, params);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
-
-// The tiled kernels serve every preset; wider windows and heads (and causal_attn beyond N = 65) stream.
-bool tiled_kernels_apply(const Geometry& geo) { return geo.window <= kTiledMaxWindow && geo.dh <= kTiledMaxHeadDim; }
 
 // Workspace layout: dc and dβ partials (2 per block of whichever backward runs), then, for the tiled
 // backward, dq's carry [B, N, D].

@@ -211,7 +211,7 @@ TEST(local_attn_cuda, edge_shapes_match_cpu) {
 }
 
 // The tiled kernels (window ≤ 65, d_h ≤ 64) work on 64-token tiles: a query's window reaches into the
-// previous tile (dq's carry), the tiled backward takes a key tile's queries 32 at a time (up to 128), and
+// previous tile (dq's carry), the tiled backward takes a key tile's queries 64 at a time (up to 128), and
 // each warp skips pair blocks outside its windows. Shapes around those boundaries, in both modes.
 TEST(local_attn_cuda, tile_boundaries_match_cpu) {
   MUSE_REQUIRE_GPU();
@@ -251,6 +251,59 @@ TEST(local_attn_cuda, large_norms_and_partial_gradients_match_cpu) {
   Wanted keys_only;
   keys_only.dq = keys_only.dc = keys_only.dbeta = false;
   check_case({config(2, 45, 64, 4, 16, true, false), true}, keys_only);
+}
+
+// SPEC §2.5: masked pairs are skipped, never multiplied by 0, so an infinite q, k, v or dO at position p
+// reaches no result that does not depend on p: o, lse and dq of the queries before p, dk, dv and dlog μ of
+// the keys whose windows end before p. p = 130 lies in the third 64-token tile: the tile's first queries
+// see it as a future key, and its key tile's queries (which the tiled backward stages with it) include
+// p − 63 … p − 1's. The tensor-core products multiply whole blocks and must take their element-wise path.
+TEST(local_attn_cuda, an_infinite_value_reaches_only_what_depends_on_it) {
+  MUSE_REQUIRE_GPU();
+  const LocalAttnConfig cfg = config(1, 150, 512, 8, 64, true, false);
+  const int p = 130, D = cfg.D, H = cfg.H;
+  const size_t n = size_t(cfg.N) * D, nh = size_t(cfg.N) * H;
+  Rng rng(2026);
+  auto q = to_float(random_normal(n, rng, 0.5)), k = to_float(random_normal(n, rng, 0.5));
+  auto v = to_float(random_normal(n, rng)), d_o = to_float(random_normal(n, rng));
+  const auto beta = to_float(random_normal(H, rng, 0.5));
+  for (int e = 0; e < D; ++e) {
+    const float inf = std::numeric_limits<float>::infinity();
+    q[size_t(p) * D + e] = k[size_t(p) * D + e] = v[size_t(p) * D + e] = d_o[size_t(p) * D + e] = inf;
+  }
+  const float c = 0.7031f;
+  std::vector<float> o(n), lse(nh), dq(n), dk(n), dv(n), dlog_mu(nh);
+  local_attn_forward<float>(o.data(), lse.data(), q.data(), k.data(), v.data(), c, beta.data(), nullptr, cfg);
+  local_attn_backward<float>(dq.data(), dk.data(), dv.data(), nullptr, nullptr, dlog_mu.data(), d_o.data(), o.data(),
+                             lse.data(), q.data(), k.data(), v.data(), c, beta.data(), nullptr, cfg);
+
+  DeviceBuffer<float> gq(q), gk(k), gv(v), gbeta(beta), gdo(d_o), go(nan_filled(n)), glse(nan_filled(nh));
+  cuda::local_attn_forward(go.get(), glse.get(), gq.get(), gk.get(), gv.get(), c, gbeta.get(), nullptr, cfg);
+  const std::vector<float> zeros(n), zeros_per_head(nh);
+  DeviceBuffer<float> gocpu(o), glsecpu(lse), gdq(zeros), gdk(zeros), gdv(zeros), gdlog_mu(zeros_per_head);
+  DeviceBuffer<float> workspace(cuda::local_attn_backward_workspace_floats(cfg));
+  cuda::local_attn_backward(gdq.get(), gdk.get(), gdv.get(), nullptr, nullptr, gdlog_mu.get(), gdo.get(), gocpu.get(),
+                            glsecpu.get(), gq.get(), gk.get(), gv.get(), c, gbeta.get(), nullptr, cfg, workspace.get());
+
+  // The first `rows` rows of a [N, width] result, against the CPU's (finite there) at the gradients' tolerance.
+  auto expect_rows = [&](const std::vector<float>& gpu, const std::vector<float>& cpu, int rows, int width,
+                         double rel, const std::string& what) {
+    const std::vector<float> g(gpu.begin(), gpu.begin() + size_t(rows) * width),
+        r(cpu.begin(), cpu.begin() + size_t(rows) * width);
+    double scale = 0;
+    for (float x : r) {
+      ASSERT_TRUE(std::isfinite(x)) << what << ": the CPU reference is not finite where it should be";
+      scale = std::max(scale, double(std::abs(x)));
+    }
+    expect_close_to_reference(g, r, rel * scale, rel, what);
+  };
+  const int window_end_before_p = p - cfg.window + 1;  // keys j < p − W + 1 have no query ≥ p in their window
+  expect_rows(go.download(), o, p, D, kForwardRel, "o");
+  expect_rows(glse.download(), lse, p, H, kForwardRel, "lse");
+  expect_rows(gdq.download(), dq, p, D, kGradRel, "dq");
+  expect_rows(gdk.download(), dk, window_end_before_p, D, kGradRel, "dk");
+  expect_rows(gdv.download(), dv, window_end_before_p, D, kGradRel, "dv");
+  expect_rows(gdlog_mu.download(), dlog_mu, window_end_before_p, H, kGradRel, "dlog_mu");
 }
 
 TEST(local_attn_cuda, empty_batch_is_a_no_op) {
