@@ -3,10 +3,10 @@
 //
 // Two families of kernels:
 // * Tiled (window ≤ 65 and d_h ≤ 64: every preset). 64-token tiles; a query's window lies in its own tile
-//   and the one before. The forward's products (q·k, P·V) are register-tiled fp32 micro-kernels on
-//   shared-memory operands; the backward's (q·k, dO·v, Pᵀ·dO, Xᵀ·Q, X·K) are 3xTF32 tensor-core products
-//   (fp32-accurate). Scores, distances and softmax statistics stay in fp32 registers. The forward is one block per query tile, the backward one block per key tile that scores
-//   each pair once (dq's part from the previous key tile goes through a workspace "carry").
+//   and the one before. The products (forward q·k, P·V; backward q·k, dO·v, Pᵀ·dO, Xᵀ·Q, X·K) are 3xTF32
+//   tensor-core products on shared-memory operands (fp32-accurate); scores, distances and softmax
+//   statistics are fp32. The forward is one block per query tile, the backward one block per key tile
+//   that scores each pair once (dq's part from the previous key tile goes through a workspace "carry").
 // * Streaming (wider windows or heads, causal_attn beyond N = 65, a backward without workspace): 256
 //   threads = 8 warps per block own one (b, h) and a tile of queries (forward, backward dq pass) or keys
 //   (backward dk/dv pass); the other side is streamed through shared memory in chunks of 32 tokens, lane l
