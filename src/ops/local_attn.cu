@@ -429,7 +429,8 @@ constexpr int kFwdStagedFloats = (kTiledQueries + kTiledKeys) * kFwdRowStride;
 static_assert(kTiledQueries * kFwdScoreStride <= kFwdStagedFloats);
 
 template <class Token> size_t tiled_forward_smem_bytes() {
-  const size_t floats = size_t(kFwdStagedFloats) + size_t(kTiledKeys) * kFwdValueStride + kTiledQueries;
+  const size_t floats =
+      size_t(kFwdStagedFloats) + size_t(kTiledKeys) * kFwdValueStride + kTiledQueries + kTiledQueries + kTiledKeys;
   return floats * sizeof(float) + (kTiledQueries + kTiledKeys) * sizeof(Token);
 }
 
@@ -455,6 +456,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   float* SS = Qs;                                         // [query][key], once Qs and Ks are dead
   float* Vs = cur.take(kTiledKeys * kFwdValueStride);     // [key][e]
   float* RowSum = cur.take(kTiledQueries);
+  float* Sq = cur.take(kTiledQueries + kTiledKeys);      // squared norms: queries, then keys
   Token* Qt = reinterpret_cast<Token*>(cur.at);
   Token* Kt = Qt + kTiledQueries;
 
@@ -469,7 +471,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       for (int c = 0; c < EB; ++c) sq += row[lane + 32 * c] * row[lane + 32 * c];
       sq = warp_sum(sq);
     }
-    if (lane == 0) (r < kTiledQueries ? Qt[r] : Kt[r - kTiledQueries]) = pol.token(sq);
+    if (lane == 0) Sq[r] = sq;
   }
 
   // (s): query rows row_lo, row_hi against the 8-key blocks 2n + half that meet their windows.
@@ -500,7 +502,11 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       }
     }
   }
-  __syncthreads();  // Qs and Ks are read by everyone (and the tokens written) before SS overwrites them
+  __syncthreads();  // Qs and Ks are read by everyone (and Sq written) before SS overwrites them
+  // The tokens, one per thread (a token is ~60 instructions of special functions: one lane of a warp per
+  // row would leave the other 31 idle).
+  for (int r = threadIdx.x; r < kTiledQueries + kTiledKeys; r += kTiledThreads)
+    (r < kTiledQueries ? Qt[r] : Kt[r - kTiledQueries]) = pol.token(Sq[r]);
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
     if (!(live & (1u << n))) continue;
@@ -921,6 +927,7 @@ template <class Token> size_t tiled_backward_smem_bytes() {
                         + size_t(2) * kBwdTiledKeys * kBwdCoefStride                  // PT, XT
                         + 2 * kBwdTiledStep                                           // lse, dO·o of the step
                         + size_t(kWarps) * kBwdTiledStep                              // RowSelf
+                        + kBwdTiledStep + kBwdTiledKeys                               // Sq
                         + 2 * kWarps;                                                 // Red
   return floats * sizeof(float) + (kBwdTiledKeys + kBwdTiledStep) * sizeof(Token);
 }
@@ -951,6 +958,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   float* LSEs = cur.take(kBwdTiledStep);
   float* GOs = cur.take(kBwdTiledStep);                  // dO_i·o_i
   float* RowSelf = cur.take(kWarps * kBwdTiledStep);     // [warp][query]: Σ self_q over the warp's keys
+  float* Sq = cur.take(kBwdTiledStep + kBwdTiledKeys);   // squared norms: the step's queries, then the keys
   float* Red = cur.take(2 * kWarps);
   Token* Kt = reinterpret_cast<Token*>(cur.at);
   Token* Qt = Kt + kBwdTiledKeys;
@@ -965,7 +973,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       for (int c = 0; c < EB; ++c) sq += Ks[r * kBwdRowStride + lane + 32 * c] * Ks[r * kBwdRowStride + lane + 32 * c];
       sq = warp_sum(sq);
     }
-    if (lane == 0) Kt[r] = pol.token(sq);
+    if (lane == 0) Sq[kBwdTiledStep + r] = sq;
   }
 
   const bool want_dq = dq != nullptr, want_dk = dk != nullptr, want_dv = dv != nullptr;
@@ -980,7 +988,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
 
   for (int step0 = j0; step0 <= query_hi; step0 += kBwdTiledStep) {
     const int rows = min(kBwdTiledStep, query_hi - step0 + 1), step_end = step0 + rows - 1;
-    __syncthreads();  // the previous step's operands and coefficients are no longer read (and Kt is written)
+    __syncthreads();  // the previous step's operands and coefficients are no longer read (and Sq is written)
     const bool q_finite = stage_tile<kBwdTiledStep>(Qs, kBwdRowStride, q, geo, b, h, step0, rows);
     const bool rows_finite = all_finite(stage_tile<kBwdTiledStep>(Gs, kBwdRowStride, d_o, geo, b, h, step0, rows) && q_finite);
     // Per query: its norm token, lse and dO·o. The o and lse loads of all of a warp's queries are issued
@@ -1009,7 +1017,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       if (Score::kNeedsNorm) sq = warp_sum(sq);
       go = warp_sum(go);
       if (lane == 0) {
-        Qt[r] = pol.token(sq);
+        Sq[r] = sq;
         LSEs[r] = lse_in[n];
         GOs[r] = go;
       }
@@ -1057,6 +1065,13 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
         }
       }
     }
+    __syncthreads();
+    // The tokens of the step's queries (and, in the first step, of the keys), one per thread: a token is ~60
+    // instructions of special functions, which one lane of a warp per row would run with 31 lanes idle.
+    if (threadIdx.x < kBwdTiledStep)
+      Qt[threadIdx.x] = pol.token(Sq[threadIdx.x]);
+    else if (step0 == j0 && threadIdx.x < kBwdTiledStep + kBwdTiledKeys)
+      Kt[threadIdx.x - kBwdTiledStep] = pol.token(Sq[threadIdx.x]);
     __syncthreads();
 
     // Pair gradients: warp w takes keys w + 8m, lanes the queries lane, lane + 32; (S, dP) in PT, XT are
