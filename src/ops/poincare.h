@@ -145,18 +145,16 @@ MUSE_HOST_DEVICE inline T scaled_distance(const TangentNorm<T>& q, const Tangent
   const T hi = std::max(radial, angular);
   const T ell = hi + Math::log1p(Math::exp(std::min(radial, angular) - hi));
 
-  T rho, drho_dell;
-  if (ell >= T(0)) {
-    const T e = Math::exp(-ell);
-    const T root = std::sqrt(T(1) + T(2) * e);
-    rho = ell + Math::log(T(1) + e + root);
-    drho_dell = Math::div(T(1), root);
-  } else {
-    const T x = Math::exp(ell);
-    const T sqrt_x = std::sqrt(x), root = std::sqrt(x + T(2));
-    rho = Math::log1p(x + sqrt_x * root);
-    drho_dell = Math::div(sqrt_x, root);  // = (1 + 2e^{−ℓ})^{−1/2} without overflowing e^{−ℓ}
-  }
+  // ρ = arcosh(1 + e^ℓ) and dρ/dℓ = (1 + 2e^{−ℓ})^{−1/2} from u = e^{−|ℓ|}, which never overflows:
+  //   ℓ ≥ 0: ρ = ℓ + ln(1 + u + √(1 + 2u)),  dρ/dℓ = 1/√(1 + 2u)
+  //   ℓ < 0: ρ = ln(1 + u + √(u(u + 2))),    dρ/dℓ = √(u/(u + 2))
+  // one formula with (a, b) = (1, 1 + 2u) or (u, u + 2): no branch, so lanes of either sign run together.
+  const T u = Math::exp(-std::abs(ell));
+  const bool positive = ell >= T(0);
+  const T a = positive ? T(1) : u, b = positive ? T(1) + T(2) * u : u + T(2);
+  const T root = std::sqrt(a * b);
+  const T rho = (positive ? ell : T(0)) + Math::log1p(u + root);
+  const T drho_dell = Math::div(root, b);
 
   if (grad) {
     const T w_radial = Math::exp(radial - ell), w_angular = Math::exp(angular - ell);  // logaddexp weights
