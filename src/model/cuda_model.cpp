@@ -1019,14 +1019,14 @@ void Model::muse_block_backward(int layer, float* dh) {
   local_attn_backward(s.dq, s.dk, s.dv, s.dc, g + b.beta, gate ? s.dlog_mu : nullptr, do_loc, a.o_loc, a.lse, a.q,
                       a.k, a.v, static_cast<const float*>(a.curvature), p + b.beta, gate ? a.log_mu : nullptr,
                       attn_config(c, B_, N_), ws, stream_);
-                      mark("bwd local attention");
+  mark("bwd local attention");
   curvature_backward(g + b.c_raw, s.dc, p + b.c_raw, stream_);
   if (gate) {
     log_backward(s.dmu, s.dlog_mu, a.mu, RH, stream_);
     bk_gate_backward(s.dF, g + b.key_gate_w, g + b.key_gate_b, s.dmu, a.mu, a.F, p + b.key_gate_w, rows, H, ws,
                      stream_);
   }
-    mark("bwd gates");
+  mark("bwd gates");
   qkv_backward(b, a);
 
   // BK core, then LN + radius back into the residual stream.
