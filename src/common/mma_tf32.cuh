@@ -46,6 +46,20 @@ __device__ __forceinline__ Tf32B tf32_b(float b0, float b1) {
   return f;
 }
 
+// The A fragment of rows r0 (fragment rows g) and r1 (g + 8) of a row-major tile whose summed index k = t,
+// t + 4 is stored as the adjacent columns c, c + 1 (c = the slice's first column + 2t): one 8-byte load a row.
+__device__ __forceinline__ Tf32A tf32_a_adjacent(const float* tile, int stride, int r0, int r1, int c) {
+  const float2 top = *reinterpret_cast<const float2*>(tile + r0 * stride + c);
+  const float2 bottom = *reinterpret_cast<const float2*>(tile + r1 * stride + c);
+  return tf32_a(top.x, bottom.x, top.y, bottom.y);
+}
+
+// The B fragment of row n (fragment column g) of a tile stored [n][k], k = t, t + 4 as columns c, c + 1.
+__device__ __forceinline__ Tf32B tf32_b_adjacent(const float* tile, int stride, int n, int c) {
+  const float2 x = *reinterpret_cast<const float2*>(tile + n * stride + c);
+  return tf32_b(x.x, x.y);
+}
+
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};"

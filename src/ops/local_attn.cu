@@ -491,14 +491,11 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     for (int kk = 0; kk < kTiledMaxHeadDim / 8; ++kk) {
       if (8 * kk >= dh) break;
       const int e = 8 * kk + 2 * t;
-      const float2 q_top = *reinterpret_cast<const float2*>(Qs + row_lo * kFwdRowStride + e);
-      const float2 q_bottom = *reinterpret_cast<const float2*>(Qs + row_hi * kFwdRowStride + e);
-      const Tf32A qa = tf32_a(q_top.x, q_bottom.x, q_top.y, q_bottom.y);
+      const Tf32A qa = tf32_a_adjacent(Qs, kFwdRowStride, row_lo, row_hi, e);
 #pragma unroll
       for (int n = 0; n < 8; ++n) {
         if (!(live & (1u << n))) continue;
-        const float2 kr = *reinterpret_cast<const float2*>(Ks + (8 * (2 * n + half) + g) * kFwdRowStride + e);
-        mma_3xtf32(s_acc[n], qa, tf32_b(kr.x, kr.y));
+        mma_3xtf32(s_acc[n], qa, tf32_b_adjacent(Ks, kFwdRowStride, 8 * (2 * n + half) + g, e));
       }
     }
   }
@@ -565,9 +562,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       const int ja = key_lo + 8 * kk;
       if (ja > i_last) break;
       if (!blocks_meet(q_lo0, ja) && !blocks_meet(q_hi0, ja)) continue;
-      const float2 p_top = *reinterpret_cast<const float2*>(SS + row_lo * kFwdScoreStride + 8 * kk + 2 * t);
-      const float2 p_bottom = *reinterpret_cast<const float2*>(SS + row_hi * kFwdScoreStride + 8 * kk + 2 * t);
-      const Tf32A pa = tf32_a(p_top.x, p_bottom.x, p_top.y, p_bottom.y);
+      const Tf32A pa = tf32_a_adjacent(SS, kFwdScoreStride, row_lo, row_hi, 8 * kk + 2 * t);
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
         const int col = 32 * half + 8 * n;
@@ -1038,20 +1033,14 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       for (int kk = 0; kk < kTiledMaxHeadDim / 8; ++kk) {
         if (8 * kk >= dh) break;
         const int e = 8 * kk + 2 * t;
-        const float2 q_top = *reinterpret_cast<const float2*>(Qs + row_lo * kBwdRowStride + e);
-        const float2 q_bottom = *reinterpret_cast<const float2*>(Qs + row_hi * kBwdRowStride + e);
-        const float2 g_top = *reinterpret_cast<const float2*>(Gs + row_lo * kBwdRowStride + e);
-        const float2 g_bottom = *reinterpret_cast<const float2*>(Gs + row_hi * kBwdRowStride + e);
-        const Tf32A qa = tf32_a(q_top.x, q_bottom.x, q_top.y, q_bottom.y);
-        const Tf32A ga = tf32_a(g_top.x, g_bottom.x, g_top.y, g_bottom.y);
+        const Tf32A qa = tf32_a_adjacent(Qs, kBwdRowStride, row_lo, row_hi, e);
+        const Tf32A ga = tf32_a_adjacent(Gs, kBwdRowStride, row_lo, row_hi, e);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
           if (!(live & (1u << n))) continue;
           const int key = 8 * (2 * n + half) + g;
-          const float2 kr = *reinterpret_cast<const float2*>(Ks + key * kBwdRowStride + e);
-          const float2 vr = *reinterpret_cast<const float2*>(Vs + key * kBwdRowStride + e);
-          mma_3xtf32(s_acc[n], qa, tf32_b(kr.x, kr.y));
-          mma_3xtf32(dp_acc[n], ga, tf32_b(vr.x, vr.y));
+          mma_3xtf32(s_acc[n], qa, tf32_b_adjacent(Ks, kBwdRowStride, key, e));
+          mma_3xtf32(dp_acc[n], ga, tf32_b_adjacent(Vs, kBwdRowStride, key, e));
         }
       }
 #pragma unroll
