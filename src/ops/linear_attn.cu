@@ -104,23 +104,56 @@ constexpr int kTile = kSegment;    // tokens per chunk = the segment sums' lengt
 constexpr int kTileThreads = 256;  // 16 × 16
 constexpr int kFillBatch = kTile * kTile / kTileThreads;  // elements per thread of a 64 × 64 tile
 
+// One step κ of tile_mac: acc[a][b] += Lt[κ][4ty + a]·R[κ][tx + 16b] for the rows a that `rows` selects.
+template <int NB>
+__device__ __forceinline__ void tile_mac_step(float (&acc)[4][NB], const float* Lt, const float* R, int kk, int tx,
+                                              int ty, int ld, unsigned rows = 0xfu) {
+  const float4 l4 = *reinterpret_cast<const float4*>(Lt + kk * ld + 4 * ty);
+  const float l[4] = {l4.x, l4.y, l4.z, l4.w};
+  float r[NB];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) r[b] = R[kk * ld + tx + 16 * b];
+#pragma unroll
+  for (int a = 0; a < 4; ++a)
+    if (rows & (1u << a))
+#pragma unroll
+      for (int b = 0; b < NB; ++b) acc[a][b] += l[a] * r[b];
+}
+
 // acc[a][b] += Σ_κ<K Lt[κ][4ty + a]·R[κ][tx + 16b].
 template <int NB>
 __device__ __forceinline__ void tile_mac(float (&acc)[4][NB], const float* Lt, const float* R, int K, int tx, int ty,
                                          int ld = kTile) {
 #pragma unroll 4
-  for (int kk = 0; kk < K; ++kk) {
-    const float4 l = *reinterpret_cast<const float4*>(Lt + kk * ld + 4 * ty);
-    float r[NB];
+  for (int kk = 0; kk < K; ++kk) tile_mac_step(acc, Lt, R, kk, tx, ty, ld);
+}
+
+// The causal products over a chunk's tokens (A·V, P·K̃, Aᵀ·G, Pᵀ·Q̃): row i of the result sums only
+// κ ≤ i (kLower) or κ ≥ i (kUpper). The masked coefficients are 0, but a product would multiply them with the
+// other side's value, and 0·∞ would carry a non-finite value of a later token into an earlier one's result
+// (or of an earlier into a later); the loop bounds skip them, and halve the work.
+enum class Causal { kLower, kUpper };
+template <Causal kMask, int NB>
+__device__ __forceinline__ void tile_mac_causal(float (&acc)[4][NB], const float* Lt, const float* R, int tx, int ty) {
+  const int first_row = 4 * ty;
+  auto boundary = [&] {  // the four κ of the thread's own rows: row a takes κ = first_row + c when allowed
 #pragma unroll
-    for (int b = 0; b < NB; ++b) r[b] = R[kk * ld + tx + 16 * b];
+    for (int c = 0; c < 4; ++c) {
+      unsigned rows = 0;
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
-      acc[0][b] += l.x * r[b];
-      acc[1][b] += l.y * r[b];
-      acc[2][b] += l.z * r[b];
-      acc[3][b] += l.w * r[b];
+      for (int a = 0; a < 4; ++a)
+        if (kMask == Causal::kLower ? c <= a : c >= a) rows |= 1u << a;
+      tile_mac_step(acc, Lt, R, first_row + c, tx, ty, kTile, rows);
     }
+  };
+  if (kMask == Causal::kLower) {
+#pragma unroll 4
+    for (int kk = 0; kk < first_row; ++kk) tile_mac_step(acc, Lt, R, kk, tx, ty, kTile);
+    boundary();
+  } else {
+    boundary();
+#pragma unroll 4
+    for (int kk = first_row + 4; kk < kTile; ++kk) tile_mac_step(acc, Lt, R, kk, tx, ty, kTile);
   }
 }
 
@@ -640,7 +673,7 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   float num[4][NB] = {};
   tile_mac<NB>(num, QT, S, dh, tx, ty);
-  tile_mac<NB>(num, AT, V, kTile, tx, ty);
+  tile_mac_causal<Causal::kLower>(num, AT, V, tx, ty);
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
@@ -774,7 +807,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       }
   };
   if (dq) {
-    tile_mac<NB>(dq_acc, PT, K, kTile, tx, ty);
+    tile_mac_causal<Causal::kLower>(dq_acc, PT, K, tx, ty);
     float dq_old[4][NB], q_in[4][NB];
     load_old_and_input(dq_old, q_in, dq, q);
 #pragma unroll
@@ -789,7 +822,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
     }
   }
   if (dv) {
-    tile_mac<NB>(dv_acc, A, G, kTile, tx, ty);
+    tile_mac_causal<Causal::kUpper>(dv_acc, A, G, tx, ty);
     float dv_old[4][NB];
 #pragma unroll
     for (int r = 0; r < 4; ++r)
@@ -811,7 +844,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   float acc[4][NB] = {};
   tile_mac<NB>(acc, VT, dST, dh, tx, ty);
-  tile_mac<NB>(acc, P, Q, kTile, tx, ty);
+  tile_mac_causal<Causal::kUpper>(acc, P, Q, tx, ty);
   float dk_old[4][NB], k_in[4][NB];
   load_old_and_input(dk_old, k_in, dk, k);
 #pragma unroll

@@ -183,6 +183,55 @@ TEST(linear_attn_cuda, short_sequences_and_partial_gradients_match_cpu) {
 }
 
 // N = 0: nothing to compute, but the final state is written (zero), as by the CPU op.
+// Causality with a non-finite value: an infinite q, k, v and dO at position p (inside the second 64-token
+// chunk, which the chunked kernels take at once) must not reach o, ζ or dq of the earlier tokens. The chunk's
+// causal products would multiply masked coefficients (0) with the later tokens' values, and 0·∞ is NaN;
+// they skip them. (dk, dv and dμ of the later tokens do depend on p, through the later queries' ζ.)
+TEST(linear_attn_cuda, an_infinite_value_does_not_reach_earlier_tokens) {
+  MUSE_REQUIRE_GPU();
+  const int B = 1, N = 150, D = 512, H = 8, p = 100;
+  const size_t n = size_t(B) * N * D, nh = size_t(B) * N * H;
+  Rng rng(2026);
+  auto q = to_float(random_normal(n, rng, 2.0)), k = to_float(random_normal(n, rng, 2.0)),
+       v = to_float(random_normal(n, rng)), d_o = to_float(random_normal(n, rng));
+  const auto mu = to_float(random_uniform(nh, rng, 0.2, 0.95));
+  for (int e = 0; e < D; ++e) {
+    const float inf = std::numeric_limits<float>::infinity();
+    q[size_t(p) * D + e] = k[size_t(p) * D + e] = v[size_t(p) * D + e] = d_o[size_t(p) * D + e] = inf;
+  }
+  std::vector<float> o(n), zeta(nh), dq(n), dk(n), dv(n), dmu(nh);
+  linear_attn_forward<float>(o.data(), zeta.data(), nullptr, nullptr, q.data(), k.data(), v.data(), mu.data(), B, N, D,
+                             H);
+  linear_attn_backward<float>(dq.data(), dk.data(), dv.data(), dmu.data(), d_o.data(), zeta.data(), q.data(), k.data(),
+                              v.data(), mu.data(), B, N, D, H);
+
+  DeviceBuffer<float> gq(q), gk(k), gv(v), gmu(mu), gdo(d_o), go(nan_filled(n)), gzeta(nan_filled(nh));
+  DeviceBuffer<float> fwd_workspace(cuda::linear_attn_forward_workspace_floats(B, N, D, H));
+  cuda::linear_attn_forward(go.get(), gzeta.get(), nullptr, nullptr, gq.get(), gk.get(), gv.get(), gmu.get(), B, N, D,
+                            H, fwd_workspace.get());
+  const std::vector<float> zeros(n), zeros_per_head(nh);
+  DeviceBuffer<float> go_cpu(o), gzeta_cpu(zeta), gdq(zeros), gdk(zeros), gdv(zeros), gdmu(zeros_per_head);
+  DeviceBuffer<float> workspace(cuda::linear_attn_backward_workspace_floats(B, N, D, H));
+  cuda::linear_attn_backward(gdq.get(), gdk.get(), gdv.get(), gdmu.get(), gdo.get(), go_cpu.get(), gzeta_cpu.get(),
+                             gq.get(), gk.get(), gv.get(), gmu.get(), B, N, D, H, workspace.get());
+
+  // Rows [first, last] of an [N, width] result against the CPU's (finite there).
+  auto expect_rows = [&](const std::vector<float>& gpu, const std::vector<float>& cpu, int first, int last, int width,
+                         double rel, const std::string& what) {
+    const std::vector<float> g(gpu.begin() + size_t(first) * width, gpu.begin() + size_t(last + 1) * width),
+        r(cpu.begin() + size_t(first) * width, cpu.begin() + size_t(last + 1) * width);
+    double scale = 0;
+    for (float x : r) {
+      ASSERT_TRUE(std::isfinite(x)) << what << ": the CPU reference is not finite where it should be";
+      scale = std::max(scale, double(std::abs(x)));
+    }
+    expect_close_to_reference(g, r, rel * scale, rel, what);
+  };
+  expect_rows(go.download(), o, 0, p - 1, D, kForwardRel, "o before p");
+  expect_rows(gzeta.download(), zeta, 0, p - 1, H, kForwardRel, "zeta before p");
+  expect_rows(gdq.download(), dq, 0, p - 1, D, kGradRel, "dq before p");
+}
+
 TEST(linear_attn_cuda, empty_sequence_writes_zero_state) {
   MUSE_REQUIRE_GPU();
   const int B = 2, N = 0, D = 12, H = 3, dh = 4;
