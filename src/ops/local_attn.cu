@@ -352,6 +352,24 @@ static_assert(kTiledThreads == kWarps * kWarp);
 __device__ __forceinline__ int low_row(int warp, int g) { return 8 * (warp % 4) + g; }
 __device__ __forceinline__ int high_row(int warp, int g) { return 8 * (7 - warp % 4) + g; }
 
+// Where this thread's accumulator element c of column block n (an m16n8 C fragment: c0, c1 on row g, c2, c3
+// on row g + 8, columns 2t, 2t + 1) lies in a 64 × 64 product split as above.
+struct AccumulatorMap {
+  int row_lo, row_hi, col0, t;
+  __device__ AccumulatorMap(int warp, int lane)
+      : row_lo(low_row(warp, lane / 4)), row_hi(high_row(warp, lane / 4)), col0(32 * (warp / 4)), t(lane % 4) {}
+  __device__ int row(int c) const { return c < 2 ? row_lo : row_hi; }
+  __device__ int col(int n, int c) const { return col0 + 8 * n + 2 * t + c % 2; }
+};
+
+// Σ_e row[e]² over a staged row of kTiledMaxHeadDim floats (zero past d_h), reduced across the warp.
+__device__ __forceinline__ float row_squared_norm(const float* row, int lane) {
+  float sq = 0.f;
+#pragma unroll
+  for (int c = 0; c < kTiledMaxHeadDim / kWarp; ++c) sq += row[lane + 32 * c] * row[lane + 32 * c];
+  return warp_sum(sq);
+}
+
 // dst[r·stride + e] = row t0 + r, column e of head h of a [B, N, D] tensor, for r < kRows and e < 64 (zero
 // for r ≥ valid or e ≥ d_h), all of a thread's loads issued before its stores. When rows start on 16 bytes
 // (d_h and D multiples of 4, src aligned) the loads are float4: a quarter of the instructions of a
@@ -430,7 +448,8 @@ static_assert(kTiledQueries * kFwdScoreStride <= kFwdStagedFloats);
 
 template <class Token> size_t tiled_forward_smem_bytes() {
   const size_t floats =
-      size_t(kFwdStagedFloats) + size_t(kTiledKeys) * kFwdValueStride + kTiledQueries + kTiledQueries + kTiledKeys;
+      size_t(kFwdStagedFloats) + size_t(kTiledKeys) * kFwdValueStride  // Qs, Ks (then SS), Vs
+      + kTiledQueries + kTiledQueries + kTiledKeys;                     // RowSum, Sq
   return floats * sizeof(float) + (kTiledQueries + kTiledKeys) * sizeof(Token);
 }
 
@@ -440,11 +459,11 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
                               Params params) {
   using Score = typename Params::Score;
   using Token = typename Score::Token;
-  constexpr int EB = kTiledMaxHeadDim / kWarp;  // columns per lane in the norm loops
   const int b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * kTiledQueries;
   const int dh = geo.dh, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int g = lane / 4, t = lane % 4;
-  const int row_lo = low_row(warp, g), row_hi = high_row(warp, g), half = warp / 4;
+  const int g = lane / 4, t = lane % 4, half = warp / 4;
+  const AccumulatorMap place(warp, lane);
+  const int row_lo = place.row_lo, row_hi = place.row_hi;
   const int i_last = min(i0 + kTiledQueries, geo.N) - 1, rows = i_last - i0 + 1;
   const int key_lo = geo.window_start(i0), keys = i_last - key_lo + 1;
   const Score pol = params.at(b, h);
@@ -455,7 +474,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   float* Ks = Qs + kTiledQueries * kFwdRowStride;         // [key][e]
   float* SS = Qs;                                         // [query][key], once Qs and Ks are dead
   float* Vs = cur.take(kTiledKeys * kFwdValueStride);     // [key][e]
-  float* RowSum = cur.take(kTiledQueries);
+  float* RowSum = cur.take(kTiledQueries);               // Σ p of each query
   float* Sq = cur.take(kTiledQueries + kTiledKeys);      // squared norms: queries, then keys
   Token* Qt = reinterpret_cast<Token*>(cur.at);
   Token* Kt = Qt + kTiledQueries;
@@ -464,13 +483,8 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   stage_tile<kTiledKeys>(Ks, kFwdRowStride, k, geo, b, h, key_lo, keys);
   const bool values_finite = all_finite(stage_tile<kTiledKeys>(Vs, kFwdValueStride, v, geo, b, h, key_lo, keys));
   for (int r = warp; r < kTiledQueries + kTiledKeys; r += kWarps) {
-    float sq = 0.f;
-    if (Score::kNeedsNorm) {
-      const float* row = r < kTiledQueries ? Qs + r * kFwdRowStride : Ks + (r - kTiledQueries) * kFwdRowStride;
-#pragma unroll
-      for (int c = 0; c < EB; ++c) sq += row[lane + 32 * c] * row[lane + 32 * c];
-      sq = warp_sum(sq);
-    }
+    const float* row = r < kTiledQueries ? Qs + r * kFwdRowStride : Ks + (r - kTiledQueries) * kFwdRowStride;
+    const float sq = Score::kNeedsNorm ? row_squared_norm(row, lane) : 0.f;
     if (lane == 0) Sq[r] = sq;
   }
 
@@ -574,27 +588,25 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   } else if (q_lo0 <= i_last) {  // a non-finite value: element-wise over each row's window
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int r = c < 2 ? row_lo : row_hi, i = i0 + r;
+      const int r = place.row(c), i = i0 + r;
       if (i > i_last) continue;
       for (int j = geo.window_start(i) - key_lo; j <= i - key_lo; ++j) {
         const float p = SS[r * kFwdScoreStride + j];
         if (p == 0.f) continue;
 #pragma unroll
-        for (int n = 0; n < 4; ++n) acc[n][c] += p * Vs[j * kFwdValueStride + 32 * half + 8 * n + 2 * t + c % 2];
+        for (int n = 0; n < 4; ++n) acc[n][c] += p * Vs[j * kFwdValueStride + place.col(n, c)];
       }
     }
   }
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    const int r = c < 2 ? row_lo : row_hi, i = i0 + r;
+    const int r = place.row(c), i = i0 + r;
     if (i > i_last) continue;
     const float inv_sum = 1.f / RowSum[r];
     float* oi = o + geo.row(b, i, h);
 #pragma unroll
-    for (int n = 0; n < 4; ++n) {
-      const int e = 32 * half + 8 * n + 2 * t + c % 2;
-      if (e < dh) oi[e] = acc[n][c] * inv_sum;
-    }
+    for (int n = 0; n < 4; ++n)
+      if (place.col(n, c) < dh) oi[place.col(n, c)] = acc[n][c] * inv_sum;
   }
 }
 
@@ -937,8 +949,9 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   constexpr int EB = kTiledMaxHeadDim / kWarp;  // columns per lane in the row loops
   const int b = blockIdx.z, h = blockIdx.y, j0 = blockIdx.x * kBwdTiledKeys;
   const int dh = geo.dh, warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-  const int g = lane / 4, t = lane % 4;
-  const int row_lo = low_row(warp, g), row_hi = high_row(warp, g), half = warp / 4, col0 = 32 * half;
+  const int g = lane / 4, t = lane % 4, half = warp / 4;
+  const AccumulatorMap place(warp, lane);
+  const int row_lo = place.row_lo, row_hi = place.row_hi, col0 = place.col0;
   const int j_last = min(j0 + kBwdTiledKeys, geo.N) - 1, query_hi = geo.last_query(j_last);
   const Score pol = params.at(b, h);
 
@@ -958,22 +971,16 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   Token* Kt = reinterpret_cast<Token*>(cur.at);
   Token* Qt = Kt + kBwdTiledKeys;
 
-  const bool keys_finite = all_finite(stage_tile<kBwdTiledKeys>(Ks, kBwdRowStride, k, geo, b, h, j0, j_last - j0 + 1));
+  const bool k_finite = stage_tile<kBwdTiledKeys>(Ks, kBwdRowStride, k, geo, b, h, j0, j_last - j0 + 1);
   stage_tile<kBwdTiledKeys>(Vs, kBwdRowStride, v, geo, b, h, j0, j_last - j0 + 1);
-  __syncthreads();
+  const bool keys_finite = all_finite(k_finite);
   for (int r = warp; r < kBwdTiledKeys; r += kWarps) {
-    float sq = 0.f;
-    if (Score::kNeedsNorm) {
-#pragma unroll
-      for (int c = 0; c < EB; ++c) sq += Ks[r * kBwdRowStride + lane + 32 * c] * Ks[r * kBwdRowStride + lane + 32 * c];
-      sq = warp_sum(sq);
-    }
+    const float sq = Score::kNeedsNorm ? row_squared_norm(Ks + r * kBwdRowStride, lane) : 0.f;
     if (lane == 0) Sq[kBwdTiledStep + r] = sq;
   }
 
   const bool want_dq = dq != nullptr, want_dk = dk != nullptr, want_dv = dv != nullptr;
-  // (d, e) fragments: element c of column block n is key row_lo (c < 2) or row_hi, column col0 + 8n + 2t + c % 2.
-  float dv_acc[4][4] = {}, dk_acc[4][4] = {};
+  float dv_acc[4][4] = {}, dk_acc[4][4] = {};  // (d, e): element c of block n is key place.row(c), column place.col(n, c)
   float key_self = 0.f, key_score = 0.f;  // lane m < 8: Σ self_k, Σ dscore of key warp + 8m over the steps
   float dc_acc = 0.f, dbeta_acc = 0.f;
   // Does the block of queries [qa, qa + 7] ∩ [.., q_end] hold a pair with keys [ka, ka + 7] ∩ [.., j_last]?
@@ -986,7 +993,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     __syncthreads();  // the previous step's operands and coefficients are no longer read (and Sq is written)
     const bool q_finite = stage_tile<kBwdTiledStep>(Qs, kBwdRowStride, q, geo, b, h, step0, rows);
     const bool rows_finite = all_finite(stage_tile<kBwdTiledStep>(Gs, kBwdRowStride, d_o, geo, b, h, step0, rows) && q_finite);
-    // Per query: its norm token, lse and dO·o. The o and lse loads of all of a warp's queries are issued
+    // Per query: its squared norm, lse and dO·o. The o and lse loads of all of a warp's queries are issued
     // before the first is used (a loop over queries would wait out one memory latency per query).
     constexpr int kStepRowsPerWarp = kBwdTiledStep / kWarps;
     float o_in[kStepRowsPerWarp][EB], lse_in[kStepRowsPerWarp];
@@ -1048,7 +1055,7 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
         if (!(live & (1u << n))) continue;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int at = (8 * (2 * n + half) + 2 * t + c % 2) * kBwdCoefStride + (c < 2 ? row_lo : row_hi);
+          const int at = (8 * (2 * n + half) + 2 * t + c % 2) * kBwdCoefStride + place.row(c);
           PT[at] = s_acc[n][c];
           XT[at] = dp_acc[n][c];
         }
@@ -1128,12 +1135,12 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     } else if ((want_dv || want_dk) && k_lo0 <= j_last) {  // a non-finite q or dO: element-wise, masked skipped
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int tk = c < 2 ? row_lo : row_hi;
+        const int tk = place.row(c);
         for (int tq = 0; tq < rows; ++tq) {
           const float p = PT[tk * kBwdCoefStride + tq], x = XT[tk * kBwdCoefStride + tq];
 #pragma unroll
           for (int n = 0; n < 4; ++n) {
-            const int at = tq * kBwdRowStride + col0 + 8 * n + 2 * t + c % 2;
+            const int at = tq * kBwdRowStride + place.col(n, c);
             if (p != 0.f) dv_acc[n][c] += p * Gs[at];
             if (x != 0.f) dk_acc[n][c] += x * Qs[at];
           }
@@ -1162,12 +1169,12 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       if (!keys_finite) {  // a non-finite k: element-wise, masked pairs skipped
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int tq = c < 2 ? row_lo : row_hi;
+          const int tq = place.row(c);
           for (int tk = 0; tk <= j_last - j0; ++tk) {
             const float x = XT[tk * kBwdCoefStride + tq];
             if (x == 0.f) continue;
 #pragma unroll
-            for (int n = 0; n < 4; ++n) dq_acc[n][c] += x * Ks[tk * kBwdRowStride + col0 + 8 * n + 2 * t + c % 2];
+            for (int n = 0; n < 4; ++n) dq_acc[n][c] += x * Ks[tk * kBwdRowStride + place.col(n, c)];
           }
         }
       }
@@ -1184,14 +1191,14 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int i = step0 + (c < 2 ? row_lo : row_hi), e = col0 + 8 * n + 2 * t + c % 2;
+          const int i = step0 + place.row(c), e = place.col(n, c);
           dq_old[n][c] = i <= step_end && i < j0 + kBwdTiledKeys && e < dh ? dq[geo.row(b, i, h) + e] : 0.f;
         }
 #pragma unroll
       for (int n = 0; n < 4; ++n)
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
-          const int tq = c < 2 ? row_lo : row_hi, i = step0 + tq, e = col0 + 8 * n + 2 * t + c % 2;
+          const int tq = place.row(c), i = step0 + tq, e = place.col(n, c);
           if (i > step_end || e >= dh) continue;
           const float value = dq_acc[n][c] + self[c / 2] * Qs[tq * kBwdRowStride + e];
           if (i < j0 + kBwdTiledKeys)
@@ -1214,14 +1221,14 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int j = j0 + (c < 2 ? row_lo : row_hi), e = col0 + 8 * n + 2 * t + c % 2;
+        const int j = j0 + place.row(c), e = place.col(n, c);
         old[n][c] = j <= j_last && e < dh ? out[geo.row(b, j, h) + e] : 0.f;
       }
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        const int tk = c < 2 ? row_lo : row_hi, j = j0 + tk, e = col0 + 8 * n + 2 * t + c % 2;
+        const int tk = place.row(c), j = j0 + tk, e = place.col(n, c);
         if (j > j_last || e >= dh) continue;
         const float value = with_self ? acc[n][c] + KeySelf[tk] * Ks[tk * kBwdRowStride + e] : acc[n][c];
         out[geo.row(b, j, h) + e] = old[n][c] + value;
