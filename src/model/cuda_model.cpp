@@ -307,6 +307,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
                    ssm_rank_mask_backward_workspace_floats(r), lowrank_ffn_backward_scratch_floats(r, iD, int(rho))});
   }
   if (m.embed == kAbsent) ws = std::max(ws, htt_backward_scratch_floats(htt_shape(c.vocab_size, c.d_model, c.htt_rank)));
+  ws = std::max(ws, (embedding_lookup_backward_scratch_bytes(r, c.vocab_size) + sizeof(float) - 1) / sizeof(float));
   take(a.workspace, ws);
 }
 
@@ -917,7 +918,7 @@ void Model::backward_pass(double scale) {
   for (size_t l = m.blocks.size(); l-- > 0;) block_backward(int(l), a.dh);
 
   if (m.positions != kAbsent) positions_backward(g + m.positions, a.dh, B_, N_, D, stream_);
-  embedding_lookup_backward(dE, a.dh, a.ids, rows, D, stream_);
+  embedding_lookup_backward(dE, a.dh, a.ids, rows, D, c.vocab_size, a.workspace, stream_);
   mark("bwd embedding");
   if (m.embed == kAbsent) {
     const HttShape sh = htt_shape(c.vocab_size, c.d_model, c.htt_rank);

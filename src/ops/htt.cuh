@@ -38,9 +38,14 @@ void embedding_lookup_forward(float* x, const float* E, const int32_t* ids, int 
 void embedding_lookup_forward(float* x, const __nv_bfloat16* E, const int32_t* ids, int n, int D,
                               cudaStream_t stream = 0);
 
-// dE[ids[t]] += dx[t], every element summed in token order (deterministic, no atomics): warps own
-// (32-column slice, id mod P) pairs and walk the token list in order.
-void embedding_lookup_backward(float* dE, const float* dx, const int32_t* ids, int n, int D,
-                               cudaStream_t stream = 0);
+// Bytes of scratch embedding_lookup_backward needs for n tokens of ids below vocab.
+size_t embedding_lookup_backward_scratch_bytes(int n, int vocab);
+
+// dE[ids[t]] += dx[t], every element summed in token order (deterministic, no atomics): the tokens are
+// sorted by id (stably), then one warp per (id, 32-column slice) walks the id's tokens in order. ids in
+// [0, vocab); scratch: embedding_lookup_backward_scratch_bytes(n, vocab) bytes, 256-byte aligned, no
+// initialisation needed.
+void embedding_lookup_backward(float* dE, const float* dx, const int32_t* ids, int n, int D, int vocab,
+                               void* scratch, cudaStream_t stream = 0);
 
 }  // namespace muse::cuda

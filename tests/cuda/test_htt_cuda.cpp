@@ -145,7 +145,10 @@ void check_lookup(int V, int n, int D) {
   std::vector<float> dE = dE0;
   embedding_lookup_backward(dE.data(), dx.data(), ids.data(), n, D);
   DeviceBuffer<float> gdx(dx), gdE(dE0);
-  cuda::embedding_lookup_backward(gdE.get(), gdx.get(), gids.get(), n, D);
+  // The scratch is poisoned: everything in it must be written before it is read.
+  const size_t scratch_floats = (cuda::embedding_lookup_backward_scratch_bytes(n, V) + 3) / 4;
+  DeviceBuffer<float> scratch(nan_vector(scratch_floats));
+  cuda::embedding_lookup_backward(gdE.get(), gdx.get(), gids.get(), n, D, V, scratch.get());
   expect_close_to_reference(gdE.download(), dE, 0, 0, "dE");
 }
 
@@ -160,8 +163,9 @@ TEST(htt_cuda, materialize_forward_backward_match_cpu) {
 
 TEST(htt_cuda, embedding_lookup_forward_backward_match_cpu) {
   MUSE_REQUIRE_GPU();
-  for (int n : {1, 37, 256, 5000})  // 5000 > one 2048-id chunk and uses several id partitions
+  for (int n : {1, 37, 256, 5000})  // 5000: long runs of the repeated ids over the GPT-2 vocabulary
     for (int D : {10, 64, 512}) check_lookup(n == 5000 ? 50257 : 37, n, D);
+  check_lookup(256, 65536, 64);  // a training batch's worth of tokens over a byte vocabulary: runs of thousands
 }
 
 // The tied head on the materialised E: logits = h·Eᵀ over Vp columns (padded ones exactly 0) and its
