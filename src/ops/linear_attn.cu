@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "common/cuda_check.cuh"
+#include "common/mma_tf32.cuh"
 #include "ops/linear_attn.cuh"
 #include "ops/linear_attn.h"
 
@@ -103,6 +104,11 @@ __device__ __forceinline__ void load_state(float (&S)[RA], const float* init, lo
 constexpr int kTile = kSegment;    // tokens per chunk = the segment sums' length
 constexpr int kTileThreads = 256;  // 16 × 16
 constexpr int kFillBatch = kTile * kTile / kTileThreads;  // elements per thread of a 64 × 64 tile
+// The tensor-core products' operand tiles (common/mma_tf32.cuh) have rows kMmaPad floats longer than their
+// 64 (or padded head's) columns: ld ≡ 8 (mod 32) makes the fragment loads conflict free. Each of the 8
+// warps computes a 16 × 32 part of a 64 × 64 result: rows 16·(warp mod 4), columns 32·(warp / 4).
+constexpr int kMmaPad = 8;
+constexpr int kMmaLd = kTile + kMmaPad;
 
 // One step κ of tile_mac: acc[a][b] += Lt[κ][4ty + a]·R[κ][tx + 16b] for the rows a that `rows` selects.
 template <int NB>
@@ -190,15 +196,16 @@ __device__ __forceinline__ void fill_tile(float* tile, int ld, bool transposed, 
 // Sums over one segment of tokens of the outer products that build a scan's state:
 //   forward (kind 0): Σ_t μ_t·φ(k_t) ⊗ (v_t, 1)          — what [S | z] gains over the segment
 //   reverse (kind 1): Σ_t φ(q_t) ⊗ (do_t/n_t, dζ_t)       — what the adjoint [dS | dz] gains
-// out [B, H, P, d_h, C]; one block per (h, b, segment). The [d_h × d_h] part is tile_mac over the segment's
-// tokens (in token order), in 64 × 64 output blocks (one for d_h ≤ 64, NB = ⌈d_h/16⌉; up to four of NB = 4
-// for wider heads); the last column is summed per row over tokens t ≡ tx (mod 16), then across the half warp.
-template <int NB>
+// out [B, H, P, d_h, C]; one block per (h, b, segment). The [d_h × d_h] part is a 3xTF32 tensor-core
+// product over the segment's tokens (common/mma_tf32.cuh), in 64 × 64 output blocks (d_h padded with
+// zeros), each warp a 16 × 32 part; the last column is summed per row over tokens t ≡ tx (mod 16), then
+// across the half warp.
+
 __global__ void __launch_bounds__(kTileThreads)
     segment_sums_kernel(float* out, int kind, const float* q, const float* k, const float* v, const float* mu,
                         const float* d_o, const float* zeta, const float* dzeta, int N, int D, int H) {
   const int h = blockIdx.x, b = blockIdx.y, seg = blockIdx.z, P = gridDim.z;
-  const int dh = D / H, C = dh + 1, ld = (dh + kTile - 1) / kTile * kTile;
+  const int dh = D / H, C = dh + 1, width = (dh + kTile - 1) / kTile * kTile, ld = width + kMmaPad;
   const float scale = 1.f / sqrtf(float(dh));
   const int begin = seg * kSegment, tn = min(kSegment, N - begin);
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -217,7 +224,7 @@ __global__ void __launch_bounds__(kTileThreads)
   __syncthreads();
   const float* phi_in = (kind == 0 ? k : q) + first_row * D + (long)h * dh;
   const float* value_in = (kind == 0 ? v : d_o) + first_row * D + (long)h * dh;
-  for (int e0 = 0; e0 < ld; e0 += kTile) {
+  for (int e0 = 0; e0 < width; e0 += kTile) {
     fill_tile(A + e0, ld, false, [&](int t, int e) {
       if (t >= tn || e0 + e >= dh) return 0.f;
       const float phi = feature(phi_in[(long)t * D + e0 + e], scale);
@@ -231,19 +238,20 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   __syncthreads();
   float* dst = out + (((long)b * H + h) * P + seg) * dh * C;
+  const int warp = threadIdx.x / kWarp, g = (threadIdx.x % kWarp) / 4, t4 = threadIdx.x % 4;
+  const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+  const int tokens = (tn + 7) / 8 * 8;  // the tile is zero past tn
   for (int r0 = 0; r0 < dh; r0 += kTile) {
     for (int c0 = 0; c0 < dh; c0 += kTile) {
-      float acc[4][NB] = {};
-      tile_mac<NB>(acc, A + r0, Bv + c0, tn, tx, ty, ld);
+      float acc[4][4] = {};
+      mma_3xtf32_kmajor<4>(acc, A + r0, Bv + c0, ld, m0, n0, tokens);
 #pragma unroll
-      for (int a = 0; a < 4; ++a) {
-        const int r = r0 + 4 * ty + a;
+      for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-        for (int j = 0; j < NB; ++j) {
-          const int c = c0 + tx + 16 * j;
-          if (r < dh && c < dh) dst[r * C + c] = acc[a][j];
+        for (int e = 0; e < 4; ++e) {
+          const int r = r0 + m0 + g + 8 * (e / 2), c = c0 + n0 + 8 * nt + 2 * t4 + e % 2;
+          if (r < dh && c < dh) dst[r * C + c] = acc[nt][e];
         }
-      }
     }
     float last[4] = {};
     for (int t = tx; t < tn; t += 16) {
@@ -607,14 +615,14 @@ struct ChunkView {
   __device__ long at(int t, int e) const { return row(t) * D + (long)h * dh + e; }
   // A [tokens × d_h] input into smem, natural (tile[t][e]) or transposed (tile[e][t]); f maps (t, e) → value.
   template <class F>
-  __device__ void load(float* tile, bool transposed, F f) const {
-    fill_tile(tile, kTile, transposed, [&](int t, int e) { return t < tn && e < dh ? f(t, e) : 0.f; });
+  __device__ void load(float* tile, bool transposed, F f, int ld = kTile) const {
+    fill_tile(tile, ld, transposed, [&](int t, int e) { return t < tn && e < dh ? f(t, e) : 0.f; });
   }
   // A [d_h × C] state (null: zeros): its [d_h × d_h] part natural or transposed, its last column into z
   // (unless z is null).
-  __device__ void load_state(float* tile, float* z, bool transposed, const float* states) const {
+  __device__ void load_state(float* tile, float* z, bool transposed, const float* states, int ld = kTile) const {
     const float* src = states ? states + (((long)b * H + h) * gridDim.x + chunk) * dh * C : nullptr;
-    fill_tile(tile, kTile, transposed, [&](int r, int c) { return src && r < dh && c < dh ? src[r * C + c] : 0.f; });
+    fill_tile(tile, ld, transposed, [&](int r, int c) { return src && r < dh && c < dh ? src[r * C + c] : 0.f; });
     if (z)
       for (int r = threadIdx.x; r < kTile; r += kTileThreads) z[r] = src && r < dh ? src[r * C + dh] : 0.f;
   }
@@ -630,59 +638,84 @@ __device__ ChunkView chunk_view(int N, int D, int H) {
   return v;
 }
 
-// The chunk's numerators: o, ζ and, in the last chunk, the final state.
-template <int NB>
+// The chunk's numerators: o, ζ and, in the last chunk, the final state. Its three products (Q̃K̃ᵀ, Q̃·S and the
+// causal A·V) run on the tensor cores (3xTF32), d_h padded to 64. The causal product takes only the keys up
+// to each warp's last row; when the chunk's values hold a non-finite number, the keys of the warp's own
+// diagonal 16 × 16 block are summed element by element over j ≤ i instead, so that no masked (zero)
+// coefficient multiplies a later token's value (0·∞; SPEC §2.5).
 __global__ void __launch_bounds__(kTileThreads)
     chunk_numerator_kernel(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                            const float* v, const float* mu, const float* states, int N, int D, int H) {
   const ChunkView cv = chunk_view(N, D, H);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, dh = cv.dh;
+  const int dh = cv.dh, ld = kMmaLd;
   extern __shared__ float smem[];
-  float* QT = smem;                   // [d_h][tokens] φ(q)
-  float* KT = QT + kTile * kTile;     // [d_h][tokens] μ·φ(k)
-  float* V = KT + kTile * kTile;      // [tokens][d_h]
-  float* S = V + kTile * kTile;       // [d_h][d_h] state before the chunk
-  float* AT = S + kTile * kTile;      // [key][query] mask(Q̃K̃ᵀ)ᵀ
-  float* z = AT + kTile * kTile;      // [d_h] z before the chunk
-  float* zeta_s = z + kTile;          // [tokens] ζ
-  cv.load(QT, true, [&](int t, int e) { return feature(q[cv.at(t, e)], cv.scale); });
+  float* QT = smem;                // [d_h][tokens] φ(q)
+  float* KT = QT + kTile * ld;     // [d_h][tokens] μ·φ(k)
+  float* V = KT + kTile * ld;      // [tokens][d_h]
+  float* S = V + kTile * ld;       // [d_h][d_h] state before the chunk
+  float* AT = S + kTile * ld;      // [key][query] mask(Q̃K̃ᵀ)ᵀ
+  float* z = AT + kTile * ld;      // [d_h] z before the chunk
+  float* zeta_s = z + kTile;       // [tokens] ζ
+  cv.load(QT, true, [&](int t, int e) { return feature(q[cv.at(t, e)], cv.scale); }, ld);
   cv.load(KT, true, [&](int t, int e) {
     return (mu ? mu[cv.row(t) * H + cv.h] : 1.f) * feature(k[cv.at(t, e)], cv.scale);
-  });
-  cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; });
-  cv.load_state(S, z, false, states);
+  }, ld);
+  cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; }, ld);
+  cv.load_state(S, z, false, states, ld);
   __syncthreads();
+  bool finite = true;
+  for (int idx = threadIdx.x; idx < kTile * kTile; idx += kTileThreads)
+    finite = finite && isfinite(V[idx / kTile * ld + idx % kTile]);
+  const bool values_finite = __syncthreads_and(finite);
+
+  const int warp = threadIdx.x / kWarp, g = (threadIdx.x % kWarp) / 4, t4 = threadIdx.x % 4;
+  const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+  const int width = (dh + 7) / 8 * 8;  // the tiles are zero past d_h
+  // Accumulator element e of n-tile nt: row m0 + g + 8·(e / 2), column n0 + 8·nt + 2·t4 + e % 2.
+  auto row_of = [&](int e) { return m0 + g + 8 * (e / 2); };
+  auto column_of = [&](int nt, int e) { return n0 + 8 * nt + 2 * t4 + e % 2; };
   {
     float a[4][4] = {};
-    tile_mac<4>(a, QT, KT, dh, tx, ty);
+    mma_3xtf32_kmajor<4>(a, QT, KT, ld, m0, n0, width);
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int i = 4 * ty + r, j = tx + 16 * c;
-        AT[j * kTile + i] = j <= i ? a[r][c] : 0.f;
+      for (int e = 0; e < 4; ++e) {
+        const int i = row_of(e), j = column_of(nt, e);
+        AT[j * ld + i] = j <= i ? a[nt][e] : 0.f;
       }
   }
   __syncthreads();
   if (threadIdx.x < kTile) {
     const int i = threadIdx.x;
     float s = 0.f;
-    for (int e = 0; e < dh; ++e) s += QT[e * kTile + i] * z[e];
-    for (int j = 0; j < kTile; ++j) s += AT[j * kTile + i];
+    for (int e = 0; e < dh; ++e) s += QT[e * ld + i] * z[e];
+    for (int j = 0; j < kTile; ++j) s += AT[j * ld + i];
     zeta_s[i] = s;
   }
-  float num[4][NB] = {};
-  tile_mac<NB>(num, QT, S, dh, tx, ty);
-  tile_mac_causal<Causal::kLower>(num, AT, V, tx, ty);
+  float num[4][4] = {};
+  mma_3xtf32_kmajor<4>(num, QT, S, ld, m0, n0, width);
+  if (values_finite) {
+    mma_3xtf32_kmajor<4>(num, AT, V, ld, m0, n0, m0 + 16);
+  } else {
+    mma_3xtf32_kmajor<4>(num, AT, V, ld, m0, n0, m0);
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = row_of(e), c = column_of(nt, e);
+        for (int j = m0; j <= i; ++j) num[nt][e] += AT[j * ld + i] * V[j * ld + c];
+      }
+  }
   __syncthreads();
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int i = 4 * ty + r;
+  for (int e = 0; e < 4; ++e) {
+    const int i = row_of(e);
     if (i >= cv.tn) continue;
     const float inv_n = 1.f / fmaxf(zeta_s[i], kFloor);
 #pragma unroll
-    for (int c = 0; c < NB; ++c)
-      if (tx + 16 * c < dh) o[cv.at(i, tx + 16 * c)] = num[r][c] * inv_n;
+    for (int nt = 0; nt < 4; ++nt)
+      if (column_of(nt, e) < dh) o[cv.at(i, column_of(nt, e))] = num[nt][e] * inv_n;
   }
   if (threadIdx.x < cv.tn) zeta[cv.row(threadIdx.x) * H + cv.h] = zeta_s[threadIdx.x];
   if (cv.chunk != gridDim.x - 1 || (!final_S && !final_z)) return;
@@ -690,8 +723,8 @@ __global__ void __launch_bounds__(kTileThreads)
   const long state = (long)cv.b * H + cv.h;
   for (int idx = threadIdx.x; idx < dh * cv.C; idx += kTileThreads) {
     const int r = idx / cv.C, c = idx % cv.C;
-    float s = c < dh ? S[r * kTile + c] : z[r];
-    for (int j = 0; j < cv.tn; ++j) s += KT[r * kTile + j] * (c < dh ? V[j * kTile + c] : 1.f);
+    float s = c < dh ? S[r * ld + c] : z[r];
+    for (int j = 0; j < cv.tn; ++j) s += KT[r * ld + j] * (c < dh ? V[j * ld + c] : 1.f);
     if (c < dh) {
       if (final_S) final_S[(state * dh + r) * dh + c] = s;
     } else if (final_z) {
@@ -864,7 +897,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   }
 }
 
-constexpr size_t kNumeratorSmem = sizeof(float) * (5 * kTile * kTile + 2 * kTile);
+constexpr size_t kNumeratorSmem = sizeof(float) * (5 * kTile * kMmaLd + 2 * kTile);
 constexpr size_t kGradientSmem = sizeof(float) * (kGradientSlots * kTile * kTile + 4 * kTile);
 
 template <class Kernel> void prepare_smem(Kernel kernel, size_t bytes) {
@@ -918,30 +951,17 @@ size_t dzeta_floats(int B, int N, int H) { return (size_t(B) * N * H + 63) / 64 
 
 // Each segment's starting state (kind 0: [S | z] from the tokens before it) or adjoint (kind 1: [dS | dz]
 // from the tokens after it), into states.
-template <int NB>
-void segment_sums(float* states, int kind, const float* q, const float* k, const float* v, const float* mu,
-                  const float* d_o, const float* zeta, const float* dzeta, int B, int N, int D, int H,
-                  cudaStream_t stream) {
-  const int dh = D / H, ld = (dh + kTile - 1) / kTile * kTile;
-  const size_t smem = sizeof(float) * (size_t(2) * kSegment * ld + 2 * kSegment);
-  prepare_smem(segment_sums_kernel<NB>, smem);
-  segment_sums_kernel<NB><<<dim3(H, B, segments(N)), kTileThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o,
-                                                                                    zeta, dzeta, N, D, H);
-  MUSE_CUDA_CHECK(cudaGetLastError());
-}
-
 void segment_states(float* states, int kind, const float* q, const float* k, const float* v, const float* mu,
                     const float* d_o, const float* zeta, const float* dzeta, int B, int N, int D, int H,
                     cudaStream_t stream) {
   const Layout l = layout(D, H);
   const int P = segments(N);
-  // Column groups of the sums' 64 × 64 output blocks: ⌈d_h/16⌉, all four for heads wider than one block.
-  switch ((std::min(l.dh, kTile) + 15) / 16) {
-    case 1: segment_sums<1>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
-    case 2: segment_sums<2>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
-    case 3: segment_sums<3>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
-    default: segment_sums<4>(states, kind, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream); break;
-  }
+  const int ld = (l.dh + kTile - 1) / kTile * kTile + kMmaPad;
+  const size_t smem = sizeof(float) * (size_t(2) * kSegment * ld + 2 * kSegment);
+  prepare_smem(segment_sums_kernel, smem);
+  segment_sums_kernel<<<dim3(H, B, P), kTileThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o, zeta, dzeta, N,
+                                                                     D, H);
+  MUSE_CUDA_CHECK(cudaGetLastError());
   const long per_bh = long(l.dh) * l.C, total = long(B) * H * per_bh;
   segment_scan_kernel<<<int((total + 255) / 256), 256, 0, stream>>>(states, per_bh, P, total, kind == 1);
   MUSE_CUDA_CHECK(cudaGetLastError());
@@ -987,16 +1007,15 @@ void backward_impl(float* dq, float* dk, float* dv, float* dmu, const float* d_o
   }
 }
 
-// The chunked form (d_h ≤ 64, workspace given): NB = ⌈d_h/16⌉ column groups per thread.
-template <int NB>
+// The chunked form (d_h ≤ 64, workspace given).
 void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                      const float* v, const float* mu, int B, int N, int D, int H, float* workspace,
                      cudaStream_t stream) {
   const int P = segments(N);
   const float* states = P > 1 ? workspace : nullptr;
   if (states) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
-  prepare_smem(chunk_numerator_kernel<NB>, kNumeratorSmem);
-  chunk_numerator_kernel<NB><<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(
+  prepare_smem(chunk_numerator_kernel, kNumeratorSmem);
+  chunk_numerator_kernel<<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(
       o, zeta, final_S, final_z, q, k, v, mu, states, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
@@ -1053,12 +1072,8 @@ void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, 
     return;
   }
   if (workspace && D / H <= kChunkMaxHeadDim) {
-    switch ((D / H + 15) / 16) {
-      case 1: chunked_forward<1>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      case 2: chunked_forward<2>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      case 3: chunked_forward<3>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
-      default: chunked_forward<4>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); return;
-    }
+    chunked_forward(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream);
+    return;
   }
   switch (rows_per_thread(D / H)) {
     case 1: forward_impl<1>(o, zeta, final_S, final_z, q, k, v, mu, B, N, D, H, workspace, stream); break;
