@@ -74,15 +74,15 @@ __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Tf32A& a, const 
   mma_tf32(d, a.hi, b.hi);
 }
 
-// acc += Σ_{κ<K} Lt[κ][m0 + m]·R[κ][n0 + n] over one warp's 16 × 8·kNT block (m < 16, n < 8·kNT), both
-// operands stored with the summed index outermost (row κ of ld floats), 3xTF32. K is a multiple of 8; an ld
-// ≡ 8 (mod 32) makes the scalar fragment loads conflict free. Accumulator element e of n-tile nt is
-// (m0 + g + 8·(e / 2), n0 + 8·nt + 2t + e % 2).
+// acc += Σ_{k_begin ≤ κ < k_end} Lt[κ][m0 + m]·R[κ][n0 + n] over one warp's 16 × 8·kNT block (m < 16,
+// n < 8·kNT), both operands stored with the summed index outermost (row κ of ld floats), 3xTF32. The bounds
+// are multiples of 8; an ld ≡ 8 (mod 32) makes the scalar fragment loads conflict free. Accumulator element e
+// of n-tile nt is (m0 + g + 8·(e / 2), n0 + 8·nt + 2t + e % 2).
 template <int kNT>
 __device__ __forceinline__ void mma_3xtf32_kmajor(float (&acc)[kNT][4], const float* Lt, const float* R, int ld,
-                                                  int m0, int n0, int K) {
+                                                  int m0, int n0, int k_begin, int k_end) {
   const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-  for (int k0 = 0; k0 < K; k0 += 8) {
+  for (int k0 = k_begin; k0 < k_end; k0 += 8) {
     const float* a = Lt + (k0 + t) * ld + m0 + g;
     const Tf32A fa = tf32_a(a[0], a[8], a[4 * ld], a[4 * ld + 8]);
     const float* b = R + (k0 + t) * ld + n0 + g;

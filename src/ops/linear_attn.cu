@@ -15,7 +15,6 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "common/cuda_check.cuh"
 #include "common/mma_tf32.cuh"
@@ -96,71 +95,70 @@ __device__ __forceinline__ void load_state(float (&S)[RA], const float* init, lo
   }
 }
 
-// Register-tiled matrix products in shared memory (the segment sums and the chunked form): a 64 × (64 or
-// d_h) result, thread (tx, ty) of 16 × 16 owning rows 4ty…4ty+3 and columns tx + 16b (b < NB, NB·16 ≥ the
-// columns wanted). Both operands are stored with the summed index outermost ("κ-major", rows of ld floats,
-// kTile unless wider), so a thread reads its 4 rows as one float4 (broadcast in the warp) and the warp's 16
-// columns as one contiguous run.
+// The chunked form's and the segment sums' 64 × 64 matrix products run on the tensor cores (3xTF32,
+// common/mma_tf32.cuh) over shared-memory tiles stored with the summed index outermost. The tiles are
+// filled by 256 threads; each of the 8 warps computes a 16 × 32 part of a result: rows 16·(warp mod 4),
+// columns 32·(warp / 4) (WarpBlock). Tile rows are kMmaPad floats longer than their 64 (or padded head's)
+// columns: ld ≡ 8 (mod 32) makes the fragment loads conflict free.
 constexpr int kTile = kSegment;    // tokens per chunk = the segment sums' length
-constexpr int kTileThreads = 256;  // 16 × 16
+constexpr int kTileThreads = 256;  // 8 warps
 constexpr int kFillBatch = kTile * kTile / kTileThreads;  // elements per thread of a 64 × 64 tile
-// The tensor-core products' operand tiles (common/mma_tf32.cuh) have rows kMmaPad floats longer than their
-// 64 (or padded head's) columns: ld ≡ 8 (mod 32) makes the fragment loads conflict free. Each of the 8
-// warps computes a 16 × 32 part of a 64 × 64 result: rows 16·(warp mod 4), columns 32·(warp / 4).
 constexpr int kMmaPad = 8;
 constexpr int kMmaLd = kTile + kMmaPad;
 
-// One step κ of tile_mac: acc[a][b] += Lt[κ][4ty + a]·R[κ][tx + 16b] for the rows a that `rows` selects.
-template <int NB>
-__device__ __forceinline__ void tile_mac_step(float (&acc)[4][NB], const float* Lt, const float* R, int kk, int tx,
-                                              int ty, int ld, unsigned rows = 0xfu) {
-  const float4 l4 = *reinterpret_cast<const float4*>(Lt + kk * ld + 4 * ty);
-  const float l[4] = {l4.x, l4.y, l4.z, l4.w};
-  float r[NB];
-#pragma unroll
-  for (int b = 0; b < NB; ++b) r[b] = R[kk * ld + tx + 16 * b];
-#pragma unroll
-  for (int a = 0; a < 4; ++a)
-    if (rows & (1u << a))
-#pragma unroll
-      for (int b = 0; b < NB; ++b) acc[a][b] += l[a] * r[b];
+// This warp's part of a 64 × 64 result and where its accumulator elements acc[nt][e] lie.
+struct WarpBlock {
+  int m0, n0, g, t;
+  __device__ int row(int e) const { return m0 + g + 8 * (e / 2); }
+  __device__ int column(int nt, int e) const { return n0 + 8 * nt + 2 * t + e % 2; }
+};
+__device__ __forceinline__ WarpBlock warp_block() {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  return {16 * (warp % 4), 32 * (warp / 4), lane / 4, lane % 4};
 }
 
-// acc[a][b] += Σ_κ<K Lt[κ][4ty + a]·R[κ][tx + 16b].
-template <int NB>
-__device__ __forceinline__ void tile_mac(float (&acc)[4][NB], const float* Lt, const float* R, int K, int tx, int ty,
-                                         int ld = kTile) {
-#pragma unroll 4
-  for (int kk = 0; kk < K; ++kk) tile_mac_step(acc, Lt, R, kk, tx, ty, ld);
+// acc += Σ_κ Lt[κ][row]·R[κ][column] over κ < k_end (a multiple of 8; the tiles are zero past their data).
+__device__ __forceinline__ void tile_mma(float (&acc)[4][4], const float* Lt, const float* R, const WarpBlock& w,
+                                         int k_end) {
+  mma_3xtf32_kmajor<4>(acc, Lt, R, kMmaLd, w.m0, w.n0, 0, k_end);
 }
 
-// The causal products over a chunk's tokens (A·V, P·K̃, Aᵀ·G, Pᵀ·Q̃): row i of the result sums only
-// κ ≤ i (kLower) or κ ≥ i (kUpper). The masked coefficients are 0, but a product would multiply them with the
-// other side's value, and 0·∞ would carry a non-finite value of a later token into an earlier one's result
-// (or of an earlier into a later); the loop bounds skip them, and halve the work.
+// The causal products over a chunk's tokens (A·V, P·K̃, Aᵀ·G, Pᵀ·Q̃): row i of the result sums only κ ≤ i
+// (kLower) or κ ≥ i (kUpper); Lt holds zeros at the masked (row, κ). The tensor cores take the warp's
+// 8-key steps that reach its rows. With finite values (R) the steps through the warp's diagonal 16 × 16 block
+// multiply its masked zeros harmlessly; otherwise 0·∞ would carry a non-finite value of a later token into an
+// earlier one's result (or of an earlier into a later; SPEC §2.5), so the diagonal block's keys are summed
+// element by element over the allowed κ only.
 enum class Causal { kLower, kUpper };
-template <Causal kMask, int NB>
-__device__ __forceinline__ void tile_mac_causal(float (&acc)[4][NB], const float* Lt, const float* R, int tx, int ty) {
-  const int first_row = 4 * ty;
-  auto boundary = [&] {  // the four κ of the thread's own rows: row a takes κ = first_row + c when allowed
+template <Causal kMask>
+__device__ __forceinline__ void causal_tile_mma(float (&acc)[4][4], const float* Lt, const float* R,
+                                                const WarpBlock& w, bool finite) {
+  const int diagonal = w.m0, beyond = w.m0 + 16;  // the diagonal block's keys [m0, m0 + 16)
+  if (kMask == Causal::kLower)
+    mma_3xtf32_kmajor<4>(acc, Lt, R, kMmaLd, w.m0, w.n0, 0, finite ? beyond : diagonal);
+  else
+    mma_3xtf32_kmajor<4>(acc, Lt, R, kMmaLd, w.m0, w.n0, finite ? diagonal : beyond, kTile);
+  if (finite) return;
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      unsigned rows = 0;
+  for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int a = 0; a < 4; ++a)
-        if (kMask == Causal::kLower ? c <= a : c >= a) rows |= 1u << a;
-      tile_mac_step(acc, Lt, R, first_row + c, tx, ty, kTile, rows);
+    for (int e = 0; e < 4; ++e) {
+      const int i = w.row(e), c = w.column(nt, e);
+      const int first = kMask == Causal::kLower ? diagonal : i, last = kMask == Causal::kLower ? i : beyond - 1;
+      for (int kk = first; kk <= last; ++kk) acc[nt][e] += Lt[kk * kMmaLd + i] * R[kk * kMmaLd + c];
     }
-  };
-  if (kMask == Causal::kLower) {
-#pragma unroll 4
-    for (int kk = 0; kk < first_row; ++kk) tile_mac_step(acc, Lt, R, kk, tx, ty, kTile);
-    boundary();
-  } else {
-    boundary();
-#pragma unroll 4
-    for (int kk = first_row + 4; kk < kTile; ++kk) tile_mac_step(acc, Lt, R, kk, tx, ty, kTile);
+}
+
+// Whether every element of the [64][kMmaLd] tiles is finite, for the whole block (a barrier: the tiles must
+// be complete before it).
+template <class... Tile>
+__device__ __forceinline__ bool tiles_finite(const Tile*... tiles) {
+  bool finite = true;
+  for (int idx = threadIdx.x; idx < kTile * kTile; idx += kTileThreads) {
+    const int at = idx / kTile * kMmaLd + idx % kTile;
+    finite = finite && (... && isfinite(tiles[at]));
   }
+  return __syncthreads_and(finite);
 }
 
 // Sum over the 16 lanes (tx) of a half warp.
@@ -238,18 +236,17 @@ __global__ void __launch_bounds__(kTileThreads)
   }
   __syncthreads();
   float* dst = out + (((long)b * H + h) * P + seg) * dh * C;
-  const int warp = threadIdx.x / kWarp, g = (threadIdx.x % kWarp) / 4, t4 = threadIdx.x % 4;
-  const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+  const WarpBlock w = warp_block();
   const int tokens = (tn + 7) / 8 * 8;  // the tile is zero past tn
   for (int r0 = 0; r0 < dh; r0 += kTile) {
     for (int c0 = 0; c0 < dh; c0 += kTile) {
       float acc[4][4] = {};
-      mma_3xtf32_kmajor<4>(acc, A + r0, Bv + c0, ld, m0, n0, tokens);
+      mma_3xtf32_kmajor<4>(acc, A + r0, Bv + c0, ld, w.m0, w.n0, 0, tokens);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int r = r0 + m0 + g + 8 * (e / 2), c = c0 + n0 + 8 * nt + 2 * t4 + e % 2;
+          const int r = r0 + w.row(e), c = c0 + w.column(nt, e);
           if (r < dh && c < dh) dst[r * C + c] = acc[nt][e];
         }
     }
@@ -604,7 +601,8 @@ __global__ void __launch_bounds__(kMaxThreads)
 //   num = Q̃·S + mask(Q̃K̃ᵀ)·V,   ζ = Q̃·z + mask(Q̃K̃ᵀ)·1        (mask: key j ≤ query i)
 // and the backward, with G = (do/n, dζ) and [dS | dz] summed over the chunks after (kind 1), is
 //   P = mask(G·(V, 1)ᵀ),  dQ̃ = G·[S | z]ᵀ + P·K̃,  dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃,  dV = K̃·dS + mask(Q̃K̃ᵀ)ᵀ·G.
-// Each product is one tile_mac (above). Tokens past the sequence and columns past d_h are zeros.
+// Each product is one tile_mma or causal_tile_mma (above). Tokens past the sequence and columns past d_h are
+// zeros.
 constexpr int kChunkMaxHeadDim = 64;
 
 // Where one chunk sits, and its loads.
@@ -638,11 +636,8 @@ __device__ ChunkView chunk_view(int N, int D, int H) {
   return v;
 }
 
-// The chunk's numerators: o, ζ and, in the last chunk, the final state. Its three products (Q̃K̃ᵀ, Q̃·S and the
-// causal A·V) run on the tensor cores (3xTF32), d_h padded to 64. The causal product takes only the keys up
-// to each warp's last row; when the chunk's values hold a non-finite number, the keys of the warp's own
-// diagonal 16 × 16 block are summed element by element over j ≤ i instead, so that no masked (zero)
-// coefficient multiplies a later token's value (0·∞; SPEC §2.5).
+// The chunk's numerators: o, ζ and, in the last chunk, the final state; the products Q̃K̃ᵀ, Q̃·S and the
+// causal A·V on the tensor cores, d_h padded to 64.
 __global__ void __launch_bounds__(kTileThreads)
     chunk_numerator_kernel(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                            const float* v, const float* mu, const float* states, int N, int D, int H) {
@@ -663,25 +658,17 @@ __global__ void __launch_bounds__(kTileThreads)
   cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; }, ld);
   cv.load_state(S, z, false, states, ld);
   __syncthreads();
-  bool finite = true;
-  for (int idx = threadIdx.x; idx < kTile * kTile; idx += kTileThreads)
-    finite = finite && isfinite(V[idx / kTile * ld + idx % kTile]);
-  const bool values_finite = __syncthreads_and(finite);
-
-  const int warp = threadIdx.x / kWarp, g = (threadIdx.x % kWarp) / 4, t4 = threadIdx.x % 4;
-  const int m0 = 16 * (warp % 4), n0 = 32 * (warp / 4);
+  const bool values_finite = tiles_finite(V);
+  const WarpBlock w = warp_block();
   const int width = (dh + 7) / 8 * 8;  // the tiles are zero past d_h
-  // Accumulator element e of n-tile nt: row m0 + g + 8·(e / 2), column n0 + 8·nt + 2·t4 + e % 2.
-  auto row_of = [&](int e) { return m0 + g + 8 * (e / 2); };
-  auto column_of = [&](int nt, int e) { return n0 + 8 * nt + 2 * t4 + e % 2; };
   {
     float a[4][4] = {};
-    mma_3xtf32_kmajor<4>(a, QT, KT, ld, m0, n0, width);
+    tile_mma(a, QT, KT, w, width);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = row_of(e), j = column_of(nt, e);
+        const int i = w.row(e), j = w.column(nt, e);
         AT[j * ld + i] = j <= i ? a[nt][e] : 0.f;
       }
   }
@@ -694,28 +681,17 @@ __global__ void __launch_bounds__(kTileThreads)
     zeta_s[i] = s;
   }
   float num[4][4] = {};
-  mma_3xtf32_kmajor<4>(num, QT, S, ld, m0, n0, width);
-  if (values_finite) {
-    mma_3xtf32_kmajor<4>(num, AT, V, ld, m0, n0, m0 + 16);
-  } else {
-    mma_3xtf32_kmajor<4>(num, AT, V, ld, m0, n0, m0);
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = row_of(e), c = column_of(nt, e);
-        for (int j = m0; j <= i; ++j) num[nt][e] += AT[j * ld + i] * V[j * ld + c];
-      }
-  }
+  tile_mma(num, QT, S, w, width);
+  causal_tile_mma<Causal::kLower>(num, AT, V, w, values_finite);
   __syncthreads();
 #pragma unroll
   for (int e = 0; e < 4; ++e) {
-    const int i = row_of(e);
+    const int i = w.row(e);
     if (i >= cv.tn) continue;
     const float inv_n = 1.f / fmaxf(zeta_s[i], kFloor);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
-      if (column_of(nt, e) < dh) o[cv.at(i, column_of(nt, e))] = num[nt][e] * inv_n;
+      if (w.column(nt, e) < dh) o[cv.at(i, w.column(nt, e))] = num[nt][e] * inv_n;
   }
   if (threadIdx.x < cv.tn) zeta[cv.row(threadIdx.x) * H + cv.h] = zeta_s[threadIdx.x];
   if (cv.chunk != gridDim.x - 1 || (!final_S && !final_z)) return;
@@ -755,25 +731,24 @@ __global__ void dzeta_kernel(float* dzeta, const float* d_o, const float* o, con
 
 // The gradients of one chunk (each may be null), accumulated: dq, dk, dv [B, N, D], dmu [B, N, H]. before:
 // the kind-0 states (the chunks before), after: the kind-1 states (the chunks after); null for one chunk.
-// Six 64 × 64 tiles of shared memory (97 KB: two blocks per SM), refilled in three steps. Each gradient's
+// Six 64 × 72 tiles of shared memory (110 KB: two blocks per SM), refilled in three steps. Each gradient's
 // two products accumulate in registers, in the order of the formulas, so a tile is overwritten as soon as
 // its last product has read it rather than when the gradient is done.
 constexpr int kGradientSlots = 6;
 
-template <int NB>
 __global__ void __launch_bounds__(kTileThreads, 2)
     chunk_gradient_kernel(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
                           const float* dzeta, const float* q, const float* k, const float* v, const float* mu,
                           const float* before, const float* after, int N, int D, int H) {
   const ChunkView cv = chunk_view(N, D, H);
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16, dh = cv.dh;
+  const int dh = cv.dh, ld = kMmaLd;
   extern __shared__ float smem[];
-  float* slot[kGradientSlots];
-  for (int s = 0; s < kGradientSlots; ++s) slot[s] = smem + s * kTile * kTile;
-  float* z = smem + kGradientSlots * kTile * kTile;  // [d_h] z before, then dz after
-  float* gz = z + kTile;                             // [tokens] dζ
-  float* inv_n = gz + kTile;                         // [tokens] 1/n
-  float* gate = inv_n + kTile;                       // [tokens] μ
+  auto slot = [&](int s) { return smem + s * kTile * ld; };
+  float* z = smem + kGradientSlots * kTile * ld;  // [d_h] z before, then dz after
+  float* gz = z + kTile;                          // [tokens] dζ
+  float* inv_n = gz + kTile;                      // [tokens] 1/n
+  float* gate = inv_n + kTile;                    // [tokens] μ
+  float* dgate = gate + kTile;                    // [2][tokens] the two column halves' parts of dμ
   for (int t = threadIdx.x; t < kTile; t += kTileThreads) {
     const bool in = t < cv.tn;
     gz[t] = in ? dzeta[((long)cv.b * H + cv.h) * N + cv.t0 + t] : 0.f;
@@ -787,118 +762,124 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   auto value = [&](int t, int e) { return v[cv.at(t, e)]; };
   // Step 1: Q̃K̃ᵀ and G·(V, 1)ᵀ from the transposed inputs, dQ̃'s G·[S | z]ᵀ (S transposed) and, once those
   // are read, dV's K̃·dS (dS natural).
-  float *QT = slot[0], *KT = slot[1], *GT = slot[2], *VT = slot[3], *ST = slot[4], *dS = slot[5];
-  cv.load(QT, true, phi_q);
-  cv.load(KT, true, phi_k_gated);
-  cv.load(GT, true, g_v);
-  cv.load(VT, true, value);
-  if (dq) cv.load_state(ST, z, true, before);
-  if (dv) cv.load_state(dS, nullptr, false, after);
+  float *QT = slot(0), *KT = slot(1), *GT = slot(2), *VT = slot(3), *ST = slot(4), *dS = slot(5);
+  cv.load(QT, true, phi_q, ld);
+  cv.load(KT, true, phi_k_gated, ld);
+  cv.load(GT, true, g_v, ld);
+  cv.load(VT, true, value, ld);
+  if (dq) cv.load_state(ST, z, true, before, ld);
+  if (dv) cv.load_state(dS, nullptr, false, after, ld);
   __syncthreads();
+  // The causal products' other sides are K̃, G and Q̃ (causal_tile_mma).
+  const bool finite = tiles_finite(QT, KT, GT);
+  const WarpBlock w = warp_block();
+  const int width = (dh + 7) / 8 * 8;  // the tiles are zero past d_h
   // A = mask(Q̃K̃ᵀ), P and Pᵀ go over Q̃ᵀ, Gᵀ and Sᵀ once the products below have read them.
-  float *A = slot[0], *P = slot[2], *PT = slot[4];
-  float dq_acc[4][NB] = {}, dv_acc[4][NB] = {};
+  float *A = slot(0), *P = slot(2), *PT = slot(4);
+  float dq_acc[4][4] = {}, dv_acc[4][4] = {};
   {
     float a[4][4] = {}, p[4][4] = {};
-    tile_mac<4>(a, QT, KT, dh, tx, ty);
-    tile_mac<4>(p, GT, VT, dh, tx, ty);
-    if (dq) tile_mac<NB>(dq_acc, GT, ST, dh, tx, ty);
+    tile_mma(a, QT, KT, w, width);
+    tile_mma(p, GT, VT, w, width);
+    if (dq) tile_mma(dq_acc, GT, ST, w, width);
     __syncthreads();
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int i = 4 * ty + r, j = tx + 16 * c;
+      for (int e = 0; e < 4; ++e) {
+        const int i = w.row(e), j = w.column(nt, e);
         const bool causal = j <= i;
-        A[i * kTile + j] = causal ? a[r][c] : 0.f;
-        const float pij = causal ? p[r][c] + gz[i] : 0.f;
-        P[i * kTile + j] = pij;
-        PT[j * kTile + i] = pij;
+        A[i * ld + j] = causal ? a[nt][e] : 0.f;
+        const float pij = causal ? p[nt][e] + gz[i] : 0.f;
+        P[i * ld + j] = pij;
+        PT[j * ld + i] = pij;
       }
   }
-  if (dv) tile_mac<NB>(dv_acc, KT, dS, dh, tx, ty);
+  if (dv) tile_mma(dv_acc, KT, dS, w, width);
   __syncthreads();
   // Step 2: dQ̃ = G·[S | z]ᵀ + P·K̃ and dV = K̃·dS + Aᵀ·G, with K̃ natural over K̃ᵀ and G natural over dS.
-  float *K = slot[1], *G = slot[5];
-  if (dq) cv.load(K, false, phi_k_gated);
-  if (dv) cv.load(G, false, g_v);
+  float *K = slot(1), *G = slot(5);
+  if (dq) cv.load(K, false, phi_k_gated, ld);
+  if (dv) cv.load(G, false, g_v, ld);
   __syncthreads();
   // The gradients' epilogues load every old value (and input) of the thread's elements before they store
   // any: interleaved, each load would wait for the store before it (the compiler cannot tell that they never
   // alias).
-  auto in_chunk = [&](int t, int c) { return t < cv.tn && tx + 16 * c < dh; };
-  // old = the gradient's elements (zeros without it), input = the input's, at the thread's (row, column)s.
-  auto load_old_and_input = [&](float (&old)[4][NB], float (&input)[4][NB], const float* gradient, const float* x) {
+  auto in_chunk = [&](int t, int c) { return t < cv.tn && c < dh; };
+  // old = the gradient's elements (zeros without it), input = the input's, at the thread's elements.
+  auto load_old_and_input = [&](float (&old)[4][4], float (&input)[4][4], const float* gradient, const float* x) {
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int c = 0; c < NB; ++c) {
-        const bool in = in_chunk(4 * ty + r, c);
-        const long at = cv.at(4 * ty + r, tx + 16 * c);
-        old[r][c] = in && gradient ? gradient[at] : 0.f;
-        input[r][c] = in ? x[at] : 0.f;
+      for (int e = 0; e < 4; ++e) {
+        const bool in = in_chunk(w.row(e), w.column(nt, e));
+        const long at = cv.at(w.row(e), w.column(nt, e));
+        old[nt][e] = in && gradient ? gradient[at] : 0.f;
+        input[nt][e] = in && x ? x[at] : 0.f;
       }
   };
   if (dq) {
-    tile_mac_causal<Causal::kLower>(dq_acc, PT, K, tx, ty);
-    float dq_old[4][NB], q_in[4][NB];
+    causal_tile_mma<Causal::kLower>(dq_acc, PT, K, w, finite);
+    float dq_old[4][4], q_in[4][4];
     load_old_and_input(dq_old, q_in, dq, q);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int i = 4 * ty + r;
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int c = 0; c < NB; ++c) {
-        const int e = tx + 16 * c;
-        if (!in_chunk(i, c)) continue;
-        dq[cv.at(i, e)] = dq_old[r][c] + (dq_acc[r][c] + gz[i] * z[e]) * feature_grad(q_in[r][c], cv.scale);
+      for (int e = 0; e < 4; ++e) {
+        const int i = w.row(e), c = w.column(nt, e);
+        if (in_chunk(i, c))
+          dq[cv.at(i, c)] = dq_old[nt][e] + (dq_acc[nt][e] + gz[i] * z[c]) * feature_grad(q_in[nt][e], cv.scale);
       }
-    }
   }
   if (dv) {
-    tile_mac_causal<Causal::kUpper>(dv_acc, A, G, tx, ty);
-    float dv_old[4][NB];
+    causal_tile_mma<Causal::kUpper>(dv_acc, A, G, w, finite);
+    float dv_old[4][4], unused[4][4];
+    load_old_and_input(dv_old, unused, dv, nullptr);
 #pragma unroll
-    for (int r = 0; r < 4; ++r)
+    for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-      for (int c = 0; c < NB; ++c)
-        dv_old[r][c] = in_chunk(4 * ty + r, c) ? dv[cv.at(4 * ty + r, tx + 16 * c)] : 0.f;
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-#pragma unroll
-      for (int c = 0; c < NB; ++c)
-        if (in_chunk(4 * ty + r, c)) dv[cv.at(4 * ty + r, tx + 16 * c)] = dv_old[r][c] + dv_acc[r][c];
+      for (int e = 0; e < 4; ++e)
+        if (in_chunk(w.row(e), w.column(nt, e))) dv[cv.at(w.row(e), w.column(nt, e))] = dv_old[nt][e] + dv_acc[nt][e];
   }
   if (!dk && !dmu) return;
   __syncthreads();
   // Step 3: dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃, with dS transposed over A and Q̃ natural over K̃; Vᵀ and P stay.
-  float *dST = slot[0], *Q = slot[1];
-  cv.load_state(dST, z, true, after);
-  cv.load(Q, false, phi_q);
+  float *dST = slot(0), *Q = slot(1);
+  cv.load_state(dST, z, true, after, ld);
+  cv.load(Q, false, phi_q, ld);
   __syncthreads();
-  float acc[4][NB] = {};
-  tile_mac<NB>(acc, VT, dST, dh, tx, ty);
-  tile_mac_causal<Causal::kUpper>(acc, P, Q, tx, ty);
-  float dk_old[4][NB], k_in[4][NB];
+  float acc[4][4] = {};
+  tile_mma(acc, VT, dST, w, width);
+  causal_tile_mma<Causal::kUpper>(acc, P, Q, w, finite);
+  float dk_old[4][4], k_in[4][4];
   load_old_and_input(dk_old, k_in, dk, k);
+  // dμ_j = Σ_e φ(k_j)_e·dφ_je: the thread's rows (e / 2 = 0, 1) summed over its columns, then over the four
+  // lanes of a row (xor 1, 2), then the two column halves (warps) in order.
+  float row_dgate[2] = {};
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    const int j = 4 * ty + r;
-    float dgate = 0.f;
+  for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
-    for (int c = 0; c < NB; ++c) {
-      const int e = tx + 16 * c;
+    for (int e = 0; e < 4; ++e) {
+      const int j = w.row(e), c = w.column(nt, e);
       if (!in_chunk(j, c)) continue;
-      const float dphi = acc[r][c] + z[e];
-      if (dk) dk[cv.at(j, e)] = dk_old[r][c] + gate[j] * dphi * feature_grad(k_in[r][c], cv.scale);
-      dgate += feature(k_in[r][c], cv.scale) * dphi;
+      const float dphi = acc[nt][e] + z[c];
+      if (dk) dk[cv.at(j, c)] = dk_old[nt][e] + gate[j] * dphi * feature_grad(k_in[nt][e], cv.scale);
+      row_dgate[e / 2] += feature(k_in[nt][e], cv.scale) * dphi;
     }
-    dgate = half_warp_sum(dgate);
-    if (dmu && tx == 0 && j < cv.tn) dmu[cv.row(j) * H + cv.h] += dgate;
+  if (!dmu) return;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float x = row_dgate[half];
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    if (w.t == 0) dgate[(w.n0 / 32) * kTile + w.m0 + w.g + 8 * half] = x;
   }
+  __syncthreads();
+  if (threadIdx.x < cv.tn) dmu[cv.row(threadIdx.x) * H + cv.h] += dgate[threadIdx.x] + dgate[kTile + threadIdx.x];
 }
 
 constexpr size_t kNumeratorSmem = sizeof(float) * (5 * kTile * kMmaLd + 2 * kTile);
-constexpr size_t kGradientSmem = sizeof(float) * (kGradientSlots * kTile * kTile + 4 * kTile);
+constexpr size_t kGradientSmem = sizeof(float) * (kGradientSlots * kTile * kMmaLd + 6 * kTile);
 
 template <class Kernel> void prepare_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
@@ -1021,7 +1002,6 @@ void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, cons
 }
 
 // Backward workspace: dζ, then the kind-0 states (before each chunk), then the kind-1 states (after).
-template <int NB>
 void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
                       const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B, int N,
                       int D, int H, float* workspace, const float* forward_workspace, cudaStream_t stream) {
@@ -1041,8 +1021,8 @@ void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* 
       dzeta, d_o, o, zeta, N, D, H, triples);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
-  prepare_smem(chunk_gradient_kernel<NB>, kGradientSmem);
-  chunk_gradient_kernel<NB><<<grid, kTileThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k,
+  prepare_smem(chunk_gradient_kernel, kGradientSmem);
+  chunk_gradient_kernel<<<grid, kTileThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k,
                                                                              v, mu, before, after, N, D, H);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
@@ -1102,16 +1082,8 @@ void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const flo
   if ((dk || dv || dmu) && !workspace)
     throw std::invalid_argument("linear_attn_backward (cuda): dk/dv/dmu need a workspace");
   if (workspace && D / H <= kChunkMaxHeadDim) {
-    auto chunked = [&](auto nb) {
-      chunked_backward<decltype(nb)::value>(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace,
-                                            forward_workspace, stream);
-    };
-    switch ((D / H + 15) / 16) {
-      case 1: return chunked(std::integral_constant<int, 1>{});
-      case 2: return chunked(std::integral_constant<int, 2>{});
-      case 3: return chunked(std::integral_constant<int, 3>{});
-      default: return chunked(std::integral_constant<int, 4>{});
-    }
+    chunked_backward(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, forward_workspace, stream);
+    return;
   }
   switch (rows_per_thread(D / H)) {
     case 1: backward_impl<1>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;
