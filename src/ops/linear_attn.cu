@@ -149,6 +149,16 @@ __device__ __forceinline__ void causal_tile_mma(float (&acc)[4][4], const float*
     }
 }
 
+// tile[row][column] = this warp's accumulators (the caller synchronises before other warps read them).
+__device__ __forceinline__ void store_tile(float* tile, const float (&acc)[4][4], const WarpBlock& w) {
+#pragma unroll
+  for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      *reinterpret_cast<float2*>(tile + w.row(2 * half) * kMmaLd + w.column(nt, 0)) =
+          make_float2(acc[nt][2 * half], acc[nt][2 * half + 1]);
+}
+
 // Whether every element of the [64][kMmaLd] tiles is finite, for the whole block (a barrier: the tiles must
 // be complete before it).
 template <class... Tile>
@@ -684,14 +694,18 @@ __global__ void __launch_bounds__(kTileThreads)
   tile_mma(num, QT, S, w, width);
   causal_tile_mma<Causal::kLower>(num, AT, V, w, values_finite);
   __syncthreads();
+  // o read back from shared memory (over AT) in the fill layout, for whole-row runs of global stores.
+  store_tile(AT, num, w);
+  __syncthreads();
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-  for (int e = 0; e < 4; ++e) {
-    const int i = w.row(e);
+  for (int r = 0; r < 4; ++r) {
+    const int i = 4 * ty + r;
     if (i >= cv.tn) continue;
     const float inv_n = 1.f / fmaxf(zeta_s[i], kFloor);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
-      if (w.column(nt, e) < dh) o[cv.at(i, w.column(nt, e))] = num[nt][e] * inv_n;
+    for (int c = 0; c < 4; ++c)
+      if (tx + 16 * c < dh) o[cv.at(i, tx + 16 * c)] = AT[i * ld + tx + 16 * c] * inv_n;
   }
   if (threadIdx.x < cv.tn) zeta[cv.row(threadIdx.x) * H + cv.h] = zeta_s[threadIdx.x];
   if (cv.chunk != gridDim.x - 1 || (!final_S && !final_z)) return;
@@ -748,7 +762,6 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   float* gz = z + kTile;                          // [tokens] dζ
   float* inv_n = gz + kTile;                      // [tokens] 1/n
   float* gate = inv_n + kTile;                    // [tokens] μ
-  float* dgate = gate + kTile;                    // [2][tokens] the two column halves' parts of dμ
   for (int t = threadIdx.x; t < kTile; t += kTileThreads) {
     const bool in = t < cv.tn;
     gz[t] = in ? dzeta[((long)cv.b * H + cv.h) * N + cv.t0 + t] : 0.f;
@@ -802,44 +815,53 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   if (dq) cv.load(K, false, phi_k_gated, ld);
   if (dv) cv.load(G, false, g_v, ld);
   __syncthreads();
-  // The gradients' epilogues load every old value (and input) of the thread's elements before they store
-  // any: interleaved, each load would wait for the store before it (the compiler cannot tell that they never
-  // alias).
-  auto in_chunk = [&](int t, int c) { return t < cv.tn && c < dh; };
-  // old = the gradient's elements (zeros without it), input = the input's, at the thread's elements.
+  if (dq) causal_tile_mma<Causal::kLower>(dq_acc, PT, K, w, finite);
+  if (dv) causal_tile_mma<Causal::kUpper>(dv_acc, A, G, w, finite);
+  // The epilogues read the results back from shared memory in the fill layout (thread (tx, ty): rows 4ty…4ty+3,
+  // columns tx + 16c), so that a warp's global accesses are two 64-byte runs rather than eight 32-byte ones.
+  // They load every old value (and input) of the thread's elements before they store any: interleaved, each
+  // load would wait for the store before it (the compiler cannot tell that they never alias).
+  __syncthreads();
+  float *dQ = slot(4), *dV = slot(5);  // over Pᵀ and G
+  if (dq) store_tile(dQ, dq_acc, w);
+  if (dv) store_tile(dV, dv_acc, w);
+  __syncthreads();
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  auto in_chunk = [&](int r, int c) { return 4 * ty + r < cv.tn && tx + 16 * c < dh; };
+  // old = the gradient's elements (zeros without it), input = the input's, at the thread's (row, column)s.
   auto load_old_and_input = [&](float (&old)[4][4], float (&input)[4][4], const float* gradient, const float* x) {
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool in = in_chunk(w.row(e), w.column(nt, e));
-        const long at = cv.at(w.row(e), w.column(nt, e));
-        old[nt][e] = in && gradient ? gradient[at] : 0.f;
-        input[nt][e] = in && x ? x[at] : 0.f;
+      for (int c = 0; c < 4; ++c) {
+        const bool in = in_chunk(r, c);
+        const long at = cv.at(4 * ty + r, tx + 16 * c);
+        old[r][c] = in && gradient ? gradient[at] : 0.f;
+        input[r][c] = in && x ? x[at] : 0.f;
       }
   };
   if (dq) {
-    causal_tile_mma<Causal::kLower>(dq_acc, PT, K, w, finite);
     float dq_old[4][4], q_in[4][4];
     load_old_and_input(dq_old, q_in, dq, q);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int r = 0; r < 4; ++r) {
+      const int i = 4 * ty + r;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = w.row(e), c = w.column(nt, e);
-        if (in_chunk(i, c))
-          dq[cv.at(i, c)] = dq_old[nt][e] + (dq_acc[nt][e] + gz[i] * z[c]) * feature_grad(q_in[nt][e], cv.scale);
+      for (int c = 0; c < 4; ++c) {
+        const int e = tx + 16 * c;
+        if (in_chunk(r, c))
+          dq[cv.at(i, e)] = dq_old[r][c] + (dQ[i * ld + e] + gz[i] * z[e]) * feature_grad(q_in[r][c], cv.scale);
       }
+    }
   }
   if (dv) {
-    causal_tile_mma<Causal::kUpper>(dv_acc, A, G, w, finite);
     float dv_old[4][4], unused[4][4];
     load_old_and_input(dv_old, unused, dv, nullptr);
 #pragma unroll
-    for (int nt = 0; nt < 4; ++nt)
+    for (int r = 0; r < 4; ++r)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (in_chunk(w.row(e), w.column(nt, e))) dv[cv.at(w.row(e), w.column(nt, e))] = dv_old[nt][e] + dv_acc[nt][e];
+      for (int c = 0; c < 4; ++c)
+        if (in_chunk(r, c)) dv[cv.at(4 * ty + r, tx + 16 * c)] = dv_old[r][c] + dV[(4 * ty + r) * ld + tx + 16 * c];
   }
   if (!dk && !dmu) return;
   __syncthreads();
@@ -848,38 +870,35 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   cv.load_state(dST, z, true, after, ld);
   cv.load(Q, false, phi_q, ld);
   __syncthreads();
-  float acc[4][4] = {};
-  tile_mma(acc, VT, dST, w, width);
-  causal_tile_mma<Causal::kUpper>(acc, P, Q, w, finite);
-  float dk_old[4][4], k_in[4][4];
-  load_old_and_input(dk_old, k_in, dk, k);
-  // dμ_j = Σ_e φ(k_j)_e·dφ_je: the thread's rows (e / 2 = 0, 1) summed over its columns, then over the four
-  // lanes of a row (xor 1, 2), then the two column halves (warps) in order.
-  float row_dgate[2] = {};
-#pragma unroll
-  for (int nt = 0; nt < 4; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int j = w.row(e), c = w.column(nt, e);
-      if (!in_chunk(j, c)) continue;
-      const float dphi = acc[nt][e] + z[c];
-      if (dk) dk[cv.at(j, c)] = dk_old[nt][e] + gate[j] * dphi * feature_grad(k_in[nt][e], cv.scale);
-      row_dgate[e / 2] += feature(k_in[nt][e], cv.scale) * dphi;
-    }
-  if (!dmu) return;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    float x = row_dgate[half];
-    x += __shfl_xor_sync(0xffffffffu, x, 1);
-    x += __shfl_xor_sync(0xffffffffu, x, 2);
-    if (w.t == 0) dgate[(w.n0 / 32) * kTile + w.m0 + w.g + 8 * half] = x;
+  {
+    float acc[4][4] = {};
+    tile_mma(acc, VT, dST, w, width);
+    causal_tile_mma<Causal::kUpper>(acc, P, Q, w, finite);
+    store_tile(slot(4), acc, w);  // over the dq epilogue's tile, which every thread has read
   }
   __syncthreads();
-  if (threadIdx.x < cv.tn) dmu[cv.row(threadIdx.x) * H + cv.h] += dgate[threadIdx.x] + dgate[kTile + threadIdx.x];
+  const float* dPhi = slot(4);
+  float dk_old[4][4], k_in[4][4];
+  load_old_and_input(dk_old, k_in, dk, k);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int j = 4 * ty + r;
+    float dgate = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int e = tx + 16 * c;
+      if (!in_chunk(r, c)) continue;
+      const float dphi = dPhi[j * ld + e] + z[e];
+      if (dk) dk[cv.at(j, e)] = dk_old[r][c] + gate[j] * dphi * feature_grad(k_in[r][c], cv.scale);
+      dgate += feature(k_in[r][c], cv.scale) * dphi;
+    }
+    dgate = half_warp_sum(dgate);
+    if (dmu && tx == 0 && j < cv.tn) dmu[cv.row(j) * H + cv.h] += dgate;
+  }
 }
 
 constexpr size_t kNumeratorSmem = sizeof(float) * (5 * kTile * kMmaLd + 2 * kTile);
-constexpr size_t kGradientSmem = sizeof(float) * (kGradientSlots * kTile * kMmaLd + 6 * kTile);
+constexpr size_t kGradientSmem = sizeof(float) * (kGradientSlots * kTile * kMmaLd + 4 * kTile);
 
 template <class Kernel> void prepare_smem(Kernel kernel, size_t bytes) {
   if (bytes > 48 * 1024)
