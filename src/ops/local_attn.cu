@@ -362,6 +362,22 @@ struct AccumulatorMap {
   __device__ int col(int n, int c) const { return col0 + 8 * n + 2 * t + c % 2; }
 };
 
+// An accumulator pair (elements c, c + 1: columns e, e + 1 of one row, e even) to or from a row of global
+// memory: one 8-byte access when both columns are inside d_h and the row is 8-byte aligned (d_h even), for
+// whole 32-byte runs per row; element by element otherwise. Outside d_h a load gives 0.
+__device__ __forceinline__ float2 load_pair(const float* row, int e, int dh) {
+  if (dh % 2 == 0) return e < dh ? *reinterpret_cast<const float2*>(row + e) : make_float2(0.f, 0.f);
+  return make_float2(e < dh ? row[e] : 0.f, e + 1 < dh ? row[e + 1] : 0.f);
+}
+__device__ __forceinline__ void store_pair(float* row, int e, int dh, float2 value) {
+  if (dh % 2 == 0) {
+    if (e < dh) *reinterpret_cast<float2*>(row + e) = value;
+    return;
+  }
+  if (e < dh) row[e] = value.x;
+  if (e + 1 < dh) row[e + 1] = value.y;
+}
+
 // Σ_e row[e]² over a staged row of kTiledMaxHeadDim floats (zero past d_h), reduced across the warp.
 __device__ __forceinline__ float row_squared_norm(const float* row, int lane) {
   float sq = 0.f;
@@ -599,14 +615,14 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
     }
   }
 #pragma unroll
-  for (int c = 0; c < 4; ++c) {
+  for (int c = 0; c < 4; c += 2) {
     const int r = place.row(c), i = i0 + r;
     if (i > i_last) continue;
     const float inv_sum = 1.f / RowSum[r];
     float* oi = o + geo.row(b, i, h);
 #pragma unroll
     for (int n = 0; n < 4; ++n)
-      if (place.col(n, c) < dh) oi[place.col(n, c)] = acc[n][c] * inv_sum;
+      store_pair(oi, place.col(n, c), dh, make_float2(acc[n][c] * inv_sum, acc[n][c + 1] * inv_sum));
   }
 }
 
@@ -1186,25 +1202,27 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       }
       // The old dq of every element first, then the stores: interleaved, each load would wait for the store
       // before it (the compiler cannot tell that they never alias).
-      float dq_old[4][4];
+      float2 dq_old[4][2];
 #pragma unroll
       for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int i = step0 + place.row(c), e = place.col(n, c);
-          dq_old[n][c] = i <= step_end && i < j0 + kBwdTiledKeys && e < dh ? dq[geo.row(b, i, h) + e] : 0.f;
+        for (int c = 0; c < 4; c += 2) {
+          const int i = step0 + place.row(c);
+          dq_old[n][c / 2] = i <= step_end && i < j0 + kBwdTiledKeys ? load_pair(dq + geo.row(b, i, h), place.col(n, c), dh)
+                                                                     : make_float2(0.f, 0.f);
         }
 #pragma unroll
       for (int n = 0; n < 4; ++n)
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
+        for (int c = 0; c < 4; c += 2) {
           const int tq = place.row(c), i = step0 + tq, e = place.col(n, c);
           if (i > step_end || e >= dh) continue;
-          const float value = dq_acc[n][c] + self[c / 2] * Qs[tq * kBwdRowStride + e];
+          const float* qrow = Qs + tq * kBwdRowStride + e;
+          const float2 value = make_float2(dq_acc[n][c] + self[c / 2] * qrow[0], dq_acc[n][c + 1] + self[c / 2] * qrow[1]);
           if (i < j0 + kBwdTiledKeys)
-            dq[geo.row(b, i, h) + e] = dq_old[n][c] + value;
+            store_pair(dq + geo.row(b, i, h), e, dh, make_float2(dq_old[n][c / 2].x + value.x, dq_old[n][c / 2].y + value.y));
           else
-            carry[geo.row(b, i, h) + e] = value;
+            store_pair(carry + geo.row(b, i, h), e, dh, value);
         }
     }
   }
@@ -1216,22 +1234,26 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
   __syncthreads();
   // Every old value first, then the stores (as for dq above); dk, then dv.
   auto add_into = [&](float* out, float (&acc)[4][4], bool with_self) {
-    float old[4][4];
+    float2 old[4][2];
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int j = j0 + place.row(c), e = place.col(n, c);
-        old[n][c] = j <= j_last && e < dh ? out[geo.row(b, j, h) + e] : 0.f;
+      for (int c = 0; c < 4; c += 2) {
+        const int j = j0 + place.row(c);
+        old[n][c / 2] = j <= j_last ? load_pair(out + geo.row(b, j, h), place.col(n, c), dh) : make_float2(0.f, 0.f);
       }
 #pragma unroll
     for (int n = 0; n < 4; ++n)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < 4; c += 2) {
         const int tk = place.row(c), j = j0 + tk, e = place.col(n, c);
         if (j > j_last || e >= dh) continue;
-        const float value = with_self ? acc[n][c] + KeySelf[tk] * Ks[tk * kBwdRowStride + e] : acc[n][c];
-        out[geo.row(b, j, h) + e] = old[n][c] + value;
+        float2 value = make_float2(acc[n][c], acc[n][c + 1]);
+        if (with_self) {
+          const float* krow = Ks + tk * kBwdRowStride + e;
+          value.x += KeySelf[tk] * krow[0], value.y += KeySelf[tk] * krow[1];
+        }
+        store_pair(out + geo.row(b, j, h), e, dh, make_float2(old[n][c / 2].x + value.x, old[n][c / 2].y + value.y));
       }
   };
   if (want_dk) add_into(dk, dk_acc, true);
