@@ -74,20 +74,49 @@ __device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Tf32A& a, const 
   mma_tf32(d, a.hi, b.hi);
 }
 
+// A kernel that serves both the fp32 math (kExact: the 3xTF32 split above) and the GEMMs' tf32/bf16 math
+// (one TF32 product a step, each operand rounded to its nearest TF32 value, ties away from zero; lo unused).
+__device__ __forceinline__ uint32_t round_tf32(float x) { return (__float_as_uint(x) + 0x1000u) & 0xffffe000u; }
+
+template <bool kExact>
+__device__ __forceinline__ Tf32A to_tf32_a(float a0, float a1, float a2, float a3) {
+  if constexpr (kExact) return tf32_a(a0, a1, a2, a3);
+  Tf32A f;
+  f.hi[0] = round_tf32(a0), f.hi[1] = round_tf32(a1), f.hi[2] = round_tf32(a2), f.hi[3] = round_tf32(a3);
+  return f;
+}
+
+template <bool kExact>
+__device__ __forceinline__ Tf32B to_tf32_b(float b0, float b1) {
+  if constexpr (kExact) return tf32_b(b0, b1);
+  Tf32B f;
+  f.hi[0] = round_tf32(b0), f.hi[1] = round_tf32(b1);
+  return f;
+}
+
+template <bool kExact>
+__device__ __forceinline__ void mma_tf32_product(float (&d)[4], const Tf32A& a, const Tf32B& b) {
+  if constexpr (kExact)
+    mma_3xtf32(d, a, b);
+  else
+    mma_tf32(d, a.hi, b.hi);
+}
+
 // acc += Σ_{k_begin ≤ κ < k_end} Lt[κ][m0 + m]·R[κ][n0 + n] over one warp's 16 × 8·kNT block (m < 16,
-// n < 8·kNT), both operands stored with the summed index outermost (row κ of ld floats), 3xTF32. The bounds
-// are multiples of 8; an ld ≡ 8 (mod 32) makes the scalar fragment loads conflict free. Accumulator element e
-// of n-tile nt is (m0 + g + 8·(e / 2), n0 + 8·nt + 2t + e % 2).
-template <int kNT>
-__device__ __forceinline__ void mma_3xtf32_kmajor(float (&acc)[kNT][4], const float* Lt, const float* R, int ld,
-                                                  int m0, int n0, int k_begin, int k_end) {
+// n < 8·kNT), both operands stored with the summed index outermost (row κ of ld floats); 3xTF32 when kExact,
+// else one TF32 pass. The bounds are multiples of 8; an ld ≡ 8 (mod 32) makes the scalar fragment loads
+// conflict free. Accumulator element e of n-tile nt is (m0 + g + 8·(e / 2), n0 + 8·nt + 2t + e % 2).
+template <bool kExact, int kNT>
+__device__ __forceinline__ void mma_tf32_kmajor(float (&acc)[kNT][4], const float* Lt, const float* R, int ld, int m0,
+                                                int n0, int k_begin, int k_end) {
   const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
   for (int k0 = k_begin; k0 < k_end; k0 += 8) {
     const float* a = Lt + (k0 + t) * ld + m0 + g;
-    const Tf32A fa = tf32_a(a[0], a[8], a[4 * ld], a[4 * ld + 8]);
+    const Tf32A fa = to_tf32_a<kExact>(a[0], a[8], a[4 * ld], a[4 * ld + 8]);
     const float* b = R + (k0 + t) * ld + n0 + g;
 #pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) mma_3xtf32(acc[nt], fa, tf32_b(b[8 * nt], b[4 * ld + 8 * nt]));
+    for (int nt = 0; nt < kNT; ++nt)
+      mma_tf32_product<kExact>(acc[nt], fa, to_tf32_b<kExact>(b[8 * nt], b[4 * ld + 8 * nt]));
   }
 }
 

@@ -15,11 +15,13 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "common/cuda_check.cuh"
 #include "common/mma_tf32.cuh"
 #include "ops/linear_attn.cuh"
 #include "ops/linear_attn.h"
+#include "ops/linear.cuh"
 
 namespace muse::cuda {
 
@@ -118,9 +120,10 @@ __device__ __forceinline__ WarpBlock warp_block() {
 }
 
 // acc += Σ_κ Lt[κ][row]·R[κ][column] over κ < k_end (a multiple of 8; the tiles are zero past their data).
+template <bool kExact>
 __device__ __forceinline__ void tile_mma(float (&acc)[4][4], const float* Lt, const float* R, const WarpBlock& w,
                                          int k_end) {
-  mma_3xtf32_kmajor<4>(acc, Lt, R, kMmaLd, w.m0, w.n0, 0, k_end);
+  mma_tf32_kmajor<kExact, 4>(acc, Lt, R, kMmaLd, w.m0, w.n0, 0, k_end);
 }
 
 // The causal products over a chunk's tokens (A·V, P·K̃, Aᵀ·G, Pᵀ·Q̃): row i of the result sums only κ ≤ i
@@ -130,14 +133,14 @@ __device__ __forceinline__ void tile_mma(float (&acc)[4][4], const float* Lt, co
 // earlier one's result (or of an earlier into a later; SPEC §2.5), so the diagonal block's keys are summed
 // element by element over the allowed κ only.
 enum class Causal { kLower, kUpper };
-template <Causal kMask>
+template <bool kExact, Causal kMask>
 __device__ __forceinline__ void causal_tile_mma(float (&acc)[4][4], const float* Lt, const float* R,
                                                 const WarpBlock& w, bool finite) {
   const int diagonal = w.m0, beyond = w.m0 + 16;  // the diagonal block's keys [m0, m0 + 16)
   if (kMask == Causal::kLower)
-    mma_3xtf32_kmajor<4>(acc, Lt, R, kMmaLd, w.m0, w.n0, 0, finite ? beyond : diagonal);
+    mma_tf32_kmajor<kExact, 4>(acc, Lt, R, kMmaLd, w.m0, w.n0, 0, finite ? beyond : diagonal);
   else
-    mma_3xtf32_kmajor<4>(acc, Lt, R, kMmaLd, w.m0, w.n0, finite ? diagonal : beyond, kTile);
+    mma_tf32_kmajor<kExact, 4>(acc, Lt, R, kMmaLd, w.m0, w.n0, finite ? diagonal : beyond, kTile);
   if (finite) return;
 #pragma unroll
   for (int nt = 0; nt < 4; ++nt)
@@ -209,6 +212,7 @@ __device__ __forceinline__ void fill_tile(float* tile, int ld, bool transposed, 
 // zeros), each warp a 16 × 32 part; the last column is summed per row over tokens t ≡ tx (mod 16), then
 // across the half warp.
 
+template <bool kExact>
 __global__ void __launch_bounds__(kTileThreads)
     segment_sums_kernel(float* out, int kind, const float* q, const float* k, const float* v, const float* mu,
                         const float* d_o, const float* zeta, const float* dzeta, int N, int D, int H) {
@@ -251,7 +255,7 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int r0 = 0; r0 < dh; r0 += kTile) {
     for (int c0 = 0; c0 < dh; c0 += kTile) {
       float acc[4][4] = {};
-      mma_3xtf32_kmajor<4>(acc, A + r0, Bv + c0, ld, w.m0, w.n0, 0, tokens);
+      mma_tf32_kmajor<kExact, 4>(acc, A + r0, Bv + c0, ld, w.m0, w.n0, 0, tokens);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -648,6 +652,7 @@ __device__ ChunkView chunk_view(int N, int D, int H) {
 
 // The chunk's numerators: o, ζ and, in the last chunk, the final state; the products Q̃K̃ᵀ, Q̃·S and the
 // causal A·V on the tensor cores, d_h padded to 64.
+template <bool kExact>
 __global__ void __launch_bounds__(kTileThreads)
     chunk_numerator_kernel(float* o, float* zeta, float* final_S, float* final_z, const float* q, const float* k,
                            const float* v, const float* mu, const float* states, int N, int D, int H) {
@@ -673,7 +678,7 @@ __global__ void __launch_bounds__(kTileThreads)
   const int width = (dh + 7) / 8 * 8;  // the tiles are zero past d_h
   {
     float a[4][4] = {};
-    tile_mma(a, QT, KT, w, width);
+    tile_mma<kExact>(a, QT, KT, w, width);
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
@@ -691,8 +696,8 @@ __global__ void __launch_bounds__(kTileThreads)
     zeta_s[i] = s;
   }
   float num[4][4] = {};
-  tile_mma(num, QT, S, w, width);
-  causal_tile_mma<Causal::kLower>(num, AT, V, w, values_finite);
+  tile_mma<kExact>(num, QT, S, w, width);
+  causal_tile_mma<kExact, Causal::kLower>(num, AT, V, w, values_finite);
   __syncthreads();
   // o read back from shared memory (over AT) in the fill layout, for whole-row runs of global stores.
   store_tile(AT, num, w);
@@ -750,6 +755,7 @@ __global__ void dzeta_kernel(float* dzeta, const float* d_o, const float* o, con
 // its last product has read it rather than when the gradient is done.
 constexpr int kGradientSlots = 6;
 
+template <bool kExact>
 __global__ void __launch_bounds__(kTileThreads, 2)
     chunk_gradient_kernel(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
                           const float* dzeta, const float* q, const float* k, const float* v, const float* mu,
@@ -792,9 +798,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   float dq_acc[4][4] = {}, dv_acc[4][4] = {};
   {
     float a[4][4] = {}, p[4][4] = {};
-    tile_mma(a, QT, KT, w, width);
-    tile_mma(p, GT, VT, w, width);
-    if (dq) tile_mma(dq_acc, GT, ST, w, width);
+    tile_mma<kExact>(a, QT, KT, w, width);
+    tile_mma<kExact>(p, GT, VT, w, width);
+    if (dq) tile_mma<kExact>(dq_acc, GT, ST, w, width);
     __syncthreads();
 #pragma unroll
     for (int nt = 0; nt < 4; ++nt)
@@ -808,15 +814,15 @@ __global__ void __launch_bounds__(kTileThreads, 2)
         PT[j * ld + i] = pij;
       }
   }
-  if (dv) tile_mma(dv_acc, KT, dS, w, width);
+  if (dv) tile_mma<kExact>(dv_acc, KT, dS, w, width);
   __syncthreads();
   // Step 2: dQ̃ = G·[S | z]ᵀ + P·K̃ and dV = K̃·dS + Aᵀ·G, with K̃ natural over K̃ᵀ and G natural over dS.
   float *K = slot(1), *G = slot(5);
   if (dq) cv.load(K, false, phi_k_gated, ld);
   if (dv) cv.load(G, false, g_v, ld);
   __syncthreads();
-  if (dq) causal_tile_mma<Causal::kLower>(dq_acc, PT, K, w, finite);
-  if (dv) causal_tile_mma<Causal::kUpper>(dv_acc, A, G, w, finite);
+  if (dq) causal_tile_mma<kExact, Causal::kLower>(dq_acc, PT, K, w, finite);
+  if (dv) causal_tile_mma<kExact, Causal::kUpper>(dv_acc, A, G, w, finite);
   // The epilogues read the results back from shared memory in the fill layout (thread (tx, ty): rows 4ty…4ty+3,
   // columns tx + 16c), so that a warp's global accesses are two 64-byte runs rather than eight 32-byte ones.
   // They load every old value (and input) of the thread's elements before they store any: interleaved, each
@@ -872,8 +878,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   {
     float acc[4][4] = {};
-    tile_mma(acc, VT, dST, w, width);
-    causal_tile_mma<Causal::kUpper>(acc, P, Q, w, finite);
+    tile_mma<kExact>(acc, VT, dST, w, width);
+    causal_tile_mma<kExact, Causal::kUpper>(acc, P, Q, w, finite);
     store_tile(slot(4), acc, w);  // over the dq epilogue's tile, which every thread has read
   }
   __syncthreads();
@@ -949,6 +955,16 @@ size_t state_floats(int B, int N, int D, int H) {
 // The dζ part of the backward workspace, rounded up so the states after it stay 256-byte aligned.
 size_t dzeta_floats(int B, int N, int H) { return (size_t(B) * N * H + 63) / 64 * 64; }
 
+// Runs launch(std::true_type) for 3xTF32 products (the fp32 GEMM math of BlasLt::current()), else
+// launch(std::false_type) for one TF32 pass (tf32, bf16: the precision those GEMMs run at).
+template <class Launch>
+void with_products(Launch&& launch) {
+  if (BlasLt::current().math() == GemmMath::fp32)
+    launch(std::true_type{});
+  else
+    launch(std::false_type{});
+}
+
 // Each segment's starting state (kind 0: [S | z] from the tokens before it) or adjoint (kind 1: [dS | dz]
 // from the tokens after it), into states.
 void segment_states(float* states, int kind, const float* q, const float* k, const float* v, const float* mu,
@@ -958,9 +974,11 @@ void segment_states(float* states, int kind, const float* q, const float* k, con
   const int P = segments(N);
   const int ld = (l.dh + kTile - 1) / kTile * kTile + kMmaPad;
   const size_t smem = sizeof(float) * (size_t(2) * kSegment * ld + 2 * kSegment);
-  prepare_smem(segment_sums_kernel, smem);
-  segment_sums_kernel<<<dim3(H, B, P), kTileThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o, zeta, dzeta, N,
-                                                                     D, H);
+  with_products([&](auto exact) {
+    auto kernel = segment_sums_kernel<decltype(exact)::value>;
+    prepare_smem(kernel, smem);
+    kernel<<<dim3(H, B, P), kTileThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o, zeta, dzeta, N, D, H);
+  });
   MUSE_CUDA_CHECK(cudaGetLastError());
   const long per_bh = long(l.dh) * l.C, total = long(B) * H * per_bh;
   segment_scan_kernel<<<int((total + 255) / 256), 256, 0, stream>>>(states, per_bh, P, total, kind == 1);
@@ -1014,9 +1032,12 @@ void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, cons
   const int P = segments(N);
   const float* states = P > 1 ? workspace : nullptr;
   if (states) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
-  prepare_smem(chunk_numerator_kernel, kNumeratorSmem);
-  chunk_numerator_kernel<<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(
-      o, zeta, final_S, final_z, q, k, v, mu, states, N, D, H);
+  with_products([&](auto exact) {
+    auto kernel = chunk_numerator_kernel<decltype(exact)::value>;
+    prepare_smem(kernel, kNumeratorSmem);
+    kernel<<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(o, zeta, final_S, final_z, q, k, v, mu, states, N,
+                                                                    D, H);
+  });
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1040,9 +1061,12 @@ void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* 
       dzeta, d_o, o, zeta, N, D, H, triples);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
-  prepare_smem(chunk_gradient_kernel, kGradientSmem);
-  chunk_gradient_kernel<<<grid, kTileThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k,
-                                                                             v, mu, before, after, N, D, H);
+  with_products([&](auto exact) {
+    auto kernel = chunk_gradient_kernel<decltype(exact)::value>;
+    prepare_smem(kernel, kGradientSmem);
+    kernel<<<grid, kTileThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k, v, mu, before,
+                                                          after, N, D, H);
+  });
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -3,6 +3,10 @@
 // as matrix products (the states between chunks summed first); otherwise one block per (b, h) scans the
 // sequence with the d_h × (d_h + 1) state [S | z] in registers, the backward replaying the states like the
 // CPU op. See docs/kernels/attention.md.
+//
+// Precision: the chunks' and the segment sums' matrix products run on the tensor cores, 3xTF32 (fp32-accurate)
+// when BlasLt::current()'s GemmMath is fp32, one TF32 pass (operands rounded to 11 significant bits) under
+// tf32 and bf16, the precision those GEMMs run at; sums accumulate in fp32 either way.
 #pragma once
 #include <cuda_runtime.h>
 

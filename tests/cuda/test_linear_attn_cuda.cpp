@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cuda/gpu_support.h"
+#include "ops/linear.cuh"
 #include "ops/linear_attn.h"
 #include "support/test_util.h"
 
@@ -49,7 +50,9 @@ struct Wanted {
   bool dq = true, dk = true, dv = true, dmu = true;
 };
 
-void check_case(const Case& cs, const Wanted& want = Wanted{}) {
+// loose: the tolerances' factor (1 under the fp32 math's 3xTF32 products).
+void check_case(const Case& cs, const Wanted& want = Wanted{}, double loose = 1) {
+  const double kForwardRel = loose * test::kForwardRel, kGradRel = loose * test::kGradRel;
   const int B = cs.B, N = cs.N, D = cs.D, H = cs.H, dh = D / H;
   SCOPED_TRACE("B " + std::to_string(B) + " N " + std::to_string(N) + " D " + std::to_string(D) + " H " +
                std::to_string(H) + (cs.gate ? " +gate" : ""));
@@ -141,6 +144,18 @@ TEST(linear_attn_cuda, phase8_small_shape_matches_cpu) {
   MUSE_REQUIRE_GPU();
   check_case({2, 150, 512, 8, true});
   check_case({2, 150, 512, 8, false});
+}
+
+// Under the tf32 (and bf16) GEMM math the chunks' products take one TF32 pass: operands rounded to 11
+// significant bits (2⁻¹¹ relative each), so 30× the fp32 tolerances (3e-3 forward, 9e-3 gradients).
+TEST(linear_attn_cuda, one_tf32_pass_matches_cpu) {
+  MUSE_REQUIRE_GPU();
+  cuda::BlasLt& blas = cuda::BlasLt::current();
+  const cuda::GemmMath before = blas.math();
+  blas.set_math(cuda::GemmMath::tf32);
+  check_case({2, 150, 512, 8, true}, Wanted{}, 30);
+  check_case({1, 700, 128, 2, true}, Wanted{}, 30);
+  blas.set_math(before);
 }
 
 // Many segments: the states summed over segments before (after) each one must equal the sequential scan.
