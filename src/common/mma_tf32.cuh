@@ -12,6 +12,7 @@
 // adjacent elements 2t, 2t + 1 of its storage (one 8-byte load) in both operands.
 
 #include <cstdint>
+#include <type_traits>
 
 namespace muse::cuda {
 
@@ -44,20 +45,6 @@ __device__ __forceinline__ Tf32B tf32_b(float b0, float b1) {
   split_tf32(b0, f.hi[0], f.lo[0]);
   split_tf32(b1, f.hi[1], f.lo[1]);
   return f;
-}
-
-// The A fragment of rows r0 (fragment rows g) and r1 (g + 8) of a row-major tile whose summed index k = t,
-// t + 4 is stored as the adjacent columns c, c + 1 (c = the slice's first column + 2t): one 8-byte load a row.
-__device__ __forceinline__ Tf32A tf32_a_adjacent(const float* tile, int stride, int r0, int r1, int c) {
-  const float2 top = *reinterpret_cast<const float2*>(tile + r0 * stride + c);
-  const float2 bottom = *reinterpret_cast<const float2*>(tile + r1 * stride + c);
-  return tf32_a(top.x, bottom.x, top.y, bottom.y);
-}
-
-// The B fragment of row n (fragment column g) of a tile stored [n][k], k = t, t + 4 as columns c, c + 1.
-__device__ __forceinline__ Tf32B tf32_b_adjacent(const float* tile, int stride, int n, int c) {
-  const float2 x = *reinterpret_cast<const float2*>(tile + n * stride + c);
-  return tf32_b(x.x, x.y);
 }
 
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -102,6 +89,23 @@ __device__ __forceinline__ void mma_tf32_product(float (&d)[4], const Tf32A& a, 
     mma_tf32(d, a.hi, b.hi);
 }
 
+// The A fragment of rows r0 (fragment rows g) and r1 (g + 8) of a row-major tile whose summed index k = t,
+// t + 4 is stored as the adjacent columns c, c + 1 (c = the slice's first column + 2t): one 8-byte load a row.
+// Split for 3xTF32 (kExact) or rounded for one pass, as to_tf32_a; likewise tf32_b_adjacent.
+template <bool kExact = true>
+__device__ __forceinline__ Tf32A tf32_a_adjacent(const float* tile, int stride, int r0, int r1, int c) {
+  const float2 top = *reinterpret_cast<const float2*>(tile + r0 * stride + c);
+  const float2 bottom = *reinterpret_cast<const float2*>(tile + r1 * stride + c);
+  return to_tf32_a<kExact>(top.x, bottom.x, top.y, bottom.y);
+}
+
+// The B fragment of row n (fragment column g) of a tile stored [n][k], k = t, t + 4 as columns c, c + 1.
+template <bool kExact = true>
+__device__ __forceinline__ Tf32B tf32_b_adjacent(const float* tile, int stride, int n, int c) {
+  const float2 x = *reinterpret_cast<const float2*>(tile + n * stride + c);
+  return to_tf32_b<kExact>(x.x, x.y);
+}
+
 // acc += Σ_{k_begin ≤ κ < k_end} Lt[κ][m0 + m]·R[κ][n0 + n] over one warp's 16 × 8·kNT block (m < 16,
 // n < 8·kNT), both operands stored with the summed index outermost (row κ of ld floats); 3xTF32 when kExact,
 // else one TF32 pass. The bounds are multiples of 8; an ld ≡ 8 (mod 32) makes the scalar fragment loads
@@ -118,6 +122,16 @@ __device__ __forceinline__ void mma_tf32_kmajor(float (&acc)[kNT][4], const floa
     for (int nt = 0; nt < kNT; ++nt)
       mma_tf32_product<kExact>(acc[nt], fa, to_tf32_b<kExact>(b[8 * nt], b[4 * ld + 8 * nt]));
   }
+}
+
+// Host side: calls launch(std::true_type) when exact, else launch(std::false_type), so that a launcher picks
+// the kExact instance of its kernel from a run-time choice.
+template <class Launch>
+void with_exactness(bool exact, Launch&& launch) {
+  if (exact)
+    launch(std::true_type{});
+  else
+    launch(std::false_type{});
 }
 
 }  // namespace muse::cuda

@@ -270,6 +270,8 @@ GemmMath gemm_math_from_string(const std::string& name) {
   throw std::invalid_argument("--gpu-math " + name + ": expected tf32, bf16 or fp32");
 }
 
+bool fp32_products() { return BlasLt::current().math() == GemmMath::fp32; }
+
 void gemm(BlasLt& blas, bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
           const float* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream) {
   gemm_into_fp32(blas, CUDA_R_32F, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, stream);

@@ -45,6 +45,10 @@ enum class GemmMath { fp32, tf32, bf16 };
 // "fp32", "tf32" or "bf16" (the --gpu-math flag); throws std::invalid_argument naming the value otherwise.
 GemmMath gemm_math_from_string(const std::string& name);
 
+// Whether the current device's GEMM math (BlasLt::current()) is fp32: the attention kernels' own tensor-core
+// products then run as 3xTF32 (fp32-accurate), under tf32 and bf16 as one TF32 pass, as the GEMMs do.
+bool fp32_products();
+
 class BlasLt {
  public:
   static constexpr size_t kWorkspaceBytes = size_t(32) << 20;  // NVIDIA's recommendation for Hopper

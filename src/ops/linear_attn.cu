@@ -15,7 +15,6 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "common/cuda_check.cuh"
 #include "common/mma_tf32.cuh"
@@ -955,16 +954,6 @@ size_t state_floats(int B, int N, int D, int H) {
 // The dζ part of the backward workspace, rounded up so the states after it stay 256-byte aligned.
 size_t dzeta_floats(int B, int N, int H) { return (size_t(B) * N * H + 63) / 64 * 64; }
 
-// Runs launch(std::true_type) for 3xTF32 products (the fp32 GEMM math of BlasLt::current()), else
-// launch(std::false_type) for one TF32 pass (tf32, bf16: the precision those GEMMs run at).
-template <class Launch>
-void with_products(Launch&& launch) {
-  if (BlasLt::current().math() == GemmMath::fp32)
-    launch(std::true_type{});
-  else
-    launch(std::false_type{});
-}
-
 // Each segment's starting state (kind 0: [S | z] from the tokens before it) or adjoint (kind 1: [dS | dz]
 // from the tokens after it), into states.
 void segment_states(float* states, int kind, const float* q, const float* k, const float* v, const float* mu,
@@ -974,7 +963,7 @@ void segment_states(float* states, int kind, const float* q, const float* k, con
   const int P = segments(N);
   const int ld = (l.dh + kTile - 1) / kTile * kTile + kMmaPad;
   const size_t smem = sizeof(float) * (size_t(2) * kSegment * ld + 2 * kSegment);
-  with_products([&](auto exact) {
+  with_exactness(fp32_products(), [&](auto exact) {
     auto kernel = segment_sums_kernel<decltype(exact)::value>;
     prepare_smem(kernel, smem);
     kernel<<<dim3(H, B, P), kTileThreads, smem, stream>>>(states, kind, q, k, v, mu, d_o, zeta, dzeta, N, D, H);
@@ -1032,7 +1021,7 @@ void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, cons
   const int P = segments(N);
   const float* states = P > 1 ? workspace : nullptr;
   if (states) segment_states(workspace, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
-  with_products([&](auto exact) {
+  with_exactness(fp32_products(), [&](auto exact) {
     auto kernel = chunk_numerator_kernel<decltype(exact)::value>;
     prepare_smem(kernel, kNumeratorSmem);
     kernel<<<dim3(P, H, B), kTileThreads, kNumeratorSmem, stream>>>(o, zeta, final_S, final_z, q, k, v, mu, states, N,
@@ -1061,7 +1050,7 @@ void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* 
       dzeta, d_o, o, zeta, N, D, H, triples);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
-  with_products([&](auto exact) {
+  with_exactness(fp32_products(), [&](auto exact) {
     auto kernel = chunk_gradient_kernel<decltype(exact)::value>;
     prepare_smem(kernel, kGradientSmem);
     kernel<<<grid, kTileThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k, v, mu, before,

@@ -19,6 +19,7 @@
 
 #include "common/cuda_check.cuh"
 #include "common/mma_tf32.cuh"
+#include "ops/linear.cuh"
 #include "ops/local_attn.cuh"
 #include "ops/poincare.cuh"
 #include "ops/poincare.h"
@@ -469,7 +470,7 @@ template <class Token> size_t tiled_forward_smem_bytes() {
   return floats * sizeof(float) + (kTiledQueries + kTiledKeys) * sizeof(Token);
 }
 
-template <class Params>
+template <class Params, bool kExact>
 __global__ void __launch_bounds__(kTiledThreads, 2)
     attn_forward_tiled_kernel(float* o, float* lse, const float* q, const float* k, const float* v, Geometry geo,
                               Params params) {
@@ -592,13 +593,13 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
       const int ja = key_lo + 8 * kk;
       if (ja > i_last) break;
       if (!blocks_meet(q_lo0, ja) && !blocks_meet(q_hi0, ja)) continue;
-      const Tf32A pa = tf32_a_adjacent(SS, kFwdScoreStride, row_lo, row_hi, 8 * kk + 2 * t);
+      const Tf32A pa = tf32_a_adjacent<kExact>(SS, kFwdScoreStride, row_lo, row_hi, 8 * kk + 2 * t);
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
         const int col = 32 * half + 8 * n;
         if (col >= dh) break;
         const int at = (8 * kk + 2 * t) * kFwdValueStride + col + g;
-        mma_3xtf32(acc[n], pa, tf32_b(Vs[at], Vs[at + kFwdValueStride]));
+        mma_tf32_product<kExact>(acc[n], pa, to_tf32_b<kExact>(Vs[at], Vs[at + kFwdValueStride]));
       }
     }
   } else if (q_lo0 <= i_last) {  // a non-finite value: element-wise over each row's window
@@ -955,7 +956,7 @@ template <class Token> size_t tiled_backward_smem_bytes() {
   return floats * sizeof(float) + (kBwdTiledKeys + kBwdTiledStep) * sizeof(Token);
 }
 
-template <class Params>
+template <class Params, bool kExact>
 __global__ void __launch_bounds__(kTiledThreads, 2)
     attn_backward_tiled_kernel(float* dq, float* carry, float* dk, float* dv, float* dlog_mu, float* partials,
                                const float* d_o, const float* o, const float* lse, const float* q, const float* k,
@@ -1057,13 +1058,13 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
         if (8 * kk >= dh) break;
         const int e = 8 * kk + 2 * t;
         const Tf32A qa = tf32_a_adjacent(Qs, kBwdRowStride, row_lo, row_hi, e);
-        const Tf32A ga = tf32_a_adjacent(Gs, kBwdRowStride, row_lo, row_hi, e);
+        const Tf32A ga = tf32_a_adjacent<kExact>(Gs, kBwdRowStride, row_lo, row_hi, e);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
           if (!(live & (1u << n))) continue;
           const int key = 8 * (2 * n + half) + g;
           mma_3xtf32(s_acc[n], qa, tf32_b_adjacent(Ks, kBwdRowStride, key, e));
-          mma_3xtf32(dp_acc[n], ga, tf32_b_adjacent(Vs, kBwdRowStride, key, e));
+          mma_tf32_product<kExact>(dp_acc[n], ga, tf32_b_adjacent<kExact>(Vs, kBwdRowStride, key, e));
         }
       }
 #pragma unroll
@@ -1138,14 +1139,14 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
         const float* p_hi = PT + row_hi * kBwdCoefStride + 8 * qq + t;
         const float* x_lo = XT + row_lo * kBwdCoefStride + 8 * qq + t;
         const float* x_hi = XT + row_hi * kBwdCoefStride + 8 * qq + t;
-        const Tf32A pa = tf32_a(p_lo[0], p_hi[0], p_lo[4], p_hi[4]);
-        const Tf32A xa = tf32_a(x_lo[0], x_hi[0], x_lo[4], x_hi[4]);
+        const Tf32A pa = to_tf32_a<kExact>(p_lo[0], p_hi[0], p_lo[4], p_hi[4]);
+        const Tf32A xa = to_tf32_a<kExact>(x_lo[0], x_hi[0], x_lo[4], x_hi[4]);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
           if (col0 + 8 * n >= dh) break;
           const int at = (8 * qq + t) * kBwdRowStride + col0 + 8 * n + g;
-          mma_3xtf32(dv_acc[n], pa, tf32_b(Gs[at], Gs[at + 4 * kBwdRowStride]));
-          mma_3xtf32(dk_acc[n], xa, tf32_b(Qs[at], Qs[at + 4 * kBwdRowStride]));
+          mma_tf32_product<kExact>(dv_acc[n], pa, to_tf32_b<kExact>(Gs[at], Gs[at + 4 * kBwdRowStride]));
+          mma_tf32_product<kExact>(dk_acc[n], xa, to_tf32_b<kExact>(Qs[at], Qs[at + 4 * kBwdRowStride]));
         }
       }
     } else if ((want_dv || want_dk) && k_lo0 <= j_last) {  // a non-finite q or dO: element-wise, masked skipped
@@ -1174,12 +1175,13 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
         if (!blocks_meet(q_lo0, step_end, ja) && !blocks_meet(q_hi0, step_end, ja)) continue;
         const float* x_col = XT + (8 * kk + t) * kBwdCoefStride;
         constexpr int kRight = 4 * kBwdCoefStride;
-        const Tf32A xa = tf32_a(x_col[row_lo], x_col[row_hi], x_col[kRight + row_lo], x_col[kRight + row_hi]);
+        const Tf32A xa =
+            to_tf32_a<kExact>(x_col[row_lo], x_col[row_hi], x_col[kRight + row_lo], x_col[kRight + row_hi]);
 #pragma unroll
         for (int n = 0; n < 4; ++n) {
           if (col0 + 8 * n >= dh) break;
           const int at = (8 * kk + t) * kBwdRowStride + col0 + 8 * n + g;
-          mma_3xtf32(dq_acc[n], xa, tf32_b(Ks[at], Ks[at + 4 * kBwdRowStride]));
+          mma_tf32_product<kExact>(dq_acc[n], xa, to_tf32_b<kExact>(Ks[at], Ks[at + 4 * kBwdRowStride]));
         }
       }
       if (!keys_finite) {  // a non-finite k: element-wise, masked pairs skipped
@@ -1339,15 +1341,21 @@ DotParams dot_params(const WindowedAttnArgs& a) {
 int tiles(int N, int tile) { return (N + tile - 1) / tile; }
 
 // The tiled kernels serve every preset; wider windows and heads (and causal_attn beyond N = 65) stream.
+// Their score products q·k (the distances) are 3xTF32 always; the others (P·V, dO·V, Pᵀ·dO, Xᵀ·Q, X·K) are
+// 3xTF32 under the fp32 GEMM math and one TF32 pass under tf32/bf16 (fp32_products()).
+
 bool tiled_kernels_apply(const Geometry& geo) { return geo.window <= kTiledMaxWindow && geo.dh <= kTiledMaxHeadDim; }
 
 template <class Params>
 void launch_tiled_forward(float* o, float* lse, const float* q, const float* k, const float* v, const Geometry& geo,
                           const Params& params, int B, cudaStream_t stream) {
   const size_t smem = tiled_forward_smem_bytes<typename Params::Score::Token>();
-  prepare_smem(attn_forward_tiled_kernel<Params>, smem);
   const dim3 grid(tiles(geo.N, kTiledQueries), geo.H, B);
-  attn_forward_tiled_kernel<Params><<<grid, kTiledThreads, smem, stream>>>(o, lse, q, k, v, geo, params);
+  with_exactness(fp32_products(), [&](auto exact) {
+    auto kernel = attn_forward_tiled_kernel<Params, decltype(exact)::value>;
+    prepare_smem(kernel, smem);
+    kernel<<<grid, kTiledThreads, smem, stream>>>(o, lse, q, k, v, geo, params);
+  });
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -1376,10 +1384,13 @@ void launch_tiled_backward(float* dq, float* dk, float* dv, float* dlog_mu, floa
                            const float* d_o, const float* o, const float* lse, const float* q, const float* k,
                            const float* v, const Geometry& geo, const Params& params, int B, cudaStream_t stream) {
   const size_t smem = tiled_backward_smem_bytes<typename Params::Score::Token>();
-  prepare_smem(attn_backward_tiled_kernel<Params>, smem);
   const dim3 grid(tiles(geo.N, kBwdTiledKeys), geo.H, B);
-  attn_backward_tiled_kernel<Params><<<grid, kTiledThreads, smem, stream>>>(dq, carry, dk, dv, dlog_mu, partials, d_o,
-                                                                           o, lse, q, k, v, geo, params);
+  with_exactness(fp32_products(), [&](auto exact) {
+    auto kernel = attn_backward_tiled_kernel<Params, decltype(exact)::value>;
+    prepare_smem(kernel, smem);
+    kernel<<<grid, kTiledThreads, smem, stream>>>(dq, carry, dk, dv, dlog_mu, partials, d_o, o, lse, q, k, v, geo,
+                                                  params);
+  });
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

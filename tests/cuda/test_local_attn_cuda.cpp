@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "cuda/gpu_support.h"
+#include "ops/linear.cuh"
 #include "ops/local_attn.h"
 #include "support/test_util.h"
 
@@ -73,7 +74,10 @@ struct Wanted {
 
 // Inputs (rounded to float once; the double reference runs on the same rounded values), CPU float and
 // double references, GPU forward and backward, comparisons.
-void check_case(const Case& cs, const Wanted& want = Wanted{}) {
+// loose: the tolerances' factor (1 under the fp32 math's 3xTF32 products).
+void check_case(const Case& cs, const Wanted& want = Wanted{}, double loose = 1) {
+  const double kForwardRel = loose * test::kForwardRel, kGradRel = loose * test::kGradRel,
+               kParamRel = loose * test::kParamRel;
   const LocalAttnConfig& cfg = cs.cfg;
   SCOPED_TRACE(describe(cs));
   Rng rng(uint64_t(cfg.B) * 1000003 + cfg.N * 7919 + cfg.D * 131 + cfg.H * 17 + cfg.window * 3 + cfg.sliding +
@@ -184,6 +188,18 @@ TEST(local_attn_cuda, phase8_small_shape_matches_cpu) {
   check_case({config(2, 150, 512, 8, 64, true, true), true});
   check_case({config(2, 150, 512, 8, 64, false, false), true});
   check_case({config(1, 150, 512, 8, 64, true, false), false});
+}
+
+// Under the tf32 (and bf16) GEMM math the tiled kernels' products other than the scores take one TF32 pass:
+// operands rounded to 11 significant bits (2⁻¹¹ relative each), so 30× the fp32 tolerances.
+TEST(local_attn_cuda, one_tf32_pass_matches_cpu) {
+  MUSE_REQUIRE_GPU();
+  cuda::BlasLt& blas = cuda::BlasLt::current();
+  const cuda::GemmMath before = blas.math();
+  blas.set_math(cuda::GemmMath::tf32);
+  check_case({config(2, 150, 512, 8, 64, true, true), true}, Wanted{}, 30);
+  check_case({config(1, 150, 512, 8, 64, true, false), false}, Wanted{}, 30);
+  blas.set_math(before);
 }
 
 // Every combination of mode × alibi × gate at an odd head width (d_h = 17, D = 51) with W = 5 not
