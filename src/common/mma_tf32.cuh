@@ -2,7 +2,8 @@
 // fp32-accurate matrix products on the tensor cores: 3xTF32 with mma.sync m16n8k8 (sm_80 and later).
 // Each operand x is split as x = hi + lo (split_tf32 below); hi·hi + hi·lo + lo·hi keeps about as many
 // bits as an fp32 FMA chain (the dropped lo·lo is ~2⁻²⁰ of the product), so kernels that the CPU
-// reference checks at fp32 tolerances can use the tensor cores at three instructions a step.
+// reference checks at fp32 tolerances can use the tensor cores at three instructions a step. Under the
+// tf32 and bf16 GEMM maths the same kernels take one TF32 pass (the kExact = false helpers below).
 //
 // Fragments of one warp, g = lane / 4, t = lane % 4 (PTX ISA, mma.m16n8k8 with .tf32):
 //   A 16 × 8, row-major:  a0 (g, t)   a1 (g + 8, t)   a2 (g, t + 4)   a3 (g + 8, t + 4)

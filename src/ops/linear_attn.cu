@@ -18,9 +18,9 @@
 
 #include "common/cuda_check.cuh"
 #include "common/mma_tf32.cuh"
+#include "ops/linear.cuh"
 #include "ops/linear_attn.cuh"
 #include "ops/linear_attn.h"
-#include "ops/linear.cuh"
 
 namespace muse::cuda {
 
@@ -96,11 +96,12 @@ __device__ __forceinline__ void load_state(float (&S)[RA], const float* init, lo
   }
 }
 
-// The chunked form's and the segment sums' 64 × 64 matrix products run on the tensor cores (3xTF32,
-// common/mma_tf32.cuh) over shared-memory tiles stored with the summed index outermost. The tiles are
-// filled by 256 threads; each of the 8 warps computes a 16 × 32 part of a result: rows 16·(warp mod 4),
-// columns 32·(warp / 4) (WarpBlock). Tile rows are kMmaPad floats longer than their 64 (or padded head's)
-// columns: ld ≡ 8 (mod 32) makes the fragment loads conflict free.
+// The chunked form's and the segment sums' 64 × 64 matrix products run on the tensor cores
+// (common/mma_tf32.cuh: 3xTF32 when kExact, under the fp32 GEMM math, else one TF32 pass; fp32_products())
+// over shared-memory tiles stored with the summed index outermost. The tiles are filled by 256 threads; each
+// of the 8 warps computes a 16 × 32 part of a result: rows 16·(warp mod 4), columns 32·(warp / 4)
+// (WarpBlock). Tile rows are kMmaPad floats longer than their 64 (or padded head's) columns: ld ≡ 8 (mod 32)
+// makes the fragment loads conflict free.
 constexpr int kTile = kSegment;    // tokens per chunk = the segment sums' length
 constexpr int kTileThreads = 256;  // 8 warps
 constexpr int kFillBatch = kTile * kTile / kTileThreads;  // elements per thread of a 64 × 64 tile
@@ -206,11 +207,9 @@ __device__ __forceinline__ void fill_tile(float* tile, int ld, bool transposed, 
 // Sums over one segment of tokens of the outer products that build a scan's state:
 //   forward (kind 0): Σ_t μ_t·φ(k_t) ⊗ (v_t, 1)          — what [S | z] gains over the segment
 //   reverse (kind 1): Σ_t φ(q_t) ⊗ (do_t/n_t, dζ_t)       — what the adjoint [dS | dz] gains
-// out [B, H, P, d_h, C]; one block per (h, b, segment). The [d_h × d_h] part is a 3xTF32 tensor-core
-// product over the segment's tokens (common/mma_tf32.cuh), in 64 × 64 output blocks (d_h padded with
-// zeros), each warp a 16 × 32 part; the last column is summed per row over tokens t ≡ tx (mod 16), then
-// across the half warp.
-
+// out [B, H, P, d_h, C]; one block per (h, b, segment). The [d_h × d_h] part is a tensor-core product over
+// the segment's tokens, in 64 × 64 output blocks (d_h padded with zeros), each warp a 16 × 32 part; the last
+// column is summed per row over tokens t ≡ tx (mod 16), then across the half warp.
 template <bool kExact>
 __global__ void __launch_bounds__(kTileThreads)
     segment_sums_kernel(float* out, int kind, const float* q, const float* k, const float* v, const float* mu,
@@ -624,16 +623,18 @@ struct ChunkView {
   float scale;
   __device__ long row(int t) const { return (long)b * N + t0 + t; }
   __device__ long at(int t, int e) const { return row(t) * D + (long)h * dh + e; }
-  // A [tokens × d_h] input into smem, natural (tile[t][e]) or transposed (tile[e][t]); f maps (t, e) → value.
+  // A [tokens × d_h] input into a [64][kMmaLd] tile, natural (tile[t][e]) or transposed (tile[e][t]); f maps
+  // (t, e) → value.
   template <class F>
-  __device__ void load(float* tile, bool transposed, F f, int ld = kTile) const {
-    fill_tile(tile, ld, transposed, [&](int t, int e) { return t < tn && e < dh ? f(t, e) : 0.f; });
+  __device__ void load(float* tile, bool transposed, F f) const {
+    fill_tile(tile, kMmaLd, transposed, [&](int t, int e) { return t < tn && e < dh ? f(t, e) : 0.f; });
   }
   // A [d_h × C] state (null: zeros): its [d_h × d_h] part natural or transposed, its last column into z
   // (unless z is null).
-  __device__ void load_state(float* tile, float* z, bool transposed, const float* states, int ld = kTile) const {
+  __device__ void load_state(float* tile, float* z, bool transposed, const float* states) const {
     const float* src = states ? states + (((long)b * H + h) * gridDim.x + chunk) * dh * C : nullptr;
-    fill_tile(tile, ld, transposed, [&](int r, int c) { return src && r < dh && c < dh ? src[r * C + c] : 0.f; });
+    fill_tile(tile, kMmaLd, transposed,
+              [&](int r, int c) { return src && r < dh && c < dh ? src[r * C + c] : 0.f; });
     if (z)
       for (int r = threadIdx.x; r < kTile; r += kTileThreads) z[r] = src && r < dh ? src[r * C + dh] : 0.f;
   }
@@ -665,12 +666,12 @@ __global__ void __launch_bounds__(kTileThreads)
   float* AT = S + kTile * ld;      // [key][query] mask(Q̃K̃ᵀ)ᵀ
   float* z = AT + kTile * ld;      // [d_h] z before the chunk
   float* zeta_s = z + kTile;       // [tokens] ζ
-  cv.load(QT, true, [&](int t, int e) { return feature(q[cv.at(t, e)], cv.scale); }, ld);
+  cv.load(QT, true, [&](int t, int e) { return feature(q[cv.at(t, e)], cv.scale); });
   cv.load(KT, true, [&](int t, int e) {
     return (mu ? mu[cv.row(t) * H + cv.h] : 1.f) * feature(k[cv.at(t, e)], cv.scale);
-  }, ld);
-  cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; }, ld);
-  cv.load_state(S, z, false, states, ld);
+  });
+  cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; });
+  cv.load_state(S, z, false, states);
   __syncthreads();
   const bool values_finite = tiles_finite(V);
   const WarpBlock w = warp_block();
@@ -781,12 +782,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   // Step 1: Q̃K̃ᵀ and G·(V, 1)ᵀ from the transposed inputs, dQ̃'s G·[S | z]ᵀ (S transposed) and, once those
   // are read, dV's K̃·dS (dS natural).
   float *QT = slot(0), *KT = slot(1), *GT = slot(2), *VT = slot(3), *ST = slot(4), *dS = slot(5);
-  cv.load(QT, true, phi_q, ld);
-  cv.load(KT, true, phi_k_gated, ld);
-  cv.load(GT, true, g_v, ld);
-  cv.load(VT, true, value, ld);
-  if (dq) cv.load_state(ST, z, true, before, ld);
-  if (dv) cv.load_state(dS, nullptr, false, after, ld);
+  cv.load(QT, true, phi_q);
+  cv.load(KT, true, phi_k_gated);
+  cv.load(GT, true, g_v);
+  cv.load(VT, true, value);
+  if (dq) cv.load_state(ST, z, true, before);
+  if (dv) cv.load_state(dS, nullptr, false, after);
   __syncthreads();
   // The causal products' other sides are K̃, G and Q̃ (causal_tile_mma).
   const bool finite = tiles_finite(QT, KT, GT);
@@ -817,8 +818,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   // Step 2: dQ̃ = G·[S | z]ᵀ + P·K̃ and dV = K̃·dS + Aᵀ·G, with K̃ natural over K̃ᵀ and G natural over dS.
   float *K = slot(1), *G = slot(5);
-  if (dq) cv.load(K, false, phi_k_gated, ld);
-  if (dv) cv.load(G, false, g_v, ld);
+  if (dq) cv.load(K, false, phi_k_gated);
+  if (dv) cv.load(G, false, g_v);
   __syncthreads();
   if (dq) causal_tile_mma<kExact, Causal::kLower>(dq_acc, PT, K, w, finite);
   if (dv) causal_tile_mma<kExact, Causal::kUpper>(dv_acc, A, G, w, finite);
@@ -872,8 +873,8 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   // Step 3: dK̃ = (V, 1)·[dS | dz]ᵀ + Pᵀ·Q̃, with dS transposed over A and Q̃ natural over K̃; Vᵀ and P stay.
   float *dST = slot(0), *Q = slot(1);
-  cv.load_state(dST, z, true, after, ld);
-  cv.load(Q, false, phi_q, ld);
+  cv.load_state(dST, z, true, after);
+  cv.load(Q, false, phi_q);
   __syncthreads();
   {
     float acc[4][4] = {};

@@ -1210,8 +1210,8 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
 #pragma unroll
         for (int c = 0; c < 4; c += 2) {
           const int i = step0 + place.row(c);
-          dq_old[n][c / 2] = i <= step_end && i < j0 + kBwdTiledKeys ? load_pair(dq + geo.row(b, i, h), place.col(n, c), dh)
-                                                                     : make_float2(0.f, 0.f);
+          const bool in_dq = i <= step_end && i < j0 + kBwdTiledKeys;
+          dq_old[n][c / 2] = in_dq ? load_pair(dq + geo.row(b, i, h), place.col(n, c), dh) : make_float2(0.f, 0.f);
         }
 #pragma unroll
       for (int n = 0; n < 4; ++n)
@@ -1220,9 +1220,11 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
           const int tq = place.row(c), i = step0 + tq, e = place.col(n, c);
           if (i > step_end || e >= dh) continue;
           const float* qrow = Qs + tq * kBwdRowStride + e;
-          const float2 value = make_float2(dq_acc[n][c] + self[c / 2] * qrow[0], dq_acc[n][c + 1] + self[c / 2] * qrow[1]);
+          const float2 value =
+              make_float2(dq_acc[n][c] + self[c / 2] * qrow[0], dq_acc[n][c + 1] + self[c / 2] * qrow[1]);
+          const float2 old = dq_old[n][c / 2];
           if (i < j0 + kBwdTiledKeys)
-            store_pair(dq + geo.row(b, i, h), e, dh, make_float2(dq_old[n][c / 2].x + value.x, dq_old[n][c / 2].y + value.y));
+            store_pair(dq + geo.row(b, i, h), e, dh, make_float2(old.x + value.x, old.y + value.y));
           else
             store_pair(carry + geo.row(b, i, h), e, dh, value);
         }
