@@ -131,7 +131,8 @@ __device__ __forceinline__ void tile_mma(float (&acc)[4][4], const float* Lt, co
 // 8-key steps that reach its rows. With finite values (R) the steps through the warp's diagonal 16 × 16 block
 // multiply its masked zeros harmlessly; otherwise 0·∞ would carry a non-finite value of a later token into an
 // earlier one's result (or of an earlier into a later; SPEC §2.5), so the diagonal block's keys are summed
-// element by element over the allowed κ only.
+// element by element over the allowed κ only. `finite`: the block's R tile is (fill_tile's check, reduced
+// over the block with __syncthreads_and).
 enum class Causal { kLower, kUpper };
 template <bool kExact, Causal kMask>
 __device__ __forceinline__ void causal_tile_mma(float (&acc)[4][4], const float* Lt, const float* R,
@@ -162,18 +163,6 @@ __device__ __forceinline__ void store_tile(float* tile, const float (&acc)[4][4]
           make_float2(acc[nt][2 * half], acc[nt][2 * half + 1]);
 }
 
-// Whether every element of the [64][kMmaLd] tiles is finite, for the whole block (a barrier: the tiles must
-// be complete before it).
-template <class... Tile>
-__device__ __forceinline__ bool tiles_finite(const Tile*... tiles) {
-  bool finite = true;
-  for (int idx = threadIdx.x; idx < kTile * kTile; idx += kTileThreads) {
-    const int at = idx / kTile * kMmaLd + idx % kTile;
-    finite = finite && (... && isfinite(tiles[at]));
-  }
-  return __syncthreads_and(finite);
-}
-
 // Sum over the 16 lanes (tx) of a half warp.
 __device__ __forceinline__ float half_warp_sum(float x) {
   for (int offset = 8; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
@@ -183,10 +172,11 @@ __device__ __forceinline__ float half_warp_sum(float x) {
 // A 64 × 64 tile of value(t, e) (t, e < 64) into shared memory at tile[t·ld + e] or, transposed, tile[e·ld + t].
 // Each thread issues all its kFillBatch global loads before its first store, so a block waits for memory
 // once per tile rather than once per element. Natural: a warp reads 32 consecutive e of one t (coalesced,
-// conflict-free stores). Transposed: a warp reads 4 consecutive e of 8 tokens, so its stores (bank t mod 32)
-// conflict 4-way rather than the 32-way of one token per warp.
+// conflict-free stores). Transposed: a warp reads 4 consecutive e of 8 tokens, and with ld ≡ 8 (mod 32) its
+// stores (bank 8e + t mod 32) are conflict free. Returns whether the values this thread stored are all
+// finite (the causal products' check, without reading the tile again).
 template <class F>
-__device__ __forceinline__ void fill_tile(float* tile, int ld, bool transposed, F value) {
+__device__ __forceinline__ bool fill_tile(float* tile, int ld, bool transposed, F value) {
   static_assert(kTile == 64 && kTileThreads == 256, "the fill mappings below cover 64 × 64 with 256 threads");
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   float x[kFillBatch];
@@ -196,12 +186,15 @@ __device__ __forceinline__ void fill_tile(float* tile, int ld, bool transposed, 
     const int e = transposed ? 4 * m + lane % 4 : threadIdx.x % kTile;
     x[m] = value(t, e);
   }
+  bool finite = true;
 #pragma unroll
   for (int m = 0; m < kFillBatch; ++m) {
     const int t = transposed ? 8 * warp + lane / 4 : 4 * m + threadIdx.x / kTile;
     const int e = transposed ? 4 * m + lane % 4 : threadIdx.x % kTile;
     tile[transposed ? e * ld + t : t * ld + e] = x[m];
+    finite = finite && isfinite(x[m]);
   }
+  return finite;
 }
 
 // Sums over one segment of tokens of the outer products that build a scan's state:
@@ -624,10 +617,10 @@ struct ChunkView {
   __device__ long row(int t) const { return (long)b * N + t0 + t; }
   __device__ long at(int t, int e) const { return row(t) * D + (long)h * dh + e; }
   // A [tokens × d_h] input into a [64][kMmaLd] tile, natural (tile[t][e]) or transposed (tile[e][t]); f maps
-  // (t, e) → value.
+  // (t, e) → value. Returns whether this thread's values were all finite.
   template <class F>
-  __device__ void load(float* tile, bool transposed, F f) const {
-    fill_tile(tile, kMmaLd, transposed, [&](int t, int e) { return t < tn && e < dh ? f(t, e) : 0.f; });
+  __device__ bool load(float* tile, bool transposed, F f) const {
+    return fill_tile(tile, kMmaLd, transposed, [&](int t, int e) { return t < tn && e < dh ? f(t, e) : 0.f; });
   }
   // A [d_h × C] state (null: zeros): its [d_h × d_h] part natural or transposed, its last column into z
   // (unless z is null).
@@ -670,10 +663,9 @@ __global__ void __launch_bounds__(kTileThreads)
   cv.load(KT, true, [&](int t, int e) {
     return (mu ? mu[cv.row(t) * H + cv.h] : 1.f) * feature(k[cv.at(t, e)], cv.scale);
   });
-  cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; });
+  const bool v_finite = cv.load(V, false, [&](int t, int e) { return v[cv.at(t, e)]; });
   cv.load_state(S, z, false, states);
-  __syncthreads();
-  const bool values_finite = tiles_finite(V);
+  const bool values_finite = __syncthreads_and(v_finite);
   const WarpBlock w = warp_block();
   const int width = (dh + 7) / 8 * 8;  // the tiles are zero past d_h
   {
@@ -782,15 +774,14 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   // Step 1: Q̃K̃ᵀ and G·(V, 1)ᵀ from the transposed inputs, dQ̃'s G·[S | z]ᵀ (S transposed) and, once those
   // are read, dV's K̃·dS (dS natural).
   float *QT = slot(0), *KT = slot(1), *GT = slot(2), *VT = slot(3), *ST = slot(4), *dS = slot(5);
-  cv.load(QT, true, phi_q);
-  cv.load(KT, true, phi_k_gated);
-  cv.load(GT, true, g_v);
+  // The causal products' other sides are K̃, G and Q̃ (causal_tile_mma): whether they are finite.
+  bool loaded_finite = cv.load(QT, true, phi_q);
+  loaded_finite = cv.load(KT, true, phi_k_gated) && loaded_finite;
+  loaded_finite = cv.load(GT, true, g_v) && loaded_finite;
   cv.load(VT, true, value);
   if (dq) cv.load_state(ST, z, true, before);
   if (dv) cv.load_state(dS, nullptr, false, after);
-  __syncthreads();
-  // The causal products' other sides are K̃, G and Q̃ (causal_tile_mma).
-  const bool finite = tiles_finite(QT, KT, GT);
+  const bool finite = __syncthreads_and(loaded_finite);
   const WarpBlock w = warp_block();
   const int width = (dh + 7) / 8 * 8;  // the tiles are zero past d_h
   // A = mask(Q̃K̃ᵀ), P and Pᵀ go over Q̃ᵀ, Gᵀ and Sᵀ once the products below have read them.
