@@ -150,6 +150,9 @@ class Model {
   ParamTable table_;
   ModelLayout layout_;
   float* params_ = nullptr;
+  // Training in bf16 math: the parameters rounded to bf16 (the weights' GEMM operands), refreshed by every
+  // forward pass; allocated on first use.
+  __nv_bfloat16* params_bf16_ = nullptr;
   float* grads_ = nullptr;
   double* loss_sum_ = nullptr;
   int32_t* host_tokens_[2] = {nullptr, nullptr};  // pinned staging: slot 0 ids, slot 1 targets

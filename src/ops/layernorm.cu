@@ -17,8 +17,8 @@ __device__ float warp_sum(float v) {
   return v;
 }
 
-__global__ void layernorm_forward_kernel(float* y, float* mean, float* rstd, float* radius, const float* x,
-                                         const float* gain, const float* bias, int rows, int D) {
+__global__ void layernorm_forward_kernel(float* y, __nv_bfloat16* y_bf16, float* mean, float* rstd, float* radius,
+                                         const float* x, const float* gain, const float* bias, int rows, int D) {
   const int row = blockIdx.x * kRowsPerBlock + threadIdx.y;
   if (row >= rows) return;
   const int lane = threadIdx.x;
@@ -37,12 +37,18 @@ __global__ void layernorm_forward_kernel(float* y, float* mean, float* rstd, flo
   }
   const float rs = rsqrtf(warp_sum(var) / D + float(kLayerNormEps));
   float* yr = y + (long)row * D;
+  __nv_bfloat16* yr_bf16 = y_bf16 ? y_bf16 + (long)row * D : nullptr;
   for (int base = lane; base < D; base += kColumnBatch * kWarp) {
     float xv[kColumnBatch], g[kColumnBatch], c[kColumnBatch];
     load_columns(xv, xr, base, D), load_columns(g, gain, base, D), load_columns(c, bias, base, D);
 #pragma unroll
-    for (int u = 0; u < kColumnBatch; ++u)
-      if (base + u * kWarp < D) yr[base + u * kWarp] = (xv[u] - mu) * rs * g[u] + c[u];
+    for (int u = 0; u < kColumnBatch; ++u) {
+      const int i = base + u * kWarp;
+      if (i >= D) break;
+      const float value = (xv[u] - mu) * rs * g[u] + c[u];
+      yr[i] = value;
+      if (yr_bf16) yr_bf16[i] = __float2bfloat16_rn(value);
+    }
   }
   sq = warp_sum(sq);
   if (lane == 0) {
@@ -102,10 +108,10 @@ struct ParamTerms {
 }  // namespace
 
 void layernorm_forward(float* y, float* mean, float* rstd, float* radius, const float* x, const float* gain,
-                       const float* bias, int rows, int D, cudaStream_t stream) {
+                       const float* bias, int rows, int D, cudaStream_t stream, __nv_bfloat16* y_bf16) {
   const dim3 block(kWarp, kRowsPerBlock);
   const dim3 grid((rows + kRowsPerBlock - 1) / kRowsPerBlock);
-  layernorm_forward_kernel<<<grid, block, 0, stream>>>(y, mean, rstd, radius, x, gain, bias, rows, D);
+  layernorm_forward_kernel<<<grid, block, 0, stream>>>(y, y_bf16, mean, rstd, radius, x, gain, bias, rows, D);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

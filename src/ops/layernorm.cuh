@@ -1,14 +1,16 @@
-// CUDA LayerNorm + radius: the same contract as ops/layernorm.h, on device pointers (fp32 for now;
-// bf16 storage arrives with the GPU training path). One warp per row.
+// CUDA LayerNorm + radius: the same contract as ops/layernorm.h, on device pointers (fp32). One warp per row.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
 
 namespace muse::cuda {
 
+// With y_bf16, the output is also written rounded to bf16 there (the bf16 operand of the GEMMs that read it,
+// in the model's bf16 math).
 void layernorm_forward(float* y, float* mean, float* rstd, float* radius, const float* x, const float* gain,
-                       const float* bias, int rows, int D, cudaStream_t stream = 0);
+                       const float* bias, int rows, int D, cudaStream_t stream = 0, __nv_bfloat16* y_bf16 = nullptr);
 
 // Accumulates into dx, dgain and dbias like the CPU op. dradius may be null.
 void layernorm_backward(float* dx, float* dgain, float* dbias, const float* dy, const float* dradius,
