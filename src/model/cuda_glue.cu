@@ -1,7 +1,6 @@
 #include "model/cuda_glue.cuh"
 
 #include <algorithm>
-#include <cstdint>
 
 #include "common/cuda_check.cuh"
 #include "common/math.h"
@@ -43,32 +42,6 @@ __global__ void positions_backward_kernel(float* dpos, const float* dx, int B, i
     float s = dpos[i];
     for (int b = 0; b < B; ++b) s += dx[size_t(b) * n + i];
     dpos[i] = s;
-  }
-}
-
-__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    out[i] = __float2bfloat16_rn(x[i]);
-}
-
-// out[r·ld + c] = bf16(x[r·cols + c]): blocks of 128 threads along a row, rows on the grid's y (strided).
-// kVectors: 4 columns per thread (cols a multiple of 4, x 16-byte and out 8-byte aligned, ld a multiple of 4).
-constexpr int kColumnThreads = 128;
-template <bool kVectors>
-__global__ void to_bf16_columns_kernel(__nv_bfloat16* out, int ld, const float* x, int rows, int cols) {
-  constexpr int kWidth = kVectors ? 4 : 1;
-  const int c = (blockIdx.x * kColumnThreads + threadIdx.x) * kWidth;
-  if (c >= cols) return;
-  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-    const float* from = x + size_t(r) * cols + c;
-    __nv_bfloat16* to = out + size_t(r) * ld + c;
-    if constexpr (kVectors) {
-      const float4 v = *reinterpret_cast<const float4*>(from);
-      const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
-      *reinterpret_cast<uint2*>(to) = *reinterpret_cast<const uint2*>(pair);
-    } else {
-      *to = __float2bfloat16_rn(*from);
-    }
   }
 }
 
@@ -158,25 +131,6 @@ void log_elementwise(float* out, const float* x, size_t n, cudaStream_t stream) 
 void log_backward(float* dx, const float* dlog, const float* x, size_t n, cudaStream_t stream) {
   if (n == 0) return;
   log_backward_kernel<<<blocks_for(n), kThreads, 0, stream>>>(dx, dlog, x, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
-}
-
-void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  to_bf16_kernel<<<blocks_for(n), kThreads, 0, stream>>>(out, x, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
-}
-
-void to_bf16_columns(__nv_bfloat16* out, int ld, const float* x, int rows, int cols, cudaStream_t stream) {
-  if (rows <= 0 || cols <= 0) return;
-  const bool vectors = cols % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-                       reinterpret_cast<uintptr_t>(out) % 8 == 0;
-  const int per_row = vectors ? cols / 4 : cols;
-  const dim3 grid((per_row + kColumnThreads - 1) / kColumnThreads, std::min(rows, 65535));
-  if (vectors)
-    to_bf16_columns_kernel<true><<<grid, kColumnThreads, 0, stream>>>(out, ld, x, rows, cols);
-  else
-    to_bf16_columns_kernel<false><<<grid, kColumnThreads, 0, stream>>>(out, ld, x, rows, cols);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

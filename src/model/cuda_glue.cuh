@@ -2,7 +2,6 @@
 // adds, learned positions, the curvature c = f(c_raw) and its derivative, the key gate's log, the loss
 // accumulator. Device pointers, fp32, on the given stream; deterministic (no atomics).
 #pragma once
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -34,13 +33,6 @@ void curvature_backward(float* dc_raw, const float* dc, const float* c_raw, cuda
 void log_elementwise(float* out, const float* x, size_t n, cudaStream_t stream);
 // dx[i] += dlog[i] / x[i] (the backward of log_elementwise).
 void log_backward(float* dx, const float* dlog, const float* x, size_t n, cudaStream_t stream);
-
-// out[i] = bf16(x[i]), rounded to nearest.
-void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream);
-
-// out[r, c] = bf16(x[r, c]) for row-major x [rows, cols] into a bf16 matrix of row stride ld ≥ cols: x as a
-// block of columns of a wider bf16 operand (q, k, v's gradients side by side for one GEMM).
-void to_bf16_columns(__nv_bfloat16* out, int ld, const float* x, int rows, int cols, cudaStream_t stream);
 
 // acc[0] += scale·result[0] (double): the mean losses of the micro-batches of one step, read once per step.
 void accumulate_loss(double* acc, const float* result, double scale, cudaStream_t stream);

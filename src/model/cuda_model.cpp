@@ -72,6 +72,11 @@ HttSaved htt_saved_parts(float* base, const HttShape& sh) {
   return s;
 }
 
+// The low-rank FFN's weight matrices in the bf16 copy of the parameter table (the biases stay fp32).
+LowRankFfnParams<__nv_bfloat16> ffn_weights_bf16(const BlockLayout& b, const __nv_bfloat16* p) {
+  return {p + b.ffn_v1, p + b.ffn_u1, nullptr, p + b.ffn_v2, p + b.ffn_u2, nullptr};
+}
+
 }  // namespace
 
 // Activations of one block (the device twin of model_state.h's BlockActs; null when the config has no use
@@ -89,6 +94,9 @@ struct BlockBuffers {
   float *xi = nullptr, *mix_capped = nullptr, *mix_mean = nullptr, *mix_rstd = nullptr, *h_mid = nullptr;
   float *u2 = nullptr, *ln2_mean = nullptr, *ln2_rstd = nullptr;
   float *ffn_low1 = nullptr, *ffn_pre = nullptr, *ffn_hidden = nullptr, *ffn_low2 = nullptr;
+  // bf16 operands: the low-rank FFN's input and saved activations in bf16 instead (u2 and ffn_* stay null).
+  __nv_bfloat16* u2_bf16 = nullptr;
+  LowRankFfnSaved<__nv_bfloat16> ffn_bf16{};
   float* curvature = nullptr;  // [c, the curvature the mix reads]
 };
 
@@ -228,7 +236,12 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     // q, k, v adjacent and equally spaced: qkv_forward batches their GEMMs (qkv_backward walks dq, dk, dv alike).
     take(b.q, RD), take(b.k, RD), take(b.v, RD), take(b.o_loc, RD), take(b.lse, rows * H), take(b.y_att, RD);
     take(b.h_mid, RD);
-    take(b.u2, RD), take(b.ln2_mean, rows), take(b.ln2_rstd, rows);
+    const bool ffn_bf16 = lowrank && backward && bf16_operands;
+    if (ffn_bf16)
+      take_bf16(b.u2_bf16, RD);
+    else
+      take(b.u2, RD);
+    take(b.ln2_mean, rows), take(b.ln2_rstd, rows);
     // The backward needs the FFN's pre-activation; inference applies the GELU in place.
     auto take_ffn_hidden = [&] {
       take(b.ffn_pre, F4);
@@ -253,7 +266,12 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(b.ssm_readout, rows * R);
     if (mask) take(b.ssm_mask, rows * R);
     take(b.xi, rows), take(b.mix_capped, RD), take(b.mix_mean, rows), take(b.mix_rstd, rows);
-    if (lowrank) take(b.ffn_low1, rows * rho), take_ffn_hidden(), take(b.ffn_low2, rows * rho);
+    if (ffn_bf16) {
+      take_bf16(b.ffn_bf16.low1, rows * rho), take_bf16(b.ffn_bf16.pre, F4), take_bf16(b.ffn_bf16.hidden, F4);
+      take_bf16(b.ffn_bf16.low2, rows * rho);
+    } else if (lowrank) {
+      take(b.ffn_low1, rows * rho), take_ffn_hidden(), take(b.ffn_low2, rows * rho);
+    }
     take(b.curvature, 2);
   }
   if (m.embed == kAbsent && !serving) {
@@ -308,6 +326,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
                    phase7_gate_backward_workspace_floats(r), residual_mix_backward_workspace_floats(r, iD),
                    ssm_conv_backward_workspace_floats(B, N, iD), ssm_scan_backward_workspace_floats(B, int(R)),
                    ssm_rank_mask_backward_workspace_floats(r), lowrank_ffn_backward_scratch_floats(r, iD, int(rho))});
+    if (bf16_operands) ws = std::max(ws, lowrank_ffn_bf16_backward_scratch_floats(r, iD, int(rho)));
   }
   if (m.embed == kAbsent) ws = std::max(ws, htt_backward_scratch_floats(htt_shape(c.vocab_size, c.d_model, c.htt_rank)));
   ws = std::max(ws, (embedding_lookup_backward_scratch_bytes(r, c.vocab_size) + sizeof(float) - 1) / sizeof(float));
@@ -529,13 +548,13 @@ void Model::forward_pass() {
   if (m.positions != kAbsent) add_positions(a.h[0], p + m.positions, B, N, D, stream_);
   mark("fwd embedding");
   for (size_t l = 0; l < m.blocks.size(); ++l) block_forward(int(l), a.h[l], a.h[l + 1]);
+  // Serving and the bf16 training head multiply x_final rounded to bf16.
   layernorm_forward(a.x_final, a.final_mean, a.final_rstd, nullptr, a.h.back(), p + m.final_gain, p + m.final_bias,
-                    int(rows), D, stream_);
+                    int(rows), D, stream_, a.x_final_bf16);
   mark("fwd layernorm");
   // A training model's head runs in loss(), a chunk of rows at a time.
   if (a.backward) return;
   if (serving_) {
-    to_bf16(a.x_final_bf16, a.x_final, rows * D, stream_);
     gemm_bf16(false, true, int(rows), Vp, D, a.x_final_bf16, D, serving_E_bf16_, D, a.logits_bf16, Vp, stream_);
   } else {
     linear_forward(a.logits, a.x_final, E, nullptr, int(rows), D, Vp, stream_);
@@ -563,11 +582,11 @@ void Model::head_pass(bool with_gradient, float accumulate_scale) {
       xent_count(a.loss_result, a.targets, rows, kIgnore, stream_);
       zero(a.dE, size_t(Vp) * D);
     }
-    // bf16 math: the head's GEMMs multiply bf16 copies of x and E into bf16 logits (fp32 accumulation), which
-    // the cross-entropy overwrites with their gradient for the two backward GEMMs.
+    // bf16 math: the head's GEMMs multiply bf16 copies of x (the forward's final LayerNorm wrote it) and E
+    // into bf16 logits (fp32 accumulation), which the cross-entropy overwrites with their gradient for the two
+    // backward GEMMs.
     const bool bf16 = a.bf16_operands;
     if (bf16) {
-      to_bf16(a.x_final_bf16, a.x_final, size_t(rows) * D, stream_);
       to_bf16(a.E_bf16, E, size_t(Vp) * D, stream_);
       mark("head bf16 copies");
     }
@@ -812,10 +831,14 @@ void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
     return;
   }
   layernorm_forward(a.u2, a.ln2_mean, a.ln2_rstd, nullptr, a.h_mid, p + b.ln_ffn_gain, p + b.ln_ffn_bias, rows, D,
-                    stream_);
+                    stream_, a.u2_bf16);
   mark("fwd layernorm");
-  lowrank_ffn_forward(h_out, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2, ffn_params(b, p), rows, D,
-                      c.ffn_rank, stream_);
+  if (a.u2_bf16)
+    lowrank_ffn_forward_bf16(h_out, a.ffn_bf16, a.u2_bf16, ffn_params(b, p), ffn_weights_bf16(b, params_bf16_), rows,
+                             D, c.ffn_rank, stream_);
+  else
+    lowrank_ffn_forward(h_out, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2, ffn_params(b, p), rows, D,
+                        c.ffn_rank, stream_);
   add_inplace(h_out, a.h_mid, RD, stream_);
   mark("fwd ffn");
 }
@@ -1001,8 +1024,12 @@ void Model::muse_block_backward(int layer, float* dh) {
   // FFN sub-block: h_out = h_mid + FFN(LN_ffn(h_mid)).
   if (b.ffn_v1 != kAbsent) {
     zero(s.du2, RD);
-    lowrank_ffn_backward(s.du2, ffn_grads(b, g), dh, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2,
-                         ffn_params(b, p), rows, D, c.ffn_rank, ws, stream_);
+    if (a.u2_bf16)
+      lowrank_ffn_backward_bf16(s.du2, ffn_grads(b, g), dh, a.ffn_bf16, a.u2_bf16, ffn_params(b, p),
+                                ffn_weights_bf16(b, params_bf16_), rows, D, c.ffn_rank, ws, stream_);
+    else
+      lowrank_ffn_backward(s.du2, ffn_grads(b, g), dh, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2,
+                           ffn_params(b, p), rows, D, c.ffn_rank, ws, stream_);
     layernorm_backward(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2, nullptr, a.h_mid, p + b.ln_ffn_gain,
                        a.ln2_mean, a.ln2_rstd, rows, D, stream_);
     mark("bwd ffn");

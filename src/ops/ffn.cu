@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
@@ -100,6 +101,62 @@ void gelu_backward(float* d, const float* pre, const float* hidden, long n, cuda
 
 size_t round_up_64(size_t n) { return (n + 63) / 64 * 64; }
 
+// ---- bf16 storage (the low-rank FFN in bf16 math) --------------------------------------------------------
+
+// Four bf16 values (8 bytes) widened to fp32, and back, rounded to nearest.
+__device__ __forceinline__ float4 widen4(uint2 raw) {
+  return make_float4(__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u), __uint_as_float(raw.y << 16),
+                     __uint_as_float(raw.y & 0xffff0000u));
+}
+__device__ __forceinline__ uint2 narrow4(float4 v) {
+  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
+  return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
+}
+
+// The 4D-wide layer as [rows, F/4] vectors of four: threads along a row (the bias b₁ loaded once per
+// thread), rows on the grid's y, strided.
+constexpr int kRowThreads = 256;
+dim3 row_grid(int rows, int vectors_per_row) {
+  return dim3((vectors_per_row + kRowThreads - 1) / kRowThreads, std::min(rows, 65535));
+}
+
+// hidden = cap10(GELU(pre + b₁)), pre being U₁V₁x without the bias.
+__global__ void capped_gelu_forward_bf16_kernel(uint2* hidden, const uint2* pre, const float4* b1, int rows,
+                                                int vectors_per_row) {
+  const int c = blockIdx.x * kRowThreads + threadIdx.x;
+  if (c >= vectors_per_row) return;
+  const float4 b = b1[c];
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const size_t i = size_t(r) * vectors_per_row + c;
+    const float4 z = widen4(pre[i]);
+    hidden[i] = narrow4(make_float4(gelu_forward_value<true>(z.x + b.x), gelu_forward_value<true>(z.y + b.y),
+                                    gelu_forward_value<true>(z.z + b.z), gelu_forward_value<true>(z.w + b.w)));
+  }
+}
+
+// d = ∂L/∂hidden on entry, ∂L/∂pre on exit: d·(1 − tanh²)·GELU′(pre + b₁) with tanh = hidden/10.
+__global__ void capped_gelu_backward_bf16_kernel(uint2* d, const uint2* pre, const uint2* hidden, const float4* b1,
+                                                 int rows, int vectors_per_row) {
+  const int c = blockIdx.x * kRowThreads + threadIdx.x;
+  if (c >= vectors_per_row) return;
+  const float4 b = b1[c];
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const size_t i = size_t(r) * vectors_per_row + c;
+    const float4 g = widen4(d[i]), z = widen4(pre[i]), h = widen4(hidden[i]);
+    d[i] = narrow4(make_float4(gelu_backward_value<true>(g.x, z.x + b.x, h.x),
+                               gelu_backward_value<true>(g.y, z.y + b.y, h.y),
+                               gelu_backward_value<true>(g.z, z.z + b.z, h.z),
+                               gelu_backward_value<true>(g.w, z.w + b.w, h.w)));
+  }
+}
+
+void require_bf16_vectors(int F, std::initializer_list<const void*> arrays, const float* b1) {
+  bool ok = F % 4 == 0 && reinterpret_cast<uintptr_t>(b1) % 16 == 0;
+  for (const void* a : arrays) ok = ok && reinterpret_cast<uintptr_t>(a) % 8 == 0;
+  if (!ok)
+    throw std::invalid_argument("ffn (cuda, bf16): the 4D-wide buffers must be 8-byte and b1 16-byte aligned");
+}
+
 }  // namespace
 
 size_t lowrank_ffn_backward_scratch_floats(int rows, int D, int rank) {
@@ -138,6 +195,62 @@ void lowrank_ffn_backward(float* dx, const LowRankFfnGrads<float>& grads, const 
   gemm(false, false, rows, rank, F, 1.f, dpre, F, params.U1, rank, 0.f, dlow1, rank, stream);  // dlow1 = dpre·U₁
   linear_backward(nullptr, grads.U1, grads.b1, dpre, saved.low1, params.U1, rows, rank, F, stream);
   linear_backward(dx, grads.V1, nullptr, dlow1, x, params.V1, rows, D, rank, stream);
+}
+
+size_t lowrank_ffn_bf16_backward_scratch_floats(int rows, int D, int rank) {
+  // bf16 pairs per float: dy [rows, D], ∂low2 and ∂low1 [rows, rank], ∂pre [rows, 4D].
+  auto floats = [](size_t bf16s) { return round_up_64((bf16s + 1) / 2); };
+  return floats(size_t(rows) * D) + 2 * floats(size_t(rows) * rank) + floats(size_t(rows) * ffn_hidden(D));
+}
+
+void lowrank_ffn_forward_bf16(float* y, const LowRankFfnSaved<__nv_bfloat16>& saved, const __nv_bfloat16* x,
+                              const LowRankFfnParams<float>& params, const LowRankFfnParams<__nv_bfloat16>& weights,
+                              int rows, int D, int rank, cudaStream_t stream) {
+  if (rows <= 0) return;
+  const int F = ffn_hidden(D);
+  require_bf16_vectors(F, {saved.pre, saved.hidden}, params.b1);
+  gemm_bf16(false, true, rows, rank, D, x, D, weights.V1, D, saved.low1, rank, stream);
+  gemm_bf16(false, true, rows, F, rank, saved.low1, rank, weights.U1, rank, saved.pre, F, stream);
+  capped_gelu_forward_bf16_kernel<<<row_grid(rows, F / 4), kRowThreads, 0, stream>>>(
+      reinterpret_cast<uint2*>(saved.hidden), reinterpret_cast<const uint2*>(saved.pre),
+      reinterpret_cast<const float4*>(params.b1), rows, F / 4);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  gemm_bf16(false, true, rows, rank, F, saved.hidden, F, weights.V2, F, saved.low2, rank, stream);
+  linear_forward(y, saved.low2, weights.U2, params.b2, rows, rank, D, stream);
+}
+
+void lowrank_ffn_backward_bf16(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,
+                               const LowRankFfnSaved<__nv_bfloat16>& saved, const __nv_bfloat16* x,
+                               const LowRankFfnParams<float>& params, const LowRankFfnParams<__nv_bfloat16>& weights,
+                               int rows, int D, int rank, float* scratch, cudaStream_t stream) {
+  if (rows <= 0) return;
+  const int F = ffn_hidden(D);
+  auto part = [&](size_t bf16s) {
+    __nv_bfloat16* p = reinterpret_cast<__nv_bfloat16*>(scratch);
+    scratch += round_up_64((bf16s + 1) / 2);
+    return p;
+  };
+  __nv_bfloat16* dy_bf16 = part(size_t(rows) * D);
+  __nv_bfloat16* dlow2 = part(size_t(rows) * rank);
+  __nv_bfloat16* dlow1 = part(size_t(rows) * rank);
+  __nv_bfloat16* dpre = part(size_t(rows) * F);
+  require_bf16_vectors(F, {saved.pre, saved.hidden, dpre}, params.b1);
+  to_bf16(dy_bf16, dy, size_t(rows) * D, stream);
+  // The intermediate gradients are written, the parameter gradients and dx accumulated (fp32).
+  gemm_bf16(false, false, rows, rank, D, dy_bf16, D, weights.U2, rank, dlow2, rank, stream);  // dlow2 = dy·U₂
+  if (grads.U2) gemm(true, false, D, rank, rows, 1.f, dy_bf16, D, saved.low2, rank, 1.f, grads.U2, rank, stream);
+  if (grads.b2) column_sum_accumulate(grads.b2, dy, rows, D, stream);
+  gemm_bf16(false, false, rows, F, rank, dlow2, rank, weights.V2, F, dpre, F, stream);  // ∂L/∂hidden
+  if (grads.V2) gemm(true, false, rank, F, rows, 1.f, dlow2, rank, saved.hidden, F, 1.f, grads.V2, F, stream);
+  capped_gelu_backward_bf16_kernel<<<row_grid(rows, F / 4), kRowThreads, 0, stream>>>(
+      reinterpret_cast<uint2*>(dpre), reinterpret_cast<const uint2*>(saved.pre),
+      reinterpret_cast<const uint2*>(saved.hidden), reinterpret_cast<const float4*>(params.b1), rows, F / 4);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  gemm_bf16(false, false, rows, rank, F, dpre, F, weights.U1, rank, dlow1, rank, stream);  // dlow1 = dpre·U₁
+  if (grads.U1) gemm(true, false, F, rank, rows, 1.f, dpre, F, saved.low1, rank, 1.f, grads.U1, rank, stream);
+  if (grads.b1) column_sum_accumulate(grads.b1, dpre, rows, F, stream);
+  if (dx) gemm(false, false, rows, D, rank, 1.f, dlow1, rank, weights.V1, D, 1.f, dx, D, stream);
+  if (grads.V1) gemm(true, false, rank, D, rows, 1.f, dlow1, rank, x, D, 1.f, grads.V1, D, stream);
 }
 
 void dense_mlp_forward(float* y, const DenseMlpSaved<float>& saved, const float* x, const DenseMlpParams<float>& params,

@@ -36,7 +36,7 @@ __global__ void layernorm_forward_kernel(float* y, __nv_bfloat16* y_bf16, float*
     var += d * d;
   }
   const float rs = rsqrtf(warp_sum(var) / D + float(kLayerNormEps));
-  float* yr = y + (long)row * D;
+  float* yr = y ? y + (long)row * D : nullptr;
   __nv_bfloat16* yr_bf16 = y_bf16 ? y_bf16 + (long)row * D : nullptr;
   for (int base = lane; base < D; base += kColumnBatch * kWarp) {
     float xv[kColumnBatch], g[kColumnBatch], c[kColumnBatch];
@@ -46,7 +46,7 @@ __global__ void layernorm_forward_kernel(float* y, __nv_bfloat16* y_bf16, float*
       const int i = base + u * kWarp;
       if (i >= D) break;
       const float value = (xv[u] - mu) * rs * g[u] + c[u];
-      yr[i] = value;
+      if (yr) yr[i] = value;
       if (yr_bf16) yr_bf16[i] = __float2bfloat16_rn(value);
     }
   }

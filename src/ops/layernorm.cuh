@@ -8,7 +8,7 @@
 namespace muse::cuda {
 
 // With y_bf16, the output is also written rounded to bf16 there (the bf16 operand of the GEMMs that read it,
-// in the model's bf16 math).
+// in the model's bf16 math); y may then be null.
 void layernorm_forward(float* y, float* mean, float* rstd, float* radius, const float* x, const float* gain,
                        const float* bias, int rows, int D, cudaStream_t stream = 0, __nv_bfloat16* y_bf16 = nullptr);
 

@@ -83,12 +83,41 @@ __global__ void broadcast_rows_kernel(float* y, const float* b, int rows, int co
     y[idx] = b[idx % cols];
 }
 
-// The bias gradient's term for common/column_reduce.cuh: row r's dy.
+// The bias gradient's term for common/column_reduce.cuh: row r's dy (fp32 or bf16, summed in fp32).
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T>
 struct RowTerm {
-  const float* dy;
+  const T* dy;
   int cols;
-  __device__ void operator()(long r, int c, float (&acc)[1]) const { acc[0] += dy[r * cols + c]; }
+  __device__ void operator()(long r, int c, float (&acc)[1]) const { acc[0] += widen(dy[r * cols + c]); }
 };
+
+// out[r·ld + c] = bf16(x[r·cols + c]): blocks of 128 threads along a row, rows on the grid's y (strided).
+// kVectors: 4 columns per thread (cols a multiple of 4, x 16-byte and out 8-byte aligned, ld a multiple of 4).
+constexpr int kColumnThreads = 128;
+template <bool kVectors>
+__global__ void to_bf16_columns_kernel(__nv_bfloat16* out, int ld, const float* x, int rows, int cols) {
+  constexpr int kWidth = kVectors ? 4 : 1;
+  const int c = (blockIdx.x * kColumnThreads + threadIdx.x) * kWidth;
+  if (c >= cols) return;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const float* from = x + size_t(r) * cols + c;
+    __nv_bfloat16* to = out + size_t(r) * ld + c;
+    if constexpr (kVectors) {
+      const float4 v = *reinterpret_cast<const float4*>(from);
+      const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+      *reinterpret_cast<uint2*>(to) = *reinterpret_cast<const uint2*>(pair);
+    } else {
+      *to = __float2bfloat16_rn(*from);
+    }
+  }
+}
+
+__global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, size_t n) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
+}
 
 int grid_for(long total, int block) {
   const long blocks = (total + block - 1) / block;
@@ -317,12 +346,23 @@ void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloa
 void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream) {
   // The partials live in the GEMM workspace: it is free between the GEMMs of the same stream.
   BlasLt& blas = BlasLt::current();
-  column_reduce<1>({db}, RowTerm{dy, cols}, rows, cols, static_cast<float*>(blas.workspace()),
+  column_reduce<1>({db}, RowTerm<float>{dy, cols}, rows, cols, static_cast<float*>(blas.workspace()),
                    BlasLt::kWorkspaceBytes / sizeof(float), stream);
 }
 
-void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
-                    cudaStream_t stream) {
+void column_sum_accumulate(float* db, const __nv_bfloat16* dy, int rows, int cols, cudaStream_t stream) {
+  BlasLt& blas = BlasLt::current();
+  column_reduce<1>({db}, RowTerm<__nv_bfloat16>{dy, cols}, rows, cols, static_cast<float*>(blas.workspace()),
+                   BlasLt::kWorkspaceBytes / sizeof(float), stream);
+}
+
+namespace {
+
+// linear_forward for fp32 or bf16 operands (x, W) into an fp32 y.
+template <class T>
+void linear_forward_into_fp32(float* y, const T* x, const T* W, const float* b, int rows, int in, int out,
+                              cudaStream_t stream) {
+  constexpr cudaDataType_t kOperands = sizeof(T) == 4 ? CUDA_R_32F : CUDA_R_16BF;
   if (rows <= 0 || out <= 0) return;
   BlasLt& blas = BlasLt::current();
   if (in <= 0) {  // y = b (or 0): no GEMM
@@ -337,14 +377,45 @@ void linear_forward(float* y, const float* x, const float* W, const float* b, in
   // The BIAS epilogue only for a 16-byte aligned bias: cuBLASLt's alignment preferences do not cover the
   // bias pointer, and kernels assuming 16 bytes have been reported to fault on a less aligned one.
   if (b && alignment_of(b) >= 16 &&
-      matmul(blas, {CUDA_R_32F, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
+      matmul(blas, {kOperands, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
     return;
   if (b) {
     broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, rows, out);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
-  matmul(blas, {CUDA_R_32F, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out,
+  matmul(blas, {kOperands, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out,
          nullptr, stream);
+}
+
+}  // namespace
+
+void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
+                    cudaStream_t stream) {
+  linear_forward_into_fp32(y, x, W, b, rows, in, out, stream);
+}
+
+void linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16* W, const float* b, int rows, int in,
+                    int out, cudaStream_t stream) {
+  linear_forward_into_fp32(y, x, W, b, rows, in, out, stream);
+}
+
+void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  to_bf16_kernel<<<grid_for(long(n), 256), 256, 0, stream>>>(out, x, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void to_bf16_columns(__nv_bfloat16* out, int ld, const float* x, int rows, int cols, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return;
+  const bool vectors = cols % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+                       reinterpret_cast<uintptr_t>(out) % 8 == 0;
+  const int per_row = vectors ? cols / 4 : cols;
+  const dim3 grid((per_row + kColumnThreads - 1) / kColumnThreads, std::min(rows, 65535));
+  if (vectors)
+    to_bf16_columns_kernel<true><<<grid, kColumnThreads, 0, stream>>>(out, ld, x, rows, cols);
+  else
+    to_bf16_columns_kernel<false><<<grid, kColumnThreads, 0, stream>>>(out, ld, x, rows, cols);
+  MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
 void linear_backward(float* dx, float* dW, float* db, const float* dy, const float* x, const float* W, int rows,

@@ -101,6 +101,12 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
           const __nv_bfloat16* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
 
+// out[i] = bf16(x[i]), rounded to nearest: a bf16 copy of an operand.
+void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream = 0);
+// out[r, c] = bf16(x[r, c]) for row-major x [rows, cols] into a bf16 matrix of row stride ld ≥ cols: x as a
+// block of columns of a wider bf16 operand (q, k, v's gradients side by side for one GEMM).
+void to_bf16_columns(__nv_bfloat16* out, int ld, const float* x, int rows, int cols, cudaStream_t stream = 0);
+
 // Row-major C[M×N] = op(A)·op(B) with bf16 storage and fp32 accumulation (no alpha/beta: C is written).
 // The inference head's GEMM (bf16 logits, SPEC §7).
 void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,
@@ -112,6 +118,10 @@ void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloa
 void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
                     cudaStream_t stream = 0);
 
+// The same with bf16 x and W (fp32 accumulation, fp32 y and b).
+void linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16* W, const float* b, int rows, int in,
+                    int out, cudaStream_t stream = 0);
+
 // dx += dy·W,  dW += dyᵀ·x,  db += Σ_rows dy   (each may be null; accumulated: GEMMs with beta = 1, the
 // bias gradient by a deterministic column reduction).
 void linear_backward(float* dx, float* dW, float* db, const float* dy, const float* x, const float* W, int rows,
@@ -120,5 +130,7 @@ void linear_backward(float* dx, float* dW, float* db, const float* dy, const flo
 // db[cols] += Σ_r dy[r, cols] over a row-major [rows, cols] matrix, in a fixed order (deterministic; two
 // stages with the partials in BlasLt::current()'s workspace, see common/column_reduce.cuh).
 void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream = 0);
+// The same over bf16 dy (summed in fp32).
+void column_sum_accumulate(float* db, const __nv_bfloat16* dy, int rows, int cols, cudaStream_t stream = 0);
 
 }  // namespace muse::cuda

@@ -1,5 +1,7 @@
 #include "ops/ffn.cuh"
 
+#include <cuda_bf16.h>
+
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -129,7 +131,88 @@ void check_dense(int rows, int D) {
   expect_close_scaled(gdb2.download(), db2, "db2");
 }
 
+std::vector<__nv_bfloat16> to_bf16(const std::vector<float>& x) {
+  std::vector<__nv_bfloat16> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = __float2bfloat16_rn(x[i]);
+  return out;
+}
+std::vector<float> widen(const std::vector<__nv_bfloat16>& x) {
+  std::vector<float> out(x.size());
+  for (size_t i = 0; i < x.size(); ++i) out[i] = __bfloat162float(x[i]);
+  return out;
+}
+// x rounded to bf16 and back: the values a bf16 operand holds.
+std::vector<float> bf16_values(const std::vector<float>& x) { return widen(to_bf16(x)); }
+
+// The bf16 op against the fp32 CPU op on the same bf16-representable x and weights: what differs is the
+// rounding of low1, pre, hidden, low2 (forward) and of dy, ∂low2, ∂pre, ∂low1 (backward) to 8-bit mantissas,
+// 2⁻⁹ relative each, carried through the chain: every tensor within 3e-2·max|cpu| (it was within 1e-2 on
+// the H200). The forward's pre is U₁V₁x without b₁, and the 4D-wide buffers are poisoned first.
+void check_lowrank_bf16(int rows, int D, int rank) {
+  SCOPED_TRACE("lowrank bf16 rows " + std::to_string(rows) + ", D " + std::to_string(D) + ", rank " +
+               std::to_string(rank));
+  constexpr double kBf16Rel = 3e-2;
+  auto close = [](const std::vector<float>& gpu, const std::vector<float>& cpu, const std::string& what) {
+    expect_close_to_reference(gpu, cpu, kBf16Rel * max_abs(cpu), 0.0, what);
+  };
+  const int F = ffn_hidden(D);
+  Rng rng(rows * 31 + D * 7 + rank);
+  const auto x = bf16_values(random_normal<float>(size_t(rows) * D, rng));
+  RandomLowRankFfn<float> w(D, rank, rng);
+  for (std::vector<float>* m : {&w.V1, &w.U1, &w.V2, &w.U2}) *m = bf16_values(*m);
+  const auto dy = random_normal<float>(size_t(rows) * D, rng);
+
+  std::vector<float> y(size_t(rows) * D), low1(size_t(rows) * rank), pre(size_t(rows) * F), hidden(pre.size()),
+      low2(low1.size());
+  const LowRankFfnParams<float> p = w.params();
+  const LowRankFfnSaved<float> saved{low1.data(), pre.data(), hidden.data(), low2.data()};
+  lowrank_ffn_forward<float>(y.data(), saved, x.data(), p, rows, D, rank);
+  auto dx0 = random_normal<float>(x.size(), rng, 0.1);
+  auto dV10 = random_normal<float>(w.V1.size(), rng, 0.1), dU10 = random_normal<float>(w.U1.size(), rng, 0.1),
+       db10 = random_normal<float>(w.b1.size(), rng, 0.1), dV20 = random_normal<float>(w.V2.size(), rng, 0.1),
+       dU20 = random_normal<float>(w.U2.size(), rng, 0.1), db20 = random_normal<float>(w.b2.size(), rng, 0.1);
+  std::vector<float> dx = dx0, dV1 = dV10, dU1 = dU10, db1 = db10, dV2 = dV20, dU2 = dU20, db2 = db20;
+  lowrank_ffn_backward<float>(dx.data(), {dV1.data(), dU1.data(), db1.data(), dV2.data(), dU2.data(), db2.data()},
+                              dy.data(), saved, x.data(), p, rows, D, rank);
+
+  DeviceBuffer<__nv_bfloat16> gx(to_bf16(x)), gV1(to_bf16(w.V1)), gU1(to_bf16(w.U1)), gV2(to_bf16(w.V2)),
+      gU2(to_bf16(w.U2));
+  DeviceBuffer<float> gb1(w.b1), gb2(w.b2), gdy(dy), gy(nan_vector(y.size()));
+  const std::vector<__nv_bfloat16> poison_narrow(low1.size(), __float2bfloat16_rn(std::nanf(""))),
+      poison_wide(pre.size(), __float2bfloat16_rn(std::nanf("")));
+  DeviceBuffer<__nv_bfloat16> glow1(poison_narrow), gpre(poison_wide), ghidden(poison_wide), glow2(poison_narrow);
+  const LowRankFfnParams<float> biases{nullptr, nullptr, gb1.get(), nullptr, nullptr, gb2.get()};
+  const LowRankFfnParams<__nv_bfloat16> weights{gV1.get(), gU1.get(), nullptr, gV2.get(), gU2.get(), nullptr};
+  const LowRankFfnSaved<__nv_bfloat16> gsaved{glow1.get(), gpre.get(), ghidden.get(), glow2.get()};
+  cuda::lowrank_ffn_forward_bf16(gy.get(), gsaved, gx.get(), biases, weights, rows, D, rank);
+  close(gy.download(), y, "y");
+  close(widen(glow1.download()), low1, "low1");
+  std::vector<float> pre_with_bias = widen(gpre.download());
+  for (size_t i = 0; i < pre_with_bias.size(); ++i) pre_with_bias[i] += w.b1[i % F];
+  close(pre_with_bias, pre, "pre + b1");
+  close(widen(ghidden.download()), hidden, "hidden");
+  close(widen(glow2.download()), low2, "low2");
+
+  DeviceBuffer<float> scratch(nan_vector(cuda::lowrank_ffn_bf16_backward_scratch_floats(rows, D, rank)));
+  DeviceBuffer<float> gdx(dx0), gdV1(dV10), gdU1(dU10), gdb1(db10), gdV2(dV20), gdU2(dU20), gdb2(db20);
+  cuda::lowrank_ffn_backward_bf16(gdx.get(), {gdV1.get(), gdU1.get(), gdb1.get(), gdV2.get(), gdU2.get(), gdb2.get()},
+                                  gdy.get(), gsaved, gx.get(), biases, weights, rows, D, rank, scratch.get());
+  close(gdx.download(), dx, "dx");
+  close(gdV1.download(), dV1, "dV1");
+  close(gdU1.download(), dU1, "dU1");
+  close(gdb1.download(), db1, "db1");
+  close(gdV2.download(), dV2, "dV2");
+  close(gdU2.download(), dU2, "dU2");
+  close(gdb2.download(), db2, "db2");
+}
+
 }  // namespace
+
+TEST(ffn_cuda, lowrank_bf16_forward_backward_match_cpu) {
+  MUSE_REQUIRE_GPU();
+  for (int rows : {1, 37, 256})
+    for (auto [D, rank] : {std::pair{12, 7}, std::pair{64, 33}, std::pair{512, 64}}) check_lowrank_bf16(rows, D, rank);
+}
 
 TEST(ffn_cuda, lowrank_forward_backward_match_cpu) {
   MUSE_REQUIRE_GPU();
