@@ -87,6 +87,9 @@ struct BlockBuffers {
   float *g = nullptr, *F = nullptr, *bk_v = nullptr, *bk_J = nullptr, *bk_J2 = nullptr;
   float *q = nullptr, *k = nullptr, *v = nullptr, *mu = nullptr, *log_mu = nullptr;
   float *o_loc = nullptr, *lse = nullptr, *o_lin = nullptr, *zeta = nullptr, *mixed = nullptr;
+  // bf16 operands: the output projection's input rounded (the curvature mix's output, which then has no fp32
+  // copy, or o_loc's rounding without the linear attention).
+  __nv_bfloat16* mixed_bf16 = nullptr;
   float* lin_states = nullptr;  // training: the linear attention's states between chunks, kept for the backward
   float *y_att = nullptr, *y_glob = nullptr;
   float *ssm_hidden = nullptr, *ssm_chi = nullptr, *ssm_mask = nullptr, *ssm_proj_u = nullptr, *ssm_proj_v = nullptr;
@@ -176,7 +179,8 @@ struct Model::Arena {
   float* dc = nullptr;
   float *d_readout = nullptr, *dS = nullptr, *dscan_in = nullptr, *dproj_u = nullptr, *dproj_v = nullptr;
   float *dchi_pre = nullptr, *dm = nullptr, *dhidden = nullptr;
-  __nv_bfloat16* dqkv_bf16 = nullptr;  // bf16 operands: [dq dk dv] rounded, side by side [rows, 3D]
+  // bf16 operands: a backward GEMM's fp32 operand rounded: [dq dk dv] side by side [rows, 3D], or dy_att.
+  __nv_bfloat16* operand_bf16 = nullptr;
   float* workspace = nullptr;  // shared by every op's reduction partials and scratch (one stream, in turn)
 
   ~Arena() {
@@ -257,7 +261,10 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(b.delta, rows), take(b.g, 2 * rows), take(b.F, 3 * rows);
     take(b.bk_v, rows), take(b.bk_J, rows), take(b.bk_J2, rows);
     if (gate) take(b.mu, rows * H), take(b.log_mu, rows * H);
-    if (linear) take(b.o_lin, RD), take(b.zeta, rows * H), take(b.mixed, RD);
+    const bool w_o_bf16 = backward && bf16_operands;
+    if (w_o_bf16) take_bf16(b.mixed_bf16, RD);
+    if (linear) take(b.o_lin, RD), take(b.zeta, rows * H);
+    if (linear && !w_o_bf16) take(b.mixed, RD);
     if (linear && backward) take(b.lin_states, linear_attn_forward_workspace_floats(B, N, int(D), int(H)));
     take(b.y_glob, RD);
     // proj_u, proj_v adjacent: ssm_forward batches their GEMMs.
@@ -305,7 +312,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
 
   take(a.dh, RD), take(a.du, RD), take(a.dq, RD), take(a.dk, RD), take(a.dv, RD), take(a.dmixed, RD);
   take(a.du2, RD);
-  if (bf16_operands) take_bf16(a.dqkv_bf16, 3 * RD);
+  if (bf16_operands) take_bf16(a.operand_bf16, 3 * RD);
   if (muse) {
     take(a.dy_att, RD), take(a.dy_glob, RD), take(a.dxi, rows), take(a.dF, 3 * rows), take(a.dg, 2 * rows);
     take(a.ddelta, rows), take(a.dc, 1);
@@ -707,8 +714,12 @@ void Model::qkv_forward(const BlockLayout& b, BlockBuffers& a) {
   const float* p = params_;
   const int D = config_.d_model, rows = B_ * N_;
   const long long weight_stride = qkv_weight_stride(b), out_stride = a.k - a.q;
-  gemm_strided_batched(false, true, rows, D, D, 1.f, a.u, D, 0, p + b.w_q, D, weight_stride, 0.f, a.q, D, out_stride,
-                       3, stream_);
+  if (a.u_bf16)
+    gemm_strided_batched(false, true, rows, D, D, 1.f, a.u_bf16, D, 0, params_bf16_ + b.w_q, D, weight_stride, 0.f,
+                         a.q, D, out_stride, 3, stream_);
+  else
+    gemm_strided_batched(false, true, rows, D, D, 1.f, a.u, D, 0, p + b.w_q, D, weight_stride, 0.f, a.q, D,
+                         out_stride, 3, stream_);
   mark("fwd qkv gemm");
 }
 
@@ -726,12 +737,12 @@ void Model::qkv_backward(const BlockLayout& b, const BlockBuffers& a) {
   const int D = config_.d_model, rows = B_ * N_;
   const long long weight_stride = qkv_weight_stride(b), grad_stride = s.dk - s.dq;
   if (s.bf16_operands) {
-    for (int i = 0; i < 3; ++i) to_bf16_columns(s.dqkv_bf16 + i * D, 3 * D, s.dq + i * grad_stride, rows, D, stream_);
+    for (int i = 0; i < 3; ++i) to_bf16_columns(s.operand_bf16 + i * D, 3 * D, s.dq + i * grad_stride, rows, D, stream_);
     const __nv_bfloat16* W = params_bf16_ + b.w_q;
     const bool adjacent = weight_stride == (long long)D * D;  // one [3D, D] block, or three D × D ones
     const int parts = adjacent ? 1 : 3, width = adjacent ? 3 * D : D;
     for (int i = 0; i < parts; ++i) {
-      const __nv_bfloat16* dx = s.dqkv_bf16 + i * D;
+      const __nv_bfloat16* dx = s.operand_bf16 + i * D;
       gemm(true, false, width, D, rows, 1.f, dx, 3 * D, a.u_bf16, D, 1.f, g + b.w_q + i * weight_stride, D, stream_);
       gemm(false, false, rows, D, width, 1.f, dx, 3 * D, W + i * weight_stride, D, 1.f, s.du, D, stream_);
     }
@@ -811,11 +822,19 @@ void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
     // Training runs it in the layer's own workspace, whose states between chunks the backward reuses.
     linear_attn_forward(a.o_lin, a.zeta, nullptr, nullptr, a.q, a.k, a.v, gate ? a.mu : nullptr, B_, N_, D, H,
                         a.lin_states ? a.lin_states : arena_->workspace, stream_);
-    curvature_mix_forward(a.mixed, a.o_loc, a.o_lin, a.curvature + 1, rows, D, stream_);
+    if (a.mixed_bf16)
+      curvature_mix_forward(a.mixed_bf16, a.o_loc, a.o_lin, a.curvature + 1, rows, D, stream_);
+    else
+      curvature_mix_forward(a.mixed, a.o_loc, a.o_lin, a.curvature + 1, rows, D, stream_);
     mark("fwd linear attention");
     mixed = a.mixed;
   }
-  linear_forward(a.y_att, mixed, p + b.w_o, nullptr, rows, D, D, stream_);
+  if (a.mixed_bf16) {
+    if (!use_linear) to_bf16(a.mixed_bf16, a.o_loc, RD, stream_);
+    linear_forward(a.y_att, a.mixed_bf16, params_bf16_ + b.w_o, nullptr, rows, D, D, stream_);
+  } else {
+    linear_forward(a.y_att, mixed, p + b.w_o, nullptr, rows, D, D, stream_);
+  }
   mark("fwd w_o gemm");
   ssm_forward(layer, a.y_glob);
   mark("fwd ssm");
@@ -1055,8 +1074,14 @@ void Model::muse_block_backward(int layer, float* dh) {
   // Local and linear attention.
   zero(s.dc, 1);
   zero(s.dmixed, RD);
-  linear_backward(s.dmixed, g + b.w_o, nullptr, s.dy_att, use_linear ? a.mixed : a.o_loc, p + b.w_o, rows, D, D,
-                  stream_);
+  if (a.mixed_bf16) {
+    to_bf16(s.operand_bf16, s.dy_att, RD, stream_);
+    gemm(false, false, rows, D, D, 1.f, s.operand_bf16, D, params_bf16_ + b.w_o, D, 1.f, s.dmixed, D, stream_);
+    gemm(true, false, D, D, rows, 1.f, s.operand_bf16, D, a.mixed_bf16, D, 1.f, g + b.w_o, D, stream_);
+  } else {
+    linear_backward(s.dmixed, g + b.w_o, nullptr, s.dy_att, use_linear ? a.mixed : a.o_loc, p + b.w_o, rows, D, D,
+                    stream_);
+  }
   mark("bwd w_o gemm");
   zero(s.dq, RD), zero(s.dk, RD), zero(s.dv, RD);
   if (gate) zero(s.dmu, RH), zero(s.dlog_mu, RH);

@@ -53,13 +53,17 @@ __device__ __forceinline__ float mix_alpha(float c) {
 
 // ---- curvature mix ---------------------------------------------------------------------------------------
 
-__global__ void curvature_mix_forward_kernel(float* y_att, const float* y_loc, const float* y_lin, const float* c,
+__device__ __forceinline__ void store(float* y, float value) { *y = value; }
+__device__ __forceinline__ void store(__nv_bfloat16* y, float value) { *y = __float2bfloat16_rn(value); }
+
+template <class Out>
+__global__ void curvature_mix_forward_kernel(Out* y_att, const float* y_loc, const float* y_lin, const float* c,
                                              long n) {
   const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const float alpha = mix_alpha(c[0]);
   const float beta = 1.f - alpha;
-  y_att[i] = alpha * y_loc[i] + beta * y_lin[i];
+  store(y_att + i, alpha * y_loc[i] + beta * y_lin[i]);
 }
 
 // Grid-stride over the n elements with a grid fixed by n; partial[block] = Σ dy_att⊙(y_loc − y_lin).
@@ -230,6 +234,14 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
 
 void curvature_mix_forward(float* y_att, const float* y_loc, const float* y_lin, const float* c, int rows, int width,
                            cudaStream_t stream) {
+  const long n = (long)rows * width;
+  if (n <= 0) return;
+  curvature_mix_forward_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(y_att, y_loc, y_lin, c, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+}
+
+void curvature_mix_forward(__nv_bfloat16* y_att, const float* y_loc, const float* y_lin, const float* c, int rows,
+                           int width, cudaStream_t stream) {
   const long n = (long)rows * width;
   if (n <= 0) return;
   curvature_mix_forward_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(y_att, y_loc, y_lin, c, n);

@@ -10,6 +10,7 @@
 // fixed order (bit-reproducible for a given shape). Every *_backward ACCUMULATES (+=) into each non-null
 // gradient.
 #pragma once
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -21,6 +22,9 @@ namespace muse::cuda {
 // y_att = α·y_loc + (1−α)·y_lin, α = σ(10·(c − 0.55)); all [rows, width]; c: device pointer to one float.
 void curvature_mix_forward(float* y_att, const float* y_loc, const float* y_lin, const float* c, int rows, int width,
                            cudaStream_t stream = 0);
+// The same, y_att rounded to bf16 (the output projection's operand in the model's bf16 math).
+void curvature_mix_forward(__nv_bfloat16* y_att, const float* y_loc, const float* y_lin, const float* c, int rows,
+                           int width, cudaStream_t stream = 0);
 
 // workspace: curvature_mix_backward_workspace_floats(rows, width), needed only when dc is non-null.
 size_t curvature_mix_backward_workspace_floats(int rows, int width);

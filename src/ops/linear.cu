@@ -317,9 +317,14 @@ void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const fl
   gemm(BlasLt::current(), trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, stream);
 }
 
-void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
-                          long long stride_a, const float* B, int ldb, long long stride_b, float beta, float* C,
-                          int ldc, long long stride_c, int batch, cudaStream_t stream) {
+namespace {
+
+// gemm_strided_batched for fp32 or bf16 operands into an fp32 C.
+template <class T>
+void batched_into_fp32(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const T* A, int lda,
+                       long long stride_a, const T* B, int ldb, long long stride_b, float beta, float* C, int ldc,
+                       long long stride_c, int batch, cudaStream_t stream) {
+  constexpr cudaDataType_t kOperands = sizeof(T) == 4 ? CUDA_R_32F : CUDA_R_16BF;
   if (M <= 0 || N <= 0 || batch <= 0) return;
   if (K <= 0 || batch == 1) {
     for (int i = 0; i < batch; ++i)
@@ -327,8 +332,24 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float
            stream);
     return;
   }
-  matmul(BlasLt::current(), {CUDA_R_32F, CUDA_R_32F}, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C,
-         ldc, nullptr, stream, Batch{batch, stride_a, stride_b, stride_c});
+  matmul(BlasLt::current(), {kOperands, CUDA_R_32F}, trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc,
+         nullptr, stream, Batch{batch, stride_a, stride_b, stride_c});
+}
+
+}  // namespace
+
+void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const float* A, int lda,
+                          long long stride_a, const float* B, int ldb, long long stride_b, float beta, float* C,
+                          int ldc, long long stride_c, int batch, cudaStream_t stream) {
+  batched_into_fp32(trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c,
+                    batch, stream);
+}
+
+void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A,
+                          int lda, long long stride_a, const __nv_bfloat16* B, int ldb, long long stride_b, float beta,
+                          float* C, int ldc, long long stride_c, int batch, cudaStream_t stream) {
+  batched_into_fp32(trans_a, trans_b, M, N, K, alpha, A, lda, stride_a, B, ldb, stride_b, beta, C, ldc, stride_c,
+                    batch, stream);
 }
 
 void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,

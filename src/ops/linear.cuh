@@ -96,10 +96,13 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float
                           long long stride_a, const float* B, int ldb, long long stride_b, float beta, float* C,
                           int ldc, long long stride_c, int batch, cudaStream_t stream = 0);
 
-// The same GEMM with bf16 operands and an fp32 C, accumulated in fp32 whatever the GemmMath: the training
-// head's GEMMs in bf16 math (bf16 copies of x and E, bf16 dlogits; logits and gradients in fp32).
+// The same GEMMs with bf16 operands and an fp32 C, accumulated in fp32 whatever the GemmMath: the training
+// step's GEMMs in bf16 math (bf16 copies of the weights and of the activations that feed them).
 void gemm(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A, int lda,
           const __nv_bfloat16* B, int ldb, float beta, float* C, int ldc, cudaStream_t stream = 0);
+void gemm_strided_batched(bool trans_a, bool trans_b, int M, int N, int K, float alpha, const __nv_bfloat16* A,
+                          int lda, long long stride_a, const __nv_bfloat16* B, int ldb, long long stride_b, float beta,
+                          float* C, int ldc, long long stride_c, int batch, cudaStream_t stream = 0);
 
 // out[i] = bf16(x[i]), rounded to nearest: a bf16 copy of an operand.
 void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream = 0);
