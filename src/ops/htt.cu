@@ -74,13 +74,18 @@ __global__ void materialize_kernel(float* E, const float* A_hat, const float* B_
 // Backward into A (and the per-digit dc_s for θ): one block per leading digit i, 256 threads.
 //   W[s,p] = Σ_{u: i·v2+u < V} Σ_{q < len(p)} dE[i·v2+u, p·d2+q]·B̂[u,s,q]       (u in order)
 //   dc[i,s] = Σ_p Â[i,s,p]·W[s,p];   dÂ = c_s·W;   dA row += (dÂ − Â⟨Â, dÂ⟩)/‖A‖  (⟨⟩ dropped when floored)
-// Shared: the dE row [D], B̂_u [r·d2], W [r·d1], c [r]. Thread t owns W entries t, t+256, … (no races).
+// Shared: the dE row as d1 segments of d2 at an odd stride ld (lanes p = 0, 1, … of a warp read segment p: with
+// an even stride such as d2 = 32, phase8-medium's, all 32 reads hit one bank), B̂_u [r·d2], W [r·d1], c [r].
+// Thread t owns W entries t, t+256, … (no races).
+__host__ __device__ inline int segment_stride(int d2) { return d2 | 1; }
+
 __global__ void backward_a_kernel(float* dA, float* dc_by_digit, const float* dE, const float* A_hat,
                                   const float* A_norm, const float* B_hat, const float* theta, int V, int D, int r,
                                   int v2, int d1, int d2) {
   extern __shared__ float smem[];
-  float* sE = smem;            // [D]
-  float* sB = sE + D;          // [r·d2]
+  const int ld = segment_stride(d2);
+  float* sE = smem;            // [d1·ld]
+  float* sB = sE + d1 * ld;    // [r·d2]
   float* W = sB + r * d2;      // [r·d1]
   float* c = W + r * d1;       // [r]
   const int i = blockIdx.x;
@@ -90,14 +95,14 @@ __global__ void backward_a_kernel(float* dA, float* dc_by_digit, const float* dE
   for (int u = 0; u < v2 && long(i) * v2 + u < V; ++u) {
     __syncthreads();  // the previous token's sE/sB are no longer read
     const float* g = dE + (long(i) * v2 + u) * D;
-    for (int k = tid; k < D; k += nthreads) sE[k] = g[k];
+    for (int k = tid; k < D; k += nthreads) sE[k / d2 * ld + k % d2] = g[k];
     const float* b = B_hat + long(u) * r * d2;
     for (int k = tid; k < r * d2; k += nthreads) sB[k] = b[k];
     __syncthreads();
     for (int t = tid; t < r * d1; t += nthreads) {
       const int s = t / d1, p = t % d1;
       const int len = min(max(D - p * d2, 0), d2);
-      const float* gp = sE + p * d2;
+      const float* gp = sE + p * ld;
       const float* bs = sB + s * d2;
       float dot = 0.f;
       for (int q = 0; q < len; ++q) dot += gp[q] * bs[q];
@@ -300,7 +305,8 @@ void htt_materialize_backward(float* dA, float* dB, float* dtheta, const float* 
   const int digits = (s.V + s.v2 - 1) / s.v2;  // leading digits that carry a real token
   if (dA || dtheta) {
     if (dtheta && !scratch) throw std::invalid_argument("htt_materialize_backward: dtheta needs scratch");
-    const size_t shared = (size_t(s.D) + size_t(s.r) * s.d2 + size_t(s.r) * s.d1 + s.r) * sizeof(float);
+    const size_t shared =
+        (size_t(s.d1) * segment_stride(s.d2) + size_t(s.r) * s.d2 + size_t(s.r) * s.d1 + s.r) * sizeof(float);
     allow_shared(backward_a_kernel, shared, "htt_materialize_backward");
     // Digits ≥ `digits` carry no token: their W is 0, so their dA (and dc) contribution is 0; skip them.
     backward_a_kernel<<<digits, kRowThreads, shared, stream>>>(dA, dtheta ? scratch : nullptr, dE, A_hat, A_norm,
