@@ -24,11 +24,6 @@ __global__ void scale_kernel(float* y, float scale, size_t n) {
     y[i] *= scale;
 }
 
-__global__ void add_row_bias_kernel(float* y, const float* b, size_t n, int cols) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    y[i] += b[i % cols];
-}
-
 __global__ void add_positions_kernel(float* x, const float* pos, size_t n, int N, int D) {
   for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
     const size_t row = i / D;
@@ -88,13 +83,6 @@ void add_inplace(float* y, const float* x, size_t n, cudaStream_t stream) { add_
 void scale_inplace(float* y, float scale, size_t n, cudaStream_t stream) {
   if (n == 0) return;
   scale_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, scale, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
-}
-
-void add_row_bias(float* y, const float* b, int rows, int cols, cudaStream_t stream) {
-  const size_t n = size_t(rows) * cols;
-  if (n == 0) return;
-  add_row_bias_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, b, n, cols);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

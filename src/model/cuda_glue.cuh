@@ -15,9 +15,6 @@ void add_scaled(float* y, const float* x, float scale, size_t n, cudaStream_t st
 // y[i] *= scale.
 void scale_inplace(float* y, float scale, size_t n, cudaStream_t stream);
 
-// y[r, i] += b[i] over rows × cols.
-void add_row_bias(float* y, const float* b, int rows, int cols, cudaStream_t stream);
-
 // x[b, n, :] += pos[n, :] (learned positions, SPEC §2.3), B·N rows of width D.
 void add_positions(float* x, const float* pos, int B, int N, int D, cudaStream_t stream);
 // dpos[n, :] += Σ_b dx[b, n, :], summed over b in order.

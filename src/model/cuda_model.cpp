@@ -854,11 +854,10 @@ void Model::muse_block_forward(int layer, const float* h_in, float* h_out) {
   mark("fwd layernorm");
   if (a.u2_bf16)
     lowrank_ffn_forward_bf16(h_out, a.ffn_bf16, a.u2_bf16, ffn_params(b, p), ffn_weights_bf16(b, params_bf16_), rows,
-                             D, c.ffn_rank, stream_);
+                             D, c.ffn_rank, stream_, a.h_mid);
   else
     lowrank_ffn_forward(h_out, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2, ffn_params(b, p), rows, D,
-                        c.ffn_rank, stream_);
-  add_inplace(h_out, a.h_mid, RD, stream_);
+                        c.ffn_rank, stream_, a.h_mid);
   mark("fwd ffn");
 }
 
@@ -883,8 +882,7 @@ void Model::ssm_forward(int layer, float* y) {
   ssm_scan_forward(a.ssm_state, a.ssm_scan_in, sc.decay ? sp.ell : nullptr, B_, N_, R, stream_);
   ssm_readout_forward(a.ssm_readout, a.ssm_state, a.ssm_proj_v, a.ssm_chi, mask, rows, R, stream_);
   ssm_conv_forward(y, a.u, sp.conv, B_, N_, D, stream_);
-  gemm(false, true, rows, D, R, 1.f, a.ssm_readout, R, sp.WO, R, 1.f, y, D, stream_);
-  if (sp.bO) add_row_bias(y, sp.bO, rows, D, stream_);
+  linear_forward(y, a.ssm_readout, sp.WO, sp.bO, rows, R, D, stream_, y);  // y = conv + readout·W_Oᵀ + b_O
 }
 
 // ---- loss and backward ---------------------------------------------------------------------------------

@@ -166,7 +166,8 @@ size_t lowrank_ffn_backward_scratch_floats(int rows, int D, int rank) {
 size_t dense_mlp_backward_scratch_floats(int rows, int D) { return size_t(rows) * ffn_hidden(D); }
 
 void lowrank_ffn_forward(float* y, const LowRankFfnSaved<float>& saved, const float* x,
-                         const LowRankFfnParams<float>& params, int rows, int D, int rank, cudaStream_t stream) {
+                         const LowRankFfnParams<float>& params, int rows, int D, int rank, cudaStream_t stream,
+                         const float* residual) {
   if (rows <= 0) return;
   const int F = ffn_hidden(D);
   const long n = long(rows) * F;
@@ -174,7 +175,7 @@ void lowrank_ffn_forward(float* y, const LowRankFfnSaved<float>& saved, const fl
   linear_forward(saved.pre, saved.low1, params.U1, params.b1, rows, rank, F, stream);
   gelu_forward<true>(saved.hidden, saved.pre, n, stream);
   linear_forward(saved.low2, saved.hidden, params.V2, nullptr, rows, F, rank, stream);
-  linear_forward(y, saved.low2, params.U2, params.b2, rows, rank, D, stream);
+  linear_forward(y, saved.low2, params.U2, params.b2, rows, rank, D, stream, residual);
 }
 
 void lowrank_ffn_backward(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,
@@ -205,7 +206,7 @@ size_t lowrank_ffn_bf16_backward_scratch_floats(int rows, int D, int rank) {
 
 void lowrank_ffn_forward_bf16(float* y, const LowRankFfnSaved<__nv_bfloat16>& saved, const __nv_bfloat16* x,
                               const LowRankFfnParams<float>& params, const LowRankFfnParams<__nv_bfloat16>& weights,
-                              int rows, int D, int rank, cudaStream_t stream) {
+                              int rows, int D, int rank, cudaStream_t stream, const float* residual) {
   if (rows <= 0) return;
   const int F = ffn_hidden(D);
   require_bf16_vectors(F, {saved.pre, saved.hidden}, params.b1);
@@ -216,7 +217,7 @@ void lowrank_ffn_forward_bf16(float* y, const LowRankFfnSaved<__nv_bfloat16>& sa
       reinterpret_cast<const float4*>(params.b1), rows, F / 4);
   MUSE_CUDA_CHECK(cudaGetLastError());
   gemm_bf16(false, true, rows, rank, F, saved.hidden, F, weights.V2, F, saved.low2, rank, stream);
-  linear_forward(y, saved.low2, weights.U2, params.b2, rows, rank, D, stream);
+  linear_forward(y, saved.low2, weights.U2, params.b2, rows, rank, D, stream, residual);
 }
 
 void lowrank_ffn_backward_bf16(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,

@@ -25,9 +25,11 @@ size_t lowrank_ffn_backward_scratch_floats(int rows, int D, int rank);
 // rows·4D floats.
 size_t dense_mlp_backward_scratch_floats(int rows, int D);
 
-// y[rows, D] = U₂ V₂ cap10(GELU(U₁ V₁ x + b₁)) + b₂; writes saved.low1, pre, hidden, low2.
+// y[rows, D] = U₂ V₂ cap10(GELU(U₁ V₁ x + b₁)) + b₂ (+ residual[rows, D] when given: the block's residual
+// stream, added by the last GEMM); writes saved.low1, pre, hidden, low2.
 void lowrank_ffn_forward(float* y, const LowRankFfnSaved<float>& saved, const float* x,
-                         const LowRankFfnParams<float>& params, int rows, int D, int rank, cudaStream_t stream = 0);
+                         const LowRankFfnParams<float>& params, int rows, int D, int rank, cudaStream_t stream = 0,
+                         const float* residual = nullptr);
 
 // dx += ∂L/∂x and every non-null member of grads += its gradient, from dy[rows, D]. dx may be null.
 void lowrank_ffn_backward(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,
@@ -41,7 +43,7 @@ void lowrank_ffn_backward(float* dx, const LowRankFfnGrads<float>& grads, const 
 // 4D-wide layer, and bf16 tensor cores. The 4D-wide buffers must be 8-byte aligned, b₁ 16-byte.
 void lowrank_ffn_forward_bf16(float* y, const LowRankFfnSaved<__nv_bfloat16>& saved, const __nv_bfloat16* x,
                               const LowRankFfnParams<float>& params, const LowRankFfnParams<__nv_bfloat16>& weights,
-                              int rows, int D, int rank, cudaStream_t stream = 0);
+                              int rows, int D, int rank, cudaStream_t stream = 0, const float* residual = nullptr);
 
 // Scratch of the bf16 backward, in floats: dy rounded, ∂low2, ∂low1 and ∂pre in bf16.
 size_t lowrank_ffn_bf16_backward_scratch_floats(int rows, int D, int rank);

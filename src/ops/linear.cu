@@ -75,12 +75,12 @@ __global__ void scale_matrix_kernel(float* C, int M, int N, int ldc, float beta)
   }
 }
 
-// y[r, o] = b[o]: the bias broadcast used when no BIAS-epilogue algorithm exists (the GEMM then runs with
-// beta = 1, exactly like the CPU op).
-__global__ void broadcast_rows_kernel(float* y, const float* b, int rows, int cols) {
+// y[r, o] = b[o] + residual[r, o] (either may be null; residual may be y): what the GEMM then adds to with
+// beta = 1, when no BIAS-epilogue algorithm exists (exactly like the CPU op) or in = 0.
+__global__ void broadcast_rows_kernel(float* y, const float* b, const float* residual, int rows, int cols) {
   const long total = long(rows) * cols;
   for (long idx = blockIdx.x * long(blockDim.x) + threadIdx.x; idx < total; idx += long(gridDim.x) * blockDim.x)
-    y[idx] = b[idx % cols];
+    y[idx] = (b ? b[idx % cols] : 0.f) + (residual ? residual[idx] : 0.f);
 }
 
 // The bias gradient's term for common/column_reduce.cuh: row r's dy (fp32 or bf16, summed in fp32).
@@ -114,9 +114,20 @@ __global__ void to_bf16_columns_kernel(__nv_bfloat16* out, int ld, const float* 
   }
 }
 
+// kVectors: 4 values per step (x 16-byte, out 8-byte aligned; the last n % 4 one by one).
+template <bool kVectors>
 __global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, size_t n) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x)
-    out[i] = __float2bfloat16_rn(x[i]);
+  const size_t first = blockIdx.x * size_t(blockDim.x) + threadIdx.x, stride = size_t(gridDim.x) * blockDim.x;
+  size_t done = 0;
+  if constexpr (kVectors) {
+    done = n / 4 * 4;
+    for (size_t i = first; i < n / 4; i += stride) {
+      const float4 v = reinterpret_cast<const float4*>(x)[i];
+      const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+      reinterpret_cast<uint2*>(out)[i] = *reinterpret_cast<const uint2*>(pair);
+    }
+  }
+  for (size_t i = done + first; i < n; i += stride) out[i] = __float2bfloat16_rn(x[i]);
 }
 
 int grid_for(long total, int block) {
@@ -201,10 +212,12 @@ struct Preference {
 // cuBLASLt's "A" is our B and its "B" is our A, each with its own transpose flag. The bias of the BIAS
 // epilogue runs along cuBLASLt's m = N dimension, i.e. one value per column of our row-major C.
 // A and B hold types.operands elements, C types.output ones; the bias is fp32. With batch.count > 1 the
-// call runs that many GEMMs of the same shape at strided addresses (no bias then).
+// call runs that many GEMMs of the same shape at strided addresses (no bias then). With C_in, beta scales
+// C_in instead of C (same layout; cuBLASLt's C, with our C as its D).
 bool matmul(BlasLt& blas, const ElementTypes& types, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
             const void* A, int lda, const void* B, int ldb, float beta, void* C, int ldc, const float* bias,
-            cudaStream_t stream, const Batch& batch = Batch{}) {
+            cudaStream_t stream, const Batch& batch = Batch{}, const void* C_in = nullptr) {
+  if (!C_in) C_in = C;
   MatmulDesc op(blas.math(), types.operands);
   const cublasOperation_t op_lt_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt A = our B
   const cublasOperation_t op_lt_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLASLt B = our A
@@ -226,7 +239,8 @@ bool matmul(BlasLt& blas, const ElementTypes& types, bool trans_a, bool trans_b,
 
   const int align_a = batch_alignment(A, batch.stride_a, element_bytes(types.operands));
   const int align_b = batch_alignment(B, batch.stride_b, element_bytes(types.operands));
-  const int align_c = batch_alignment(C, batch.stride_c, element_bytes(types.output));
+  const int align_c = std::min(batch_alignment(C, batch.stride_c, element_bytes(types.output)),
+                               batch_alignment(C_in, batch.stride_c, element_bytes(types.output)));
   const int align_bias = bias ? alignment_of(bias) : 0;
   const int math_key = types_key(types, blas.math());
   // A shared (stride 0) operand changes the problem cuBLASLt sees, so the key records which are shared.
@@ -268,8 +282,8 @@ bool matmul(BlasLt& blas, const ElementTypes& types, bool trans_a, bool trans_b,
                              std::to_string(K) + " GEMM of " + name(types.operands) + " operands into " +
                              name(types.output));
   }
-  // cuBLASLt's A = our B, B = our A; C = D = our C (in place).
-  MUSE_CUBLAS_CHECK(cublasLtMatmul(blas.handle(), op.desc, &alpha, B, lt_a.layout, A, lt_b.layout, &beta, C,
+  // cuBLASLt's A = our B, B = our A; its C = C_in, its D = our C.
+  MUSE_CUBLAS_CHECK(cublasLtMatmul(blas.handle(), op.desc, &alpha, B, lt_a.layout, A, lt_b.layout, &beta, C_in,
                                    lt_c.layout, C, lt_c.layout, &algo, blas.workspace(), BlasLt::kWorkspaceBytes,
                                    stream));
   return true;
@@ -382,47 +396,48 @@ namespace {
 // linear_forward for fp32 or bf16 operands (x, W) into an fp32 y.
 template <class T>
 void linear_forward_into_fp32(float* y, const T* x, const T* W, const float* b, int rows, int in, int out,
-                              cudaStream_t stream) {
+                              const float* residual, cudaStream_t stream) {
   constexpr cudaDataType_t kOperands = sizeof(T) == 4 ? CUDA_R_32F : CUDA_R_16BF;
   if (rows <= 0 || out <= 0) return;
   BlasLt& blas = BlasLt::current();
-  if (in <= 0) {  // y = b (or 0): no GEMM
-    if (b) {
-      broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, rows, out);
-      MUSE_CUDA_CHECK(cudaGetLastError());
-    } else {
-      MUSE_CUDA_CHECK(cudaMemsetAsync(y, 0, size_t(rows) * out * sizeof(float), stream));
+  const float beta = residual ? 1.f : 0.f;
+  if (in > 0) {
+    if (!b) {
+      matmul(blas, {kOperands, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, beta, y, out, nullptr,
+             stream, Batch{}, residual);
+      return;
     }
-    return;
+    // The BIAS epilogue only for a 16-byte aligned bias: cuBLASLt's alignment preferences do not cover the
+    // bias pointer, and kernels assuming 16 bytes have been reported to fault on a less aligned one.
+    if (alignment_of(b) >= 16 && matmul(blas, {kOperands, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in,
+                                        beta, y, out, b, stream, Batch{}, residual))
+      return;
   }
-  // The BIAS epilogue only for a 16-byte aligned bias: cuBLASLt's alignment preferences do not cover the
-  // bias pointer, and kernels assuming 16 bytes have been reported to fault on a less aligned one.
-  if (b && alignment_of(b) >= 16 &&
-      matmul(blas, {kOperands, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, 0.f, y, out, b, stream))
-    return;
-  if (b) {
-    broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, rows, out);
-    MUSE_CUDA_CHECK(cudaGetLastError());
-  }
-  matmul(blas, {kOperands, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, b ? 1.f : 0.f, y, out,
-         nullptr, stream);
+  // y = b + residual: the result when in = 0, else what the GEMM adds to.
+  broadcast_rows_kernel<<<grid_for(long(rows) * out, 256), 256, 0, stream>>>(y, b, residual, rows, out);
+  MUSE_CUDA_CHECK(cudaGetLastError());
+  if (in > 0)
+    matmul(blas, {kOperands, CUDA_R_32F}, false, true, rows, out, in, 1.f, x, in, W, in, 1.f, y, out, nullptr, stream);
 }
 
 }  // namespace
 
 void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
-                    cudaStream_t stream) {
-  linear_forward_into_fp32(y, x, W, b, rows, in, out, stream);
+                    cudaStream_t stream, const float* residual) {
+  linear_forward_into_fp32(y, x, W, b, rows, in, out, residual, stream);
 }
 
 void linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16* W, const float* b, int rows, int in,
-                    int out, cudaStream_t stream) {
-  linear_forward_into_fp32(y, x, W, b, rows, in, out, stream);
+                    int out, cudaStream_t stream, const float* residual) {
+  linear_forward_into_fp32(y, x, W, b, rows, in, out, residual, stream);
 }
 
 void to_bf16(__nv_bfloat16* out, const float* x, size_t n, cudaStream_t stream) {
   if (n == 0) return;
-  to_bf16_kernel<<<grid_for(long(n), 256), 256, 0, stream>>>(out, x, n);
+  if (reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 8 == 0)
+    to_bf16_kernel<true><<<grid_for(long(n / 4 + 1), 256), 256, 0, stream>>>(out, x, n);
+  else
+    to_bf16_kernel<false><<<grid_for(long(n), 256), 256, 0, stream>>>(out, x, n);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -115,15 +115,17 @@ void to_bf16_columns(__nv_bfloat16* out, int ld, const float* x, int rows, int c
 void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloat16* A, int lda,
                const __nv_bfloat16* B, int ldb, __nv_bfloat16* C, int ldc, cudaStream_t stream = 0);
 
-// y[rows, out] = x[rows, in]·Wᵀ + b   (b may be null). W is [out, in] row-major. The bias is fused into the
-// GEMM as a cuBLASLt BIAS epilogue when b is 16-byte aligned (otherwise, or when cuBLASLt has no epilogue
-// algorithm for the shape, a broadcast kernel writes b into y and the GEMM runs with beta = 1).
+// y[rows, out] = x[rows, in]·Wᵀ + b + residual   (b and residual may be null; residual may be y itself, which
+// then accumulates). W is [out, in] row-major. The bias is fused into the GEMM as a cuBLASLt BIAS epilogue
+// when b is 16-byte aligned, and the residual is the GEMM's C (beta = 1, written to y); otherwise, or when
+// cuBLASLt has no epilogue algorithm for the shape, a broadcast kernel writes b + residual into y and the
+// GEMM runs with beta = 1.
 void linear_forward(float* y, const float* x, const float* W, const float* b, int rows, int in, int out,
-                    cudaStream_t stream = 0);
+                    cudaStream_t stream = 0, const float* residual = nullptr);
 
 // The same with bf16 x and W (fp32 accumulation, fp32 y and b).
 void linear_forward(float* y, const __nv_bfloat16* x, const __nv_bfloat16* W, const float* b, int rows, int in,
-                    int out, cudaStream_t stream = 0);
+                    int out, cudaStream_t stream = 0, const float* residual = nullptr);
 
 // dx += dy·W,  dW += dyᵀ·x,  db += Σ_rows dy   (each may be null; accumulated: GEMMs with beta = 1, the
 // bias gradient by a deterministic column reduction).

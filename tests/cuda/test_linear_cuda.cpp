@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -52,15 +53,24 @@ void check_linear(int rows, int in, int out, int offset) {
   };
   auto unshift = [&](const std::vector<float>& dev) { return std::vector<float>(dev.begin() + offset, dev.end()); };
 
-  for (bool with_bias : {true, false}) {
-    SCOPED_TRACE(with_bias ? "with bias" : "without bias");
-    std::vector<float> y(ny);
-    linear_forward(y.data(), x.data(), W.data(), with_bias ? b.data() : nullptr, rows, in, out);
-    DeviceBuffer<float> gx(shifted(x)), gW(shifted(W)), gb(shifted(b)), gy(shifted(nan_vector(ny)));
-    cuda::linear_forward(gy.get() + offset, gx.get() + offset, gW.get() + offset,
-                         with_bias ? gb.get() + offset : nullptr, rows, in, out);
-    expect_close_scaled(unshift(gy.download()), y, "y");
-  }
+  // The residual: none, its own buffer, or y itself (which then accumulates).
+  const auto residual = random_normal<float>(ny, rng);
+  enum class Residual { none, apart, in_place };
+  for (bool with_bias : {true, false})
+    for (Residual mode : {Residual::none, Residual::apart, Residual::in_place}) {
+      SCOPED_TRACE(std::string(with_bias ? "with bias" : "without bias") + ", residual " +
+                   (mode == Residual::none ? "none" : mode == Residual::apart ? "apart" : "in place"));
+      std::vector<float> y(ny);
+      linear_forward(y.data(), x.data(), W.data(), with_bias ? b.data() : nullptr, rows, in, out);
+      if (mode != Residual::none)
+        for (size_t i = 0; i < ny; ++i) y[i] += residual[i];
+      DeviceBuffer<float> gx(shifted(x)), gW(shifted(W)), gb(shifted(b)), gr(shifted(residual));
+      DeviceBuffer<float> gy(shifted(mode == Residual::in_place ? residual : nan_vector(ny)));
+      const float* r = mode == Residual::none ? nullptr : mode == Residual::apart ? gr.get() : gy.get();
+      cuda::linear_forward(gy.get() + offset, gx.get() + offset, gW.get() + offset,
+                           with_bias ? gb.get() + offset : nullptr, rows, in, out, 0, r ? r + offset : nullptr);
+      expect_close_scaled(unshift(gy.download()), y, "y");
+    }
 
   std::vector<float> dx = dx0, dW = dW0, db = db0;
   linear_backward(dx.data(), dW.data(), db.data(), dy.data(), x.data(), W.data(), rows, in, out);
@@ -195,6 +205,77 @@ TEST(linear_cuda, bf16_operand_gemm_matches_cpu_on_the_same_values) {
       cuda::gemm(ta, tb, M, N, K, 1.f, gA.get(), lda, gB.get(), ldb, beta, gC.get(), N);
       expect_close_scaled(gC.download(), C_cpu, "C");
     }
+}
+
+// The model's bf16 operands: to_bf16 and to_bf16_columns round to nearest like the host's
+// __float2bfloat16_rn, bit for bit, at sizes and offsets that take the vector paths and those that do not
+// (n mod 4 ≠ 0, pointers off 16 bytes, a column count not a multiple of 4), and leave the other columns alone.
+TEST(linear_cuda, bf16_copies_round_to_nearest) {
+  MUSE_REQUIRE_GPU();
+  auto bits = [](const std::vector<__nv_bfloat16>& v) {
+    std::vector<unsigned short> out(v.size());
+    std::memcpy(out.data(), v.data(), v.size() * sizeof(unsigned short));
+    return out;
+  };
+  for (size_t n : {size_t(1), size_t(7), size_t(4096), size_t(70001)})
+    for (int offset : {0, 1}) {
+      SCOPED_TRACE("to_bf16 n " + std::to_string(n) + " offset " + std::to_string(offset));
+      Rng rng(n + offset);
+      const auto x = random_normal<float>(n + offset, rng, 100.0);
+      std::vector<__nv_bfloat16> expected(n);
+      for (size_t i = 0; i < n; ++i) expected[i] = __float2bfloat16_rn(x[i + offset]);
+      DeviceBuffer<float> gx(x);
+      DeviceBuffer<__nv_bfloat16> gy(n + offset);
+      cuda::to_bf16(gy.get() + offset, gx.get() + offset, n);
+      const auto got = gy.download();
+      EXPECT_EQ(bits(std::vector<__nv_bfloat16>(got.begin() + offset, got.end())), bits(expected));
+    }
+  for (auto [rows, cols, ld] : {std::tuple{37, 64, 192}, std::tuple{5, 10, 13}, std::tuple{70000, 8, 8}}) {
+    SCOPED_TRACE("to_bf16_columns rows " + std::to_string(rows) + " cols " + std::to_string(cols) + " ld " +
+                 std::to_string(ld));
+    Rng rng(rows + cols + ld);
+    const auto x = random_normal<float>(size_t(rows) * cols, rng, 100.0);
+    const __nv_bfloat16 marker = __float2bfloat16_rn(-7.f);
+    std::vector<__nv_bfloat16> expected(size_t(rows) * ld, marker);
+    const int first = ld - cols;  // the block sits in the last columns
+    for (int r = 0; r < rows; ++r)
+      for (int c = 0; c < cols; ++c) expected[size_t(r) * ld + first + c] = __float2bfloat16_rn(x[size_t(r) * cols + c]);
+    DeviceBuffer<float> gx(x);
+    DeviceBuffer<__nv_bfloat16> gy(std::vector<__nv_bfloat16>(expected.size(), marker));
+    cuda::to_bf16_columns(gy.get() + first, ld, gx.get(), rows, cols);
+    EXPECT_EQ(bits(gy.download()), bits(expected));
+  }
+}
+
+// bf16 operands into fp32 results through the layer entry points: linear_forward (bias and residual, the
+// FFN's and the output projection's form) and the strided batch (q, k, v from one u). A product of two bf16
+// values is exact in fp32, so against the CPU on the widened values only the summation order differs.
+TEST(linear_cuda, bf16_operand_layers_match_cpu_on_the_same_values) {
+  MUSE_REQUIRE_GPU();
+  const int rows = 37, in = 64, out = 48, batch = 3;
+  Rng rng(23);
+  const Bf16Values x = round_to_bf16(random_normal<float>(size_t(rows) * in, rng));
+  const Bf16Values W = round_to_bf16(random_normal<float>(size_t(batch) * out * in, rng, 0.125));
+  const auto b = random_normal<float>(out, rng), residual = random_normal<float>(size_t(rows) * out, rng);
+  DeviceBuffer<__nv_bfloat16> gx(x.bf16), gW(W.bf16);
+  DeviceBuffer<float> gb(b), gr(residual);
+  for (bool with_bias : {true, false}) {
+    SCOPED_TRACE(with_bias ? "linear_forward with bias" : "linear_forward without bias");
+    std::vector<float> y(size_t(rows) * out);
+    linear_forward(y.data(), x.widened.data(), W.widened.data(), with_bias ? b.data() : nullptr, rows, in, out);
+    for (size_t i = 0; i < y.size(); ++i) y[i] += residual[i];
+    DeviceBuffer<float> gy(nan_vector(y.size()));
+    cuda::linear_forward(gy.get(), gx.get(), gW.get(), with_bias ? gb.get() : nullptr, rows, in, out, 0, gr.get());
+    expect_close_scaled(gy.download(), y, "y");
+  }
+  std::vector<float> C_cpu(size_t(batch) * rows * out);
+  for (int i = 0; i < batch; ++i)
+    gemm<float>(false, true, rows, out, in, 1.f, x.widened.data(), in, W.widened.data() + size_t(i) * out * in, in, 0.f,
+                C_cpu.data() + size_t(i) * rows * out, out);
+  DeviceBuffer<float> gC(nan_vector(C_cpu.size()));
+  cuda::gemm_strided_batched(false, true, rows, out, in, 1.f, gx.get(), in, 0, gW.get(), in, (long long)out * in, 0.f,
+                             gC.get(), out, (long long)rows * out, batch);
+  expect_close_scaled(gC.download(), C_cpu, "batched C");
 }
 
 // GemmMath::bf16 on fp32 storage (CUBLAS_COMPUTE_32F_FAST_16BF): the inputs are rounded to bf16 (≤ 2^-9
