@@ -5,6 +5,7 @@
 #include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
 #include "common/math.h"
+#include "common/row_grid.cuh"
 #include "ops/bk.cuh"
 
 namespace muse::cuda {
@@ -431,19 +432,22 @@ __global__ void layer_scan_backward_kernel(LayerWorkspace ws, const float* dg, c
   }
 }
 
-// du[r, :] += d_pre_v[r]·w_v + d_pre_J[r]·w_J[D:2D] + d_pre_J[r+1]·w_J[0:D] (the last only if t + 1 < N).
+// du[r, :] += d_pre_v[r]·w_v + d_pre_J[r]·w_J[D:2D] + d_pre_J[r+1]·w_J[0:D] (the last only if t + 1 < N); one
+// thread per column, rows on the grid's y (row_grid).
 __global__ void layer_du_kernel(float* du, LayerWorkspace ws, const float* w_v, const float* w_J, bool hopping,
                                 int rows, int N, int D) {
-  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (long)rows * D) return;
-  const long r = i / D;
-  const int d = int(i - r * D);
-  float s = ws.d_pre_v[r] * w_v[d];
-  if (hopping) {
-    s += ws.d_pre_J[r] * w_J[D + d];
-    if (int(r % N) + 1 < N) s += ws.d_pre_J[r + 1] * w_J[d];
+  const int d = blockIdx.x * blockDim.x + threadIdx.x;
+  if (d >= D) return;
+  const float wv = w_v[d], wj_now = hopping ? w_J[D + d] : 0.f, wj_next = hopping ? w_J[d] : 0.f;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const size_t i = size_t(r) * D + d;
+    float s = ws.d_pre_v[r] * wv;
+    if (hopping) {
+      s += ws.d_pre_J[r] * wj_now;
+      if (r % N + 1 < N) s += ws.d_pre_J[r + 1] * wj_next;
+    }
+    du[i] += s;
   }
-  du[i] += s;
 }
 
 // The terms of dw_v, dw_J (u_{t−1} half), dw_J (u_t half) for common/column_reduce.cuh: row r adds
@@ -456,7 +460,7 @@ struct WeightTerms {
     const float x = u[r * D + d];
     acc[0] += d_pre_v[r] * x;
     if (hopping) {
-      if (int(r % N) + 1 < N) acc[1] += d_pre_J[r + 1] * x;
+      if (int(r) % N + 1 < N) acc[1] += d_pre_J[r + 1] * x;  // rows = B·N fits an int
       acc[2] += d_pre_J[r] * x;
     }
   }
@@ -623,9 +627,9 @@ void bk_layer_backward(float* du, const BkGrads<float>& grads, const float* dg, 
   layer_scalars_kernel<<<1, kWarp, 0, stream>>>(grads, ws, params.eps_p, hopping, B);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (du && D > 0) {
-    const long n = (long)rows * D;
-    layer_du_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(du, ws, params.w_v, hopping ? params.w_J : nullptr,
-                                                          hopping, rows, N, D);
+    layer_du_kernel<<<row_grid(rows, D), kRowGridThreads, 0, stream>>>(du, ws, params.w_v,
+                                                                       hopping ? params.w_J : nullptr, hopping, rows,
+                                                                       N, D);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if ((grads.w_v || (hopping && grads.w_J)) && D > 0) {

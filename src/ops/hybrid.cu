@@ -1,6 +1,7 @@
 // CUDA mixing epilogue: curvature mix, Phase 7 hybrid gate, gated residual update with cap30 + LN_h fused in
 // one row pass (see hybrid.cuh and docs/kernels/bk_ssm_hybrid.md). fp32 storage and arithmetic.
 #include <algorithm>
+#include <cstdint>
 
 #include "common/cuda_check.cuh"
 #include "common/math.h"
@@ -53,17 +54,44 @@ __device__ __forceinline__ float mix_alpha(float c) {
 
 // ---- curvature mix ---------------------------------------------------------------------------------------
 
-__device__ __forceinline__ void store(float* y, float value) { *y = value; }
-__device__ __forceinline__ void store(__nv_bfloat16* y, float value) { *y = __float2bfloat16_rn(value); }
+__device__ __forceinline__ void store4(float* y, float4 v) { *reinterpret_cast<float4*>(y) = v; }
+__device__ __forceinline__ void store4(__nv_bfloat16* y, float4 v) {
+  const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
+  *reinterpret_cast<uint2*>(y) = *reinterpret_cast<const uint2*>(pair);
+}
 
-template <class Out>
+// kVectors: four elements per thread by 16-byte accesses (n a multiple of 4, every array 16-byte aligned);
+// otherwise one.
+template <bool kVectors, class Out>
 __global__ void curvature_mix_forward_kernel(Out* y_att, const float* y_loc, const float* y_lin, const float* c,
                                              long n) {
-  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  const long i = ((long)blockIdx.x * blockDim.x + threadIdx.x) * (kVectors ? 4 : 1);
   if (i >= n) return;
   const float alpha = mix_alpha(c[0]);
   const float beta = 1.f - alpha;
-  store(y_att + i, alpha * y_loc[i] + beta * y_lin[i]);
+  if constexpr (kVectors) {
+    const float4 a = *reinterpret_cast<const float4*>(y_loc + i), b = *reinterpret_cast<const float4*>(y_lin + i);
+    store4(y_att + i, make_float4(alpha * a.x + beta * b.x, alpha * a.y + beta * b.y, alpha * a.z + beta * b.z,
+                                  alpha * a.w + beta * b.w));
+  } else {
+    const float v = alpha * y_loc[i] + beta * y_lin[i];
+    if constexpr (sizeof(Out) == 4)
+      y_att[i] = v;
+    else
+      y_att[i] = __float2bfloat16_rn(v);
+  }
+}
+
+template <class Out>
+void launch_curvature_mix_forward(Out* y_att, const float* y_loc, const float* y_lin, const float* c, long n,
+                                  cudaStream_t stream) {
+  if (n <= 0) return;
+  auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  if (n % 4 == 0 && aligned(y_att) && aligned(y_loc) && aligned(y_lin))
+    curvature_mix_forward_kernel<true><<<ceil_div(n / 4, 256), 256, 0, stream>>>(y_att, y_loc, y_lin, c, n);
+  else
+    curvature_mix_forward_kernel<false><<<ceil_div(n, 256), 256, 0, stream>>>(y_att, y_loc, y_lin, c, n);
+  MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
 // Grid-stride over the n elements with a grid fixed by n; partial[block] = Σ dy_att⊙(y_loc − y_lin).
@@ -234,18 +262,12 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
 
 void curvature_mix_forward(float* y_att, const float* y_loc, const float* y_lin, const float* c, int rows, int width,
                            cudaStream_t stream) {
-  const long n = (long)rows * width;
-  if (n <= 0) return;
-  curvature_mix_forward_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(y_att, y_loc, y_lin, c, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  launch_curvature_mix_forward(y_att, y_loc, y_lin, c, (long)rows * width, stream);
 }
 
 void curvature_mix_forward(__nv_bfloat16* y_att, const float* y_loc, const float* y_lin, const float* c, int rows,
                            int width, cudaStream_t stream) {
-  const long n = (long)rows * width;
-  if (n <= 0) return;
-  curvature_mix_forward_kernel<<<ceil_div(n, 256), 256, 0, stream>>>(y_att, y_loc, y_lin, c, n);
-  MUSE_CUDA_CHECK(cudaGetLastError());
+  launch_curvature_mix_forward(y_att, y_loc, y_lin, c, (long)rows * width, stream);
 }
 
 size_t curvature_mix_backward_workspace_floats(int rows, int width) {

@@ -6,6 +6,7 @@
 
 #include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
+#include "common/row_grid.cuh"
 #include "ops/linear.cuh"
 
 #define MUSE_CUBLAS_CHECK(call)                                                                                \
@@ -93,13 +94,14 @@ struct RowTerm {
   __device__ void operator()(long r, int c, float (&acc)[1]) const { acc[0] += widen(dy[r * cols + c]); }
 };
 
-// out[r·ld + c] = bf16(x[r·cols + c]): blocks of 128 threads along a row, rows on the grid's y (strided).
-// kVectors: 4 columns per thread (cols a multiple of 4, x 16-byte and out 8-byte aligned, ld a multiple of 4).
-constexpr int kColumnThreads = 128;
+constexpr int kColumnThreads = 128;  // D = 512 is 128 vectors of four
+
+// out[r·ld + c] = bf16(x[r·cols + c]) on a row_grid. kVectors: 4 columns per thread (cols a multiple of 4, x
+// 16-byte and out 8-byte aligned, ld a multiple of 4).
 template <bool kVectors>
 __global__ void to_bf16_columns_kernel(__nv_bfloat16* out, int ld, const float* x, int rows, int cols) {
   constexpr int kWidth = kVectors ? 4 : 1;
-  const int c = (blockIdx.x * kColumnThreads + threadIdx.x) * kWidth;
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
   if (c >= cols) return;
   for (int r = blockIdx.y; r < rows; r += gridDim.y) {
     const float* from = x + size_t(r) * cols + c;
@@ -445,8 +447,7 @@ void to_bf16_columns(__nv_bfloat16* out, int ld, const float* x, int rows, int c
   if (rows <= 0 || cols <= 0) return;
   const bool vectors = cols % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(out) % 8 == 0;
-  const int per_row = vectors ? cols / 4 : cols;
-  const dim3 grid((per_row + kColumnThreads - 1) / kColumnThreads, std::min(rows, 65535));
+  const dim3 grid = row_grid(rows, vectors ? cols / 4 : cols, kColumnThreads);
   if (vectors)
     to_bf16_columns_kernel<true><<<grid, kColumnThreads, 0, stream>>>(out, ld, x, rows, cols);
   else

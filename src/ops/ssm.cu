@@ -1,10 +1,13 @@
 // CUDA AR-SSM pieces: causal conv, decayed/prefix scan, rank mask and the elementwise gate/readout steps
 // (see ssm.cuh and docs/kernels/bk_ssm_hybrid.md). fp32 storage and arithmetic.
 #include <algorithm>
+#include <cstdint>
+#include <initializer_list>
 
 #include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
 #include "common/math.h"
+#include "common/row_grid.cuh"
 #include "ops/ssm.cuh"
 
 namespace muse::cuda {
@@ -33,33 +36,62 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ---- causal conv -----------------------------------------------------------------------------------------
 
-__global__ void conv_forward_kernel(float* y, const float* u, const float* taps, int N, int D, long total) {
-  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  const long row = i / D;
-  const int d = int(i - row * D);
-  const int t = int(row % N);
-  const float w0 = taps[d], w1 = taps[D + d], w2 = taps[2 * D + d];
-  float s;
-  if (t >= 2)
-    s = (w0 * u[i - 2L * D] + w1 * u[i - D]) + w2 * u[i];
-  else if (t == 1)
-    s = w1 * u[i - D] + w2 * u[i];
-  else
-    s = w2 * u[i];
-  y[i] = s;
+// Row r (time t = r mod N) of y = causal depthwise conv of u, kWidth channels per thread (row_grid).
+template <int kWidth>
+__global__ void conv_forward_kernel(float* y, const float* u, const float* taps, int rows, int N, int D) {
+  const int d = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
+  if (d >= D) return;
+  float w0[kWidth], w1[kWidth], w2[kWidth];
+  load_floats(w0, taps + d), load_floats(w1, taps + D + d), load_floats(w2, taps + 2 * D + d);
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int t = r % N;
+    const size_t i = size_t(r) * D + d;
+    float now[kWidth], back1[kWidth] = {}, back2[kWidth] = {}, s[kWidth];
+    load_floats(now, u + i);
+    if (t >= 1) load_floats(back1, u + i - D);
+    if (t >= 2) load_floats(back2, u + i - 2 * D);
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) {
+      if (t >= 2)
+        s[k] = (w0[k] * back2[k] + w1[k] * back1[k]) + w2[k] * now[k];
+      else if (t == 1)
+        s[k] = w1[k] * back1[k] + w2[k] * now[k];
+      else
+        s[k] = w2[k] * now[k];
+    }
+    store_floats(y + i, s);
+  }
 }
 
-__global__ void conv_backward_input_kernel(float* du, const float* dy, const float* taps, int N, int D, long total) {
-  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  const long row = i / D;
-  const int d = int(i - row * D);
-  const int t = int(row % N);
-  float s = taps[2 * D + d] * dy[i];
-  if (t + 1 < N) s += taps[D + d] * dy[i + D];
-  if (t + 2 < N) s += taps[d] * dy[i + 2L * D];
-  du[i] += s;
+template <int kWidth>
+__global__ void conv_backward_input_kernel(float* du, const float* dy, const float* taps, int rows, int N, int D) {
+  const int d = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
+  if (d >= D) return;
+  float w0[kWidth], w1[kWidth], w2[kWidth];
+  load_floats(w0, taps + d), load_floats(w1, taps + D + d), load_floats(w2, taps + 2 * D + d);
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int t = r % N;
+    const size_t i = size_t(r) * D + d;
+    float now[kWidth], ahead1[kWidth] = {}, ahead2[kWidth] = {}, old[kWidth];
+    load_floats(now, dy + i), load_floats(old, du + i);
+    if (t + 1 < N) load_floats(ahead1, dy + i + D);
+    if (t + 2 < N) load_floats(ahead2, dy + i + 2 * D);
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) {
+      float s = w2[k] * now[k];
+      if (t + 1 < N) s += w1[k] * ahead1[k];
+      if (t + 2 < N) s += w0[k] * ahead2[k];
+      old[k] += s;
+    }
+    store_floats(du + i, old);
+  }
+}
+
+// D a multiple of 4 with 16-byte aligned rows and taps: four channels per thread.
+bool conv_vectors(int D, std::initializer_list<const void*> arrays) {
+  bool ok = D % 4 == 0;
+  for (const void* a : arrays) ok = ok && reinterpret_cast<uintptr_t>(a) % 16 == 0;
+  return ok;
 }
 
 // The conv taps' gradient terms for common/column_reduce.cuh: dtaps[k][d] = Σ_rows dy_t[d]·u_{t−2+k}[d]
@@ -68,7 +100,7 @@ struct TapTerms {
   const float *dy, *u;
   int N, D;
   __device__ void operator()(long r, int d, float (&acc)[3]) const {
-    const int t = int(r % N);
+    const int t = int(r) % N;  // rows = B·N fits an int
     const long i = r * D + d;
     const float g = dy[i];
     acc[2] += g * u[i];
@@ -342,9 +374,12 @@ int elementwise_blocks(long n) { return ceil_div(n, 256); }
 // ---- launchers -------------------------------------------------------------------------------------------
 
 void ssm_conv_forward(float* y, const float* u, const float* taps, int B, int N, int D, cudaStream_t stream) {
-  const long total = (long)B * N * D;
-  if (total <= 0) return;
-  conv_forward_kernel<<<elementwise_blocks(total), 256, 0, stream>>>(y, u, taps, N, D, total);
+  const int rows = B * N;
+  if (rows <= 0 || D <= 0) return;
+  if (conv_vectors(D, {y, u, taps}))
+    conv_forward_kernel<4><<<row_grid(rows, D / 4), kRowGridThreads, 0, stream>>>(y, u, taps, rows, N, D);
+  else
+    conv_forward_kernel<1><<<row_grid(rows, D), kRowGridThreads, 0, stream>>>(y, u, taps, rows, N, D);
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -357,7 +392,12 @@ void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u,
   const long rows = (long)B * N, total = rows * D;
   if (total <= 0) return;
   if (du) {
-    conv_backward_input_kernel<<<elementwise_blocks(total), 256, 0, stream>>>(du, dy, taps, N, D, total);
+    if (conv_vectors(D, {du, dy, taps}))
+      conv_backward_input_kernel<4><<<row_grid(int(rows), D / 4), kRowGridThreads, 0, stream>>>(du, dy, taps, int(rows),
+                                                                                                N, D);
+    else
+      conv_backward_input_kernel<1><<<row_grid(int(rows), D), kRowGridThreads, 0, stream>>>(du, dy, taps, int(rows), N,
+                                                                                            D);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (dtaps) {

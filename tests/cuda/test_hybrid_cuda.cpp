@@ -44,6 +44,14 @@ void check_curvature_mix(int rows, int width, float c) {
   DeviceBuffer<float> gc(std::vector<float>{c}), gloc(y_loc), glin(y_lin), gatt(nans(n)), gdatt(dy_att);
   cuda::curvature_mix_forward(gatt.get(), gloc.get(), glin.get(), gc.get(), rows, width);
   expect_close_to_reference(gatt.download(), y_att, 1e-6 * max_abs(y_att), kRtol, "y_att");
+  // The bf16 output (the output projection's operand in bf16 math): the same values rounded, to within one
+  // bf16 step of the CPU's.
+  DeviceBuffer<__nv_bfloat16> gatt_bf16(n);
+  cuda::curvature_mix_forward(gatt_bf16.get(), gloc.get(), glin.get(), gc.get(), rows, width);
+  std::vector<float> widened(n);
+  const std::vector<__nv_bfloat16> rounded = gatt_bf16.download();
+  for (long i = 0; i < n; ++i) widened[i] = __bfloat162float(rounded[i]);
+  expect_close_to_reference(widened, y_att, 1e-6 * max_abs(y_att), 1.0 / 256, "y_att in bf16");
   const auto dloc0 = accumulation_start(dy_loc), dlin0 = accumulation_start(dy_lin), dc0 = accumulation_start(dc);
   DeviceBuffer<float> gdloc(dloc0), gdlin(dlin0), gdc(dc0);
   DeviceBuffer<float> workspace(nans(cuda::curvature_mix_backward_workspace_floats(rows, width)));
