@@ -1,9 +1,9 @@
-#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
 
 #include "common/cuda_check.cuh"
+#include "common/row_grid.cuh"
 #include "ops/ffn.cuh"
 #include "ops/linear.cuh"
 
@@ -113,40 +113,49 @@ __device__ __forceinline__ uint2 narrow4(float4 v) {
   return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
 }
 
-// The 4D-wide layer as [rows, F/4] vectors of four: threads along a row (the bias b₁ loaded once per
-// thread), rows on the grid's y, strided.
-constexpr int kRowThreads = 256;
-dim3 row_grid(int rows, int vectors_per_row) {
-  return dim3((vectors_per_row + kRowThreads - 1) / kRowThreads, std::min(rows, 65535));
+// The 4D-wide layer as [rows, F/4] vectors of four, on a row_grid (the bias b₁ loaded once per thread).
+// Results are stored in bf16 (2⁻⁹ relative), so the cap's tanh and the GELU slope's exp use the special
+// function unit (tanh.approx: ~2⁻¹¹ relative; __expf): the fp32 functions made these kernels compute-bound.
+__device__ __forceinline__ float tanh_sfu(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float capped_gelu_sfu(float z) { return kCap * tanh_sfu(gelu(z) * (1.f / kCap)); }
+__device__ __forceinline__ float capped_gelu_backward_sfu(float d, float z, float hidden) {
+  const float cdf = 0.5f * (1.f + erff(z * 0.707106781187f));
+  const float pdf = __expf(-0.5f * z * z) * 0.398942280401f;
+  const float t = hidden * (1.f / kCap);
+  return d * ((1.f - t * t) * (cdf + z * pdf));
 }
 
 // hidden = cap10(GELU(pre + b₁)), pre being U₁V₁x without the bias.
 __global__ void capped_gelu_forward_bf16_kernel(uint2* hidden, const uint2* pre, const float4* b1, int rows,
                                                 int vectors_per_row) {
-  const int c = blockIdx.x * kRowThreads + threadIdx.x;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= vectors_per_row) return;
   const float4 b = b1[c];
   for (int r = blockIdx.y; r < rows; r += gridDim.y) {
     const size_t i = size_t(r) * vectors_per_row + c;
     const float4 z = widen4(pre[i]);
-    hidden[i] = narrow4(make_float4(gelu_forward_value<true>(z.x + b.x), gelu_forward_value<true>(z.y + b.y),
-                                    gelu_forward_value<true>(z.z + b.z), gelu_forward_value<true>(z.w + b.w)));
+    hidden[i] = narrow4(make_float4(capped_gelu_sfu(z.x + b.x), capped_gelu_sfu(z.y + b.y),
+                                    capped_gelu_sfu(z.z + b.z), capped_gelu_sfu(z.w + b.w)));
   }
 }
 
 // d = ∂L/∂hidden on entry, ∂L/∂pre on exit: d·(1 − tanh²)·GELU′(pre + b₁) with tanh = hidden/10.
 __global__ void capped_gelu_backward_bf16_kernel(uint2* d, const uint2* pre, const uint2* hidden, const float4* b1,
                                                  int rows, int vectors_per_row) {
-  const int c = blockIdx.x * kRowThreads + threadIdx.x;
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= vectors_per_row) return;
   const float4 b = b1[c];
   for (int r = blockIdx.y; r < rows; r += gridDim.y) {
     const size_t i = size_t(r) * vectors_per_row + c;
     const float4 g = widen4(d[i]), z = widen4(pre[i]), h = widen4(hidden[i]);
-    d[i] = narrow4(make_float4(gelu_backward_value<true>(g.x, z.x + b.x, h.x),
-                               gelu_backward_value<true>(g.y, z.y + b.y, h.y),
-                               gelu_backward_value<true>(g.z, z.z + b.z, h.z),
-                               gelu_backward_value<true>(g.w, z.w + b.w, h.w)));
+    d[i] = narrow4(make_float4(capped_gelu_backward_sfu(g.x, z.x + b.x, h.x),
+                               capped_gelu_backward_sfu(g.y, z.y + b.y, h.y),
+                               capped_gelu_backward_sfu(g.z, z.z + b.z, h.z),
+                               capped_gelu_backward_sfu(g.w, z.w + b.w, h.w)));
   }
 }
 
@@ -212,7 +221,7 @@ void lowrank_ffn_forward_bf16(float* y, const LowRankFfnSaved<__nv_bfloat16>& sa
   require_bf16_vectors(F, {saved.pre, saved.hidden}, params.b1);
   gemm_bf16(false, true, rows, rank, D, x, D, weights.V1, D, saved.low1, rank, stream);
   gemm_bf16(false, true, rows, F, rank, saved.low1, rank, weights.U1, rank, saved.pre, F, stream);
-  capped_gelu_forward_bf16_kernel<<<row_grid(rows, F / 4), kRowThreads, 0, stream>>>(
+  capped_gelu_forward_bf16_kernel<<<row_grid(rows, F / 4), kRowGridThreads, 0, stream>>>(
       reinterpret_cast<uint2*>(saved.hidden), reinterpret_cast<const uint2*>(saved.pre),
       reinterpret_cast<const float4*>(params.b1), rows, F / 4);
   MUSE_CUDA_CHECK(cudaGetLastError());
@@ -243,7 +252,7 @@ void lowrank_ffn_backward_bf16(float* dx, const LowRankFfnGrads<float>& grads, c
   if (grads.b2) column_sum_accumulate(grads.b2, dy, rows, D, stream);
   gemm_bf16(false, false, rows, F, rank, dlow2, rank, weights.V2, F, dpre, F, stream);  // ∂L/∂hidden
   if (grads.V2) gemm(true, false, rank, F, rows, 1.f, dlow2, rank, saved.hidden, F, 1.f, grads.V2, F, stream);
-  capped_gelu_backward_bf16_kernel<<<row_grid(rows, F / 4), kRowThreads, 0, stream>>>(
+  capped_gelu_backward_bf16_kernel<<<row_grid(rows, F / 4), kRowGridThreads, 0, stream>>>(
       reinterpret_cast<uint2*>(dpre), reinterpret_cast<const uint2*>(saved.pre),
       reinterpret_cast<const uint2*>(saved.hidden), reinterpret_cast<const float4*>(params.b1), rows, F / 4);
   MUSE_CUDA_CHECK(cudaGetLastError());
