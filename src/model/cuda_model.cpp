@@ -1040,23 +1040,25 @@ void Model::muse_block_backward(int layer, float* dh) {
 
   // FFN sub-block: h_out = h_mid + FFN(LN_ffn(h_mid)).
   if (b.ffn_v1 != kAbsent) {
-    zero(s.du2, RD);
-    if (a.u2_bf16)
+    if (a.u2_bf16) {
       lowrank_ffn_backward_bf16(s.du2, ffn_grads(b, g), dh, a.ffn_bf16, a.u2_bf16, ffn_params(b, p),
-                                ffn_weights_bf16(b, params_bf16_), rows, D, c.ffn_rank, ws, stream_);
-    else
+                                ffn_weights_bf16(b, params_bf16_), rows, D, c.ffn_rank, ws, stream_,
+                                /*accumulate=*/false);
+    } else {
+      zero(s.du2, RD);
       lowrank_ffn_backward(s.du2, ffn_grads(b, g), dh, {a.ffn_low1, a.ffn_pre, a.ffn_hidden, a.ffn_low2}, a.u2,
                            ffn_params(b, p), rows, D, c.ffn_rank, ws, stream_);
+    }
     layernorm_backward(dh, g + b.ln_ffn_gain, g + b.ln_ffn_bias, s.du2, nullptr, a.h_mid, p + b.ln_ffn_gain,
                        a.ln2_mean, a.ln2_rstd, rows, D, stream_);
     mark("bwd ffn");
   }
 
   // Mix: h_mid = h_in + LN_h(cap30(ξ·y_att + (1−ξ)·y_glob)); dh flows on to h_in unchanged.
-  zero(s.dy_att, RD), zero(s.dy_glob, RD), zero(s.dxi, rows);
+  // The first writers of this layer's gradient buffers write rather than add: no zeroing passes.
   residual_mix_backward(nullptr, s.dy_att, s.dy_glob, s.dxi, g + b.ln_h_gain, g + b.ln_h_bias, dh,
                         {a.mix_capped, a.mix_mean, a.mix_rstd}, a.y_att, a.y_glob, a.xi, p + b.ln_h_gain, rows, D, ws,
-                        stream_);
+                        stream_, /*accumulate=*/false);
   zero(s.dF, size_t(rows) * 3), zero(s.dg, size_t(rows) * 2);
   if (phase8)
     bk_gate_backward(s.dF, g + b.xi_w, g + b.xi_b, s.dxi, a.xi, a.F, p + b.xi_w, rows, 1, ws, stream_);
@@ -1065,18 +1067,18 @@ void Model::muse_block_backward(int layer, float* dh) {
   mark("bwd gates");
 
   // Global path.
-  zero(s.du, RD), zero(s.ddelta, rows);
-  ssm_backward(layer);
+  zero(s.ddelta, rows);
+  ssm_backward(layer);  // writes du
   mark("bwd ssm");
 
   // Local and linear attention.
   zero(s.dc, 1);
-  zero(s.dmixed, RD);
   if (a.mixed_bf16) {
     to_bf16(s.operand_bf16, s.dy_att, RD, stream_);
-    gemm(false, false, rows, D, D, 1.f, s.operand_bf16, D, params_bf16_ + b.w_o, D, 1.f, s.dmixed, D, stream_);
+    gemm(false, false, rows, D, D, 1.f, s.operand_bf16, D, params_bf16_ + b.w_o, D, 0.f, s.dmixed, D, stream_);
     gemm(true, false, D, D, rows, 1.f, s.operand_bf16, D, a.mixed_bf16, D, 1.f, g + b.w_o, D, stream_);
   } else {
+    zero(s.dmixed, RD);
     linear_backward(s.dmixed, g + b.w_o, nullptr, s.dy_att, use_linear ? a.mixed : a.o_loc, p + b.w_o, rows, D, D,
                     stream_);
   }
@@ -1085,9 +1087,8 @@ void Model::muse_block_backward(int layer, float* dh) {
   if (gate) zero(s.dmu, RH), zero(s.dlog_mu, RH);
   const float* do_loc = s.dmixed;
   if (use_linear) {
-    zero(s.do_loc, RD), zero(s.do_lin, RD);
     curvature_mix_backward(s.do_loc, s.do_lin, c.curvature_mix ? s.dc : nullptr, s.dmixed, a.o_loc, a.o_lin,
-                           a.curvature + 1, rows, D, ws, stream_);
+                           a.curvature + 1, rows, D, ws, stream_, /*accumulate=*/false);
     linear_attn_backward(s.dq, s.dk, s.dv, gate ? s.dmu : nullptr, s.do_lin, a.o_lin, a.zeta, a.q, a.k, a.v,
                          gate ? a.mu : nullptr, B_, N_, D, H, ws, a.lin_states, stream_);
     mark("bwd linear attention");
@@ -1129,7 +1130,7 @@ void Model::ssm_backward(int layer) {
   const float* mask = sc.mask_on() ? a.ssm_mask : nullptr;
   float* ws = s.workspace;
 
-  ssm_conv_backward(s.du, sg.conv, s.dy_glob, a.u, sp.conv, B_, N_, D, ws, stream_);
+  ssm_conv_backward(s.du, sg.conv, s.dy_glob, a.u, sp.conv, B_, N_, D, ws, stream_, /*accumulate=*/false);
   zero(s.d_readout, RR);
   linear_backward(s.d_readout, sg.WO, sg.bO, s.dy_glob, a.ssm_readout, sp.WO, rows, R, D, stream_);
   zero(s.dS, RR);

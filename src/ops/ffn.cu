@@ -232,7 +232,7 @@ void lowrank_ffn_forward_bf16(float* y, const LowRankFfnSaved<__nv_bfloat16>& sa
 void lowrank_ffn_backward_bf16(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,
                                const LowRankFfnSaved<__nv_bfloat16>& saved, const __nv_bfloat16* x,
                                const LowRankFfnParams<float>& params, const LowRankFfnParams<__nv_bfloat16>& weights,
-                               int rows, int D, int rank, float* scratch, cudaStream_t stream) {
+                               int rows, int D, int rank, float* scratch, cudaStream_t stream, bool accumulate) {
   if (rows <= 0) return;
   const int F = ffn_hidden(D);
   auto part = [&](size_t bf16s) {
@@ -259,7 +259,7 @@ void lowrank_ffn_backward_bf16(float* dx, const LowRankFfnGrads<float>& grads, c
   gemm_bf16(false, false, rows, rank, F, dpre, F, weights.U1, rank, dlow1, rank, stream);  // dlow1 = dpre·U₁
   if (grads.U1) gemm(true, false, F, rank, rows, 1.f, dpre, F, saved.low1, rank, 1.f, grads.U1, rank, stream);
   if (grads.b1) column_sum_accumulate(grads.b1, dpre, rows, F, stream);
-  if (dx) gemm(false, false, rows, D, rank, 1.f, dlow1, rank, weights.V1, D, 1.f, dx, D, stream);
+  if (dx) gemm(false, false, rows, D, rank, 1.f, dlow1, rank, weights.V1, D, accumulate ? 1.f : 0.f, dx, D, stream);
   if (grads.V1) gemm(true, false, rank, D, rows, 1.f, dlow1, rank, x, D, 1.f, grads.V1, D, stream);
 }
 

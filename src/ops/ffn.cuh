@@ -48,11 +48,13 @@ void lowrank_ffn_forward_bf16(float* y, const LowRankFfnSaved<__nv_bfloat16>& sa
 // Scratch of the bf16 backward, in floats: dy rounded, ∂low2, ∂low1 and ∂pre in bf16.
 size_t lowrank_ffn_bf16_backward_scratch_floats(int rows, int D, int rank);
 
-// dx += ∂L/∂x and every non-null member of grads += its gradient (fp32), from fp32 dy.
+// dx += ∂L/∂x (dx = ∂L/∂x with accumulate = false: dx needs no zeroing) and every non-null member of grads +=
+// its gradient (fp32), from fp32 dy.
 void lowrank_ffn_backward_bf16(float* dx, const LowRankFfnGrads<float>& grads, const float* dy,
                                const LowRankFfnSaved<__nv_bfloat16>& saved, const __nv_bfloat16* x,
                                const LowRankFfnParams<float>& params, const LowRankFfnParams<__nv_bfloat16>& weights,
-                               int rows, int D, int rank, float* scratch, cudaStream_t stream = 0);
+                               int rows, int D, int rank, float* scratch, cudaStream_t stream = 0,
+                               bool accumulate = true);
 
 // y[rows, D] = W₂ GELU(W₁ x + b₁) + b₂; writes saved.pre, hidden.
 void dense_mlp_forward(float* y, const DenseMlpSaved<float>& saved, const float* x, const DenseMlpParams<float>& params,

@@ -96,15 +96,16 @@ void launch_curvature_mix_forward(Out* y_att, const float* y_loc, const float* y
 
 // Grid-stride over the n elements with a grid fixed by n; partial[block] = Σ dy_att⊙(y_loc − y_lin).
 __global__ void curvature_mix_backward_kernel(float* dy_loc, float* dy_lin, float* partial, const float* dy_att,
-                                              const float* y_loc, const float* y_lin, const float* c, long n) {
+                                              const float* y_loc, const float* y_lin, const float* c, bool accumulate,
+                                              long n) {
   __shared__ float scratch[kReduceThreads / kWarp];
   const float alpha = mix_alpha(c[0]);
   const float beta = 1.f - alpha;
   float dot = 0.f;
   for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
     const float d = dy_att[i];
-    if (dy_loc) dy_loc[i] += alpha * d;
-    if (dy_lin) dy_lin[i] += beta * d;
+    if (dy_loc) dy_loc[i] = (accumulate ? dy_loc[i] : 0.f) + alpha * d;
+    if (dy_lin) dy_lin[i] = (accumulate ? dy_lin[i] : 0.f) + beta * d;
     if (partial) dot += d * (y_loc[i] - y_lin[i]);
   }
   if (partial) {
@@ -204,7 +205,8 @@ __global__ void residual_mix_forward_kernel(float* h_out, float* capped, float* 
 __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, float* dy_glob, float* dxi,
                                                   const float* dh_out, const float* capped, const float* mean,
                                                   const float* rstd, const float* y_att, const float* y_glob,
-                                                  const float* xi, const float* gain, bool branch, int rows, int D) {
+                                                  const float* xi, const float* gain, bool branch, bool accumulate,
+                                                  int rows, int D) {
   const long row = (long)blockIdx.x * kRowWarps + threadIdx.y;
   if (row >= rows) return;  // warp-uniform
   const int lane = threadIdx.x;
@@ -232,7 +234,8 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
     auto row_of = [&](const float* p, bool wanted) { return wanted && p ? p + o : nullptr; };
     load_columns(dy, dh_out + o, base, D), load_columns(old_h, row_of(dh, true), base, D);
     load_columns(x, row_of(capped, branch), base, D), load_columns(g, branch ? gain : nullptr, base, D);
-    load_columns(old_att, row_of(dy_att, branch), base, D), load_columns(old_glob, row_of(dy_glob, branch), base, D);
+    load_columns(old_att, row_of(dy_att, branch && accumulate), base, D);
+    load_columns(old_glob, row_of(dy_glob, branch && accumulate), base, D);
     load_columns(att, row_of(y_att, branch), base, D), load_columns(glob, row_of(y_glob, branch), base, D);
 #pragma unroll
     for (int u = 0; u < kColumnBatch; ++u) {
@@ -252,7 +255,7 @@ __global__ void residual_mix_backward_rows_kernel(float* dh, float* dy_att, floa
   }
   if (branch && dxi) {
     dgate = warp_sum(dgate);
-    if (lane == 0) dxi[row] += dgate;
+    if (lane == 0) dxi[row] = (accumulate ? dxi[row] : 0.f) + dgate;
   }
 }
 
@@ -276,13 +279,13 @@ size_t curvature_mix_backward_workspace_floats(int rows, int width) {
 
 void curvature_mix_backward(float* dy_loc, float* dy_lin, float* dc, const float* dy_att, const float* y_loc,
                             const float* y_lin, const float* c, int rows, int width, float* workspace,
-                            cudaStream_t stream) {
+                            cudaStream_t stream, bool accumulate) {
   const long n = (long)rows * width;
   if (n <= 0 || !(dy_loc || dy_lin || dc)) return;
   const int blocks = reduce_blocks(n);
   float* partial = dc ? workspace : nullptr;
   curvature_mix_backward_kernel<<<blocks, kReduceThreads, 0, stream>>>(dy_loc, dy_lin, partial, dy_att, y_loc, y_lin,
-                                                                       c, n);
+                                                                       c, accumulate, n);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (dc) {
     curvature_mix_finish_kernel<<<1, kWarp, 0, stream>>>(dc, partial, blocks, c);
@@ -327,13 +330,13 @@ size_t residual_mix_backward_workspace_floats(int rows, int D) {
 void residual_mix_backward(float* dh, float* dy_att, float* dy_glob, float* dxi, float* dgain, float* dbias,
                            const float* dh_out, const ResidualMixSaved<float>& saved, const float* y_att,
                            const float* y_glob, const float* xi, const float* gain, int rows, int D, float* workspace,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, bool accumulate) {
   if (rows <= 0 || D <= 0) return;
   const bool branch = dy_att || dy_glob || dxi;
   if (dh || branch) {
     residual_mix_backward_rows_kernel<<<ceil_div(rows, kRowWarps), dim3(kWarp, kRowWarps), 0, stream>>>(
         dh, dy_att, dy_glob, dxi, dh_out, saved.capped, saved.mean, saved.rstd, y_att, y_glob, xi, gain, branch,
-        rows, D);
+        accumulate, rows, D);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (dgain || dbias) {

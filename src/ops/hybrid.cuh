@@ -8,7 +8,8 @@
 // caller-owned device `workspace` of <op>_workspace_floats(...) floats (allocate once for the largest shape,
 // reuse on one stream), which may be null when the op has nothing to reduce. Reductions are two-stage in a
 // fixed order (bit-reproducible for a given shape). Every *_backward ACCUMULATES (+=) into each non-null
-// gradient.
+// gradient, except where accumulate = false asks it to write its per-row outputs (a backward pass's first
+// writer of a buffer: no zeroing pass, no read of zeros).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -26,11 +27,12 @@ void curvature_mix_forward(float* y_att, const float* y_loc, const float* y_lin,
 void curvature_mix_forward(__nv_bfloat16* y_att, const float* y_loc, const float* y_lin, const float* c, int rows,
                            int width, cudaStream_t stream = 0);
 
-// workspace: curvature_mix_backward_workspace_floats(rows, width), needed only when dc is non-null.
+// workspace: curvature_mix_backward_workspace_floats(rows, width), needed only when dc is non-null. With
+// accumulate = false, dy_loc and dy_lin are written instead of added to (they need no zeroing; dc still adds).
 size_t curvature_mix_backward_workspace_floats(int rows, int width);
 void curvature_mix_backward(float* dy_loc, float* dy_lin, float* dc, const float* dy_att, const float* y_loc,
                             const float* y_lin, const float* c, int rows, int width, float* workspace,
-                            cudaStream_t stream = 0);
+                            cudaStream_t stream = 0, bool accumulate = true);
 
 // ξ_r = σ(s·|Im g_r|); g [rows, 2] interleaved; s: device pointer to one float.
 void phase7_gate_forward(float* xi, const float* g, const float* s, int rows, cudaStream_t stream = 0);
@@ -47,11 +49,12 @@ void residual_mix_forward(float* h_out, const ResidualMixSaved<float>& saved, co
                           cudaStream_t stream = 0);
 
 // dh += dh_out (dh must not alias dh_out); dy_att, dy_glob [rows, D], dxi [rows], dgain, dbias [D]; each may be
-// null. workspace: residual_mix_backward_workspace_floats(rows, D), needed only for dgain or dbias.
+// null. workspace: residual_mix_backward_workspace_floats(rows, D), needed only for dgain or dbias. With
+// accumulate = false, dy_att, dy_glob and dxi are written instead of added to (they need no zeroing).
 size_t residual_mix_backward_workspace_floats(int rows, int D);
 void residual_mix_backward(float* dh, float* dy_att, float* dy_glob, float* dxi, float* dgain, float* dbias,
                            const float* dh_out, const ResidualMixSaved<float>& saved, const float* y_att,
                            const float* y_glob, const float* xi, const float* gain, int rows, int D, float* workspace,
-                           cudaStream_t stream = 0);
+                           cudaStream_t stream = 0, bool accumulate = true);
 
 }  // namespace muse::cuda

@@ -64,7 +64,8 @@ __global__ void conv_forward_kernel(float* y, const float* u, const float* taps,
 }
 
 template <int kWidth>
-__global__ void conv_backward_input_kernel(float* du, const float* dy, const float* taps, int rows, int N, int D) {
+__global__ void conv_backward_input_kernel(float* du, const float* dy, const float* taps, bool accumulate, int rows,
+                                           int N, int D) {
   const int d = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
   if (d >= D) return;
   float w0[kWidth], w1[kWidth], w2[kWidth];
@@ -72,8 +73,9 @@ __global__ void conv_backward_input_kernel(float* du, const float* dy, const flo
   for (int r = blockIdx.y; r < rows; r += gridDim.y) {
     const int t = r % N;
     const size_t i = size_t(r) * D + d;
-    float now[kWidth], ahead1[kWidth] = {}, ahead2[kWidth] = {}, old[kWidth];
-    load_floats(now, dy + i), load_floats(old, du + i);
+    float now[kWidth], ahead1[kWidth] = {}, ahead2[kWidth] = {}, old[kWidth] = {};
+    load_floats(now, dy + i);
+    if (accumulate) load_floats(old, du + i);
     if (t + 1 < N) load_floats(ahead1, dy + i + D);
     if (t + 2 < N) load_floats(ahead2, dy + i + 2 * D);
 #pragma unroll
@@ -388,16 +390,16 @@ size_t ssm_conv_backward_workspace_floats(int B, int N, int D) {
 }
 
 void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u, const float* taps, int B, int N,
-                       int D, float* workspace, cudaStream_t stream) {
+                       int D, float* workspace, cudaStream_t stream, bool accumulate) {
   const long rows = (long)B * N, total = rows * D;
   if (total <= 0) return;
   if (du) {
     if (conv_vectors(D, {du, dy, taps}))
-      conv_backward_input_kernel<4><<<row_grid(int(rows), D / 4), kRowGridThreads, 0, stream>>>(du, dy, taps, int(rows),
-                                                                                                N, D);
+      conv_backward_input_kernel<4><<<row_grid(int(rows), D / 4), kRowGridThreads, 0, stream>>>(
+          du, dy, taps, accumulate, int(rows), N, D);
     else
-      conv_backward_input_kernel<1><<<row_grid(int(rows), D), kRowGridThreads, 0, stream>>>(du, dy, taps, int(rows), N,
-                                                                                            D);
+      conv_backward_input_kernel<1><<<row_grid(int(rows), D), kRowGridThreads, 0, stream>>>(du, dy, taps, accumulate,
+                                                                                            int(rows), N, D);
     MUSE_CUDA_CHECK(cudaGetLastError());
   }
   if (dtaps) {

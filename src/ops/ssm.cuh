@@ -38,10 +38,11 @@ namespace muse::cuda {
 // y [B, N, D] = depthwise causal conv of u with taps [3, D] (overwrites y).
 void ssm_conv_forward(float* y, const float* u, const float* taps, int B, int N, int D, cudaStream_t stream = 0);
 
-// du += …, dtaps [3, D] += …. workspace: ssm_conv_backward_workspace_floats(B, N, D), needed only for dtaps.
+// du += … (= … with accumulate = false: du needs no zeroing), dtaps [3, D] += …. workspace:
+// ssm_conv_backward_workspace_floats(B, N, D), needed only for dtaps.
 size_t ssm_conv_backward_workspace_floats(int B, int N, int D);
 void ssm_conv_backward(float* du, float* dtaps, const float* dy, const float* u, const float* taps, int B, int N,
-                       int D, float* workspace, cudaStream_t stream = 0);
+                       int D, float* workspace, cudaStream_t stream = 0, bool accumulate = true);
 
 // S [B, N, R] from p [B, N, R]; ell [R] (λ = σ(ℓ)) or null for the plain prefix sum. Chunked along time
 // (docs/kernels/bk_ssm_hybrid.md).

@@ -204,6 +204,14 @@ void check_lowrank_bf16(int rows, int D, int rank) {
   close(gdV2.download(), dV2, "dV2");
   close(gdU2.download(), dU2, "dU2");
   close(gdb2.download(), db2, "db2");
+
+  // accumulate = false writes dx (over NaN here); the parameter gradients still accumulate.
+  std::vector<float> dx_alone(dx.size());
+  for (size_t i = 0; i < dx.size(); ++i) dx_alone[i] = dx[i] - dx0[i];
+  DeviceBuffer<float> wdx(nan_vector(dx.size()));
+  cuda::lowrank_ffn_backward_bf16(wdx.get(), {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, gdy.get(), gsaved,
+                                  gx.get(), biases, weights, rows, D, rank, scratch.get(), 0, /*accumulate=*/false);
+  close(wdx.download(), dx_alone, "dx written");
 }
 
 }  // namespace

@@ -60,6 +60,12 @@ void check_curvature_mix(int rows, int width, float c) {
   expect_accumulated(gdloc.download(), dloc0, dy_loc, 1e-6 * max_abs(dy_loc), "dy_loc");
   expect_accumulated(gdlin.download(), dlin0, dy_lin, 1e-6 * max_abs(dy_lin), "dy_lin");
   expect_accumulated(gdc.download(), dc0, dc, 1e-5 * S, "dc");
+  // accumulate = false writes dy_loc, dy_lin over whatever was there (NaN here).
+  DeviceBuffer<float> wdloc(nans(n)), wdlin(nans(n));
+  cuda::curvature_mix_backward(wdloc.get(), wdlin.get(), nullptr, gdatt.get(), gloc.get(), glin.get(), gc.get(), rows,
+                               width, nullptr, 0, /*accumulate=*/false);
+  expect_close_to_reference(wdloc.download(), dy_loc, 1e-6 * max_abs(dy_loc), kRtol, "dy_loc written");
+  expect_close_to_reference(wdlin.download(), dy_lin, 1e-6 * max_abs(dy_lin), kRtol, "dy_lin written");
 }
 
 void check_phase7_gate(int rows) {
@@ -157,6 +163,14 @@ void check_residual_mix(const ResidualCase& c) {
   } else {
     EXPECT_EQ(gdh.download(), dh0) << "dh (null) must not be written";
   }
+  // accumulate = false writes the per-row outputs over whatever was there (NaN here).
+  DeviceBuffer<float> wdatt(nans(n)), wdglob(nans(n)), wdxi(nans(rows));
+  cuda::residual_mix_backward(nullptr, wdatt.get(), wdglob.get(), wdxi.get(), nullptr, nullptr, gdh_out.get(),
+                              {scapped.get(), smean.get(), srstd.get()}, gatt.get(), gglob.get(), gxi.get(),
+                              ggain.get(), rows, D, workspace.get(), 0, /*accumulate=*/false);
+  expect_close_to_reference(wdatt.download(), dy_att, kTol * max_abs(dy_att), kRtol, "dy_att written");
+  expect_close_to_reference(wdglob.download(), dy_glob, kTol * max_abs(dy_glob), kRtol, "dy_glob written");
+  expect_close_to_reference(wdxi.download(), dxi, kTol * max_abs(dxi), kRtol, "dxi written");
 }
 
 }  // namespace

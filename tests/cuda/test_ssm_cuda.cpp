@@ -58,6 +58,11 @@ void check_conv(int B, int N, int D) {
   cuda::ssm_conv_backward(gdu.get(), gdtaps.get(), gdy.get(), gu.get(), gtaps.get(), B, N, D, workspace.get());
   expect_accumulated(gdu.download(), du0, du, 1e-6 * max_abs(du), "du");
   expect_accumulated(gdtaps.download(), dtaps0, dtaps, 1e-5 * S, "dtaps");
+  // accumulate = false writes du over whatever was there (NaN here).
+  DeviceBuffer<float> wdu(nans(du.size()));
+  cuda::ssm_conv_backward(wdu.get(), nullptr, gdy.get(), gu.get(), gtaps.get(), B, N, D, nullptr, 0,
+                          /*accumulate=*/false);
+  expect_close_to_reference(wdu.download(), du, 1e-6 * max_abs(du), kRtol, "du written");
 }
 
 // ---- scan ------------------------------------------------------------------------------------------------
