@@ -94,6 +94,9 @@ struct BlockBuffers {
   float *y_att = nullptr, *y_glob = nullptr;
   float *ssm_hidden = nullptr, *ssm_chi = nullptr, *ssm_mask = nullptr, *ssm_proj_u = nullptr, *ssm_proj_v = nullptr;
   float *ssm_scan_in = nullptr, *ssm_state = nullptr, *ssm_readout = nullptr;
+  // bf16 operands: [W_U; W_V; W_1] rounded and stacked [2R + D/4, D], so that the AR-SSM's three products into
+  // du are one GEMM (the parameter table does not keep W_1 next to W_U, W_V).
+  __nv_bfloat16* ssm_stack_bf16 = nullptr;
   float *xi = nullptr, *mix_capped = nullptr, *mix_mean = nullptr, *mix_rstd = nullptr, *h_mid = nullptr;
   float *u2 = nullptr, *ln2_mean = nullptr, *ln2_rstd = nullptr;
   float *ffn_low1 = nullptr, *ffn_pre = nullptr, *ffn_hidden = nullptr, *ffn_low2 = nullptr;
@@ -271,6 +274,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
     take(b.ssm_hidden, rows * (D / 4)), take(b.ssm_chi, rows * R), take(b.ssm_proj_u, rows * R);
     take(b.ssm_proj_v, rows * R), take(b.ssm_scan_in, rows * R), take(b.ssm_state, rows * R);
     take(b.ssm_readout, rows * R);
+    if (backward && bf16_operands) take_bf16(b.ssm_stack_bf16, (2 * R + D / 4) * D);
     if (mask) take(b.ssm_mask, rows * R);
     take(b.xi, rows), take(b.mix_capped, RD), take(b.mix_mean, rows), take(b.mix_rstd, rows);
     if (ffn_bf16) {
@@ -312,7 +316,7 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
 
   take(a.dh, RD), take(a.du, RD), take(a.dq, RD), take(a.dk, RD), take(a.dv, RD), take(a.dmixed, RD);
   take(a.du2, RD);
-  if (bf16_operands) take_bf16(a.operand_bf16, 3 * RD);
+  if (bf16_operands) take_bf16(a.operand_bf16, rows * std::max(3 * D, 2 * R + D / 4));
   if (muse) {
     take(a.dy_att, RD), take(a.dy_glob, RD), take(a.dxi, rows), take(a.dF, 3 * rows), take(a.dg, 2 * rows);
     take(a.ddelta, rows), take(a.dc, 1);
@@ -871,12 +875,23 @@ void Model::ssm_forward(int layer, float* y) {
   const int rows = B_ * N_, D = sc.D, R = sc.R, G = sc.gate_hidden();
   float* mask = sc.mask_on() ? a.ssm_mask : nullptr;
 
-  linear_forward(a.ssm_hidden, a.u, sp.W1, sp.b1, rows, D, G, stream_);
+  // W_U and W_V are adjacent in the parameter table, proj_u and proj_v in the arena: one batched GEMM.
+  const long long uv_stride = adjacent_stride(sp.WU, sp.WV, R * D);
+  if (a.u_bf16) {
+    __nv_bfloat16* stack = a.ssm_stack_bf16;
+    to_bf16(stack, sp.WU, size_t(R) * D, stream_);
+    to_bf16(stack + size_t(R) * D, sp.WV, size_t(R) * D, stream_);
+    to_bf16(stack + size_t(2 * R) * D, sp.W1, size_t(G) * D, stream_);
+    linear_forward(a.ssm_hidden, a.u_bf16, stack + size_t(2 * R) * D, sp.b1, rows, D, G, stream_);
+    gemm_strided_batched(false, true, rows, R, D, 1.f, a.u_bf16, D, 0, stack, D, (long long)R * D, 0.f, a.ssm_proj_u,
+                         R, a.ssm_proj_v - a.ssm_proj_u, 2, stream_);
+  } else {
+    linear_forward(a.ssm_hidden, a.u, sp.W1, sp.b1, rows, D, G, stream_);
+    gemm_strided_batched(false, true, rows, R, D, 1.f, a.u, D, 0, sp.WU, D, uv_stride, 0.f, a.ssm_proj_u, R,
+                         a.ssm_proj_v - a.ssm_proj_u, 2, stream_);
+  }
   ssm_relu_forward(a.ssm_hidden, long(rows) * G, stream_);
   linear_forward(a.ssm_chi, a.ssm_hidden, sp.W2, sp.b2, rows, G, R, stream_);
-  // W_U and W_V are adjacent in the parameter table, proj_u and proj_v in the arena: one batched GEMM.
-  gemm_strided_batched(false, true, rows, R, D, 1.f, a.u, D, 0, sp.WU, D, adjacent_stride(sp.WU, sp.WV, R * D), 0.f,
-                       a.ssm_proj_u, R, a.ssm_proj_v - a.ssm_proj_u, 2, stream_);
   if (mask) ssm_rank_mask_forward(mask, a.delta, a.F, sp, rows, R, stream_);
   ssm_gate_forward(a.ssm_chi, a.ssm_scan_in, a.ssm_chi, mask, a.ssm_proj_u, rows, R, stream_);
   ssm_scan_forward(a.ssm_state, a.ssm_scan_in, sc.decay ? sp.ell : nullptr, B_, N_, R, stream_);
@@ -1142,13 +1157,31 @@ void Model::ssm_backward(int layer) {
   if (mask) zero(s.dm, RR);
   ssm_gate_backward(s.dproj_u, s.dproj_v, s.dchi_pre, mask ? s.dm : nullptr, s.dscan_in, s.d_readout, a.ssm_state,
                     a.ssm_proj_u, a.ssm_proj_v, a.ssm_chi, mask, rows, R, stream_);
-  // dW_U and dW_V unbatched, as in qkv_backward: R × D results summed over B·N rows need split-K.
-  linear_backward(s.du, sg.WU, nullptr, s.dproj_u, a.u, sp.WU, rows, D, R, stream_);
-  linear_backward(s.du, sg.WV, nullptr, s.dproj_v, a.u, sp.WV, rows, D, R, stream_);
-  zero(s.dhidden, size_t(rows) * G);
-  linear_backward(s.dhidden, sg.W2, sg.b2, s.dchi_pre, a.ssm_hidden, sp.W2, rows, G, R, stream_);
-  ssm_relu_backward(s.dhidden, a.ssm_hidden, long(rows) * G, stream_);
-  linear_backward(s.du, sg.W1, sg.b1, s.dhidden, a.u, sp.W1, rows, D, G, stream_);
+  if (a.ssm_stack_bf16) {
+    // [dproj_u dproj_v dhidden] rounded side by side: du += that·[W_U; W_V; W_1] is one GEMM (K = 2R + D/4), and
+    // the weight gradients read u in bf16.
+    const int ld = 2 * R + G;
+    __nv_bfloat16* op = s.operand_bf16;
+    to_bf16_columns(op, ld, s.dproj_u, rows, R, stream_);
+    to_bf16_columns(op + R, ld, s.dproj_v, rows, R, stream_);
+    zero(s.dhidden, size_t(rows) * G);
+    linear_backward(s.dhidden, sg.W2, sg.b2, s.dchi_pre, a.ssm_hidden, sp.W2, rows, G, R, stream_);
+    ssm_relu_backward(s.dhidden, a.ssm_hidden, long(rows) * G, stream_);
+    to_bf16_columns(op + 2 * R, ld, s.dhidden, rows, G, stream_);
+    gemm(false, false, rows, D, ld, 1.f, op, ld, a.ssm_stack_bf16, D, 1.f, s.du, D, stream_);
+    gemm(true, false, R, D, rows, 1.f, op, ld, a.u_bf16, D, 1.f, sg.WU, D, stream_);
+    gemm(true, false, R, D, rows, 1.f, op + R, ld, a.u_bf16, D, 1.f, sg.WV, D, stream_);
+    gemm(true, false, G, D, rows, 1.f, op + 2 * R, ld, a.u_bf16, D, 1.f, sg.W1, D, stream_);
+    column_sum_accumulate(sg.b1, s.dhidden, rows, G, stream_);
+  } else {
+    // dW_U and dW_V unbatched, as in qkv_backward: R × D results summed over B·N rows need split-K.
+    linear_backward(s.du, sg.WU, nullptr, s.dproj_u, a.u, sp.WU, rows, D, R, stream_);
+    linear_backward(s.du, sg.WV, nullptr, s.dproj_v, a.u, sp.WV, rows, D, R, stream_);
+    zero(s.dhidden, size_t(rows) * G);
+    linear_backward(s.dhidden, sg.W2, sg.b2, s.dchi_pre, a.ssm_hidden, sp.W2, rows, G, R, stream_);
+    ssm_relu_backward(s.dhidden, a.ssm_hidden, long(rows) * G, stream_);
+    linear_backward(s.du, sg.W1, sg.b1, s.dhidden, a.u, sp.W1, rows, D, G, stream_);
+  }
   if (mask) ssm_rank_mask_backward(s.ddelta, s.dF, sg, s.dm, mask, a.delta, a.F, sp, rows, R, ws, stream_);
 }
 
