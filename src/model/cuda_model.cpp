@@ -1098,14 +1098,18 @@ void Model::muse_block_backward(int layer, float* dh) {
                     stream_);
   }
   mark("bwd w_o gemm");
-  zero(s.dq, RD), zero(s.dk, RD), zero(s.dv, RD);
-  if (gate) zero(s.dmu, RH), zero(s.dlog_mu, RH);
+  // The linear attention, when there is one, writes dq, dk, dv, dμ first; otherwise they start from zero.
+  if (!use_linear) zero(s.dq, RD), zero(s.dk, RD), zero(s.dv, RD);
+  if (gate) {
+    if (!use_linear) zero(s.dmu, RH);
+    zero(s.dlog_mu, RH);
+  }
   const float* do_loc = s.dmixed;
   if (use_linear) {
     curvature_mix_backward(s.do_loc, s.do_lin, c.curvature_mix ? s.dc : nullptr, s.dmixed, a.o_loc, a.o_lin,
                            a.curvature + 1, rows, D, ws, stream_, /*accumulate=*/false);
     linear_attn_backward(s.dq, s.dk, s.dv, gate ? s.dmu : nullptr, s.do_lin, a.o_lin, a.zeta, a.q, a.k, a.v,
-                         gate ? a.mu : nullptr, B_, N_, D, H, ws, a.lin_states, stream_);
+                         gate ? a.mu : nullptr, B_, N_, D, H, ws, a.lin_states, stream_, /*accumulate=*/false);
     mark("bwd linear attention");
     do_loc = s.do_loc;
   }

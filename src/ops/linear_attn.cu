@@ -740,7 +740,8 @@ __global__ void dzeta_kernel(float* dzeta, const float* d_o, const float* o, con
   }
 }
 
-// The gradients of one chunk (each may be null), accumulated: dq, dk, dv [B, N, D], dmu [B, N, H]. before:
+// The gradients of one chunk (each may be null), accumulated (or, without accumulate, written): dq, dk, dv
+// [B, N, D], dmu [B, N, H]. before:
 // the kind-0 states (the chunks before), after: the kind-1 states (the chunks after); null for one chunk.
 // Six 64 × 72 tiles of shared memory (110 KB: two blocks per SM), refilled in three steps. Each gradient's
 // two products accumulate in registers, in the order of the formulas, so a tile is overwritten as soon as
@@ -751,7 +752,7 @@ template <bool kExact>
 __global__ void __launch_bounds__(kTileThreads, 2)
     chunk_gradient_kernel(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* zeta,
                           const float* dzeta, const float* q, const float* k, const float* v, const float* mu,
-                          const float* before, const float* after, int N, int D, int H) {
+                          const float* before, const float* after, bool accumulate, int N, int D, int H) {
   const ChunkView cv = chunk_view(N, D, H);
   const int dh = cv.dh, ld = kMmaLd;
   extern __shared__ float smem[];
@@ -825,8 +826,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
   __syncthreads();
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   auto in_chunk = [&](int r, int c) { return 4 * ty + r < cv.tn && tx + 16 * c < dh; };
-  // old = the gradient's elements (zeros without it), input = the input's, at the thread's (row, column)s.
+  // old = the gradient's elements (zeros without it or when writing), input = the input's, at the thread's
+  // (row, column)s.
   auto load_old_and_input = [&](float (&old)[4][4], float (&input)[4][4], const float* gradient, const float* x) {
+    if (!accumulate) gradient = nullptr;
 #pragma unroll
     for (int r = 0; r < 4; ++r)
 #pragma unroll
@@ -890,7 +893,10 @@ __global__ void __launch_bounds__(kTileThreads, 2)
       dgate += feature(k_in[r][c], cv.scale) * dphi;
     }
     dgate = half_warp_sum(dgate);
-    if (dmu && tx == 0 && j < cv.tn) dmu[cv.row(j) * H + cv.h] += dgate;
+    if (dmu && tx == 0 && j < cv.tn) {
+      float* at = dmu + cv.row(j) * H + cv.h;
+      *at = (accumulate ? *at : 0.f) + dgate;
+    }
   }
 }
 
@@ -1025,7 +1031,8 @@ void chunked_forward(float* o, float* zeta, float* final_S, float* final_z, cons
 // Backward workspace: dζ, then the kind-0 states (before each chunk), then the kind-1 states (after).
 void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
                       const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B, int N,
-                      int D, int H, float* workspace, const float* forward_workspace, cudaStream_t stream) {
+                      int D, int H, float* workspace, const float* forward_workspace, bool accumulate,
+                      cudaStream_t stream) {
   const int P = segments(N);
   float* dzeta = workspace;
   float* own_before = P > 1 ? workspace + dzeta_floats(B, N, H) : nullptr;
@@ -1046,7 +1053,7 @@ void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* 
     auto kernel = chunk_gradient_kernel<decltype(exact)::value>;
     prepare_smem(kernel, kGradientSmem);
     kernel<<<grid, kTileThreads, kGradientSmem, stream>>>(dq, dk, dv, dmu, d_o, zeta, dzeta, q, k, v, mu, before,
-                                                          after, N, D, H);
+                                                          after, accumulate, N, D, H);
   });
   MUSE_CUDA_CHECK(cudaGetLastError());
 }
@@ -1098,7 +1105,8 @@ size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H) {
 
 void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const float* d_o, const float* o,
                           const float* zeta, const float* q, const float* k, const float* v, const float* mu, int B,
-                          int N, int D, int H, float* workspace, const float* forward_workspace, cudaStream_t stream) {
+                          int N, int D, int H, float* workspace, const float* forward_workspace, cudaStream_t stream,
+                          bool accumulate) {
   validate(B, N, D, H);
   if (!mu) dmu = nullptr;
   if (!dq && !dk && !dv && !dmu) return;
@@ -1106,8 +1114,15 @@ void linear_attn_backward(float* dq, float* dk, float* dv, float* dmu, const flo
   if ((dk || dv || dmu) && !workspace)
     throw std::invalid_argument("linear_attn_backward (cuda): dk/dv/dmu need a workspace");
   if (workspace && D / H <= kChunkMaxHeadDim) {
-    chunked_backward(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, forward_workspace, stream);
+    chunked_backward(dq, dk, dv, dmu, d_o, o, zeta, q, k, v, mu, B, N, D, H, workspace, forward_workspace, accumulate,
+                     stream);
     return;
+  }
+  if (!accumulate) {  // the sequential form adds: start its gradients from zero
+    const size_t rows = size_t(B) * N;
+    for (float* g : {dq, dk, dv})
+      if (g) MUSE_CUDA_CHECK(cudaMemsetAsync(g, 0, rows * D * sizeof(float), stream));
+    if (dmu) MUSE_CUDA_CHECK(cudaMemsetAsync(dmu, 0, rows * H * sizeof(float), stream));
   }
   switch (rows_per_thread(D / H)) {
     case 1: backward_impl<1>(dq, dk, dv, dmu, d_o, zeta, q, k, v, mu, B, N, D, H, workspace, stream); break;

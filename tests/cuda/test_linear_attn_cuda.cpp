@@ -133,6 +133,22 @@ void check_case(const Case& cs, const Wanted& want = Wanted{}, double loose = 1)
     EXPECT_EQ(kdv.download(), gdv.download()) << "dv from the forward's states";
     EXPECT_EQ(kdmu.download(), gdmu.download()) << "dmu from the forward's states";
   }
+  // accumulate = false writes the gradients over whatever was there (NaN here): the same bits as adding to
+  // zeros, in the chunked form and in the sequential one (dq alone, without a workspace).
+  auto run = [&](bool accumulate) {
+    const float fill = accumulate ? 0.f : std::nanf("");
+    DeviceBuffer<float> rq(std::vector<float>(dq0.size(), fill)), rk(std::vector<float>(dk0.size(), fill)),
+        rv(std::vector<float>(dv0.size(), fill)), rmu(std::vector<float>(dmu0.size(), fill));
+    cuda::linear_attn_backward(want.dq ? rq.get() : nullptr, want.dk ? rk.get() : nullptr,
+                               want.dv ? rv.get() : nullptr, want.dmu ? rmu.get() : nullptr, gdo.get(), go_cpu.get(),
+                               gzeta_cpu.get(), gq.get(), gk.get(), gv.get(), gmu_ptr, B, N, D, H,
+                               dq_only ? nullptr : workspace.get(), nullptr, 0, accumulate);
+    const std::vector<float> none;
+    return std::vector<std::vector<float>>{want.dq ? rq.download() : none, want.dk ? rk.download() : none,
+                                           want.dv ? rv.download() : none,
+                                           want.dmu && gmu_ptr ? rmu.download() : none};  // dmu needs μ
+  };
+  EXPECT_EQ(run(false), run(true)) << "written gradients differ from gradients added to zeros";
   MUSE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
