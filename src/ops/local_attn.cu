@@ -19,6 +19,7 @@
 
 #include "common/cuda_check.cuh"
 #include "common/mma_tf32.cuh"
+#include "common/row_grid.cuh"
 #include "ops/linear.cuh"
 #include "ops/local_attn.cuh"
 #include "ops/poincare.cuh"
@@ -1270,13 +1271,21 @@ __global__ void __launch_bounds__(kTiledThreads, 2)
 }
 
 // dq += carry for the queries whose window starts in the key tile before their own (the part the tiled
-// backward's block t − 1 wrote); one thread per element of dq.
-__global__ void add_dq_carry_kernel(float* dq, const float* carry, Geometry geo, long elements) {
-  const long idx = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= elements) return;
-  const int i = (int)((idx / geo.D) % geo.N);
-  const int tile_start = i - i % kBwdTiledKeys;
-  if (geo.window_start(i) < tile_start) dq[idx] += carry[idx];
+// backward's block t − 1 wrote), on a row grid (rows = B·N tokens), kWidth columns a thread.
+template <int kWidth>
+__global__ void add_dq_carry_kernel(float* dq, const float* carry, Geometry geo, int rows) {
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
+  if (c >= geo.D) return;
+  for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+    const int i = r % geo.N;
+    if (geo.window_start(i) >= i - i % kBwdTiledKeys) continue;
+    const size_t at = size_t(r) * geo.D + c;
+    float sum[kWidth], add[kWidth];
+    load_floats(sum, dq + at), load_floats(add, carry + at);
+#pragma unroll
+    for (int k = 0; k < kWidth; ++k) sum[k] += add[k];
+    store_floats(dq + at, sum);
+  }
 }
 
 // dc += Σ_blocks partials[block]; dβ_h += Σ_{blocks of head h} partials[blocks + block]. Block x < H
@@ -1416,10 +1425,13 @@ void launch_backward(float* dq, float* dk, float* dv, float* dc, float* dbeta, f
       MUSE_CUDA_CHECK(cudaGetLastError());
     }
     if (dq) {
-      const long elements = (long)B * geo.N * geo.D;
-      const int threads = 256;
-      add_dq_carry_kernel<<<(unsigned)((elements + threads - 1) / threads), threads, 0, stream>>>(dq, carry, geo,
-                                                                                                 elements);
+      const int rows = B * geo.N;
+      const bool vectors = geo.D % 4 == 0 && reinterpret_cast<uintptr_t>(dq) % 16 == 0 &&
+                           reinterpret_cast<uintptr_t>(carry) % 16 == 0;
+      if (vectors)
+        add_dq_carry_kernel<4><<<row_grid(rows, geo.D / 4), kRowGridThreads, 0, stream>>>(dq, carry, geo, rows);
+      else
+        add_dq_carry_kernel<1><<<row_grid(rows, geo.D), kRowGridThreads, 0, stream>>>(dq, carry, geo, rows);
       MUSE_CUDA_CHECK(cudaGetLastError());
     }
     return;
