@@ -136,26 +136,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm<Logit>)
       for (int i = threadIdx.x; i < all; i += kThreads) packs[i] = make_uint4(0u, 0u, 0u, 0u);
     return;
   }
-  // Staged: each thread copies the packs it will read (i ≡ threadIdx.x mod kThreads, in both passes), one
-  // group per batch of the fold below, and folds a batch as soon as its own group has landed: the row's
-  // loads overlap the arithmetic, and no barrier is needed for them.
   const uint4* source = packs;
-  int groups = 0;
   if (staged) {
-    for (int base = threadIdx.x; base < real; base += kBatch * kThreads, ++groups) {
-#pragma unroll
-      for (int k = 0; k < kBatch; ++k) {
-        const int i = base + k * kThreads;
-        if (i < real) copy_async_16(staged_row + i, packs + i);
-      }
-      commit_async_copies();
-    }
+    for (int i = threadIdx.x; i < real; i += kThreads) copy_async_16(staged_row + i, packs + i);
+    wait_async_copies();
+    __syncthreads();
     source = staged_row;
   }
   MaxSum acc{-INFINITY, 0.f};
   float sum_z = 0.f;
   for (int base = threadIdx.x; base < real; base += kBatch * kThreads) {
-    if (staged) wait_async_groups(--groups);
     uint4 raw[kBatch];
 #pragma unroll
     for (int k = 0; k < kBatch; ++k) {
