@@ -103,12 +103,10 @@ __device__ __forceinline__ void fold_pack(MaxSum& acc, float& sum_z, const float
     if (whole || column + k < V) acc.s += expf(z[k] - m);
 }
 
-// bf16 rows run three blocks per SM: a 100 KB row (the GPT-2 vocabulary) then does not fit a block's share of
-// shared memory, and the gradient pass reads it a second time from L2 (three rows per SM stay resident
-// there), which overlaps loads and arithmetic better than two staged rows. An fp32 row fills the SM's shared
-// memory alone.
+// A bf16 row (100 KB at the GPT-2 vocabulary) is staged by two blocks per SM, so one block's loads overlap
+// the other's arithmetic; an fp32 row fills the SM's shared memory alone.
 template <class Logit>
-constexpr int kBlocksPerSm = sizeof(Logit) == 2 ? 3 : 1;
+constexpr int kBlocksPerSm = sizeof(Logit) == 2 ? 2 : 1;
 
 // One block per row of fp32 or bf16 logits, 16-byte loads (a padded row is a multiple of 16 bytes and rows
 // are 16-byte aligned, checked by the launcher), kBatch of them in flight per thread. Each thread folds its
