@@ -195,12 +195,10 @@ struct Model::Arena {
 namespace {
 
 // Rows of the training head's logits chunk for `rows` rows: `requested` when positive, else as many as keep
-// the chunk within kHeadChunkBytes (5,336 rows of the GPT-2 vocabulary in fp32 logits, 10,672 in bf16), never
-// more than the batch. Fewer, larger chunks: each chunk's dE GEMM reads and writes all of dE.
+// the chunk within kHeadChunkBytes (5,336 rows of the GPT-2 vocabulary), never more than the batch.
 constexpr size_t kHeadChunkBytes = size_t(1) << 30;
-int head_chunk_for(int rows, int Vp, int requested, bool bf16_logits) {
-  const size_t logit_bytes = bf16_logits ? sizeof(__nv_bfloat16) : sizeof(float);
-  const size_t fit = std::max<size_t>(1, kHeadChunkBytes / (size_t(Vp) * logit_bytes));
+int head_chunk_for(int rows, int Vp, int requested) {
+  const size_t fit = std::max<size_t>(1, kHeadChunkBytes / (size_t(Vp) * sizeof(float)));
   return int(std::min<size_t>(size_t(rows), requested > 0 ? size_t(requested) : fit));
 }
 
@@ -349,8 +347,8 @@ void plan_buffers(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, i
 // Points every buffer of `a` into its storage for a B×N batch, growing the storage first if needed.
 void bind_arena(Model::Arena& a, const ModelConfig& c, const ModelLayout& m, int B, int N, bool backward,
                 bool serving, int head_chunk_rows, GemmMath math) {
+  const int head_chunk = head_chunk_for(B * N, c.padded_vocab(), head_chunk_rows);
   const bool bf16_operands = backward && math == GemmMath::bf16;
-  const int head_chunk = head_chunk_for(B * N, c.padded_vocab(), head_chunk_rows, bf16_operands);
   if (a.base && a.B == B && a.N == N && a.backward == backward && a.serving == serving && a.head_chunk == head_chunk &&
       a.bf16_operands == bf16_operands)
     return;  // steady state

@@ -91,8 +91,8 @@ class Model {
   // needs with_gradient; an evaluation leaves it off and skips those GEMMs.
   void loss(const int32_t* targets, double label_smoothing = 0.0, double accumulate_scale = 0.0,
             bool with_gradient = false);
-  // Rows of the training head's chunk: 0 (default) sizes it to 1 GiB of logits (5,336 rows of the GPT-2
-  // vocabulary in fp32, 10,672 in bf16 math), capped by the batch; tests set a few rows to run several chunks.
+  // Rows of the training head's chunk: 0 (default) sizes it to 1 GiB of fp32 logits (5,336 rows of the GPT-2
+  // vocabulary), capped by the batch; tests set a few rows to run several chunks.
   void set_head_chunk_rows(int rows) { head_chunk_rows_ = rows; }
   // Device pair {mean loss, count} of the last loss().
   const float* loss_result() const;
