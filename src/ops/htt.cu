@@ -74,9 +74,12 @@ __global__ void materialize_kernel(float* E, const float* A_hat, const float* B_
 // Backward into A (and the per-digit dc_s for θ): one block per leading digit i, 256 threads.
 //   W[s,p] = Σ_{u: i·v2+u < V} Σ_{q < len(p)} dE[i·v2+u, p·d2+q]·B̂[u,s,q]       (u in order)
 //   dc[i,s] = Σ_p Â[i,s,p]·W[s,p];   dÂ = c_s·W;   dA row += (dÂ − Â⟨Â, dÂ⟩)/‖A‖  (⟨⟩ dropped when floored)
-// Shared: the dE row as d1 segments of d2 at an odd stride ld (lanes p = 0, 1, … of a warp read segment p: with
-// an even stride such as d2 = 32, phase8-medium's, all 32 reads hit one bank), B̂_u [r·d2], W [r·d1], c [r].
-// Thread t owns W entries t, t+256, … (no races).
+// Shared: kHttStage tokens' dE rows, each as d1 segments of d2 at an odd stride ld (lanes p = 0, 1, … of a warp
+// read segment p: with an even stride such as d2 = 32, phase8-medium's, all 32 reads hit one bank), and their
+// B̂_u [r·d2]; W [r·d1], c [r]. Thread t owns W entries t, t+256, … (no races) and adds the staged tokens' dots
+// in token order. Staging kHttStage tokens per pair of barriers: one token per pair left the block waiting on
+// memory and barriers (the loop runs over ~v2 = 224 tokens).
+constexpr int kHttStage = 8;
 __host__ __device__ inline int segment_stride(int d2) { return d2 | 1; }
 
 __global__ void backward_a_kernel(float* dA, float* dc_by_digit, const float* dE, const float* A_hat,
@@ -84,29 +87,37 @@ __global__ void backward_a_kernel(float* dA, float* dc_by_digit, const float* dE
                                   int v2, int d1, int d2) {
   extern __shared__ float smem[];
   const int ld = segment_stride(d2);
-  float* sE = smem;            // [d1·ld]
-  float* sB = sE + d1 * ld;    // [r·d2]
-  float* W = sB + r * d2;      // [r·d1]
-  float* c = W + r * d1;       // [r]
+  float* sE = smem;                      // [kHttStage][d1·ld]
+  float* sB = sE + kHttStage * d1 * ld;  // [kHttStage][r·d2]
+  float* W = sB + kHttStage * r * d2;    // [r·d1]
+  float* c = W + r * d1;                 // [r]
   const int i = blockIdx.x;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   for (int t = tid; t < r * d1; t += nthreads) W[t] = 0.f;
   for (int s = tid; s < r; s += nthreads) c[s] = cosf(theta[s]) / sqrtf(float(r));
-  for (int u = 0; u < v2 && long(i) * v2 + u < V; ++u) {
-    __syncthreads();  // the previous token's sE/sB are no longer read
-    const float* g = dE + (long(i) * v2 + u) * D;
-    for (int k = tid; k < D; k += nthreads) sE[k / d2 * ld + k % d2] = g[k];
-    const float* b = B_hat + long(u) * r * d2;
-    for (int k = tid; k < r * d2; k += nthreads) sB[k] = b[k];
+  const int tokens = int(min(long(v2), V - long(i) * v2));  // u with i·v2 + u < V
+  for (int u0 = 0; u0 < tokens; u0 += kHttStage) {
+    const int staged = min(kHttStage, tokens - u0);
+    __syncthreads();  // the previous stage's sE/sB are no longer read
+    for (int j = 0; j < staged; ++j) {
+      const float* g = dE + (long(i) * v2 + u0 + j) * D;
+      for (int k = tid; k < D; k += nthreads) sE[j * d1 * ld + k / d2 * ld + k % d2] = g[k];
+      const float* b = B_hat + long(u0 + j) * r * d2;
+      for (int k = tid; k < r * d2; k += nthreads) sB[j * r * d2 + k] = b[k];
+    }
     __syncthreads();
     for (int t = tid; t < r * d1; t += nthreads) {
       const int s = t / d1, p = t % d1;
       const int len = min(max(D - p * d2, 0), d2);
-      const float* gp = sE + p * ld;
-      const float* bs = sB + s * d2;
-      float dot = 0.f;
-      for (int q = 0; q < len; ++q) dot += gp[q] * bs[q];
-      W[t] += dot;
+      float w = W[t];
+      for (int j = 0; j < staged; ++j) {
+        const float* gp = sE + j * d1 * ld + p * ld;
+        const float* bs = sB + j * r * d2 + s * d2;
+        float dot = 0.f;
+        for (int q = 0; q < len; ++q) dot += gp[q] * bs[q];
+        w += dot;
+      }
+      W[t] = w;
     }
   }
   __syncthreads();  // W complete (and c loaded, also when the token loop is empty)
@@ -144,32 +155,39 @@ __global__ void backward_theta_kernel(float* dtheta, const float* dc_by_digit, c
 // Backward into B: one block per trailing digit u, 256 threads.
 //   dB̂[u,s,q] = Σ_{i: i·v2+u < V} Σ_{p: p·d2+q < D} (c_s·Â[i,s,p])·dE[i·v2+u, p·d2+q]   (i, then p, in order)
 //   dB row += (dB̂ − B̂⟨B̂, dB̂⟩)/‖B‖
-// Shared: the dE row [D], Â_i [r·d1], the accumulator [r·d2], c [r]. Thread t owns accumulator entries t,
-// t+256, …
+// Shared: kHttStage digits' dE rows [D] and Â_i [r·d1], the accumulator [r·d2], c [r]. Thread t owns
+// accumulator entries t, t+256, … and adds the staged digits in order.
 __global__ void backward_b_kernel(float* dB, const float* dE, const float* A_hat, const float* B_hat,
                                   const float* B_norm, const float* theta, int V, int D, int r, int v2, int d1,
                                   int d2, int digits) {
   extern __shared__ float smem[];
-  float* sE = smem;            // [D]
-  float* sA = sE + D;          // [r·d1]
-  float* acc = sA + r * d1;    // [r·d2]
-  float* c = acc + r * d2;     // [r]
+  float* sE = smem;                      // [kHttStage][D]
+  float* sA = sE + kHttStage * D;        // [kHttStage][r·d1]
+  float* acc = sA + kHttStage * r * d1;  // [r·d2]
+  float* c = acc + r * d2;               // [r]
   const int u = blockIdx.x;
   const int tid = threadIdx.x, nthreads = blockDim.x;
   for (int t = tid; t < r * d2; t += nthreads) acc[t] = 0.f;
   for (int s = tid; s < r; s += nthreads) c[s] = cosf(theta[s]) / sqrtf(float(r));
-  for (int i = 0; i < digits && long(i) * v2 + u < V; ++i) {
-    __syncthreads();  // the previous token's sE/sA are no longer read; c is loaded
-    const float* g = dE + (long(i) * v2 + u) * D;
-    for (int k = tid; k < D; k += nthreads) sE[k] = g[k];
-    const float* a = A_hat + long(i) * r * d1;
-    for (int k = tid; k < r * d1; k += nthreads) sA[k] = a[k];
+  const int count = u < V ? min(digits, (V - u + v2 - 1) / v2) : 0;  // the digits i with i·v2 + u < V
+  for (int i0 = 0; i0 < count; i0 += kHttStage) {
+    const int staged = min(kHttStage, count - i0);
+    __syncthreads();  // the previous stage's sE/sA are no longer read; c is loaded
+    for (int j = 0; j < staged; ++j) {
+      const float* g = dE + (long(i0 + j) * v2 + u) * D;
+      for (int k = tid; k < D; k += nthreads) sE[j * D + k] = g[k];
+      const float* a = A_hat + long(i0 + j) * r * d1;
+      for (int k = tid; k < r * d1; k += nthreads) sA[j * r * d1 + k] = a[k];
+    }
     __syncthreads();
     for (int t = tid; t < r * d2; t += nthreads) {
       const int s = t / d2, q = t % d2;
-      const float* as = sA + s * d1;
       float sum = acc[t];
-      for (int p = 0; p < d1 && p * d2 + q < D; ++p) sum += (c[s] * as[p]) * sE[p * d2 + q];
+      for (int j = 0; j < staged; ++j) {
+        const float* as = sA + j * r * d1 + s * d1;
+        const float* e = sE + j * D;
+        for (int p = 0; p < d1 && p * d2 + q < D; ++p) sum += (c[s] * as[p]) * e[p * d2 + q];
+      }
       acc[t] = sum;
     }
   }
@@ -305,8 +323,8 @@ void htt_materialize_backward(float* dA, float* dB, float* dtheta, const float* 
   const int digits = (s.V + s.v2 - 1) / s.v2;  // leading digits that carry a real token
   if (dA || dtheta) {
     if (dtheta && !scratch) throw std::invalid_argument("htt_materialize_backward: dtheta needs scratch");
-    const size_t shared =
-        (size_t(s.d1) * segment_stride(s.d2) + size_t(s.r) * s.d2 + size_t(s.r) * s.d1 + s.r) * sizeof(float);
+    const size_t shared = (kHttStage * (size_t(s.d1) * segment_stride(s.d2) + size_t(s.r) * s.d2) +
+                           size_t(s.r) * s.d1 + s.r) * sizeof(float);
     allow_shared(backward_a_kernel, shared, "htt_materialize_backward");
     // Digits ≥ `digits` carry no token: their W is 0, so their dA (and dc) contribution is 0; skip them.
     backward_a_kernel<<<digits, kRowThreads, shared, stream>>>(dA, dtheta ? scratch : nullptr, dE, A_hat, A_norm,
@@ -318,7 +336,8 @@ void htt_materialize_backward(float* dA, float* dB, float* dtheta, const float* 
     }
   }
   if (dB) {
-    const size_t shared = (size_t(s.D) + size_t(s.r) * s.d1 + size_t(s.r) * s.d2 + s.r) * sizeof(float);
+    const size_t shared =
+        (kHttStage * (size_t(s.D) + size_t(s.r) * s.d1) + size_t(s.r) * s.d2 + s.r) * sizeof(float);
     allow_shared(backward_b_kernel, shared, "htt_materialize_backward");
     backward_b_kernel<<<s.v2, kRowThreads, shared, stream>>>(dB, dE, A_hat, B_hat, B_norm, theta, s.V, s.D, s.r,
                                                               s.v2, s.d1, s.d2, digits);
