@@ -741,7 +741,8 @@ void Model::qkv_backward(const BlockLayout& b, const BlockBuffers& a) {
   const int D = config_.d_model, rows = B_ * N_;
   const long long weight_stride = qkv_weight_stride(b), grad_stride = s.dk - s.dq;
   if (s.bf16_operands) {
-    for (int i = 0; i < 3; ++i) to_bf16_columns(s.operand_bf16 + i * D, 3 * D, s.dq + i * grad_stride, rows, D, stream_);
+    for (int i = 0; i < 3; ++i)
+      to_bf16_columns(s.operand_bf16 + i * D, 3 * D, s.dq + i * grad_stride, rows, D, stream_);
     const __nv_bfloat16* W = params_bf16_ + b.w_q;
     const bool adjacent = weight_stride == (long long)D * D;  // one [3D, D] block, or three D × D ones
     const int parts = adjacent ? 1 : 3, width = adjacent ? 3 * D : D;

@@ -33,8 +33,9 @@ void linear_attn_forward(float* o, float* zeta, float* final_S, float* final_z, 
 size_t linear_attn_backward_workspace_floats(int B, int N, int D, int H);
 
 // Accumulates (+=) into dq, dk, dv [B, N, D] and dmu [B, N, H] (each may be null; dmu is ignored when mu
-// is null), or with accumulate = false writes them (they need no zeroing), from d_o, given the forward's inputs, its output o and its zeta (the chunked form takes dζ from o;
-// the scan replays the numerators). workspace: linear_attn_backward_workspace_floats(B, N, D, H) floats of
+// is null), or with accumulate = false writes them (they need no zeroing), from d_o, given the forward's
+// inputs, its output o and its zeta (the chunked form takes dζ from o; the scan replays the numerators).
+// workspace: linear_attn_backward_workspace_floats(B, N, D, H) floats of
 // device memory (required unless all gradients are null). forward_workspace: the workspace the forward ran
 // with, untouched since, or null: the chunked form then reads the states between chunks from it instead of
 // summing them again. Every gradient element is written by one thread in a fixed order: deterministic, no

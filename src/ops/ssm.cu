@@ -36,13 +36,21 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // ---- causal conv -----------------------------------------------------------------------------------------
 
+// The three taps [3, D] of kWidth channels from d.
+template <int kWidth>
+struct ConvTaps {
+  float w0[kWidth], w1[kWidth], w2[kWidth];
+  __device__ ConvTaps(const float* taps, int d, int D) {
+    load_floats(w0, taps + d), load_floats(w1, taps + D + d), load_floats(w2, taps + 2 * D + d);
+  }
+};
+
 // Row r (time t = r mod N) of y = causal depthwise conv of u, kWidth channels per thread (row_grid).
 template <int kWidth>
 __global__ void conv_forward_kernel(float* y, const float* u, const float* taps, int rows, int N, int D) {
   const int d = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
   if (d >= D) return;
-  float w0[kWidth], w1[kWidth], w2[kWidth];
-  load_floats(w0, taps + d), load_floats(w1, taps + D + d), load_floats(w2, taps + 2 * D + d);
+  const ConvTaps<kWidth> w(taps, d, D);
   for (int r = blockIdx.y; r < rows; r += gridDim.y) {
     const int t = r % N;
     const size_t i = size_t(r) * D + d;
@@ -53,11 +61,11 @@ __global__ void conv_forward_kernel(float* y, const float* u, const float* taps,
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) {
       if (t >= 2)
-        s[k] = (w0[k] * back2[k] + w1[k] * back1[k]) + w2[k] * now[k];
+        s[k] = (w.w0[k] * back2[k] + w.w1[k] * back1[k]) + w.w2[k] * now[k];
       else if (t == 1)
-        s[k] = w1[k] * back1[k] + w2[k] * now[k];
+        s[k] = w.w1[k] * back1[k] + w.w2[k] * now[k];
       else
-        s[k] = w2[k] * now[k];
+        s[k] = w.w2[k] * now[k];
     }
     store_floats(y + i, s);
   }
@@ -68,8 +76,7 @@ __global__ void conv_backward_input_kernel(float* du, const float* dy, const flo
                                            int N, int D) {
   const int d = (blockIdx.x * blockDim.x + threadIdx.x) * kWidth;
   if (d >= D) return;
-  float w0[kWidth], w1[kWidth], w2[kWidth];
-  load_floats(w0, taps + d), load_floats(w1, taps + D + d), load_floats(w2, taps + 2 * D + d);
+  const ConvTaps<kWidth> w(taps, d, D);
   for (int r = blockIdx.y; r < rows; r += gridDim.y) {
     const int t = r % N;
     const size_t i = size_t(r) * D + d;
@@ -80,9 +87,9 @@ __global__ void conv_backward_input_kernel(float* du, const float* dy, const flo
     if (t + 2 < N) load_floats(ahead2, dy + i + 2 * D);
 #pragma unroll
     for (int k = 0; k < kWidth; ++k) {
-      float s = w2[k] * now[k];
-      if (t + 1 < N) s += w1[k] * ahead1[k];
-      if (t + 2 < N) s += w0[k] * ahead2[k];
+      float s = w.w2[k] * now[k];
+      if (t + 1 < N) s += w.w1[k] * ahead1[k];
+      if (t + 2 < N) s += w.w0[k] * ahead2[k];
       old[k] += s;
     }
     store_floats(du + i, old);

@@ -29,64 +29,86 @@ void expect_close_scaled(const std::vector<float>& gpu, const std::vector<float>
 
 std::vector<float> nan_vector(size_t n) { return std::vector<float>(n, std::nanf("")); }
 
+// The CPU op's forward and backward of one case, what the GPU checks compare with. The gradients start at
+// non-zero values (the *0 members) so that the GPU's accumulation is checked too.
+struct LowRankReference {
+  std::vector<float> y, low1, pre, hidden, low2;
+  std::vector<float> dx0, dV10, dU10, db10, dV20, dU20, db20;
+  std::vector<float> dx, dV1, dU1, db1, dV2, dU2, db2;
+
+  LowRankReference(const std::vector<float>& x, const RandomLowRankFfn<float>& w, const std::vector<float>& dy,
+                   int rows, int D, int rank, Rng& rng)
+      : y(size_t(rows) * D), low1(size_t(rows) * rank), pre(size_t(rows) * ffn_hidden(D)), hidden(pre.size()),
+        low2(low1.size()) {
+    const LowRankFfnParams<float> p = w.params();
+    const LowRankFfnSaved<float> saved{low1.data(), pre.data(), hidden.data(), low2.data()};
+    lowrank_ffn_forward<float>(y.data(), saved, x.data(), p, rows, D, rank);
+    dx0 = random_normal<float>(x.size(), rng, 0.1);
+    dV10 = random_normal<float>(w.V1.size(), rng, 0.1), dU10 = random_normal<float>(w.U1.size(), rng, 0.1);
+    db10 = random_normal<float>(w.b1.size(), rng, 0.1), dV20 = random_normal<float>(w.V2.size(), rng, 0.1);
+    dU20 = random_normal<float>(w.U2.size(), rng, 0.1), db20 = random_normal<float>(w.b2.size(), rng, 0.1);
+    dx = dx0, dV1 = dV10, dU1 = dU10, db1 = db10, dV2 = dV20, dU2 = dU20, db2 = db20;
+    lowrank_ffn_backward<float>(dx.data(), {dV1.data(), dU1.data(), db1.data(), dV2.data(), dU2.data(), db2.data()},
+                                dy.data(), saved, x.data(), p, rows, D, rank);
+  }
+};
+
+// The six parameter gradients and dx on the device, starting from the reference's starting values.
+struct DeviceGradients {
+  DeviceBuffer<float> dx, dV1, dU1, db1, dV2, dU2, db2;
+  explicit DeviceGradients(const LowRankReference& r)
+      : dx(r.dx0), dV1(r.dV10), dU1(r.dU10), db1(r.db10), dV2(r.dV20), dU2(r.dU20), db2(r.db20) {}
+  LowRankFfnGrads<float> grads() { return {dV1.get(), dU1.get(), db1.get(), dV2.get(), dU2.get(), db2.get()}; }
+  // close(gpu, cpu, name) for each of the seven.
+  template <class Close>
+  void expect_match(const LowRankReference& r, Close close) const {
+    close(dx.download(), r.dx, "dx");
+    close(dV1.download(), r.dV1, "dV1");
+    close(dU1.download(), r.dU1, "dU1");
+    close(db1.download(), r.db1, "db1");
+    close(dV2.download(), r.dV2, "dV2");
+    close(dU2.download(), r.dU2, "dU2");
+    close(db2.download(), r.db2, "db2");
+  }
+};
+
 // Rank per width: below, at and above D for the odd widths.
 void check_lowrank(int rows, int D, int rank) {
   SCOPED_TRACE("lowrank rows " + std::to_string(rows) + ", D " + std::to_string(D) + ", rank " + std::to_string(rank));
-  const int F = ffn_hidden(D);
   Rng rng(rows * 1009 + D * 17 + rank);
   auto x = random_normal<float>(size_t(rows) * D, rng);
   const RandomLowRankFfn<float> w(D, rank, rng);
   const std::vector<float>&V1 = w.V1, &U1 = w.U1, &b1 = w.b1, &V2 = w.V2, &U2 = w.U2, &b2 = w.b2;
   auto dy = random_normal<float>(size_t(rows) * D, rng);
 
-  std::vector<float> y(size_t(rows) * D), low1(size_t(rows) * rank), pre(size_t(rows) * F), hidden(pre.size()),
-      low2(low1.size());
-  const LowRankFfnParams<float> p = w.params();
-  const LowRankFfnSaved<float> saved{low1.data(), pre.data(), hidden.data(), low2.data()};
-  lowrank_ffn_forward<float>(y.data(), saved, x.data(), p, rows, D, rank);
-
-  // Gradients start non-zero (accumulation).
-  auto dx0 = random_normal<float>(x.size(), rng, 0.1);
-  auto dV10 = random_normal<float>(V1.size(), rng, 0.1), dU10 = random_normal<float>(U1.size(), rng, 0.1),
-       db10 = random_normal<float>(b1.size(), rng, 0.1), dV20 = random_normal<float>(V2.size(), rng, 0.1),
-       dU20 = random_normal<float>(U2.size(), rng, 0.1), db20 = random_normal<float>(b2.size(), rng, 0.1);
-  std::vector<float> dx = dx0, dV1 = dV10, dU1 = dU10, db1 = db10, dV2 = dV20, dU2 = dU20, db2 = db20;
-  lowrank_ffn_backward<float>(dx.data(), {dV1.data(), dU1.data(), db1.data(), dV2.data(), dU2.data(), db2.data()},
-                              dy.data(), saved, x.data(), p, rows, D, rank);
+  const LowRankReference cpu(x, w, dy, rows, D, rank, rng);
 
   DeviceBuffer<float> gx(x), gV1(V1), gU1(U1), gb1(b1), gV2(V2), gU2(U2), gb2(b2), gdy(dy);
-  DeviceBuffer<float> gy(nan_vector(y.size())), glow1(nan_vector(low1.size())), gpre(nan_vector(pre.size())),
-      ghidden(nan_vector(hidden.size())), glow2(nan_vector(low2.size()));
+  DeviceBuffer<float> gy(nan_vector(cpu.y.size())), glow1(nan_vector(cpu.low1.size())),
+      gpre(nan_vector(cpu.pre.size())), ghidden(nan_vector(cpu.hidden.size())), glow2(nan_vector(cpu.low2.size()));
   const LowRankFfnParams<float> gp{gV1.get(), gU1.get(), gb1.get(), gV2.get(), gU2.get(), gb2.get()};
   const LowRankFfnSaved<float> gsaved{glow1.get(), gpre.get(), ghidden.get(), glow2.get()};
   cuda::lowrank_ffn_forward(gy.get(), gsaved, gx.get(), gp, rows, D, rank);
-  expect_close_scaled(gy.download(), y, "y");
-  expect_close_scaled(glow1.download(), low1, "low1");
-  expect_close_scaled(gpre.download(), pre, "pre");
-  expect_close_scaled(ghidden.download(), hidden, "hidden");
-  expect_close_scaled(glow2.download(), low2, "low2");
+  expect_close_scaled(gy.download(), cpu.y, "y");
+  expect_close_scaled(glow1.download(), cpu.low1, "low1");
+  expect_close_scaled(gpre.download(), cpu.pre, "pre");
+  expect_close_scaled(ghidden.download(), cpu.hidden, "hidden");
+  expect_close_scaled(glow2.download(), cpu.low2, "low2");
 
   // The scratch is poisoned: the intermediate gradients must be written before they are read.
   DeviceBuffer<float> scratch(nan_vector(cuda::lowrank_ffn_backward_scratch_floats(rows, D, rank)));
-  DeviceBuffer<float> gdx(dx0), gdV1(dV10), gdU1(dU10), gdb1(db10), gdV2(dV20), gdU2(dU20), gdb2(db20);
-  cuda::lowrank_ffn_backward(gdx.get(), {gdV1.get(), gdU1.get(), gdb1.get(), gdV2.get(), gdU2.get(), gdb2.get()},
-                             gdy.get(), gsaved, gx.get(), gp, rows, D, rank, scratch.get());
-  expect_close_scaled(gdx.download(), dx, "dx");
-  expect_close_scaled(gdV1.download(), dV1, "dV1");
-  expect_close_scaled(gdU1.download(), dU1, "dU1");
-  expect_close_scaled(gdb1.download(), db1, "db1");
-  expect_close_scaled(gdV2.download(), dV2, "dV2");
-  expect_close_scaled(gdU2.download(), dU2, "dU2");
-  expect_close_scaled(gdb2.download(), db2, "db2");
+  DeviceGradients g(cpu);
+  cuda::lowrank_ffn_backward(g.dx.get(), g.grads(), gdy.get(), gsaved, gx.get(), gp, rows, D, rank, scratch.get());
+  g.expect_match(cpu, expect_close_scaled);
 
   // Null gradients are skipped (dx alone; and only one parameter gradient).
-  DeviceBuffer<float> gdx_only(dx0), gdU1_only(dU10);
+  DeviceBuffer<float> gdx_only(cpu.dx0), gdU1_only(cpu.dU10);
   cuda::lowrank_ffn_backward(gdx_only.get(), {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, gdy.get(),
                              gsaved, gx.get(), gp, rows, D, rank, scratch.get());
-  expect_close_scaled(gdx_only.download(), dx, "dx alone");
+  expect_close_scaled(gdx_only.download(), cpu.dx, "dx alone");
   cuda::lowrank_ffn_backward(nullptr, {nullptr, gdU1_only.get(), nullptr, nullptr, nullptr, nullptr}, gdy.get(),
                              gsaved, gx.get(), gp, rows, D, rank, scratch.get());
-  expect_close_scaled(gdU1_only.download(), dU1, "dU1 alone");
+  expect_close_scaled(gdU1_only.download(), cpu.dU1, "dU1 alone");
 }
 
 void check_dense(int rows, int D) {
@@ -162,53 +184,36 @@ void check_lowrank_bf16(int rows, int D, int rank) {
   for (std::vector<float>* m : {&w.V1, &w.U1, &w.V2, &w.U2}) *m = bf16_values(*m);
   const auto dy = random_normal<float>(size_t(rows) * D, rng);
 
-  std::vector<float> y(size_t(rows) * D), low1(size_t(rows) * rank), pre(size_t(rows) * F), hidden(pre.size()),
-      low2(low1.size());
-  const LowRankFfnParams<float> p = w.params();
-  const LowRankFfnSaved<float> saved{low1.data(), pre.data(), hidden.data(), low2.data()};
-  lowrank_ffn_forward<float>(y.data(), saved, x.data(), p, rows, D, rank);
-  auto dx0 = random_normal<float>(x.size(), rng, 0.1);
-  auto dV10 = random_normal<float>(w.V1.size(), rng, 0.1), dU10 = random_normal<float>(w.U1.size(), rng, 0.1),
-       db10 = random_normal<float>(w.b1.size(), rng, 0.1), dV20 = random_normal<float>(w.V2.size(), rng, 0.1),
-       dU20 = random_normal<float>(w.U2.size(), rng, 0.1), db20 = random_normal<float>(w.b2.size(), rng, 0.1);
-  std::vector<float> dx = dx0, dV1 = dV10, dU1 = dU10, db1 = db10, dV2 = dV20, dU2 = dU20, db2 = db20;
-  lowrank_ffn_backward<float>(dx.data(), {dV1.data(), dU1.data(), db1.data(), dV2.data(), dU2.data(), db2.data()},
-                              dy.data(), saved, x.data(), p, rows, D, rank);
+  const LowRankReference cpu(x, w, dy, rows, D, rank, rng);
 
   DeviceBuffer<__nv_bfloat16> gx(to_bf16(x)), gV1(to_bf16(w.V1)), gU1(to_bf16(w.U1)), gV2(to_bf16(w.V2)),
       gU2(to_bf16(w.U2));
-  DeviceBuffer<float> gb1(w.b1), gb2(w.b2), gdy(dy), gy(nan_vector(y.size()));
-  const std::vector<__nv_bfloat16> poison_narrow(low1.size(), __float2bfloat16_rn(std::nanf(""))),
-      poison_wide(pre.size(), __float2bfloat16_rn(std::nanf("")));
+  DeviceBuffer<float> gb1(w.b1), gb2(w.b2), gdy(dy), gy(nan_vector(cpu.y.size()));
+  const std::vector<__nv_bfloat16> poison_narrow(cpu.low1.size(), __float2bfloat16_rn(std::nanf(""))),
+      poison_wide(cpu.pre.size(), __float2bfloat16_rn(std::nanf("")));
   DeviceBuffer<__nv_bfloat16> glow1(poison_narrow), gpre(poison_wide), ghidden(poison_wide), glow2(poison_narrow);
   const LowRankFfnParams<float> biases{nullptr, nullptr, gb1.get(), nullptr, nullptr, gb2.get()};
   const LowRankFfnParams<__nv_bfloat16> weights{gV1.get(), gU1.get(), nullptr, gV2.get(), gU2.get(), nullptr};
   const LowRankFfnSaved<__nv_bfloat16> gsaved{glow1.get(), gpre.get(), ghidden.get(), glow2.get()};
   cuda::lowrank_ffn_forward_bf16(gy.get(), gsaved, gx.get(), biases, weights, rows, D, rank);
-  close(gy.download(), y, "y");
-  close(widen(glow1.download()), low1, "low1");
+  close(gy.download(), cpu.y, "y");
+  close(widen(glow1.download()), cpu.low1, "low1");
   std::vector<float> pre_with_bias = widen(gpre.download());
   for (size_t i = 0; i < pre_with_bias.size(); ++i) pre_with_bias[i] += w.b1[i % F];
-  close(pre_with_bias, pre, "pre + b1");
-  close(widen(ghidden.download()), hidden, "hidden");
-  close(widen(glow2.download()), low2, "low2");
+  close(pre_with_bias, cpu.pre, "pre + b1");
+  close(widen(ghidden.download()), cpu.hidden, "hidden");
+  close(widen(glow2.download()), cpu.low2, "low2");
 
   DeviceBuffer<float> scratch(nan_vector(cuda::lowrank_ffn_bf16_backward_scratch_floats(rows, D, rank)));
-  DeviceBuffer<float> gdx(dx0), gdV1(dV10), gdU1(dU10), gdb1(db10), gdV2(dV20), gdU2(dU20), gdb2(db20);
-  cuda::lowrank_ffn_backward_bf16(gdx.get(), {gdV1.get(), gdU1.get(), gdb1.get(), gdV2.get(), gdU2.get(), gdb2.get()},
-                                  gdy.get(), gsaved, gx.get(), biases, weights, rows, D, rank, scratch.get());
-  close(gdx.download(), dx, "dx");
-  close(gdV1.download(), dV1, "dV1");
-  close(gdU1.download(), dU1, "dU1");
-  close(gdb1.download(), db1, "db1");
-  close(gdV2.download(), dV2, "dV2");
-  close(gdU2.download(), dU2, "dU2");
-  close(gdb2.download(), db2, "db2");
+  DeviceGradients g(cpu);
+  cuda::lowrank_ffn_backward_bf16(g.dx.get(), g.grads(), gdy.get(), gsaved, gx.get(), biases, weights, rows, D, rank,
+                                  scratch.get());
+  g.expect_match(cpu, close);
 
   // accumulate = false writes dx (over NaN here); the parameter gradients still accumulate.
-  std::vector<float> dx_alone(dx.size());
-  for (size_t i = 0; i < dx.size(); ++i) dx_alone[i] = dx[i] - dx0[i];
-  DeviceBuffer<float> wdx(nan_vector(dx.size()));
+  std::vector<float> dx_alone(cpu.dx.size());
+  for (size_t i = 0; i < cpu.dx.size(); ++i) dx_alone[i] = cpu.dx[i] - cpu.dx0[i];
+  DeviceBuffer<float> wdx(nan_vector(cpu.dx.size()));
   cuda::lowrank_ffn_backward_bf16(wdx.get(), {nullptr, nullptr, nullptr, nullptr, nullptr, nullptr}, gdy.get(), gsaved,
                                   gx.get(), biases, weights, rows, D, rank, scratch.get(), 0, /*accumulate=*/false);
   close(wdx.download(), dx_alone, "dx written");

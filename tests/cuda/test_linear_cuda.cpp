@@ -239,7 +239,8 @@ TEST(linear_cuda, bf16_copies_round_to_nearest) {
     std::vector<__nv_bfloat16> expected(size_t(rows) * ld, marker);
     const int first = ld - cols;  // the block sits in the last columns
     for (int r = 0; r < rows; ++r)
-      for (int c = 0; c < cols; ++c) expected[size_t(r) * ld + first + c] = __float2bfloat16_rn(x[size_t(r) * cols + c]);
+      for (int c = 0; c < cols; ++c)
+        expected[size_t(r) * ld + first + c] = __float2bfloat16_rn(x[size_t(r) * cols + c]);
     DeviceBuffer<float> gx(x);
     DeviceBuffer<__nv_bfloat16> gy(std::vector<__nv_bfloat16>(expected.size(), marker));
     cuda::to_bf16_columns(gy.get() + first, ld, gx.get(), rows, cols);

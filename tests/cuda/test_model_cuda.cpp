@@ -139,8 +139,9 @@ void expect_gradients_match_cpu(const ModelConfig& c, const std::string& name, c
 }
 
 // fp32: per tensor ‖Δ‖ ≤ 2e-3·‖g_cpu‖ + 1e-5·‖g_all‖. The floor covers gradients that are zero up to
-// rounding: the key-gate bias's is Σ ∂L/∂log μ·(1 − μ), and Σ ∂L/∂log μ vanishes exactly (softmax is invariant
-// to a bias shared by all keys), so with μ nearly constant at initialisation only cancellation noise is left.
+// rounding: the key-gate bias's is Σ ∂L/∂log μ·(1 − μ), and Σ ∂L/∂log μ vanishes exactly (softmax is
+// invariant to a bias shared by all keys), so with μ nearly constant at initialisation only cancellation
+// noise is left.
 TEST_P(CudaModelTest, forward_loss_and_gradients_match_cpu) {
   MUSE_REQUIRE_GPU();
   expect_gradients_match_cpu(variant_config(GetParam()), GetParam().name, cuda::GemmMath::fp32,
