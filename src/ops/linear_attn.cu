@@ -722,25 +722,21 @@ __global__ void __launch_bounds__(kTileThreads)
 
 // The backward's first pass: dζ_i = −do_i·num_i/n_i² where the forward's ζ_i > floor (then n_i = ζ_i), else 0,
 // into dzeta [B, H, N]. With the forward's output o_i = num_i/n_i that is −(do_i·o_i)/ζ_i: one dot product
-// of two rows it already wrote, instead of the numerators recomputed chunk by chunk. A warp per (b, i, h):
-// token rows b·N + i on the grid's y (strided), heads over a block's warps (a 64-bit split of one flat warp
-// index into b, i, h cost more than the dot product).
-constexpr int kDzetaWarps = 8;
-__global__ void dzeta_kernel(float* dzeta, const float* d_o, const float* o, const float* zeta, int rows, int N,
-                             int D, int H) {
+// of two rows it already wrote, instead of the numerators recomputed chunk by chunk. One warp per (b, i, h).
+__global__ void dzeta_kernel(float* dzeta, const float* d_o, const float* o, const float* zeta, int N, int D, int H,
+                             long triples) {
+  const long w = ((long)blockIdx.x * blockDim.x + threadIdx.x) / kWarp;  // (b·N + i)·H + h
   const int lane = threadIdx.x % kWarp, dh = D / H;
-  for (int bi = blockIdx.y; bi < rows; bi += gridDim.y) {
-    const int b = bi / N, i = bi % N;
-    for (int h = threadIdx.x / kWarp; h < H; h += kDzetaWarps) {
-      const size_t at = size_t(bi) * D + size_t(h) * dh;
-      float dot = 0.f;
-      for (int e = lane; e < dh; e += kWarp) dot += d_o[at + e] * o[at + e];
-      dot = warp_sum(dot);
-      if (lane == 0) {
-        const float zr = zeta[size_t(bi) * H + h];
-        dzeta[(size_t(b) * H + h) * N + i] = zr > kFloor ? -dot / zr : 0.f;
-      }
-    }
+  if (w >= triples) return;  // warp-uniform
+  const int h = int(w % H);
+  const long bi = w / H;
+  const long at = bi * D + (long)h * dh;
+  float dot = 0.f;
+  for (int e = lane; e < dh; e += kWarp) dot += d_o[at + e] * o[at + e];
+  dot = warp_sum(dot);
+  if (lane == 0) {
+    const float zr = zeta[w];
+    dzeta[(bi / N * H + h) * N + bi % N] = zr > kFloor ? -dot / zr : 0.f;
   }
 }
 
@@ -1047,9 +1043,10 @@ void chunked_backward(float* dq, float* dk, float* dv, float* dmu, const float* 
   if (P > 1 && !kept) segment_states(own_before, 0, q, k, v, mu, nullptr, nullptr, nullptr, B, N, D, H, stream);
   const float* before = kept ? forward_workspace : own_before;
   const dim3 grid(P, H, B);
-  const int rows = B * N;
-  dzeta_kernel<<<dim3(1, unsigned(std::min(rows, 65535))), kDzetaWarps * kWarp, 0, stream>>>(dzeta, d_o, o, zeta, rows,
-                                                                                            N, D, H);
+  const long triples = (long)B * N * H;  // (b, i, h), a warp each
+  constexpr int kDzetaThreads = 256;
+  dzeta_kernel<<<unsigned((triples * kWarp + kDzetaThreads - 1) / kDzetaThreads), kDzetaThreads, 0, stream>>>(
+      dzeta, d_o, o, zeta, N, D, H, triples);
   MUSE_CUDA_CHECK(cudaGetLastError());
   if (after) segment_states(after, 1, q, k, v, mu, d_o, zeta, dzeta, B, N, D, H, stream);
   with_exactness(fp32_products(), [&](auto exact) {
