@@ -36,13 +36,18 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
   // train: the trainer's step (train/cuda_training.h), with gradients and moments; forward: a serving model
   // (SPEC §7: inference-only buffers, E precomputed, bf16 logits), so its time and memory are what a user's
   // inference costs.
+  // The GEMM math is set before the arena is sized: in bf16 math a training arena holds bf16 copies in place of
+  // some fp32 buffers, and an arena sized for another math would keep (and report) that size.
+  const cuda::GemmMath math = cuda::gemm_math_from_string(o.gpu_math);
   std::unique_ptr<cuda::Training> training;
   std::unique_ptr<cuda::Model> inference;
   if (o.mode == "train") {
     training = std::make_unique<cuda::Training>(config, host.params().data(), AdamWConfig{});
+    training->model().set_gemm_math(math);
     training->model().reserve(o.batch, o.seq);
   } else {
     inference = std::make_unique<cuda::Model>(config);
+    inference->set_gemm_math(math);
     inference->set_inference_only(true);
     inference->upload_params(host.params().data());
     inference->prepare_serving();
@@ -57,7 +62,6 @@ BenchRecord run_cuda_bench(const BenchOptions& o, const ModelConfig& config) {
     }
   };
   cuda::Model& model = training ? training->model() : *inference;
-  model.set_gemm_math(cuda::gemm_math_from_string(o.gpu_math));
   const double median = median_seconds(o.warmup, o.iters, iteration);
   std::vector<std::pair<std::string, double>> profile;
   if (o.profile) {
