@@ -2,6 +2,7 @@
 #include <initializer_list>
 #include <stdexcept>
 
+#include "common/bf16_pack.cuh"
 #include "common/cuda_check.cuh"
 #include "common/row_grid.cuh"
 #include "ops/ffn.cuh"
@@ -102,16 +103,6 @@ void gelu_backward(float* d, const float* pre, const float* hidden, long n, cuda
 size_t round_up_64(size_t n) { return (n + 63) / 64 * 64; }
 
 // ---- bf16 storage (the low-rank FFN in bf16 math) --------------------------------------------------------
-
-// Four bf16 values (8 bytes) widened to fp32, and back, rounded to nearest.
-__device__ __forceinline__ float4 widen4(uint2 raw) {
-  return make_float4(__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u), __uint_as_float(raw.y << 16),
-                     __uint_as_float(raw.y & 0xffff0000u));
-}
-__device__ __forceinline__ uint2 narrow4(float4 v) {
-  const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-  return make_uint2(*reinterpret_cast<const unsigned*>(&lo), *reinterpret_cast<const unsigned*>(&hi));
-}
 
 // The 4D-wide layer as [rows, F/4] vectors of four, on a row_grid (the bias b₁ loaded once per thread).
 // Results are stored in bf16 (2⁻⁹ relative), so the cap's tanh and the GELU slope's exp use the special

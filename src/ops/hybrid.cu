@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common/bf16_pack.cuh"
 #include "common/cuda_check.cuh"
 #include "common/math.h"
 #include "common/row_columns.cuh"
@@ -55,10 +56,7 @@ __device__ __forceinline__ float mix_alpha(float c) {
 // ---- curvature mix ---------------------------------------------------------------------------------------
 
 __device__ __forceinline__ void store4(float* y, float4 v) { *reinterpret_cast<float4*>(y) = v; }
-__device__ __forceinline__ void store4(__nv_bfloat16* y, float4 v) {
-  const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
-  *reinterpret_cast<uint2*>(y) = *reinterpret_cast<const uint2*>(pair);
-}
+__device__ __forceinline__ void store4(__nv_bfloat16* y, float4 v) { *reinterpret_cast<uint2*>(y) = narrow4(v); }
 
 // kVectors: four elements per thread by 16-byte accesses (n a multiple of 4, every array 16-byte aligned);
 // otherwise one.

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "common/bf16_pack.cuh"
 #include "common/column_reduce.cuh"
 #include "common/cuda_check.cuh"
 #include "common/row_grid.cuh"
@@ -107,9 +108,7 @@ __global__ void to_bf16_columns_kernel(__nv_bfloat16* out, int ld, const float* 
     const float* from = x + size_t(r) * cols + c;
     __nv_bfloat16* to = out + size_t(r) * ld + c;
     if constexpr (kVectors) {
-      const float4 v = *reinterpret_cast<const float4*>(from);
-      const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
-      *reinterpret_cast<uint2*>(to) = *reinterpret_cast<const uint2*>(pair);
+      *reinterpret_cast<uint2*>(to) = narrow4(*reinterpret_cast<const float4*>(from));
     } else {
       *to = __float2bfloat16_rn(*from);
     }
@@ -123,11 +122,8 @@ __global__ void to_bf16_kernel(__nv_bfloat16* out, const float* x, size_t n) {
   size_t done = 0;
   if constexpr (kVectors) {
     done = n / 4 * 4;
-    for (size_t i = first; i < n / 4; i += stride) {
-      const float4 v = reinterpret_cast<const float4*>(x)[i];
-      const __nv_bfloat162 pair[2] = {__floats2bfloat162_rn(v.x, v.y), __floats2bfloat162_rn(v.z, v.w)};
-      reinterpret_cast<uint2*>(out)[i] = *reinterpret_cast<const uint2*>(pair);
-    }
+    for (size_t i = first; i < n / 4; i += stride)
+      reinterpret_cast<uint2*>(out)[i] = narrow4(reinterpret_cast<const float4*>(x)[i]);
   }
   for (size_t i = done + first; i < n; i += stride) out[i] = __float2bfloat16_rn(x[i]);
 }
@@ -380,17 +376,23 @@ void gemm_bf16(bool trans_a, bool trans_b, int M, int N, int K, const __nv_bfloa
          nullptr, stream);
 }
 
-void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream) {
-  // The partials live in the GEMM workspace: it is free between the GEMMs of the same stream.
-  BlasLt& blas = BlasLt::current();
-  column_reduce<1>({db}, RowTerm<float>{dy, cols}, rows, cols, static_cast<float*>(blas.workspace()),
+namespace {
+
+// The partials live in the GEMM workspace: it is free between the GEMMs of the same stream.
+template <class T>
+void sum_columns_into(float* db, const T* dy, int rows, int cols, cudaStream_t stream) {
+  column_reduce<1>({db}, RowTerm<T>{dy, cols}, rows, cols, static_cast<float*>(BlasLt::current().workspace()),
                    BlasLt::kWorkspaceBytes / sizeof(float), stream);
 }
 
+}  // namespace
+
+void column_sum_accumulate(float* db, const float* dy, int rows, int cols, cudaStream_t stream) {
+  sum_columns_into(db, dy, rows, cols, stream);
+}
+
 void column_sum_accumulate(float* db, const __nv_bfloat16* dy, int rows, int cols, cudaStream_t stream) {
-  BlasLt& blas = BlasLt::current();
-  column_reduce<1>({db}, RowTerm<__nv_bfloat16>{dy, cols}, rows, cols, static_cast<float*>(blas.workspace()),
-                   BlasLt::kWorkspaceBytes / sizeof(float), stream);
+  sum_columns_into(db, dy, rows, cols, stream);
 }
 
 namespace {
